@@ -1,0 +1,293 @@
+"""The one interface every model shares: offline `forward`, streaming `init_state`/`step`, `scores`.
+
+Shapes: B users, T events per user (left-aligned, `mask` marks real ones), D item dim, N catalogue
+size. Item index 0 is "unknown item": its vector is all zeros, it still advances the session clock.
+
+A model's streaming state is a dict of batched tensors. The part every model shares is kept here:
+
+    last_ts   (B,)   int64  last applied event time in ms, -1 before the first event
+    n_events  (B,)   int64  events applied so far (the recency clock of the recent-items memory)
+    session   (B,)   int64  session counter (0 for the first session)
+    sess_len  (B,)   int64  events in the current session
+    mem_*     (B, M)        recent-items memory for the repeat path (models/repeat.py)
+
+and each model adds its own fixed-size tensors (`model_state_spec`). The whole state is what
+state/record.py stores per user, so every tensor here has a fixed shape.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from models import repeat
+
+EVENT_TYPES: tuple[str, ...] = ("click", "view", "cart", "purchase", "other")
+_EVENT_TYPE_INDEX = {name: i for i, name in enumerate(EVENT_TYPES)}
+# common aliases in public logs
+_EVENT_TYPE_INDEX.update({"buy": 3, "transaction": 3, "addtocart": 2, "add_to_cart": 2})
+
+
+def event_type_index(names: np.ndarray | list[str]) -> np.ndarray:
+    """Map event-type strings to indices; anything unknown is `other`."""
+    other = _EVENT_TYPE_INDEX["other"]
+    return np.fromiter((_EVENT_TYPE_INDEX.get(str(n).lower(), other) for n in names), np.int64, len(names))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters; checkpoints carry this and refuse to load into a different one."""
+
+    name: str = "hiertcn"
+    dim: int = 64  # D, item-vector size (set from the item table)
+    hidden: int = 128  # H, long-term (GRU) state size
+    channels: int = 64  # TCN channels / in-session GRU size
+    kernel: int = 2
+    dilations: tuple[int, ...] = (1, 2, 4)
+    etype_dim: int = 8  # event-type embedding size
+    dt_buckets: int = 16  # log2 time-delta levels (hrnn)
+    session_gap_ms: int = 1_800_000
+    recent_items: int = 16  # M, slots in the recent-items memory
+    agg: str = "items"  # hiertcn session aggregate: "items" (mean item vector) or "outputs"
+    repeat: bool = True  # learned repeat path on top of the explore path
+    version: str = "1"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["dilations"] = list(self.dilations)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"checkpoint config has unknown fields {sorted(unknown)}")
+        d = dict(d)
+        if "dilations" in d:
+            d["dilations"] = tuple(d["dilations"])
+        return cls(**d)
+
+    @property
+    def receptive_field(self) -> int:
+        return 1 + (self.kernel - 1) * sum(self.dilations)
+
+
+@dataclass
+class EventBatch:
+    """Padded per-user event sequences, left-aligned: row b holds mask[b].sum() real events."""
+
+    item: Tensor  # (B, T) int64, 0 = unknown item
+    etype: Tensor  # (B, T) int64
+    ts: Tensor  # (B, T) int64 ms
+    mask: Tensor  # (B, T) bool
+
+    def to(self, device: torch.device | str) -> EventBatch:
+        return EventBatch(*(t.to(device) for t in (self.item, self.etype, self.ts, self.mask)))
+
+    def slice(self, t0: int, t1: int) -> EventBatch:
+        return EventBatch(self.item[:, t0:t1], self.etype[:, t0:t1], self.ts[:, t0:t1], self.mask[:, t0:t1])
+
+    @staticmethod
+    def from_sequences(items: list[np.ndarray], etypes: list[np.ndarray], ts: list[np.ndarray]) -> EventBatch:
+        """Pad ragged per-user numpy sequences into one batch (one allocation per field)."""
+        B = len(items)
+        lengths = np.fromiter((len(x) for x in items), np.int64, B)
+        T = max(int(lengths.max()) if B else 0, 1)
+        mask = np.arange(T)[None, :] < lengths[:, None]
+        out = []
+        for seqs in (items, etypes, ts):
+            arr = np.zeros((B, T), np.int64)
+            if B and lengths.sum():
+                arr[mask] = np.concatenate(seqs)
+            out.append(torch.from_numpy(arr))
+        return EventBatch(out[0], out[1], out[2], torch.from_numpy(mask))
+
+
+def session_flags(ts: Tensor, mask: Tensor, last_ts: Tensor, gap_ms: int, dt_buckets: int) -> tuple[Tensor, Tensor]:
+    """New-session flags and log2 time-delta levels for a padded batch, given each user's last_ts.
+
+    Returns new_session (B, T) bool and dt_level (B, T) int64 where level 0 means "first event
+    ever" and levels 1.. are 1 + floor(log2(1 + gap seconds)), clamped. Shared by the offline
+    forward and the streaming step so both see identical breaks.
+    """
+    # the session clock is the latest time seen so far: a late event never moves it back
+    prev = torch.cat([last_ts[:, None], ts[:, :-1]], dim=1).cummax(dim=1).values  # (B, T)
+    first = prev < 0
+    gap = ts - prev
+    new_session = (first | (gap > gap_ms)) & mask
+    seconds = gap.clamp(min=0).to(torch.float64) / 1000.0
+    level = 1 + torch.floor(torch.log2(1.0 + seconds)).to(torch.int64)
+    level = level.clamp(max=dt_buckets - 1)
+    level = torch.where(first, torch.zeros_like(level), level)
+    return new_session, level
+
+
+class SeqModel(nn.Module):
+    """Base of every model. Subclasses set `name` and implement the hooks below.
+
+    Neural subclasses implement `model_state_spec`, `init_model_state`, `cell` (one event for B
+    users) and `forward_seq` (the whole padded sequence at once, the fast offline path). The base
+    class runs the shared bookkeeping (sessions, recent-items memory) around them, so parity
+    between `step` and `forward` only depends on `cell` agreeing with `forward_seq`.
+    """
+
+    name = "base"
+    trainable = True  # False: nothing to learn beyond counting (fit() may still count)
+    embeds = True  # True: produces a user vector in item space (served by the live worker)
+
+    def __init__(self, cfg: ModelConfig, item_vectors: Tensor | np.ndarray):
+        super().__init__()
+        self.cfg = cfg
+        vecs = torch.as_tensor(np.asarray(item_vectors, dtype=np.float32))
+        if vecs.ndim != 2 or vecs.shape[1] != cfg.dim:
+            raise ValueError(f"item vectors must be (N+1, {cfg.dim}), got {tuple(vecs.shape)}")
+        # fixed inputs, not parameters; not saved in checkpoints (they carry a fingerprint instead)
+        self.register_buffer("item_vecs", vecs, persistent=False)
+        self.etype_emb = nn.Embedding(len(EVENT_TYPES), cfg.etype_dim)
+        self.repeat_head = repeat.RepeatHead(len(EVENT_TYPES)) if cfg.repeat and self.trainable else None
+
+    # ------------------------------------------------------------------ hooks for subclasses
+    def model_state_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {}
+
+    def init_model_state(self, B: int, device: torch.device) -> dict[str, Tensor]:
+        return {k: torch.zeros((B, *shape), dtype=dt, device=device) for k, (shape, dt) in self.model_state_spec().items()}
+
+    def cell(
+        self, st: dict[str, Tensor], inp: Tensor, item: Tensor, etype: Tensor, new_session: Tensor, level: Tensor
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """Apply one event to B users. inp (B, D+E) = [item vector, event-type embedding].
+
+        `st` is the state before the event (common fields included); return the model's own
+        updated tensors and u (B, D)."""
+        raise NotImplementedError
+
+    def forward_seq(self, inp: Tensor, item: Tensor, new_session: Tensor, level: Tensor, mask: Tensor) -> Tensor:
+        """Offline: (B, T, D+E) inputs of whole sequences -> (B, T, D) embeddings after each event."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared machinery
+    @property
+    def device(self) -> torch.device:
+        return self.item_vecs.device
+
+    @property
+    def n_items(self) -> int:
+        return self.item_vecs.shape[0] - 1
+
+    def set_item_vectors(self, item_vectors: Tensor | np.ndarray) -> None:
+        vecs = torch.as_tensor(np.asarray(item_vectors, dtype=np.float32), device=self.device)
+        if vecs.shape[1] != self.cfg.dim:
+            raise ValueError(f"new item vectors have dim {vecs.shape[1]}, model expects {self.cfg.dim}")
+        self.item_vecs = vecs
+
+    def state_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        M = self.cfg.recent_items
+        spec = {
+            "last_ts": ((), torch.int64),
+            "n_events": ((), torch.int64),
+            "session": ((), torch.int64),
+            "sess_len": ((), torch.int64),
+        }
+        spec.update(repeat.memory_spec(M))
+        spec.update(self.model_state_spec())
+        return spec
+
+    def init_state(self, B: int) -> dict[str, Tensor]:
+        dev = self.device
+        st = {
+            "last_ts": torch.full((B,), -1, dtype=torch.int64, device=dev),
+            "n_events": torch.zeros(B, dtype=torch.int64, device=dev),
+            "session": torch.full((B,), -1, dtype=torch.int64, device=dev),
+            "sess_len": torch.zeros(B, dtype=torch.int64, device=dev),
+        }
+        st.update(repeat.init_memory(B, self.cfg.recent_items, dev))
+        st.update(self.init_model_state(B, dev))
+        return st
+
+    def inputs(self, item: Tensor, etype: Tensor) -> Tensor:
+        return torch.cat([self.item_vecs[item], self.etype_emb(etype)], dim=-1)
+
+    def step(self, state: dict[str, Tensor], ev: EventBatch, return_all: bool = False):
+        """Streaming: apply each user's new events (one or more) in order.
+
+        Returns (new_state, u) with u (B, D) the embedding after each user's last new event
+        (users with no event in `ev` keep their state; their u is the zero vector), or u (B, T, D)
+        for every event when return_all. Loops over T (events per user), never over users.
+        """
+        B, T = ev.item.shape
+        new_session, level = session_flags(ev.ts, ev.mask, state["last_ts"], self.cfg.session_gap_ms, self.cfg.dt_buckets)
+        inp = self.inputs(ev.item, ev.etype)  # (B, T, D+E), one gather for the whole batch
+        st = dict(state)
+        u_last = torch.zeros(B, self.cfg.dim, device=self.device)
+        outs = []
+        for t in range(T):
+            m = ev.mask[:, t]
+            ns = new_session[:, t]
+            common = {
+                "session": st["session"] + ns.long(),
+                "sess_len": torch.where(ns, torch.ones_like(st["sess_len"]), st["sess_len"] + 1),
+                "last_ts": torch.maximum(st["last_ts"], ev.ts[:, t]),  # late events do not move the clock back
+                "n_events": st["n_events"] + 1,
+            }
+            model_st, u = self.cell(st, inp[:, t], ev.item[:, t], ev.etype[:, t], ns, level[:, t])
+            upd = {**model_st, **common}
+            upd.update(repeat.update_memory(st, ev.item[:, t], ev.ts[:, t], ev.etype[:, t], common["session"], st["n_events"]))
+            st = {k: (torch.where(_expand(m, v), upd[k], v) if k in upd else v) for k, v in st.items()}
+            u_last = torch.where(m[:, None], u, u_last)
+            if return_all:
+                outs.append(u)
+        if return_all:
+            return st, torch.stack(outs, dim=1)
+        return st, u_last
+
+    def forward(self, ev: EventBatch) -> Tensor:
+        """Offline: embeddings after every event of fresh users, (B, T, D)."""
+        B = ev.item.shape[0]
+        last_ts = torch.full((B,), -1, dtype=torch.int64, device=ev.ts.device)
+        new_session, level = session_flags(ev.ts, ev.mask, last_ts, self.cfg.session_gap_ms, self.cfg.dt_buckets)
+        return self.forward_seq(self.inputs(ev.item, ev.etype), ev.item, new_session, level, ev.mask)
+
+    # ------------------------------------------------------------------ scoring
+    def explore_scores(self, u: Tensor) -> Tensor:
+        """(B, D) -> (B, N+1) inner products with every item; column 0 (unknown) is -inf."""
+        s = u @ self.item_vecs.T
+        s[:, 0] = -math.inf
+        return s
+
+    def repeat_bonus(self, state: dict[str, Tensor], u: Tensor) -> Tensor:
+        """(B, M) additive logit for each recent-memory slot (0 for empty slots)."""
+        if not self.cfg.repeat:
+            return torch.zeros_like(state["mem_item"], dtype=torch.float32)
+        if self.repeat_head is None:  # nothing learned: the fixed "recent items first" rule
+            return repeat.heuristic_bonus(state)
+        feats = repeat.memory_features(state, len(EVENT_TYPES))
+        explore = (self.item_vecs[state["mem_item"]] * u[:, None, :]).sum(-1)
+        return self.repeat_head(feats, explore) * (state["mem_item"] > 0)
+
+    def scores(self, state: dict[str, Tensor], u: Tensor, use_repeat: bool = True) -> Tensor:
+        """Full-catalogue scores (B, N+1) for ranking: explore path plus the repeat path."""
+        s = self.explore_scores(u)
+        if use_repeat:
+            s = repeat.add_to_scores(s, state["mem_item"], self.repeat_bonus(state, u))
+        return s
+
+
+def _expand(mask: Tensor, like: Tensor) -> Tensor:
+    return mask.view(-1, *([1] * (like.dim() - 1)))
+
+
+MODEL_REGISTRY: dict[str, type] = {}
+
+
+def register(cls):
+    MODEL_REGISTRY[cls.name] = cls
+    return cls
+
+
+__all__ = ["EVENT_TYPES", "EventBatch", "ModelConfig", "SeqModel", "register", "MODEL_REGISTRY", "session_flags", "event_type_index", "field"]
