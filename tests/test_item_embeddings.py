@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import tools.item_embeddings as ie
+from tools.eventlog import parse_columns, read_log, session_ids, temporal_split
+from tools.item_embeddings import build_item_vectors
+from tools.synth import synth_log
+
+YOOCHOOSE = Path("/work/shared/data/yoochoose-100k/yoochoose-clicks-100k_train_full.txt")
+
+
+@pytest.fixture(scope="module")
+def split() -> tuple[pd.DataFrame, pd.DataFrame]:
+    df, _, _ = synth_log(users=200, items=500, seed=5)
+    return temporal_split(df, test_frac=0.2)
+
+
+def _consecutive_vs_random(df: pd.DataFrame, table) -> tuple[float, float]:
+    d = df.assign(s=session_ids(df, 3_600_000)).sort_values(["user_id", "ts"], kind="stable")
+    ix = table.lookup(d["item_id"].to_numpy())
+    pv = table.padded_vectors()
+    m = (
+        (d["user_id"].values[1:] == d["user_id"].values[:-1])
+        & (d["s"].values[1:] == d["s"].values[:-1])
+        & (ix[1:] > 0) & (ix[:-1] > 0) & (ix[1:] != ix[:-1])
+    )
+    co = float((pv[ix[1:]] * pv[ix[:-1]]).sum(1)[m].mean())
+    a, b = np.random.default_rng(0).integers(1, len(table) + 1, size=(2, 5000))
+    return co, float((pv[a] * pv[b]).sum(1).mean())
+
+
+def test_cooccurring_items_are_closer(split) -> None:
+    train, _ = split
+    table = build_item_vectors(train, dim=16, seed=0)
+    assert table.dim == 16 and table.vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(table.vectors, axis=1), 1.0, atol=1e-5)
+    co, rand = _consecutive_vs_random(train, table)
+    assert co > rand + 0.3
+
+
+def test_no_test_only_item_gets_a_vector(split) -> None:
+    train, test = split
+    test = test.copy()
+    test.loc[test.index[:50], "item_id"] = [f"test-only-{k}" for k in range(50)]
+    table = build_item_vectors(train, dim=16)
+    assert not set(table.ids) - set(train["item_id"])
+    assert table.lookup(test["item_id"].to_numpy()[:50]).max() == 0
+    # Same input -> same vectors (seeded range finder, fixed signs).
+    again = build_item_vectors(train, dim=16)
+    assert again.fingerprint == table.fingerprint
+
+
+def test_sparse_path_matches_dense(split, monkeypatch) -> None:
+    train, _ = split
+    dense = build_item_vectors(train, dim=8)
+    monkeypatch.setattr(ie, "DENSE_MAX_ITEMS", 10)
+    sparse = build_item_vectors(train, dim=8)
+    np.testing.assert_array_equal(dense.ids, sparse.ids)
+    assert np.abs((dense.vectors * sparse.vectors).sum(1)).min() > 0.99
+
+
+def test_min_count_and_window() -> None:
+    df = pd.DataFrame(
+        {
+            "user_id": ["u"] * 6 + ["v"] * 6,
+            "item_id": list("abcdef") + list("abcdez"),
+            "ts": list(range(12)),
+        }
+    )
+    table = build_item_vectors(df, dim=2, window=2, min_count=2)
+    assert sorted(table.ids) == ["a", "b", "c", "d", "e"]  # f and z are seen once
+
+
+def test_errors() -> None:
+    tiny = pd.DataFrame({"user_id": ["u", "u", "u"], "item_id": ["a", "b", "c"], "ts": [1, 2, 3]})
+    with pytest.raises(ValueError, match=r"only 3 items have co-occurrences.*smaller --dim"):
+        build_item_vectors(tiny, dim=8)
+    alone = pd.DataFrame({"user_id": ["u", "v"], "item_id": ["a", "b"], "ts": [1, 2]})
+    with pytest.raises(ValueError, match="no two distinct items co-occur"):
+        build_item_vectors(alone, dim=1)
+    with pytest.raises(ValueError, match="missing column"):
+        build_item_vectors(tiny.drop(columns="ts"))
+
+
+@pytest.mark.skipif(not YOOCHOOSE.exists(), reason="yoochoose sample not present")
+def test_yoochoose_sample() -> None:
+    df = read_log(YOOCHOOSE, parse_columns("user=SessionId,item=ItemId,ts=Time"), ts_unit="s")
+    table = build_item_vectors(df, dim=32)
+    assert len(table) > 0.9 * df["item_id"].nunique()
+    co, rand = _consecutive_vs_random(df, table)
+    assert co > rand + 0.2

@@ -1,0 +1,142 @@
+"""Item vectors from co-occurrence, for data that ships none (`livemb item-embeddings`).
+
+Items co-occur when they are within `window` positions of each other in a user's time-ordered
+sequence. The symmetric count matrix is turned into PPMI and factorised with a truncated SVD
+(Levy & Goldberg 2014: this approximates skip-gram); vectors = U * sqrt(S), L2-normalised.
+
+Only the given frame is used; evaluation passes its train part so no test information leaks.
+Without scipy the sparse products are plain numpy (np.bincount per column), which is enough for
+catalogues of a few hundred thousand items.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+
+from tools.items import ItemTable
+
+log = logging.getLogger(__name__)
+
+DENSE_MAX_ITEMS = 5000  # up to here the PPMI matrix is held dense (<= 100 MB float32)
+OVERSAMPLE = 10
+POWER_ITERS = 4
+
+
+def _cooccurrence_pairs(users: np.ndarray, items: np.ndarray, window: int) -> tuple[np.ndarray, ...]:
+    """Counts of unordered item pairs (a < b) within `window` positions of the same user."""
+    a_parts, b_parts = [], []
+    for d in range(1, window + 1):  # a loop over offsets, not events
+        same = users[d:] == users[:-d]
+        a, b = items[:-d][same], items[d:][same]
+        keep = a != b  # re-clicks of one item carry no similarity signal
+        a_parts.append(np.minimum(a[keep], b[keep]))
+        b_parts.append(np.maximum(a[keep], b[keep]))
+    a = np.concatenate(a_parts)
+    b = np.concatenate(b_parts)
+    n = int(items.max()) + 1 if len(items) else 0
+    keys, counts = np.unique(a * np.int64(n) + b, return_counts=True)
+    return keys // n, keys % n, counts.astype(np.float64)
+
+
+def _ppmi(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n: int) -> tuple[np.ndarray, ...]:
+    """Symmetric PPMI entries from symmetric counts given in full (both triangles)."""
+    marg = np.bincount(rows, weights=vals, minlength=n)
+    total = vals.sum()
+    pmi = np.log(vals) + np.log(total) - np.log(marg[rows]) - np.log(marg[cols])
+    pos = pmi > 0
+    return rows[pos], cols[pos], pmi[pos]
+
+
+def _matmul_factory(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n: int):
+    """A @ B for the symmetric sparse A: dense BLAS for small n, scipy or numpy bincount otherwise."""
+    if n <= DENSE_MAX_ITEMS:
+        dense = np.zeros((n, n), dtype=np.float32)
+        dense[rows, cols] = vals
+        return lambda b: (dense @ b.astype(np.float32)).astype(np.float64)
+    try:
+        import scipy.sparse as sp
+
+        mat = sp.csr_matrix((vals, (rows, cols)), shape=(n, n))
+        return lambda b: np.asarray(mat @ b)
+    except ImportError:
+        pass
+
+    def matmul(b: np.ndarray) -> np.ndarray:
+        out = np.empty((n, b.shape[1]))
+        for c in range(b.shape[1]):  # loop over the k columns; each is one vectorised pass over nnz
+            out[:, c] = np.bincount(rows, weights=vals * b[cols, c], minlength=n)
+        return out
+
+    return matmul
+
+
+def _randomized_svd(matmul, n: int, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k U, S of a symmetric n x n matrix given only products (Halko et al. 2011)."""
+    p = min(n, k + OVERSAMPLE)
+    q, _ = np.linalg.qr(matmul(rng.normal(size=(n, p))))
+    for _ in range(POWER_ITERS):  # A is symmetric, so A^T A = A A
+        q, _ = np.linalg.qr(matmul(q))
+        q, _ = np.linalg.qr(matmul(q))
+    bt = matmul(q)  # = (Q^T A)^T since A is symmetric
+    ub, s, _ = np.linalg.svd(bt.T, full_matrices=False)
+    return (q @ ub)[:, :k], s[:k]
+
+
+def build_item_vectors(
+    train_df: pd.DataFrame, dim: int = 64, window: int = 5, seed: int = 0, min_count: int = 1
+) -> ItemTable:
+    """PPMI-SVD item vectors from the interactions in `train_df` (user_id, item_id, ts)."""
+    missing = [c for c in ("user_id", "item_id", "ts") if c not in train_df.columns]
+    if missing:
+        raise ValueError(f"build_item_vectors: missing column(s) {missing}")
+    if len(train_df) == 0:
+        raise ValueError("build_item_vectors: no interactions")
+    if dim < 1 or window < 1 or min_count < 1:
+        raise ValueError("build_item_vectors: dim, window and min_count must be >= 1")
+
+    # Rare items are dropped before windowing (as word2vec's min_count), closing the gap they leave.
+    counts = train_df["item_id"].value_counts()
+    keep = train_df["item_id"].map(counts).to_numpy() >= min_count
+    df = train_df.loc[keep, ["user_id", "item_id", "ts"]]
+    item_codes, item_ids = pd.factorize(df["item_id"], sort=True)
+    user_codes, _ = pd.factorize(df["user_id"], sort=False)
+    order = np.lexsort((np.arange(len(df)), df["ts"].to_numpy(), user_codes))  # by user, then time
+    users, items = user_codes[order], item_codes[order].astype(np.int64)
+    log.info("item-embeddings: %d events, %d users, %d items (min_count=%d, dropped %d rare items)",
+             len(df), user_codes.max() + 1 if len(df) else 0, len(item_ids), min_count,
+             int((counts < min_count).sum()))
+
+    a, b, c = _cooccurrence_pairs(users, items, window)
+    if len(a) == 0:
+        raise ValueError("build_item_vectors: no two distinct items co-occur within any user's window")
+    # Full symmetric listing, then PPMI; items left with an all-zero row carry no signal.
+    rows, cols, vals = _ppmi(np.r_[a, b], np.r_[b, a], np.r_[c, c], len(item_ids))
+    present = np.zeros(len(item_ids), dtype=bool)
+    present[rows] = True
+    n = int(present.sum())
+    if n <= dim:
+        raise ValueError(
+            f"build_item_vectors: only {n} items have co-occurrences, not more than dim={dim}; "
+            f"use a smaller --dim (below {n})"
+        )
+    remap = np.cumsum(present) - 1
+    rows, cols = remap[rows], remap[cols]
+    log.info("item-embeddings: %d of %d items with co-occurrences, %d PPMI entries, dim=%d",
+             n, len(item_ids), len(vals), dim)
+
+    rng = np.random.default_rng(seed)
+    u, s = _randomized_svd(_matmul_factory(rows, cols, vals, n), n, dim, rng)
+    # Deterministic signs: the largest-magnitude entry of each column is positive.
+    signs = np.sign(u[np.abs(u).argmax(axis=0), np.arange(u.shape[1])])
+    vec = u * signs * np.sqrt(s)
+    norms = np.linalg.norm(vec, axis=1)
+    ok = norms > 1e-12
+    if not ok.all():
+        log.warning("item-embeddings: %d items got a zero vector and are left out", int((~ok).sum()))
+    vec = vec[ok] / norms[ok, None]
+    ids = np.asarray(item_ids, dtype=str)[present][ok]
+    log.info("item-embeddings: %d vectors of dim %d", len(ids), dim)
+    return ItemTable(ids, vec.astype(np.float32))
