@@ -1,0 +1,75 @@
+"""Checkpoints: weights + the config that built them + the fingerprint of the item table.
+
+Plain tensors and builtins only, loaded with `torch.load(weights_only=True)`; never a pickled
+module. Loading refuses a different item table (fingerprint) unless the caller opts in, e.g. a
+live swap of item vectors with the same dimension.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from models.base import MODEL_REGISTRY, ModelConfig, SeqModel
+
+FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def save_checkpoint(path: str | Path, model: SeqModel, items_fingerprint: str, extra: dict | None = None) -> None:
+    blob = {
+        "format": FORMAT,
+        "model": model.name,
+        "config": model.cfg.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "items_fingerprint": items_fingerprint,
+        "extra": extra or {},
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(str(path) + ".tmp")
+    torch.save(blob, tmp)
+    tmp.replace(path)  # atomic: a watcher never sees half a file
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise CheckpointError(f"checkpoint {path} is not a livemb checkpoint: {e}") from e
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} has format {blob.get('format') if isinstance(blob, dict) else '?'}, expected {FORMAT}")
+    return blob
+
+
+def load_checkpoint(path: str | Path, item_vectors, items_fingerprint: str, allow_new_items: bool = False) -> SeqModel:
+    """Rebuild the model from its own config; refuse an item table it was not trained with."""
+    blob = read_checkpoint(path)
+    if blob["items_fingerprint"] != items_fingerprint and not allow_new_items:
+        raise CheckpointError(
+            f"checkpoint {path} was trained with item table {blob['items_fingerprint']}, "
+            f"but the given items have fingerprint {items_fingerprint}; pass the matching items.npz "
+            "(or allow a swap of item vectors explicitly)"
+        )
+    cfg = ModelConfig.from_dict(blob["config"])
+    if cfg.name not in MODEL_REGISTRY:
+        raise CheckpointError(f"checkpoint {path} holds unknown model {cfg.name!r}")
+    model = MODEL_REGISTRY[cfg.name](cfg, item_vectors)
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path} does not match model {cfg.name}: {e}") from e
+    model.eval()
+    return model
+
+
+def model_version(path: str | Path) -> str:
+    """Short content hash used as `<name>@<version>` in outputs and metrics."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]

@@ -1,0 +1,90 @@
+"""Ranking metrics against the full item catalogue (the seeds' definitions).
+
+Column 0 of a score matrix is the "unknown item" and never competes. Ties are pessimistic: the
+rank of the target is 1 + the number of OTHER catalogue items whose score is >= the target's, so a
+model that scores everything equally gets the worst rank, not the best. NaN scores count as >=
+(a NaN anywhere loses), and a NaN target score loses to every other item.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+RECALL_KS: tuple[int, ...] = (1, 5, 10, 20)
+
+
+def ranks_of(scores: Tensor, target: Tensor, excluded: Tensor | None = None) -> Tensor:
+    """Pessimistic 1-based rank of each target item among the N catalogue items.
+
+    scores (B, N+1) float, target (B,) int64 item indices in 1..N, excluded (B, N+1) bool or None
+    (items that never count as competitors, e.g. an exclude_seen mask). A target that is itself
+    excluded (or is the unknown item 0) gets rank N, the worst. Returns (B,) int64.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be (B, N+1), got {tuple(scores.shape)}")
+    B, n_cols = scores.shape
+    N = n_cols - 1
+    target = target.to(device=scores.device, dtype=torch.int64).view(B)
+    t_score = scores.gather(1, target[:, None])  # (B, 1)
+    ge = (scores >= t_score) | torch.isnan(scores) | torch.isnan(t_score)
+    ge[:, 0] = False  # the unknown item never competes
+    ge.scatter_(1, target[:, None], False)  # the target is not its own competitor
+    if excluded is not None:
+        excluded = excluded.to(device=scores.device, dtype=torch.bool)
+        ge &= ~excluded
+        target_out = excluded.gather(1, target[:, None]).squeeze(1)
+    else:
+        target_out = torch.zeros(B, dtype=torch.bool, device=scores.device)
+    target_out |= target <= 0
+    rank = 1 + ge.sum(dim=1)
+    return torch.where(target_out, torch.full_like(rank, N), rank)
+
+
+class RankAccumulator:
+    """Running sums of per-event ranks; `summary` gives Recall@K, MRR, MRP and the count."""
+
+    def __init__(self, ks: tuple[int, ...] = RECALL_KS):
+        self.ks = tuple(ks)
+        self.reset()
+
+    def reset(self) -> None:
+        self.n = 0
+        self.hits = {k: 0 for k in self.ks}
+        self.sum_rr = 0.0
+        self.sum_rank = 0.0
+
+    def add(self, ranks: Tensor | np.ndarray) -> None:
+        r = torch.as_tensor(ranks).detach().reshape(-1).to("cpu", torch.float64)
+        if r.numel() == 0:
+            return
+        if bool((r < 1).any()):
+            raise ValueError("ranks are 1-based")
+        self.n += int(r.numel())
+        for k in self.ks:
+            self.hits[k] += int((r <= k).sum())
+        self.sum_rr += float((1.0 / r).sum())
+        self.sum_rank += float(r.sum())
+
+    def merge(self, other: RankAccumulator) -> None:
+        if other.ks != self.ks:
+            raise ValueError("cannot merge accumulators with different K lists")
+        self.n += other.n
+        for k in self.ks:
+            self.hits[k] += other.hits[k]
+        self.sum_rr += other.sum_rr
+        self.sum_rank += other.sum_rank
+
+    def summary(self, n_items: int) -> dict:
+        """recall@K (fraction of scored targets with rank <= K), mrr (mean 1/rank), mrp (mean
+        rank / n_items) and events_scored. With nothing scored every metric is 0.0."""
+        n = self.n
+        out: dict = {f"recall@{k}": (self.hits[k] / n if n else 0.0) for k in self.ks}
+        out["mrr"] = self.sum_rr / n if n else 0.0
+        out["mrp"] = self.sum_rank / n / n_items if n else 0.0
+        out["events_scored"] = n
+        return out
+
+
+__all__ = ["RECALL_KS", "RankAccumulator", "ranks_of"]

@@ -1,0 +1,96 @@
+"""Smoke tests per model on tiny data, losses, checkpoints, state size."""
+
+import numpy as np
+import pytest
+import torch
+
+from models import MODEL_REGISTRY, EventBatch, ModelConfig
+from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from models.train import LOSSES, TrainConfig, batch_loss, train_model
+
+
+def tiny_data(seed=0, users=12, N=30, D=8):
+    rng = np.random.default_rng(seed)
+    vecs = np.concatenate([np.zeros((1, D)), rng.normal(size=(N, D))]).astype(np.float32)
+    seqs = []
+    for _ in range(users):
+        T = int(rng.integers(3, 25))
+        ts = 1_700_000_000_000 + np.cumsum(rng.choice([20_000, 4_000_000], size=T, p=[0.8, 0.2]))
+        seqs.append((rng.integers(1, N + 1, size=T), rng.integers(0, 5, size=T), ts))
+    return vecs, seqs
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_REGISTRY))
+def test_every_model_trains_and_scores(name):
+    vecs, seqs = tiny_data()
+    model = MODEL_REGISTRY[name](ModelConfig(name=name, dim=8, hidden=16, channels=8), vecs)
+    hist = train_model(model, seqs, TrainConfig(epochs=2, batch_size=4, negatives=8), progress=False)
+    if model.trainable:
+        assert len(hist["loss"]) == 2 and all(np.isfinite(hist["loss"]))
+    ev = EventBatch.from_sequences(*zip(*seqs[:3], strict=True))
+    with torch.no_grad():
+        st, u = model.step(model.init_state(3), ev)
+        s = model.scores(st, u)
+    assert s.shape == (3, 31)
+    assert torch.isfinite(s[:, 1:]).all() and torch.isneginf(s[:, 0]).all()
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_losses_decrease(loss):
+    vecs, seqs = tiny_data(seed=1)
+    torch.manual_seed(0)
+    model = MODEL_REGISTRY["gru"](ModelConfig(name="gru", dim=8, hidden=16), vecs)
+    ev = EventBatch.from_sequences(*zip(*seqs, strict=True))
+    cfg = TrainConfig(loss=loss, negatives=8)
+    gen = torch.Generator().manual_seed(0)
+    before = batch_loss(model, ev, cfg, gen)[0].item()
+    train_model(model, seqs, TrainConfig(epochs=15, batch_size=12, loss=loss, negatives=8, lr=1e-2), progress=False)
+    after = batch_loss(model, ev, cfg, torch.Generator().manual_seed(0))[0].item()
+    assert after < before
+
+
+def test_unknown_loss_is_refused():
+    vecs, seqs = tiny_data()
+    model = MODEL_REGISTRY["gru"](ModelConfig(name="gru", dim=8), vecs)
+    with pytest.raises(ValueError, match="unknown loss"):
+        train_model(model, seqs, TrainConfig(loss="mse"), progress=False)
+
+
+def test_checkpoint_roundtrip_and_refusals(tmp_path):
+    vecs, seqs = tiny_data()
+    model = MODEL_REGISTRY["hiertcn"](ModelConfig(name="hiertcn", dim=8, hidden=16, channels=8), vecs)
+    train_model(model, seqs, TrainConfig(epochs=1, batch_size=4, negatives=8), progress=False)
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, model, "abc123")
+    again = load_checkpoint(path, vecs, "abc123")
+    assert again.cfg == model.cfg
+    ev = EventBatch.from_sequences(*zip(*seqs[:2], strict=True))
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(ev), again(ev))
+    with pytest.raises(CheckpointError, match="item table"):
+        load_checkpoint(path, vecs, "other")
+    with pytest.raises(ValueError, match="item vectors must be"):
+        load_checkpoint(path, vecs[:, :4], "abc123")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a livemb checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt", vecs, "abc123")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt", vecs, "abc123")
+
+
+def test_nan_loss_is_refused():
+    vecs, seqs = tiny_data()
+    vecs[1:] = np.nan
+    model = MODEL_REGISTRY["gru"](ModelConfig(name="gru", dim=8), vecs)
+    with pytest.raises(FloatingPointError, match="loss became nan"):
+        train_model(model, seqs, TrainConfig(epochs=1, batch_size=4), progress=False)
+
+
+@pytest.mark.parametrize("name", ["hiertcn", "hiergru", "hgru", "hrnn", "gru", "tcn"])
+def test_state_fits_budget(name):
+    """SPEC section 6: <= 4 KiB per user at D=64, H=128 (model tensors + repeat memory)."""
+    vecs = np.zeros((11, 64), np.float32)
+    model = MODEL_REGISTRY[name](ModelConfig(name=name, dim=64, hidden=128), vecs)
+    st = model.init_state(1)
+    nbytes = sum(v.element_size() * v[0].numel() for v in st.values())
+    assert nbytes <= 4096 - 512, f"{name}: {nbytes} bytes leaves no room for the guard/dedupe fields"
