@@ -1,0 +1,87 @@
+"""Top-K candidates: faiss over the catalogue (explore path) merged with the user's recent items.
+
+One faiss search per batch of users (never one per user), then a vectorized merge:
+
+    explore hits    (B, k+M)  <u, x_i> from faiss
+    repeat entries  (B, M)    <u, x_i> + repeat bonus for the user's memory items
+    merged          top-K over both, a memory item's faiss hit dropped in favour of its entry
+    exclude_seen    none | session | history removes memory items (as in evaluation)
+
+The live worker and `livemb embed` both call `Retriever.candidates`, so their outputs agree.
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import torch
+
+from models import repeat
+from models.base import SeqModel
+
+
+def build_index(vectors: np.ndarray, kind: str = "flat", seed: int = 0) -> faiss.Index:
+    """Inner-product index over item rows 1..N (faiss id i-1 -> item index i)."""
+    x = np.ascontiguousarray(vectors[1:], dtype=np.float32)
+    N, D = x.shape
+    if kind == "flat":
+        index = faiss.IndexFlatIP(D)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(D, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = 128
+    elif kind == "ivfpq":
+        nlist = max(1, min(4096, int(np.sqrt(N))))
+        m = next(m for m in (16, 8, 4, 2, 1) if D % m == 0)
+        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(D), D, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
+        train = x if N <= 100_000 else x[np.random.default_rng(seed).choice(N, 100_000, replace=False)]
+        index.train(train)
+        index.nprobe = min(nlist, 16)
+    else:
+        raise ValueError(f"index must be flat, hnsw or ivfpq, got {kind!r}")
+    index.add(x)
+    return index
+
+
+class Retriever:
+    def __init__(self, vectors: np.ndarray, kind: str = "flat", topk: int = 20, exclude_seen: str = "none"):
+        if exclude_seen not in ("none", "session", "history"):
+            raise ValueError(f"exclude_seen must be none, session or history, got {exclude_seen!r}")
+        self.kind, self.topk, self.exclude_seen = kind, topk, exclude_seen
+        self.n_items = vectors.shape[0] - 1
+        self.index = build_index(vectors, kind)
+
+    def candidates(self, model: SeqModel, state: dict[str, torch.Tensor], u: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(B, K) item indices (1-based, 0 = no candidate) and scores, best first."""
+        M = state["mem_item"].shape[1]
+        k = min(self.topk + M, self.n_items)
+        q = np.ascontiguousarray(u.detach().float().cpu().numpy())
+        f_scores, f_ids = self.index.search(q, k)  # (B, k), ids 0-based, -1 when missing
+        f_items = torch.from_numpy(f_ids + 1)  # 1-based; 0 = missing
+        f_scores = torch.from_numpy(f_scores)
+
+        mem_item = state["mem_item"].cpu()
+        with torch.no_grad():
+            explore = (model.item_vecs[state["mem_item"]] * u[:, None, :]).sum(-1)
+            m_scores = (explore + model.repeat_bonus(state, u)).float().cpu()
+        m_scores = m_scores.masked_fill(mem_item == 0, -np.inf)
+        # drop faiss hits that the memory already scores (with the repeat bonus)
+        dup = (f_items[:, :, None] == mem_item[:, None, :]).any(-1) | (f_items == 0)
+        f_scores = f_scores.masked_fill(dup, -np.inf)
+        excluded = repeat.seen_mask({k: v.cpu() for k, v in state.items()}, self.n_items + 1, self.exclude_seen)
+        if excluded is not None:
+            f_scores = f_scores.masked_fill(excluded.gather(1, f_items), -np.inf)
+            m_scores = m_scores.masked_fill(excluded.gather(1, mem_item), -np.inf)
+        items = torch.cat([f_items, mem_item], dim=1)
+        scores = torch.cat([f_scores, m_scores], dim=1)
+        K = min(self.topk, scores.shape[1])
+        top_scores, pos = scores.topk(K, dim=1)
+        top_items = items.gather(1, pos).masked_fill(~torch.isfinite(top_scores), 0)
+        return top_items.numpy(), top_scores.numpy()
+
+
+def recall_vs_exact(vectors: np.ndarray, kind: str, queries: np.ndarray, k: int = 20) -> float:
+    """Recall@k of an approximate index against exact search (reported by the benchmark)."""
+    exact = build_index(vectors, "flat").search(queries, k)[1]
+    approx = build_index(vectors, kind).search(queries, k)[1]
+    hits = sum(len(set(a) & set(e)) for a, e in zip(approx, exact, strict=True))
+    return hits / exact.size

@@ -1,0 +1,134 @@
+"""`livemb` command line: one parser, thin handlers. Settings come from flags + LIVEMB_* env."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from tools.settings import load_settings
+
+
+def _log_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--columns", help="column mapping, e.g. user=SessionId,item=ItemId,ts=Time")
+    p.add_argument("--ts-unit", choices=["s", "ms"], default="ms")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--loss", choices=["hinge", "bpr", "nce", "l2"], default="hinge")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--dim", type=int, default=64, help="item-vector size when they are built from the log")
+
+
+def _settings_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker", help="kafka://host:port")
+    p.add_argument("--device", help="auto | cpu | cuda")
+    p.add_argument("--topk", type=int)
+    p.add_argument("--exclude-seen", choices=["none", "session", "history"])
+    p.add_argument("--index", choices=["flat", "hnsw", "ivfpq"])
+    p.add_argument("--session-gap-s", type=float)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="livemb", description=__doc__)
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("synth", help="synthetic log with planted long-term tastes and session intents")
+    p.add_argument("--users", type=int, default=300)
+    p.add_argument("--items", type=int, default=500)
+    p.add_argument("--days", type=int, default=14)
+    p.add_argument("--dim", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--items-out", help="also write the planted item vectors (items.npz)")
+
+    p = sub.add_parser("item-embeddings", help="item vectors from co-occurrence (PPMI + SVD)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--out", required=True)
+    _log_args(p)
+
+    p = sub.add_parser("train", help="train one model")
+    p.add_argument("--data", required=True)
+    p.add_argument("--model", default="hiertcn")
+    p.add_argument("--items", help="items.npz (default: built from the log and saved next to --out)")
+    p.add_argument("--out", required=True)
+    _log_args(p)
+    _train_args(p)
+    _settings_args(p)
+
+    p = sub.add_parser("evaluate", help="SPEC section 4 protocol for every model")
+    p.add_argument("--data", required=True)
+    p.add_argument("--items")
+    p.add_argument("--models", help="comma-separated (default: every registered model)")
+    p.add_argument("--json")
+    p.add_argument("--plot")
+    p.add_argument("--test-frac", type=float, default=0.2)
+    p.add_argument("--max-users", type=int, help="evaluate on the first N users only (quick runs)")
+    _log_args(p)
+    _train_args(p)
+    _settings_args(p)
+
+    p = sub.add_parser("embed", help="final embedding + candidates per user (output-topic format)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--items", required=True)
+    p.add_argument("--out", required=True)
+    _log_args(p)
+    _settings_args(p)
+
+    p = sub.add_parser("broker", help="run the embedded Kafka-protocol broker (Tansu) in the foreground")
+    p.add_argument("--port", type=int, default=9092)
+
+    p = sub.add_parser("demo", help="the main job on the embedded default")
+    p.add_argument("--data", help="event log to replay (default: a synthetic one)")
+    p.add_argument("--model", help="checkpoint (default: train a small HierTCN)")
+    p.add_argument("--items")
+    p.add_argument("--offline", action="store_true", help="offline demo only: synth, train, evaluate")
+    p.add_argument("--workdir", default="runs/demo")
+    _log_args(p)
+    _settings_args(p)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = load_settings(
+        broker=getattr(args, "broker", None), device=getattr(args, "device", None), topk=getattr(args, "topk", None),
+        exclude_seen=getattr(args, "exclude_seen", None), index=getattr(args, "index", None),
+        session_gap_s=getattr(args, "session_gap_s", None),
+    )
+    from tools import offline
+
+    try:
+        if args.cmd == "synth":
+            offline.cmd_synth(args, settings)
+        elif args.cmd == "item-embeddings":
+            offline.cmd_item_embeddings(args, settings)
+        elif args.cmd == "train":
+            offline.cmd_train(args, settings)
+        elif args.cmd == "evaluate":
+            offline.cmd_evaluate(args, settings)
+        elif args.cmd == "embed":
+            offline.cmd_embed(args, settings)
+        elif args.cmd == "broker":
+            from stream.broker import run_broker_foreground
+
+            return run_broker_foreground(args.port)
+        elif args.cmd == "demo":
+            from tools.demo import run_demo
+
+            return run_demo(args, settings)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"livemb {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

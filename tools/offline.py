@@ -1,0 +1,131 @@
+"""Offline commands behind the CLI: synth, item-embeddings, train, evaluate, embed."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models import EventBatch
+from models.checkpoint import load_checkpoint, model_version, save_checkpoint
+from models.train import TrainConfig, sequences_from_frame, train_model
+from tools.evaluate import build_model, markdown_table, run_evaluation, variants_table, write_outputs
+from tools.eventlog import parse_columns, read_log, temporal_split
+from tools.item_embeddings import build_item_vectors
+from tools.items import ItemTable
+
+log = logging.getLogger("livemb")
+
+
+def load_log(path: str, columns: str | None, ts_unit: str):
+    return read_log(path, columns=parse_columns(columns) if columns else None, ts_unit=ts_unit)
+
+
+def items_for(df, items_path: str | None, dim: int, train_only: bool = True) -> ItemTable:
+    """The given item table, or vectors built from the train part of `df` only (no test leakage)."""
+    if items_path:
+        return ItemTable.load(items_path)
+    train_df = temporal_split(df)[0] if train_only else df
+    log.info("building %d-d item vectors from %d training events", dim, len(train_df))
+    return build_item_vectors(train_df, dim=dim)
+
+
+def cmd_train(args, settings) -> Path:
+    df = load_log(args.data, args.columns, args.ts_unit)
+    table = items_for(df, args.items, args.dim, train_only=False)
+    if not args.items:
+        table.save(Path(args.out).with_suffix(".items.npz"))
+    model = build_model(args.model, table.padded_vectors(), session_gap_ms=int(settings.session_gap_s * 1000))
+    device = settings.resolved_device()
+    model.to(device)
+    seqs = list(sequences_from_frame(df, table).values())
+    cfg = TrainConfig(epochs=args.epochs, loss=args.loss, batch_size=args.batch_size, lr=args.lr)
+    hist = train_model(model, seqs, cfg)
+    save_checkpoint(args.out, model, table.fingerprint, extra={"history": hist})
+    per_epoch = np.mean(hist["epoch_seconds"]) if hist["epoch_seconds"] else 0.0
+    print(f"saved {args.out} ({model.name}, device {device}, {per_epoch:.2f} s/epoch, final loss "
+          f"{hist['loss'][-1] if hist['loss'] else float('nan'):.4f})")
+    return Path(args.out)
+
+
+def cmd_evaluate(args, settings) -> dict:
+    from models import MODEL_REGISTRY
+
+    df = load_log(args.data, args.columns, args.ts_unit)
+    if args.max_users:
+        keep = df["user_id"].drop_duplicates().iloc[: args.max_users]
+        df = df[df["user_id"].isin(set(keep))].reset_index(drop=True)
+    table = items_for(df, args.items, args.dim, train_only=True)
+    names = args.models.split(",") if args.models else list(MODEL_REGISTRY)
+    unknown = [n for n in names if n not in MODEL_REGISTRY]
+    if unknown:
+        raise SystemExit(f"unknown model(s) {unknown}; registered: {', '.join(MODEL_REGISTRY)}")
+    cfg = TrainConfig(epochs=args.epochs, loss=args.loss, batch_size=args.batch_size, lr=args.lr)
+    report = run_evaluation(df, table, names, cfg, test_frac=args.test_frac, device=settings.resolved_device(),
+                            model_overrides={"session_gap_ms": int(settings.session_gap_s * 1000)})
+    report["dataset"]["source"] = str(args.data)
+    write_outputs(report, args.json, args.plot)
+    print(markdown_table(report))
+    print()
+    print(variants_table(report, "recall@10"))
+    print()
+    print(variants_table(report, "mrr"))
+    return report
+
+
+def embed_users(model, table: ItemTable, df, retriever, model_tag: str, batch_users: int = 512):
+    """Final embedding and candidates per user after all events of `df` (output-topic format)."""
+    from stream.publish import build_messages
+
+    seqs = sequences_from_frame(df, table)
+    users = sorted(seqs)
+    last_ts = df.groupby("user_id")["ts"].max()
+    for i in tqdm(range(0, len(users), batch_users), desc="embed", unit="batch"):
+        group = users[i : i + batch_users]
+        ev = EventBatch.from_sequences(*zip(*(seqs[u] for u in group), strict=True)).to(model.device)
+        with torch.no_grad():
+            st, u = model.step(model.init_state(len(group)), ev)
+        items, scores = retriever.candidates(model, st, u)
+        yield from build_messages(group, u, st, items, scores, table, last_ts.loc[group].to_numpy(), model_tag,
+                                  emitted_at=int(time.time() * 1000))
+
+
+def cmd_embed(args, settings) -> None:
+    from stream.retrieval import Retriever
+
+    df = load_log(args.data, args.columns, args.ts_unit)
+    table = ItemTable.load(args.items)
+    model = load_checkpoint(args.model, table.padded_vectors(), table.fingerprint)
+    retriever = Retriever(table.padded_vectors(), settings.index, settings.topk, settings.exclude_seen)
+    tag = f"{model.name}@{model_version(args.model)}"
+    n = 0
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "wb") as f:
+        for _user, msg in embed_users(model, table, df, retriever, tag):
+            f.write(msg + b"\n")
+            n += 1
+    print(f"wrote {n} users to {args.out}")
+
+
+def cmd_synth(args, settings) -> None:
+    from tools.synth import synth_log, write_log
+
+    df, ids, vectors = synth_log(users=args.users, items=args.items, days=args.days, seed=args.seed, dim=args.dim)
+    path = write_log(df, args.out)
+    msg = f"wrote {len(df)} events ({args.users} users, {args.items} items) to {path}"
+    if args.items_out:
+        p = ItemTable(ids, vectors).save(args.items_out)
+        msg += f"; planted item vectors to {p}"
+    print(msg)
+
+
+def cmd_item_embeddings(args, settings) -> None:
+    df = load_log(args.data, args.columns, args.ts_unit)
+    table = build_item_vectors(df, dim=args.dim)
+    p = table.save(args.out)
+    print(f"wrote {len(table)} x {table.dim} item vectors to {p} (fingerprint {table.fingerprint})")
+
