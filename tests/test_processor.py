@@ -1,0 +1,100 @@
+"""The live batch step without a broker: micro-batches through stored blobs == offline embed."""
+
+import numpy as np
+import orjson
+import pytest
+import torch
+
+from models.checkpoint import save_checkpoint
+from models.train import TrainConfig, sequences_from_frame, train_model
+from stream.processor import ModelProcessor
+from stream.retrieval import Retriever
+from stream.validate import ValidEvent
+from tools.evaluate import build_model
+from tools.items import ItemTable
+from tools.offline import embed_users
+from tools.settings import Settings
+from tools.synth import synth_log
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("proc")
+    df, ids, vecs = synth_log(users=40, items=80, days=5, seed=3, dim=16)
+    table = ItemTable(ids, vecs)
+    table.save(tmp / "items.npz")
+    model = build_model("hiertcn", table.padded_vectors(), hidden=32, channels=16)
+    train_model(model, list(sequences_from_frame(df, table).values()), TrainConfig(epochs=1), progress=False)
+    save_checkpoint(tmp / "m.pt", model, table.fingerprint)
+    settings = Settings(model_path=str(tmp / "m.pt"), items_path=str(tmp / "items.npz"), topk=10)
+    return df, table, settings
+
+
+def events_of(df):
+    return [
+        ValidEvent(r.user_id, r.item_id, int(r.ts), r.event_type, r.event_id, 0, i)
+        for i, r in enumerate(df.itertuples(index=False))
+    ]
+
+
+def test_microbatches_equal_offline_embed(served):
+    df, table, settings = served
+    proc = ModelProcessor(settings)
+    events = events_of(df)
+    blobs: dict[str, bytes] = {}
+    last_msg: dict[str, dict] = {}
+    for chunk in np.array_split(np.arange(len(events)), 7):
+        batch = [events[i] for i in chunk]
+        users = {e.user_id for e in batch}
+        new, outs, extra = proc.process(batch, {u: blobs.get(u) for u in users})
+        blobs.update(new)
+        assert len(outs) == len(users)  # one message per user per batch
+        for u, raw in outs:
+            last_msg[u] = orjson.loads(raw)
+    retriever = Retriever(table.padded_vectors(), "flat", settings.topk, "none")
+    offline = {u: orjson.loads(m) for u, m in embed_users(proc.serving.model, table, df, retriever, proc.serving.tag)}
+    assert set(offline) == set(last_msg) == set(df["user_id"])
+    for u, want in offline.items():
+        got = last_msg[u]
+        assert np.abs(np.array(got["embedding"]) - np.array(want["embedding"])).max() <= 1e-4
+        assert [c["item_id"] for c in got["candidates"]][:5] == [c["item_id"] for c in want["candidates"]][:5]
+        assert got["session_id"] == want["session_id"] and got["model"] == want["model"]
+        assert len(got["candidates"]) == settings.topk
+
+
+def test_unknown_items_are_counted_and_state_is_fixed_size(served):
+    df, table, settings = served
+    proc = ModelProcessor(settings)
+    ev = [ValidEvent("u-new", "no-such-item", 1_700_000_000_000, "click", "e1", 0, 0),
+          ValidEvent("u-new", table.ids[0], 1_700_000_001_000, "cart", "e2", 0, 1)]
+    new, outs, extra = proc.process(ev, {"u-new": None})
+    assert extra["unknown_item"] == 1 and extra["sessions_started"] == 1
+    assert len(new["u-new"]) <= 4096
+    msg = orjson.loads(outs[0][1])
+    assert msg["items_version"] == table.fingerprint and len(msg["embedding"]) == table.dim
+
+
+def test_hot_swap_of_items_remaps_state(served, tmp_path):
+    df, table, settings = served
+    items_path = tmp_path / "items.npz"
+    table.save(items_path)
+    s = settings.model_copy(update={"items_path": str(items_path)})
+    proc = ModelProcessor(s, reload_check_s=0.0)
+    e1 = ValidEvent("u1", table.ids[5], 1_700_000_000_000, "click", "a", 0, 0)
+    new, _, _ = proc.process([e1], {"u1": None})
+    # reversed catalogue order: same ids and vectors, different indices and fingerprint
+    swapped = ItemTable(table.ids[::-1].copy(), table.vectors[::-1].copy())
+    swapped.save(items_path)
+    import os
+
+    os.utime(items_path, (1e9, 2e9))
+    e2 = ValidEvent("u1", table.ids[6], 1_700_000_010_000, "click", "b", 0, 1)
+    new2, outs, _ = proc.process([e2], new)
+    assert proc.serving.table.fingerprint == swapped.fingerprint
+    from state.record import decode
+
+    mem = decode(new2["u1"])[0]["mem_item"]
+    held = set(swapped.id_of(mem[mem > 0]).tolist())
+    assert held == {table.ids[5], table.ids[6]}  # the old item survived the swap by id
+    assert orjson.loads(outs[0][1])["items_version"] == swapped.fingerprint
+    assert torch.get_num_threads() == settings.torch_threads
