@@ -83,6 +83,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("broker", help="run the embedded Kafka-protocol broker (Tansu) in the foreground")
     p.add_argument("--port", type=int, default=9092)
 
+    p = sub.add_parser("worker", help="the production worker (any Kafka cluster)")
+    p.add_argument("--model", required=True, help="checkpoint (livemb train)")
+    p.add_argument("--items", required=True, help="items.npz the checkpoint was trained with")
+    p.add_argument("--data-dir", help="RocksDB state directory (default runs/worker)")
+    p.add_argument("--web-port", type=int, help="/metrics, /healthz, /readyz port")
+    p.add_argument("--partitions", type=int)
+    p.add_argument("--batch-max-events", type=int)
+    p.add_argument("--batch-max-wait-ms", type=int)
+    p.add_argument("--loglevel", default="info")
+    _settings_args(p)
+
+    p = sub.add_parser("replay", help="produce an event log into the input topic")
+    p.add_argument("log")
+    p.add_argument("--rate", default="max", help="events/s or 'max'")
+    _log_args(p)
+    _settings_args(p)
+
+    p = sub.add_parser("tail", help="print recommendations as they arrive")
+    _settings_args(p)
+
     p = sub.add_parser("demo", help="the main job on the embedded default")
     p.add_argument("--data", help="event log to replay (default: a synthetic one)")
     p.add_argument("--model", help="checkpoint (default: train a small HierTCN)")
@@ -99,10 +119,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load_settings(
+        model_path=getattr(args, "model", None) if args.cmd == "worker" else None,
+        items_path=getattr(args, "items", None) if args.cmd == "worker" else None,
+        data_dir=getattr(args, "data_dir", None), web_port=getattr(args, "web_port", None),
+        partitions=getattr(args, "partitions", None), batch_max_events=getattr(args, "batch_max_events", None),
+        batch_max_wait_ms=getattr(args, "batch_max_wait_ms", None),
         broker=getattr(args, "broker", None), device=getattr(args, "device", None), topk=getattr(args, "topk", None),
         exclude_seen=getattr(args, "exclude_seen", None), index=getattr(args, "index", None),
         session_gap_s=getattr(args, "session_gap_s", None),
     )
+    for noisy in ("kafka", "aiokafka", "faust", "mode"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     from tools import offline
 
     try:
@@ -120,6 +147,20 @@ def main(argv: list[str] | None = None) -> int:
             from stream.broker import run_broker_foreground
 
             return run_broker_foreground(args.port)
+        elif args.cmd == "worker":
+            from stream.app import run_worker
+            from stream.processor import ModelProcessor
+
+            run_worker(settings, ModelProcessor(settings), args.loglevel)
+        elif args.cmd == "replay":
+            from stream.kafka_io import replay
+
+            df = offline.load_log(args.log, args.columns, args.ts_unit)
+            replay(df, settings.broker, settings.topic_in, None if args.rate == "max" else float(args.rate))
+        elif args.cmd == "tail":
+            from stream.kafka_io import tail
+
+            tail(settings.broker, settings.topic_out)
         elif args.cmd == "demo":
             from tools.demo import run_demo
 

@@ -49,6 +49,16 @@ class Settings(BaseSettings):
     # --- worker ----------------------------------------------------------------------------
     data_dir: str = "runs/worker"
     web_port: int = Field(6066, ge=0, le=65535)
+    web_host: str = "127.0.0.1"  # /metrics, /healthz, /readyz bind address
+    # Consumer-group timeouts: short so a restarted worker gets its partitions back fast on the
+    # embedded broker (faust sends no LeaveGroup on SIGTERM); see docs/STREAMING.md.
+    session_timeout_s: float = Field(6.0, gt=0)
+    # Tansu holds a JoinGroup for half the rebalance timeout before answering.
+    rebalance_timeout_s: float = Field(4.0, gt=0)
+    # Static group membership (KIP-345): a restarted worker with the same id takes its member slot
+    # back at once instead of waiting out the dead session. None = dynamic membership.
+    group_instance_id: str | None = None
+    commit_interval_s: float = Field(1.0, gt=0)
 
     def resolved_device(self) -> str:
         if self.device != "auto":

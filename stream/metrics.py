@@ -1,0 +1,155 @@
+"""Prometheus metrics (SPEC section 8, prefix `livemb_`) and the /metrics, /healthz, /readyz server.
+
+The registry is a dedicated `CollectorRegistry` per `Metrics` object, so tests and the demo can run
+several workers in one process without "Duplicated timeseries" errors. The HTTP server is a
+stdlib thread, independent of Faust, so /healthz answers while tables are still recovering.
+"""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+OUTCOMES = ("ok", "invalid", "duplicate", "late", "too_late", "unknown_item", "redelivered", "error")
+LATENCY_BUCKETS = (
+    0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class Readiness:
+    """Named conditions that must all be true for /readyz (e.g. tables_recovered, model_loaded)."""
+
+    def __init__(self, *conditions: str) -> None:
+        self._lock = threading.Lock()
+        self._state = dict.fromkeys(conditions, False)
+
+    def set(self, name: str, value: bool = True) -> None:
+        with self._lock:
+            self._state[name] = value
+
+    def snapshot(self) -> dict[str, bool]:
+        with self._lock:
+            return dict(self._state)
+
+    @property
+    def ready(self) -> bool:
+        return all(self.snapshot().values())
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        p = "livemb_"
+        self.events = Counter(p + "events_total", "Input events by outcome", ["outcome"], registry=r)
+        for o in OUTCOMES:
+            self.events.labels(o)  # export zeros so alerts/rates work from the start
+        self.event_to_publish = Histogram(
+            p + "event_to_publish_seconds", "Event time to publish", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.ingest_to_publish = Histogram(
+            p + "ingest_to_publish_seconds", "Consume to publish", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram(p + "batch_size", "Events per micro-batch", buckets=BATCH_BUCKETS, registry=r)
+        self.model_step = Histogram(p + "model_step_seconds", "Batched model step", buckets=STEP_BUCKETS, registry=r)
+        self.topk = Histogram(p + "topk_seconds", "Batched top-K search", buckets=STEP_BUCKETS, registry=r)
+        self.sessions_started = Counter(p + "sessions_started_total", "Session breaks", registry=r)
+        self.consumer_lag = Gauge(p + "consumer_lag", "Input lag (messages)", ["partition"], registry=r)
+        self.users_in_state = Gauge(p + "users_in_state", "Users with a state row", registry=r)
+        self.model_info = Gauge(p + "model_info", "Served model", ["model", "version", "device"], registry=r)
+        self.outputs = Counter(p + "outputs_total", "Messages published to the output topic", registry=r)
+        self.dlq = Counter(p + "dlq_total", "Messages published to the DLQ", ["reason"], registry=r)
+        self.ready_gauge = Gauge(p + "ready", "1 when /readyz is true", registry=r)
+        self.readiness = Readiness("tables_recovered", "model_loaded")
+        self._model: tuple[str, str, str] | None = None
+
+    def count(self, outcomes: dict[str, int]) -> None:
+        for k, v in outcomes.items():
+            if v:
+                self.events.labels(k).inc(v)
+
+    def set_model(self, model: str, version: str, device: str) -> None:
+        if self._model == (model, version, device):
+            return
+        self._model = (model, version, device)
+        self.model_info.clear()
+        self.model_info.labels(model, version, device).set(1)
+
+    def event_count(self, outcome: str) -> float:
+        return float(self.registry.get_sample_value("livemb_events_total", {"outcome": outcome}) or 0.0)
+
+    def latency_summary(self, hist: str = "event_to_publish_seconds") -> dict[str, float]:
+        """count, p50 and p99 (seconds) estimated from the histogram buckets (linear within a bucket)."""
+        return summarize_histogram(self.registry, "livemb_" + hist)
+
+    def render(self) -> bytes:
+        self.ready_gauge.set(1 if self.readiness.ready else 0)
+        return generate_latest(self.registry)
+
+
+def summarize_histogram(registry: CollectorRegistry, name: str) -> dict[str, float]:
+    buckets: list[tuple[float, float]] = []
+    for fam in registry.collect():
+        for s in fam.samples:
+            if s.name == name + "_bucket":
+                buckets.append((float(s.labels["le"]), s.value))
+    buckets.sort()
+    total = buckets[-1][1] if buckets else 0.0
+    return {"count": total, "p50_s": _quantile(buckets, 0.5), "p99_s": _quantile(buckets, 0.99)}
+
+
+def _quantile(buckets: list[tuple[float, float]], q: float) -> float:
+    if not buckets or buckets[-1][1] == 0:
+        return float("nan")
+    rank = q * buckets[-1][1]
+    lo_bound, lo_count = 0.0, 0.0
+    for bound, cum in buckets:
+        if cum >= rank:
+            if bound == float("inf"):
+                return lo_bound  # beyond the last finite bucket: report its bound (a lower bound)
+            if cum == lo_count:
+                return bound
+            return lo_bound + (bound - lo_bound) * (rank - lo_count) / (cum - lo_count)
+        lo_bound, lo_count = bound, cum
+    return lo_bound
+
+
+class _Handler(BaseHTTPRequestHandler):
+    metrics: Metrics
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib name
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            self._send(200, self.metrics.render(), CONTENT_TYPE_LATEST)
+        elif path == "/healthz":
+            self._send(200, b'{"ok":true}', "application/json")
+        elif path == "/readyz":
+            snap = self.metrics.readiness.snapshot()
+            ok = all(snap.values())
+            body = orjson.dumps({"ready": ok, "conditions": snap})
+            self._send(200 if ok else 503, body, "application/json")
+        else:
+            self._send(404, b"not found\n", "text/plain")
+
+    def _send(self, code: int, body: bytes, ctype: str) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # silence per-request logs
+        return
+
+
+def serve(metrics: Metrics, port: int, host: str = "127.0.0.1") -> ThreadingHTTPServer:
+    """Serve /metrics, /healthz, /readyz in a daemon thread; port 0 picks a free one (server.server_port)."""
+    handler = type("Handler", (_Handler,), {"metrics": metrics})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="livemb-http", daemon=True).start()
+    return server

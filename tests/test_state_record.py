@@ -1,0 +1,213 @@
+"""state.record codec and state.guard (offset + dedupe) logic, without a broker."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+from state.guard import Decision, GuardState, keep_newer, plan_batch, position, unwrap, wrap
+from state.record import MAGIC, StateRecordError, decode, encode, fingerprint
+from stream.validate import ValidEvent
+
+
+def sample() -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    rng = np.random.default_rng(0)
+    arrays = {
+        "gru": rng.standard_normal(128).astype(np.float32),
+        "window": rng.standard_normal((8, 64)).astype(np.float32),
+        "items": rng.integers(0, 10**9, 16).astype(np.int64),
+        "flags": np.array([1, 0, 1], np.uint8),
+        "scalar": np.array(3.5, np.float64),
+        "empty": np.zeros((0, 64), np.float32),
+    }
+    return arrays, {"last_ts": 1_700_000_000_000, "session": 7, "neg": -5}
+
+
+def test_round_trip_exact() -> None:
+    arrays, meta = sample()
+    out_a, out_m = decode(encode(arrays, meta))
+    assert out_m == meta and set(out_a) == set(arrays)
+    for k, a in arrays.items():
+        assert out_a[k].dtype == a.dtype and out_a[k].shape == a.shape
+        np.testing.assert_array_equal(out_a[k], a)
+        assert out_a[k].flags.writeable
+
+
+def test_deterministic_and_order_independent() -> None:
+    arrays, meta = sample()
+    rev = dict(reversed(list(arrays.items())))
+    assert encode(arrays, meta) == encode(rev, dict(reversed(list(meta.items()))))
+
+
+def test_size_budget_at_d64_h128() -> None:
+    blob = encode({"h": np.zeros(128, np.float32), "win": np.zeros((8, 64), np.float32)}, {"t": 0})
+    assert len(blob) < 4096
+
+
+def test_big_endian_and_noncontiguous_inputs() -> None:
+    a = np.arange(12, dtype=">f4").reshape(3, 4)[:, ::2]
+    out, _ = decode(encode({"a": a}, {}))
+    np.testing.assert_array_equal(out["a"], a)
+
+
+def test_rejects_object_dtype() -> None:
+    with pytest.raises(StateRecordError, match="numeric"):
+        encode({"o": np.array([object()])}, {})
+
+
+def test_expected_fingerprint() -> None:
+    arrays, meta = sample()
+    blob = encode(arrays, meta)
+    assert decode(blob, fingerprint(arrays, meta))
+    other = dict(arrays, gru=np.zeros(64, np.float32))
+    with pytest.raises(StateRecordError, match="schema"):
+        decode(blob, fingerprint(other, meta))
+    with pytest.raises(StateRecordError, match="schema"):
+        decode(blob, fingerprint(arrays, {"x": 1}))
+
+
+def test_foreign_magic_and_version() -> None:
+    blob = encode(*sample())
+    with pytest.raises(StateRecordError, match="not a livemb state record"):
+        decode(b"JUNK" + blob[4:])
+    with pytest.raises(StateRecordError, match="version 9"):
+        decode(MAGIC + bytes([9]) + blob[5:])
+    with pytest.raises(StateRecordError, match="not a livemb"):
+        decode(b'{"json": "from an old build"}')
+
+
+@pytest.mark.parametrize("cut", [0, 3, 10, 21, 22, 40, -1])
+def test_truncated(cut: int) -> None:
+    blob = encode(*sample())
+    with pytest.raises(StateRecordError, match="truncated"):
+        decode(blob[:cut])
+
+
+def test_padded_and_bit_flips() -> None:
+    blob = encode(*sample())
+    with pytest.raises(StateRecordError):
+        decode(blob + b"\x00")
+    for i in range(22, len(blob), 97):
+        bad = bytearray(blob)
+        bad[i] ^= 0x40
+        with pytest.raises(StateRecordError, match="corrupt"):
+            decode(bytes(bad))
+
+
+def test_consistent_crc_but_lying_header_is_rejected() -> None:
+    import zlib
+
+    blob = encode({"a": np.zeros(4, np.float32)}, {})
+    body = bytearray(blob[22:])
+    body[-16] ^= 1  # changes data only: crc recomputed so only structure checks remain
+    fp = struct.unpack_from("<Q", blob, 6)[0]
+    forged = struct.pack("<4sBBQII", MAGIC, 1, 0, fp, zlib.crc32(bytes(body)), len(body)) + bytes(body)
+    decode(forged)  # data flips are undetectable once the crc is forged, but still well-formed
+    lying = bytearray(blob[22:])
+    lying[0] = 5  # header claims 5 arrays; crc forged to match
+    forged = struct.pack("<4sBBQII", MAGIC, 1, 0, fp, zlib.crc32(bytes(lying)), len(lying)) + bytes(lying)
+    with pytest.raises(StateRecordError):
+        decode(forged)
+
+
+def test_not_bytes() -> None:
+    with pytest.raises(StateRecordError):
+        decode("text")  # type: ignore[arg-type]
+
+
+# ---- guard ------------------------------------------------------------------------------------
+
+def ev(user: str, ts: int, offset: int, eid: str | None = None, partition: int = 0) -> ValidEvent:
+    return ValidEvent(user, "i", ts, "click", eid or f"{user}-{ts}", partition, offset)
+
+
+DAY = 86_400_000
+
+
+def test_guard_round_trip_via_envelope() -> None:
+    g = GuardState(4)
+    for i in range(6):
+        g.decide(ev("u", 1000 + i, i), DAY)
+    blob = wrap(g, b"\x01\x02inner")
+    g2, inner = unwrap(blob, 4)
+    assert inner == b"\x01\x02inner" and (g2.partition, g2.offset, g2.last_ts) == (0, 5, 1005)
+    np.testing.assert_array_equal(g2.ring, g.ring)
+    assert g2.pos == g.pos and position(blob) == (0, 5)
+    assert unwrap(wrap(GuardState(4), None), 4)[1] is None
+
+
+def test_guard_decisions() -> None:
+    g = GuardState(3)
+    assert g.decide(ev("u", 10_000, 5), DAY) is Decision.APPLY
+    assert g.decide(ev("u", 10_000, 5), DAY) is Decision.REDELIVERED  # same offset
+    assert g.decide(ev("u", 9_000, 4, "other"), DAY) is Decision.REDELIVERED  # older offset
+    assert g.decide(ev("u", 10_000, 6), DAY) is Decision.DUPLICATE  # same event id, new offset
+    assert g.decide(ev("u", 9_000, 7), DAY) is Decision.LATE
+    assert g.last_ts == 10_000
+    assert g.decide(ev("u", 10_000 - DAY - 1, 8), DAY) is Decision.TOO_LATE
+    assert g.decide(ev("u", 10_000 - DAY, 9), DAY) is Decision.LATE  # exactly at the bound
+    assert g.offset == 9 and g.applied == 3
+
+
+def test_guard_ring_forgets_after_size() -> None:
+    g = GuardState(2)
+    for i, e in enumerate(["a", "b", "c"]):
+        g.decide(ev("u", 100 + i, i, e), DAY)
+    assert g.decide(ev("u", 200, 10, "b"), DAY) is Decision.DUPLICATE
+    assert g.decide(ev("u", 201, 11, "a"), DAY) is Decision.APPLY  # evicted
+
+
+def test_guard_other_partition_is_not_compared() -> None:
+    g = GuardState(2)
+    g.decide(ev("u", 1, 50, partition=0), DAY)
+    assert g.decide(ev("u", 2, 3, partition=1), DAY) is Decision.APPLY
+    assert (g.partition, g.offset) == (1, 3)
+
+
+def test_guard_resizes_ring() -> None:
+    g = GuardState(4)
+    for i in range(4):
+        g.decide(ev("u", i, i), DAY)
+    g2, _ = unwrap(wrap(g, b""), 2)
+    assert g2.ring.shape == (2,)
+
+
+def test_plan_batch_replay_is_idempotent() -> None:
+    batch = [ev(f"u{i % 3}", 1000 + i, i) for i in range(9)]
+    plan = plan_batch(batch, {}, 8, DAY)
+    assert len(plan.to_apply) == 9 and plan.counts() == {"ok": 9} and plan.dirty == {"u0", "u1", "u2"}
+    rows = {u: wrap(g, b"s") for u, g in plan.guards.items()}
+    again = plan_batch(batch, rows, 8, DAY)  # crash after the write: same offsets redelivered
+    assert again.to_apply == [] and again.counts() == {"redelivered": 9} and again.dirty == set()
+    shifted = [ValidEvent(e.user_id, e.item_id, e.ts, e.event_type, e.event_id, 0, e.offset + 100) for e in batch]
+    dup = plan_batch(shifted, rows, 8, DAY)  # upstream re-sent the same events at new offsets
+    assert dup.to_apply == [] and dup.counts() == {"duplicate": 9} and dup.dirty == {"u0", "u1", "u2"}
+
+
+def test_plan_batch_duplicate_within_batch_and_too_late() -> None:
+    batch = [ev("u", 5 * DAY, 0, "x"), ev("u", 5 * DAY, 1, "x"), ev("u", 3 * DAY, 2, "y")]
+    plan = plan_batch(batch, {}, 4, DAY)
+    assert plan.counts() == {"ok": 1, "duplicate": 1, "too_late": 1}
+    assert [e.offset for e in plan.too_late()] == [2] and plan.inner == {"u": None}
+
+
+def test_keep_newer() -> None:
+    old, new = GuardState(2), GuardState(2)
+    old.decide(ev("u", 1, 3), DAY)
+    new.decide(ev("u", 1, 3), DAY)
+    new.decide(ev("u", 2, 9), DAY)
+    a, b = wrap(old, b"old"), wrap(new, b"new")
+    assert keep_newer(None, a) == a
+    assert keep_newer(b, a) == b  # stale changelog copy does not win
+    assert keep_newer(a, b) == b
+    assert keep_newer(b"garbage", a) == a
+
+
+def test_plan_batch_unreadable_row_is_isolated() -> None:
+    batch = [ev("bad", 1, 0), ev("good", 1, 1), ev("bad", 2, 2)]
+    plan = plan_batch(batch, {"bad": b"JUNKJUNKJUNKJUNKJUNKJUNKJUNK"}, 4, DAY)
+    assert set(plan.unreadable) == {"bad"} and "not a livemb state record" in plan.unreadable["bad"]
+    assert [e.offset for e in plan.rejected] == [0, 2]
+    assert [e.user_id for e in plan.to_apply] == ["good"] and plan.dirty == {"good"}

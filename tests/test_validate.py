@@ -1,0 +1,160 @@
+"""Every input rule of SPEC section 2, without a broker."""
+
+from __future__ import annotations
+
+import base64
+
+import orjson
+import pytest
+
+from stream.validate import Invalid, ValidEvent, derive_event_id, too_late, validate
+from tools.settings import Settings
+
+NOW = 1_700_000_000_000
+S = Settings()
+
+
+def check(doc: object, key: bytes | None = None, raw: bytes | None = None) -> ValidEvent | Invalid:
+    data = raw if raw is not None else orjson.dumps(doc)
+    return validate(data, "interactions", 2, 41, NOW, S, key=key)
+
+
+def reason(doc: object, **kw: object) -> str:
+    r = check(doc, **kw)  # type: ignore[arg-type]
+    assert isinstance(r, Invalid), r
+    return r.reason
+
+
+def test_valid_minimal_defaults() -> None:
+    ev = check({"user_id": "u1", "item_id": "i9", "ts": NOW - 5})
+    assert isinstance(ev, ValidEvent)
+    assert (ev.user_id, ev.item_id, ev.ts, ev.event_type) == ("u1", "i9", NOW - 5, "click")
+    assert (ev.partition, ev.offset, ev.topic) == (2, 41, "interactions")
+    assert ev.event_id == derive_event_id("u1", "i9", NOW - 5)
+
+
+def test_integer_ids_normalised_to_str() -> None:
+    ev = check({"user_id": 42, "item_id": 7, "ts": NOW})
+    assert isinstance(ev, ValidEvent) and (ev.user_id, ev.item_id) == ("42", "7")
+
+
+def test_explicit_event_id_and_type() -> None:
+    ev = check({"user_id": "u", "item_id": "i", "ts": NOW, "event_id": "e-1", "event_type": "buy"})
+    assert isinstance(ev, ValidEvent) and (ev.event_id, ev.event_type) == ("e-1", "buy")
+
+
+def test_derived_event_id_is_deterministic_and_distinct() -> None:
+    a = derive_event_id("u", "i", 1)
+    assert a == derive_event_id("u", "i", 1)
+    assert len({a, derive_event_id("u", "i", 2), derive_event_id("u", "j", 1), derive_event_id("v", "i", 1)}) == 4
+
+
+@pytest.mark.parametrize(
+    "ts,expected",
+    [
+        ("2023-11-14T22:13:20Z", 1_700_000_000_000),
+        ("2023-11-14T22:13:20.250+00:00", 1_700_000_000_250),
+        ("2023-11-14T23:13:20+01:00", 1_700_000_000_000),
+        ("2023-11-14T22:13:20", 1_700_000_000_000),  # naive = UTC
+    ],
+)
+def test_iso_ts(ts: str, expected: int) -> None:
+    ev = check({"user_id": "u", "item_id": "i", "ts": ts})
+    assert isinstance(ev, ValidEvent) and ev.ts == expected
+
+
+@pytest.mark.parametrize(
+    "doc,why",
+    [
+        ({"item_id": "i", "ts": NOW}, "missing_field:user_id"),
+        ({"user_id": None, "item_id": "i", "ts": NOW}, "missing_field:user_id"),
+        ({"user_id": "u", "ts": NOW}, "missing_field:item_id"),
+        ({"user_id": "u", "item_id": "i"}, "missing_field:ts"),
+        ({"user_id": True, "item_id": "i", "ts": NOW}, "bad_type:user_id"),
+        ({"user_id": 1.5, "item_id": "i", "ts": NOW}, "bad_type:user_id"),
+        ({"user_id": ["u"], "item_id": "i", "ts": NOW}, "bad_type:user_id"),
+        ({"user_id": "u", "item_id": {"x": 1}, "ts": NOW}, "bad_type:item_id"),
+        ({"user_id": "u", "item_id": False, "ts": NOW}, "bad_type:item_id"),
+        ({"user_id": "", "item_id": "i", "ts": NOW}, "empty_field:user_id"),
+        ({"user_id": "  ", "item_id": "i", "ts": NOW}, "empty_field:user_id"),
+        ({"user_id": "u", "item_id": "", "ts": NOW}, "empty_field:item_id"),
+        ({"user_id": "x" * 129, "item_id": "i", "ts": NOW}, "user_id_too_long"),
+        ({"user_id": "u", "item_id": "i", "ts": True}, "bad_type:ts"),
+        ({"user_id": "u", "item_id": "i", "ts": 1.7e12}, "bad_type:ts"),
+        ({"user_id": "u", "item_id": "i", "ts": [1]}, "bad_type:ts"),
+        ({"user_id": "u", "item_id": "i", "ts": "yesterday"}, "bad_value:ts"),
+        ({"user_id": "u", "item_id": "i", "ts": -1}, "bad_value:ts"),
+        ({"user_id": "u", "item_id": "i", "ts": NOW + 86_400_001}, "future_ts"),
+        ({"user_id": "u", "item_id": "i", "ts": "2099-01-01T00:00:00Z"}, "future_ts"),
+        ({"user_id": "u", "item_id": "i", "ts": NOW, "event_type": 3}, "bad_type:event_type"),
+        ({"user_id": "u", "item_id": "i", "ts": NOW, "event_id": 3}, "bad_type:event_id"),
+        ({"user_id": "u", "item_id": "i", "ts": NOW, "event_id": ""}, "empty_field:event_id"),
+        ([1, 2], "not_object"),
+        ("just a string", "not_object"),
+        (None, "not_object"),
+    ],
+)
+def test_rejections(doc: object, why: str) -> None:
+    assert reason(doc) == why
+
+
+def test_user_id_at_limit_is_fine() -> None:
+    assert isinstance(check({"user_id": "x" * 128, "item_id": "i", "ts": NOW}), ValidEvent)
+
+
+def test_future_within_a_day_is_fine() -> None:
+    assert isinstance(check({"user_id": "u", "item_id": "i", "ts": NOW + 86_400_000}), ValidEvent)
+
+
+def test_not_json_and_empty_and_none() -> None:
+    assert reason(None, raw=b"{not json") == "not_json"
+    assert reason(None, raw=b"") == "not_json"
+    assert isinstance(validate(None, "t", 0, 0, NOW, S), Invalid)
+
+
+def test_oversized_checked_before_parsing() -> None:
+    raw = orjson.dumps({"user_id": "u", "item_id": "i", "ts": NOW, "pad": "x" * (64 * 1024)})
+    assert reason(None, raw=raw) == "oversized"
+
+
+def test_key_must_match_user() -> None:
+    doc = {"user_id": "u1", "item_id": "i", "ts": NOW}
+    assert isinstance(check(doc, key=b"u1"), ValidEvent)
+    assert reason(doc, key=b"u2") == "key_mismatch"
+    assert isinstance(check({"user_id": 5, "item_id": "i", "ts": NOW}, key=b"5"), ValidEvent)
+
+
+def test_dlq_payload_utf8() -> None:
+    inv = check(None, raw=b"hello \xc3\xa9")
+    assert isinstance(inv, Invalid)
+    d = orjson.loads(inv.dlq_payload())
+    assert d == {"reason": "not_json", "topic": "interactions", "partition": 2, "offset": 41, "raw": "hello é"}
+
+
+def test_dlq_payload_base64_for_binary() -> None:
+    raw = b"\xff\xfe\x00bin"
+    inv = check(None, raw=raw)
+    assert isinstance(inv, Invalid)
+    d = orjson.loads(inv.dlq_payload())
+    assert d["raw_encoding"] == "base64" and base64.b64decode(d["raw"]) == raw and d["reason"] == "not_json"
+
+
+def test_dlq_payload_truncates_huge_raw() -> None:
+    raw = b"x" * (600 * 1024)
+    inv = check(None, raw=raw)
+    d = orjson.loads(inv.dlq_payload())  # type: ignore[union-attr]
+    assert d["reason"] == "oversized" and d["raw_truncated"] and d["raw_size"] == len(raw)
+    assert len(d["raw"]) == 256 * 1024
+
+
+def test_too_late_record_keeps_raw() -> None:
+    raw = orjson.dumps({"user_id": "u", "item_id": "i", "ts": NOW})
+    ev = validate(raw, "interactions", 1, 9, NOW, S)
+    assert isinstance(ev, ValidEvent)
+    d = orjson.loads(too_late(ev).dlq_payload())
+    assert d["reason"] == "too_late" and d["raw"] == raw.decode() and (d["partition"], d["offset"]) == (1, 9)
+
+
+def test_never_raises_on_garbage() -> None:
+    for raw in [b"[" * 100_000, b"\x00" * 10, b'{"user_id": "u", "item_id": "i", "ts": 1e400}', b"nan"]:
+        assert isinstance(validate(raw, "t", 0, 0, NOW, S), Invalid)
