@@ -41,6 +41,9 @@ def evaluate_model(
     model.eval()
     users = sorted(test)
     accs = {variant_name(r, e): RankAccumulator() for r, e in VARIANTS}
+    # targets that open a new session: where the cross-session state has to earn its keep
+    starts = RankAccumulator()
+    gap = model.cfg.session_gap_ms
     skipped = 0
     empty = (np.zeros(0, np.int64),) * 3
     bar = tqdm(total=sum(len(test[u][0]) for u in users), desc=f"eval {model.name}", disable=not progress, leave=False)
@@ -65,11 +68,15 @@ def evaluate_model(
                         mask = repeat.seen_mask(st, scores.shape[1], excl)
                         r = ranks_of(scores[scored], target[scored], None if mask is None else mask[scored])
                         accs[variant_name(rep, excl)].add(r)
+                        if rep and excl == "none":
+                            opens = (ev.ts[:, t] - st["last_ts"] > gap) & (st["last_ts"] >= 0)
+                            starts.add(r[opens[scored]])
             st, u_new = model.step(st, ev.slice(t, t + 1))
             u = torch.where(active[:, None], u_new, u)
             bar.update(int(active.sum()))
     bar.close()
     out = {name: acc.summary(model.n_items) for name, acc in accs.items()}
+    out["session_start"] = starts.summary(model.n_items)
     out["targets_skipped_unknown_item"] = skipped
     return out
 
@@ -100,10 +107,11 @@ def run_evaluation(df, table, models: list[str], train_cfg: TrainConfig, test_fr
         t1 = time.perf_counter()
         variants = evaluate_model(model, train, test, progress=progress)
         skipped = variants.pop("targets_skipped_unknown_item")
+        session_start = variants.pop("session_start")
         res = dict(variants[DEFAULT_VARIANT])
         res.update(train_seconds=round(train_seconds, 2), eval_seconds=round(time.perf_counter() - t1, 2),
                    epoch_seconds=[round(s, 2) for s in hist["epoch_seconds"]],
-                   targets_skipped_unknown_item=skipped, variants=variants)
+                   targets_skipped_unknown_item=skipped, session_start=session_start, variants=variants)
         results[name] = res
         log.info("%s: recall@10 %.4f mrr %.4f (train %.1fs)", name, res["recall@10"], res["mrr"], train_seconds)
     dataset = {
@@ -131,6 +139,14 @@ def variants_table(report: dict, metric: str = "recall@10") -> str:
     rows = [f"| model ({metric}) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for name, res in report["results"].items():
         rows.append(f"| {name} | " + " | ".join(f"{res['variants'][v][metric]:.4f}" for v in names) + " |")
+    return "\n".join(rows)
+
+
+def session_start_table(report: dict) -> str:
+    rows = ["| model | recall@10 (session-start targets) | mrr | targets |", "|---|---|---|---|"]
+    for name, res in report["results"].items():
+        m = res["session_start"]
+        rows.append(f"| {name} | {m['recall@10']:.4f} | {m['mrr']:.4f} | {m['events_scored']} |")
     return "\n".join(rows)
 
 

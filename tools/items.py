@@ -80,6 +80,9 @@ class ItemTable:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"{path}: item table not found")
+        with open(path, "rb") as f:
+            if f.read(2) != b"PK":  # .npz is a zip archive; anything else would hit np.load's pickle path
+                raise ValueError(f"{path}: not a readable .npz file (expected a zip archive with 'ids' and 'vectors')")
         try:
             # No pickle: an items file is data, never code.
             with np.load(path, allow_pickle=False) as z:

@@ -13,7 +13,14 @@ from tqdm import tqdm
 from models import EventBatch
 from models.checkpoint import load_checkpoint, model_version, save_checkpoint
 from models.train import TrainConfig, sequences_from_frame, train_model
-from tools.evaluate import build_model, markdown_table, run_evaluation, variants_table, write_outputs
+from tools.evaluate import (
+    build_model,
+    markdown_table,
+    run_evaluation,
+    session_start_table,
+    variants_table,
+    write_outputs,
+)
 from tools.eventlog import parse_columns, read_log, temporal_split
 from tools.item_embeddings import build_item_vectors
 from tools.items import ItemTable
@@ -74,6 +81,8 @@ def cmd_evaluate(args, settings) -> dict:
     print(variants_table(report, "recall@10"))
     print()
     print(variants_table(report, "mrr"))
+    print()
+    print(session_start_table(report))
     return report
 
 
