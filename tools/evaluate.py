@@ -127,10 +127,13 @@ METRIC_COLUMNS = ["recall@1", "recall@5", "recall@10", "recall@20", "mrr", "mrp"
 
 
 def markdown_table(report: dict, variant: str = DEFAULT_VARIANT) -> str:
-    rows = ["| model | " + " | ".join(METRIC_COLUMNS) + " | train s |", "|---" * (len(METRIC_COLUMNS) + 2) + "|"]
+    rows = ["| model | " + " | ".join(METRIC_COLUMNS) + " | train s | best variant (recall@10) |",
+            "|---" * (len(METRIC_COLUMNS) + 3) + "|"]
     for name, res in report["results"].items():
         m = res["variants"][variant]
-        rows.append(f"| {name} | " + " | ".join(f"{m[c]:.4f}" for c in METRIC_COLUMNS) + f" | {res['train_seconds']:.1f} |")
+        best = max(res["variants"], key=lambda v: res["variants"][v]["recall@10"])
+        rows.append(f"| {name} | " + " | ".join(f"{m[c]:.4f}" for c in METRIC_COLUMNS)
+                    + f" | {res['train_seconds']:.1f} | {best} {res['variants'][best]['recall@10']:.4f} |")
     return "\n".join(rows)
 
 
