@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import importlib
 import logging
+import os  # TEMP-TRACE
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
@@ -169,6 +170,8 @@ def make_app(settings: Settings, processor: BatchProcessor, metrics: Metrics) ->
             rows[uid] = table.get(uid.encode())
         with_event(None)
         plan = plan_batch(valid, rows, settings.dedupe_memory, lateness_ms)
+        with open(settings.data_dir + "/../trace.log", "a") as TR:  # TEMP-TRACE
+            TR.write("".join(f"{os.getpid()} {e.partition} {e.offset} {e.user_id} {d.value}\n" for e, d in plan.decisions))  # TEMP-TRACE
         for uid, err in plan.unreadable.items():
             log.error("state row of user %r is unreadable, its events go to the DLQ: %s", uid, err)
         bad.extend(reject(e, "state_unreadable") for e in plan.rejected)

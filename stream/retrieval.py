@@ -67,7 +67,8 @@ class Retriever:
         # drop faiss hits that the memory already scores (with the repeat bonus)
         dup = (f_items[:, :, None] == mem_item[:, None, :]).any(-1) | (f_items == 0)
         f_scores = f_scores.masked_fill(dup, -np.inf)
-        excluded = repeat.seen_mask({k: v.cpu() for k, v in state.items()}, self.n_items + 1, self.exclude_seen)
+        seen_fields = ("mem_item", "mem_sess", "session")
+        excluded = repeat.seen_mask({k: state[k].cpu() for k in seen_fields}, self.n_items + 1, self.exclude_seen)
         if excluded is not None:
             f_scores = f_scores.masked_fill(excluded.gather(1, f_items), -np.inf)
             m_scores = m_scores.masked_fill(excluded.gather(1, mem_item), -np.inf)
