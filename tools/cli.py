@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from models.train import LOSSES
 from tools.settings import load_settings
 
 
@@ -16,7 +17,7 @@ def _log_args(p: argparse.ArgumentParser) -> None:
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--loss", choices=["hinge", "bpr", "nce", "l2"], default="hinge")
+    p.add_argument("--loss", choices=list(LOSSES), default="hinge")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--dim", type=int, default=64, help="item-vector size when they are built from the log")

@@ -53,12 +53,13 @@ def _format_of(path: Path) -> tuple[str, bool]:
     suffixes = [s.lower() for s in path.suffixes]
     gz = bool(suffixes) and suffixes[-1] == ".gz"
     ext = suffixes[-2] if gz and len(suffixes) >= 2 else (suffixes[-1] if suffixes else "")
-    kinds = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".parquet": "parquet", ".jsonl": "jsonl",
+    # .inter: RecBole atomic files (tab-separated, typed headers such as user_id:token)
+    kinds = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".inter": "csv", ".parquet": "parquet", ".jsonl": "jsonl",
              ".json": "jsonl"}
     if ext not in kinds or (gz and kinds[ext] == "parquet"):
         raise ValueError(
             f"{path}: unknown log format {''.join(path.suffixes) or '(no suffix)'!r}; "
-            "use .csv/.tsv/.txt/.parquet/.jsonl/.json (.gz allowed for text formats)"
+            "use .csv/.tsv/.txt/.inter/.parquet/.jsonl/.json (.gz allowed for text formats)"
         )
     return kinds[ext], gz
 
