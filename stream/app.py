@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import importlib
 import logging
-import os  # TEMP-TRACE
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
@@ -32,8 +31,10 @@ from faust.stores.rocksdb import Store as RocksDBStore
 from faust.streams import _current_event
 from faust.tables.table import Table
 
-from state.guard import Decision, keep_newer, plan_batch, wrap
+from state.guard import Decision, OffsetContinuity, keep_newer, plan_batch, wrap
 from state.record import decode, encode
+from stream.gap_repair import GapRepair, RepairedEvent
+from stream.kafka_io import bootstrap_of
 from stream.metrics import Metrics, serve
 from stream.validate import Invalid, ValidEvent, reject, too_late, validate
 from tools.settings import Settings, load_settings
@@ -144,6 +145,12 @@ def make_app(settings: Settings, processor: BatchProcessor, metrics: Metrics) ->
         )  # fmt: skip
     )
     lateness_ms = int(settings.max_lateness_s * 1000)
+    continuity = OffsetContinuity()
+    gaps = GapRepair(bootstrap_of(settings.broker))
+
+    @app.on_partitions_revoked.connect
+    async def _revoked(_app: Any, revoked: Any, **_: Any) -> None:
+        continuity.forget(revoked)
 
     def with_event(event: Any) -> None:
         # Faust picks the row's RocksDB db and changelog partition from the *current event*.
@@ -156,6 +163,14 @@ def make_app(settings: Settings, processor: BatchProcessor, metrics: Metrics) ->
         valid: list[ValidEvent] = []
         user_event: dict[str, Any] = {}
         bad: list[Invalid] = []
+        context = {ev.message.tp: ev for ev in batch}  # a real event per partition, for repaired rows
+        repaired: list[Any] = []
+        for tp, missing, seen in continuity.observe([(ev.message.tp, ev.message.offset) for ev in batch]):
+            log.warning("input %s: offsets %d..%d were skipped by the consumer; re-reading them", tp, missing, seen - 1)
+            metrics.input_gaps.inc(seen - missing)
+            loop = asyncio.get_running_loop()
+            repaired += await loop.run_in_executor(None, gaps.fetch, tp, missing, seen)
+        batch = [*repaired, *batch]  # a hole precedes the offsets after it; users live in one partition
         for ev in batch:
             m = ev.message
             v = validate(m.value, m.topic, m.partition, m.offset, now_ms, settings, key=m.key)
@@ -163,15 +178,13 @@ def make_app(settings: Settings, processor: BatchProcessor, metrics: Metrics) ->
                 bad.append(v)
             else:
                 valid.append(v)
-                user_event[v.user_id] = ev
+                user_event[v.user_id] = context[m.tp] if isinstance(ev, RepairedEvent) else ev
         rows: dict[str, bytes | None] = {}
         for uid, ev in user_event.items():
             with_event(ev)
             rows[uid] = table.get(uid.encode())
         with_event(None)
         plan = plan_batch(valid, rows, settings.dedupe_memory, lateness_ms)
-        with open(settings.data_dir + "/../trace.log", "a") as TR:  # TEMP-TRACE
-            TR.write("".join(f"{os.getpid()} {e.partition} {e.offset} {e.user_id} {d.value}\n" for e, d in plan.decisions))  # TEMP-TRACE
         for uid, err in plan.unreadable.items():
             log.error("state row of user %r is unreadable, its events go to the DLQ: %s", uid, err)
         bad.extend(reject(e, "state_unreadable") for e in plan.rejected)

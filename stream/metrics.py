@@ -63,6 +63,9 @@ class Metrics:
         self.model_info = Gauge(p + "model_info", "Served model", ["model", "version", "device"], registry=r)
         self.outputs = Counter(p + "outputs_total", "Messages published to the output topic", registry=r)
         self.dlq = Counter(p + "dlq_total", "Messages published to the DLQ", ["reason"], registry=r)
+        self.input_gaps = Counter(
+            p + "input_gaps_total", "Input offsets never delivered to the agent (lost for state)", registry=r
+        )
         self.ready_gauge = Gauge(p + "ready", "1 when /readyz is true", registry=r)
         self.readiness = Readiness("tables_recovered", "model_loaded")
         self._model: tuple[str, str, str] | None = None

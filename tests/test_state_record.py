@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from state.guard import Decision, GuardState, keep_newer, plan_batch, position, unwrap, wrap
+from state.guard import Decision, GuardState, OffsetContinuity, keep_newer, plan_batch, position, unwrap, wrap
 from state.record import MAGIC, StateRecordError, decode, encode, fingerprint
 from stream.validate import ValidEvent
 
@@ -211,3 +211,12 @@ def test_plan_batch_unreadable_row_is_isolated() -> None:
     assert set(plan.unreadable) == {"bad"} and "not a livemb state record" in plan.unreadable["bad"]
     assert [e.offset for e in plan.rejected] == [0, 2]
     assert [e.user_id for e in plan.to_apply] == ["good"] and plan.dirty == {"good"}
+
+
+def test_offset_continuity_reports_holes() -> None:
+    c = OffsetContinuity()
+    assert c.observe([("p0", 5), ("p0", 6), ("p1", 0)]) == []
+    assert c.observe([("p0", 9), ("p1", 1), ("p0", 10)]) == [("p0", 7, 9)]
+    assert c.observe([("p0", 10), ("p0", 11)]) == []  # a re-delivery is not a hole
+    c.forget(["p0"])
+    assert c.observe([("p0", 0)]) == []
