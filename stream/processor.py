@@ -99,6 +99,11 @@ class ModelProcessor:
         self.serving = new  # one assignment: a batch sees either the old or the new set
         return True
 
+    def model_info(self) -> tuple[str, str, str]:
+        """(model, version, device) for the livemb_model_info metric; changes on a hot swap."""
+        name, _, version = self.serving.tag.partition("@")
+        return name, f"{version}/items:{self.serving.table.fingerprint}", str(self.device)
+
     # ------------------------------------------------------------------ state <-> tensors
     def _gather(self, users: Sequence[str], blobs: dict[str, bytes | None], sv: Serving) -> dict[str, torch.Tensor]:
         st = sv.model.init_state(len(users))
