@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     # --- micro-batching --------------------------------------------------------------------
     batch_max_events: int = Field(512, ge=1)
     batch_max_wait_ms: int = Field(50, ge=1)
+    # longest a consumer fetch waits for data (faust's own default is 1500 ms; see stream/app.py)
+    fetch_max_wait_ms: int = Field(50, ge=1)
 
     # --- event rules (SPEC section 2-3) ------------------------------------------------------
     session_gap_s: float = Field(1800.0, gt=0)
