@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import orjson
@@ -23,31 +20,16 @@ from stream.broker import free_port
 from stream.kafka_io import replay
 from stream.retrieval import Retriever
 from tests.conftest import wait_until
+from tools.demo import start_worker, stop_process, wait_ready
 from tools.evaluate import build_model
 from tools.items import ItemTable
 from tools.offline import embed_users
 from tools.synth import synth_log
 
-ROOT = Path(__file__).resolve().parents[1]
 PARTITIONS = 4
 
 
-def start_worker(broker_url: str, model: Path, items: Path, data_dir: Path, port: int, log: Path):
-    cmd = [sys.executable, "-m", "tools.cli", "worker", "--broker", broker_url, "--model", str(model),
-           "--items", str(items), "--data-dir", str(data_dir), "--web-port", str(port),
-           "--partitions", str(PARTITIONS), "--topk", "10", "--batch-max-events", "256"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LIVEMB_")}
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
-
-
-def ready(port: int) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
+EXTRA = ("--partitions", str(PARTITIONS), "--topk", "10", "--batch-max-events", "256")
 
 
 class LastMessages:
@@ -81,17 +63,17 @@ def test_live_worker_equals_offline_embed_across_sigkill(broker, tmp_path):
 
     data_dir, log = tmp_path / "state", tmp_path / "worker.log"
     port = free_port()
-    w = start_worker(broker.url, ckpt, items, data_dir, port, log)
+    w = start_worker(broker.url, str(ckpt), str(items), data_dir, port, log, EXTRA)
     out = LastMessages(broker.bootstrap)
     try:
-        wait_until(lambda: ready(port), 120, "worker ready")
+        wait_ready(port, w, 120)
         replay(df, broker.url, "interactions", progress=False)
         wait_until(lambda: len(out.poll()) >= 50, 60, "some outputs before the kill")
         os.kill(w.pid, signal.SIGKILL)  # mid-stream: no flush, no commit, no LeaveGroup
         w.wait(10)
         port = free_port()
-        w = start_worker(broker.url, ckpt, items, data_dir, port, log)
-        wait_until(lambda: ready(port), 180, "restarted worker ready")
+        w = start_worker(broker.url, str(ckpt), str(items), data_dir, port, log, EXTRA)
+        wait_ready(port, w, 180)
 
         def caught_up() -> bool:
             last = out.poll()
@@ -99,13 +81,7 @@ def test_live_worker_equals_offline_embed_across_sigkill(broker, tmp_path):
 
         wait_until(caught_up, 180, "every user's last event published")
     finally:
-        if w.poll() is None:
-            os.kill(w.pid, signal.SIGTERM)
-            try:
-                w.wait(30)
-            except subprocess.TimeoutExpired:
-                os.kill(w.pid, signal.SIGKILL)
-                w.wait()
+        stop_process(w, 30)
         out.c.close()
 
     retriever = Retriever(table.padded_vectors(), "flat", 10, "none")

@@ -69,9 +69,10 @@ def wait_ready(port: int, proc: subprocess.Popen, timeout_s: float = 120.0) -> N
     raise TimeoutError(f"worker not ready after {timeout_s:.0f}s")
 
 
-def start_worker(settings: Settings, broker_url: str, model: str, items: str, data_dir: Path, port: int,
-                 log_path: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "tools.cli", "worker", "--broker", broker_url, "--data-dir", str(data_dir), "--web-port", str(port),
+def start_worker(broker_url: str, model: str, items: str, data_dir: Path, port: int,
+                 log_path: Path, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+    """`livemb worker` as a child process (the production entry point); stop it with stop_process."""
+    cmd = [sys.executable, "-m", "tools.cli", "worker", *extra, "--broker", broker_url, "--data-dir", str(data_dir), "--web-port", str(port),
            "--model", model, "--items", items]
     logf = open(log_path, "ab")  # noqa: SIM115 - handed to the child
     return subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
@@ -121,7 +122,7 @@ def run_demo(args, settings: Settings) -> int:
         broker.create_topics([settings.topic_in, settings.topic_out], partitions=settings.partitions)
         broker.create_topics([settings.topic_dlq], partitions=1)
         data_dir = work / f"worker-{int(time.time())}"
-        worker = start_worker(settings, broker.url, model_path, items_path, data_dir, port, work / "worker.log")
+        worker = start_worker(broker.url, model_path, items_path, data_dir, port, work / "worker.log")
         try:
             print(f"broker {broker.url} (pid {broker.pid}), worker pid {worker.pid}, metrics http://127.0.0.1:{port}/metrics")
             wait_ready(port, worker)
