@@ -246,6 +246,16 @@ class SeqModel(nn.Module):
             return st, torch.stack(outs, dim=1)
         return st, u_last
 
+    def next_session_embedding(self, st: dict[str, Tensor]) -> Tensor | None:
+        """Embedding to use when the next event opens a new session; None: same as the current one."""
+        return None
+
+    def forward_with_starts(self, ev: EventBatch) -> tuple[Tensor, Tensor | None]:
+        """Offline u (B, T, D) and, for models with `next_session_embedding`, the start embedding at
+        each position (B, T, D) (meaningful where that position opens a session)."""
+        u = self(ev)
+        return u, getattr(self, "_starts", None)
+
     def forward(self, ev: EventBatch) -> Tensor:
         """Offline: embeddings after every event of fresh users, (B, T, D)."""
         B = ev.item.shape[0]

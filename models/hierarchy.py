@@ -106,4 +106,18 @@ class HierarchicalModel(SeqModel):
                 h = self.long_gru(agg[:, None], h[None].contiguous())[1][0]
             o, cond = torch.stack(outs, 1), torch.stack(conds, 1)
         u = self.out(torch.cat([o, cond[:, :, None, :].expand(-1, -1, L, -1)], dim=-1))  # (B, S, L, D)
+        # query-time session start: u for "a new session begins" = W[0 ; h before that session]
+        self._starts = self._start_embedding(cond)[torch.arange(B, device=u.device)[:, None], sess]  # (B, T, D)
         return from_grid(u, sess, pos)
+
+    def _start_embedding(self, h: Tensor) -> Tensor:
+        return self.out(torch.cat([h.new_zeros((*h.shape[:-1], self.cfg.channels)), h], dim=-1))
+
+    def next_session_embedding(self, st: dict[str, Tensor]) -> Tensor:
+        """(B, D): the embedding if the user's next event opens a new session (the open session is
+        folded into h first). Lets the hierarchy act at a session's first target, which the
+        in-session embedding cannot know is coming (seed 003's query-time control)."""
+        agg = st["agg_sum"] / st["agg_n"].clamp(min=1.0)[:, None]
+        h_closed = self.long_gru(agg[:, None, :], st["h"][None].contiguous())[1][0]
+        h = torch.where((st["session"] >= 0)[:, None], h_closed, st["h"])
+        return self._start_embedding(h)

@@ -110,13 +110,18 @@ def _flat(st: dict[str, Tensor], sel: Tensor) -> dict[str, Tensor]:
 
 
 def batch_loss(model: SeqModel, ev: EventBatch, cfg: TrainConfig, gen: torch.Generator) -> tuple[Tensor, int]:
-    u = model(ev)  # (B, T, D)
+    u, starts = model.forward_with_starts(ev)  # (B, T, D)
     target = ev.item[:, 1:]
     sel = ev.mask[:, 1:] & (target > 0)  # positions with a known next item
     n = int(sel.sum())
     if n == 0:
         return u.sum() * 0.0, 0
-    u_t = u[:, :-1][sel]  # (n, D)
+    pred = u[:, :-1]
+    if starts is not None:  # a target that opens a session is predicted by the session-start embedding
+        last = torch.full((ev.item.shape[0],), -1, dtype=torch.int64, device=ev.item.device)
+        opens = session_flags(ev.ts, ev.mask, last, model.cfg.session_gap_ms, model.cfg.dt_buckets)[0][:, 1:]
+        pred = torch.where(opens[..., None], starts[:, 1:], pred)
+    u_t = pred[sel]  # (n, D)
     tgt = target[sel]  # (n,)
     x_t = model.item_vecs[tgt]
     if cfg.loss == "l2":

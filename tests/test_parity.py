@@ -83,3 +83,27 @@ def test_memory_eviction_is_lru_and_counts():
         st.update(upd)
     held = dict(zip(st["mem_item"][0].tolist(), st["mem_count"][0].tolist(), strict=True))
     assert held == {5: 2.0, 7: 1.0, 8: 1.0}
+
+
+@pytest.mark.parametrize("name", ["hiertcn", "hiergru"])
+def test_next_session_embedding_matches_offline_starts(name):
+    """The query-time session-start embedding: streaming (from state) == offline (from the grid)."""
+    torch.manual_seed(1)
+    ev, rng = random_histories(seed=5)
+    D = 12
+    vecs = np.concatenate([np.zeros((1, D)), rng.normal(size=(40, D))]).astype(np.float32)
+    model = MODEL_REGISTRY[name](ModelConfig(name=name, dim=D, hidden=16, channels=10), vecs).eval()
+    B, T = ev.item.shape
+    with torch.no_grad():
+        _, starts = model.forward_with_starts(ev)
+        opens, _ = session_flags(ev.ts, ev.mask, torch.full((B,), -1), model.cfg.session_gap_ms, 16)
+        st = model.init_state(B)
+        checked = 0
+        for t in range(T):
+            peek = model.next_session_embedding(st)
+            sel = opens[:, t]
+            if sel.any():
+                assert (peek[sel] - starts[sel, t]).abs().max() <= 1e-4
+                checked += int(sel.sum())
+            st, _ = model.step(st, ev.slice(t, t + 1))
+    assert checked > B  # first sessions and later ones

@@ -62,15 +62,18 @@ def evaluate_model(
             scored = active & (target > 0)
             skipped += int((active & (target == 0)).sum())
             if scored.any():
+                opens = (ev.ts[:, t] - st["last_ts"] > gap) | (st["last_ts"] < 0)
+                u_next = model.next_session_embedding(st)
+                # the serving side knows the request time, so a returning user gets the start embedding
+                u_eval = u if u_next is None else torch.where(opens[:, None], u_next, u)
                 for rep in (True, False):
-                    scores = model.scores(st, u, use_repeat=rep)
+                    scores = model.scores(st, u_eval, use_repeat=rep)
                     for excl in ("none", "session", "history"):
                         mask = repeat.seen_mask(st, scores.shape[1], excl)
                         r = ranks_of(scores[scored], target[scored], None if mask is None else mask[scored])
                         accs[variant_name(rep, excl)].add(r)
                         if rep and excl == "none":
-                            opens = (ev.ts[:, t] - st["last_ts"] > gap) & (st["last_ts"] >= 0)
-                            starts.add(r[opens[scored]])
+                            starts.add(r[(opens & (st["last_ts"] >= 0))[scored]])
             st, u_new = model.step(st, ev.slice(t, t + 1))
             u = torch.where(active[:, None], u_new, u)
             bar.update(int(active.sum()))
