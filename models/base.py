@@ -18,7 +18,7 @@ state/record.py stores per user, so every tensor here has a fixed shape.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -254,7 +254,7 @@ class SeqModel(nn.Module):
         """Offline u (B, T, D) and, for models with `next_session_embedding`, the start embedding at
         each position (B, T, D) (meaningful where that position opens a session)."""
         u = self(ev)
-        return u, getattr(self, "_starts", None)
+        return u, self.__dict__.pop("_starts", None)  # set by forward_seq; never kept past this call
 
     def forward(self, ev: EventBatch) -> Tensor:
         """Offline: embeddings after every event of fresh users, (B, T, D)."""
@@ -300,4 +300,4 @@ def register(cls):
     return cls
 
 
-__all__ = ["EVENT_TYPES", "EventBatch", "ModelConfig", "SeqModel", "register", "MODEL_REGISTRY", "session_flags", "event_type_index", "field"]
+__all__ = ["EVENT_TYPES", "EventBatch", "ModelConfig", "SeqModel", "register", "MODEL_REGISTRY", "session_flags", "event_type_index"]

@@ -68,7 +68,6 @@ class HierarchicalModel(SeqModel):
         return o, torch.ones_like(o[..., 0])
 
     def cell(self, st, inp, item, etype, new_session, level):
-        D_h = self.cfg.hidden
         close = new_session & (st["session"] >= 0)  # a previous session exists and just ended
         agg = st["agg_sum"] / st["agg_n"].clamp(min=1.0)[:, None]
         h_closed = self.long_gru(agg[:, None, :], st["h"][None])[1][0]
@@ -78,7 +77,6 @@ class HierarchicalModel(SeqModel):
         enc_st, o = self.encode_step(st, inp, item, etype, h, new_session)
         a, n = self._agg_input(inp, o, item)
         u = self.out(torch.cat([o, h], dim=-1))
-        assert h.shape[-1] == D_h
         return {"h": h, "agg_sum": agg_sum + a, "agg_n": agg_n + n, **enc_st}, u
 
     def forward_seq(self, inp, item, new_session, level, mask):
