@@ -1,0 +1,50 @@
+"""HierTCN against its rivals on a synthetic log whose structure is known (tools/synth.py).
+
+The log plants both levels the hierarchy is built for: a long-term taste that decides which topic
+the next session is about (never the previous session's), and an in-session walk whose order a
+sequence model can learn. The protocol is `livemb evaluate`'s (tools/evaluate.run_evaluation) with
+the default loss. HierTCN at the service default (repeat path on, nothing masked) must beat every
+rival's best variant (repeat on/off x exclude_seen none/session/history), so a baseline is not
+beaten only through a badly tuned repeat rule.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.train import TrainConfig
+from tools.evaluate import DEFAULT_VARIANT, run_evaluation
+from tools.items import ItemTable
+from tools.synth import synth_log
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    torch.manual_seed(0)
+    df, ids, vectors = synth_log(users=300, items=400, days=14, seed=0, topics=10, dim=32)
+    cfg = TrainConfig(epochs=30, batch_size=16, seed=0)  # loss: the default (hinge)
+    out = run_evaluation(df, ItemTable(ids, vectors), ["mv", "last", "gru", "hiertcn"], cfg, progress=False)
+    return out["results"]
+
+
+def best_variant_recall(res: dict) -> float:
+    return max(v["recall@10"] for v in res["variants"].values())
+
+
+@pytest.mark.parametrize("rival", ["mv", "last", "gru"])
+def test_hiertcn_beats_rival_on_recall_at_10(results, rival):
+    ours = results["hiertcn"]["variants"][DEFAULT_VARIANT]["recall@10"]
+    theirs = best_variant_recall(results[rival])
+    # measured at this seed: hiertcn 0.413; gru 0.391, last 0.387 (norep+session), mv 0.213
+    assert ours >= theirs + 0.015, (rival, ours, theirs)
+
+
+def test_hierarchy_earns_its_keep_at_session_starts(results):
+    # The flat GRU cannot know a new session is starting, nor carry the taste across sessions as
+    # cleanly: this is where the long-term GRU and the session-start embedding must show.
+    ours = results["hiertcn"]["session_start"]["recall@10"]
+    assert ours >= results["gru"]["session_start"]["recall@10"] + 0.05
+    assert ours >= results["last"]["session_start"]["recall@10"] - 0.02  # and no worse than last
