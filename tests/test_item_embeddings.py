@@ -34,9 +34,10 @@ def _consecutive_vs_random(df: pd.DataFrame, table) -> tuple[float, float]:
     return co, float((pv[a] * pv[b]).sum(1).mean())
 
 
-def test_cooccurring_items_are_closer(split) -> None:
+@pytest.mark.parametrize("kind", ["directed", "symmetric"])
+def test_cooccurring_items_are_closer(split, kind) -> None:
     train, _ = split
-    table = build_item_vectors(train, dim=16, seed=0)
+    table = build_item_vectors(train, dim=16, seed=0, kind=kind)
     assert table.dim == 16 and table.vectors.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(table.vectors, axis=1), 1.0, atol=1e-5)
     co, rand = _consecutive_vs_random(train, table)
@@ -55,11 +56,34 @@ def test_no_test_only_item_gets_a_vector(split) -> None:
     assert again.fingerprint == table.fingerprint
 
 
-def test_sparse_path_matches_dense(split, monkeypatch) -> None:
+def test_directed_halves_know_which_item_comes_first(split) -> None:
+    # The synthetic sessions walk forward around their topic's ring: source half of a . target
+    # half of b must score "b after a" above "a after b".
     train, _ = split
-    dense = build_item_vectors(train, dim=8)
+    table = build_item_vectors(train, dim=64, kind="directed")  # 32 per half: room for 10 topic rings
+    k = table.dim // 2
+    d = train.sort_values(["user_id", "ts"], kind="stable")
+    ix = table.lookup(d["item_id"].to_numpy())
+    pv = table.padded_vectors()
+    user, ts = d["user_id"].to_numpy(), d["ts"].to_numpy()
+    in_session = (user[1:] == user[:-1]) & (ts[1:] - ts[:-1] < 1_800_000)
+    m = in_session & (ix[1:] > 0) & (ix[:-1] > 0) & (ix[1:] != ix[:-1])
+    a, b = ix[:-1][m], ix[1:][m]
+    forward = (pv[a, :k] * pv[b, k:]).sum(1)
+    backward = (pv[b, :k] * pv[a, k:]).sum(1)
+    assert (forward > backward).mean() > 0.7
+    with pytest.raises(ValueError, match="even dim"):
+        build_item_vectors(train, dim=7, kind="directed")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        build_item_vectors(train, dim=8, kind="skipgram")
+
+
+@pytest.mark.parametrize("kind", ["directed", "symmetric"])
+def test_sparse_path_matches_dense(split, monkeypatch, kind) -> None:
+    train, _ = split
+    dense = build_item_vectors(train, dim=8, kind=kind)
     monkeypatch.setattr(ie, "DENSE_MAX_ITEMS", 10)
-    sparse = build_item_vectors(train, dim=8)
+    sparse = build_item_vectors(train, dim=8, kind=kind)
     np.testing.assert_array_equal(dense.ids, sparse.ids)
     assert np.abs((dense.vectors * sparse.vectors).sum(1)).min() > 0.99
 
@@ -82,7 +106,7 @@ def test_errors() -> None:
         build_item_vectors(tiny, dim=8)
     alone = pd.DataFrame({"user_id": ["u", "v"], "item_id": ["a", "b"], "ts": [1, 2]})
     with pytest.raises(ValueError, match="no two distinct items co-occur"):
-        build_item_vectors(alone, dim=1)
+        build_item_vectors(alone, dim=2)
     with pytest.raises(ValueError, match="missing column"):
         build_item_vectors(tiny.drop(columns="ts"))
 

@@ -6,7 +6,8 @@ import argparse
 import logging
 import sys
 
-from models.train import LOSSES
+from models.train import LOSSES, TrainConfig
+from tools.item_embeddings import KINDS as ITEM_VECTOR_KINDS
 from tools.settings import load_settings
 
 
@@ -16,11 +17,18 @@ def _log_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--loss", choices=list(LOSSES), default="hinge")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
+    d = TrainConfig()  # the defaults live in one place
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--loss", choices=list(LOSSES), default=d.loss)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--dim", type=int, default=64, help="item-vector size when they are built from the log")
+    _item_kind_arg(p)
+
+
+def _item_kind_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--item-vectors", choices=list(ITEM_VECTOR_KINDS), default=ITEM_VECTOR_KINDS[0],
+                   help="PPMI-SVD kind when vectors are built from the log (docs/MODELS.md)")
 
 
 def _settings_args(p: argparse.ArgumentParser) -> None:
@@ -49,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("item-embeddings", help="item vectors from co-occurrence (PPMI + SVD)")
     p.add_argument("--data", required=True)
     p.add_argument("--dim", type=int, default=64)
+    _item_kind_arg(p)
     p.add_argument("--out", required=True)
     _log_args(p)
 

@@ -1,8 +1,18 @@
 """Item vectors from co-occurrence, for data that ships none (`livemb item-embeddings`).
 
 Items co-occur when they are within `window` positions of each other in a user's time-ordered
-sequence. The symmetric count matrix is turned into PPMI and factorised with a truncated SVD
-(Levy & Goldberg 2014: this approximates skip-gram); vectors = U * sqrt(S), L2-normalised.
+sequence. The count matrix is turned into PPMI and factorised with a truncated SVD (Levy & Goldberg
+2014: this approximates skip-gram).
+
+Two kinds:
+- "symmetric" (default): unordered pairs; vectors = U * sqrt(S), L2-normalised. <x_a, x_b> is "a and b appear
+  together".
+- "directed": ordered pairs (a before b) give a non-symmetric PPMI M ~ U S V^T; vectors =
+  [U sqrt(S) ; V sqrt(S)] (dim/2 each, the "source" and "target" halves, as word2vec's input and
+  output vectors), L2-normalised. <x_a, x_b> still measures similarity, and a linear map that
+  moves the source half into the target half scores "b follows a" -- a direction the sequence
+  models can learn, while sr/sknn read it from exact counts. Measured on YooChoose-100k at 64-d it
+  lost to "symmetric" (docs/RESULTS.md), hence not the default: each half gets only dim/2.
 
 Only the given frame is used; evaluation passes its train part so no test information leaks.
 Without scipy the sparse products are plain numpy (np.bincount per column), which is enough for
@@ -23,17 +33,22 @@ log = logging.getLogger(__name__)
 DENSE_MAX_ITEMS = 5000  # up to here the PPMI matrix is held dense (<= 100 MB float32)
 OVERSAMPLE = 10
 POWER_ITERS = 4
+KINDS = ("symmetric", "directed")
 
 
-def _cooccurrence_pairs(users: np.ndarray, items: np.ndarray, window: int) -> tuple[np.ndarray, ...]:
-    """Counts of unordered item pairs (a < b) within `window` positions of the same user."""
+def _cooccurrence_pairs(
+    users: np.ndarray, items: np.ndarray, window: int, ordered: bool = False
+) -> tuple[np.ndarray, ...]:
+    """Counts of item pairs within `window` positions of the same user: unordered (a < b), or
+    ordered (a before b) when `ordered`."""
     a_parts, b_parts = [], []
     for d in range(1, window + 1):  # a loop over offsets, not events
         same = users[d:] == users[:-d]
         a, b = items[:-d][same], items[d:][same]
         keep = a != b  # re-clicks of one item carry no similarity signal
-        a_parts.append(np.minimum(a[keep], b[keep]))
-        b_parts.append(np.maximum(a[keep], b[keep]))
+        a, b = a[keep], b[keep]
+        a_parts.append(a if ordered else np.minimum(a, b))
+        b_parts.append(b if ordered else np.maximum(a, b))
     a = np.concatenate(a_parts)
     b = np.concatenate(b_parts)
     n = int(items.max()) + 1 if len(items) else 0
@@ -42,53 +57,61 @@ def _cooccurrence_pairs(users: np.ndarray, items: np.ndarray, window: int) -> tu
 
 
 def _ppmi(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n: int) -> tuple[np.ndarray, ...]:
-    """Symmetric PPMI entries from symmetric counts given in full (both triangles)."""
-    marg = np.bincount(rows, weights=vals, minlength=n)
+    """PPMI entries from counts (for the symmetric kind, given in full: both triangles)."""
+    row_marg = np.bincount(rows, weights=vals, minlength=n)
+    col_marg = np.bincount(cols, weights=vals, minlength=n)
     total = vals.sum()
-    pmi = np.log(vals) + np.log(total) - np.log(marg[rows]) - np.log(marg[cols])
+    pmi = np.log(vals) + np.log(total) - np.log(row_marg[rows]) - np.log(col_marg[cols])
     pos = pmi > 0
     return rows[pos], cols[pos], pmi[pos]
 
 
 def _matmul_factory(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n: int):
-    """A @ B for the symmetric sparse A: dense BLAS for small n, scipy or numpy bincount otherwise."""
+    """(A @ B, A^T @ B) for the sparse n x n A: dense BLAS for small n, scipy or numpy otherwise."""
     if n <= DENSE_MAX_ITEMS:
         dense = np.zeros((n, n), dtype=np.float32)
         dense[rows, cols] = vals
-        return lambda b: (dense @ b.astype(np.float32)).astype(np.float64)
+        return (lambda b: (dense @ b.astype(np.float32)).astype(np.float64),
+                lambda b: (dense.T @ b.astype(np.float32)).astype(np.float64))
     try:
         import scipy.sparse as sp
 
         mat = sp.csr_matrix((vals, (rows, cols)), shape=(n, n))
-        return lambda b: np.asarray(mat @ b)
+        mat_t = mat.T.tocsr()
+        return lambda b: np.asarray(mat @ b), lambda b: np.asarray(mat_t @ b)
     except ImportError:
         pass
 
-    def matmul(b: np.ndarray) -> np.ndarray:
-        out = np.empty((n, b.shape[1]))
-        for c in range(b.shape[1]):  # loop over the k columns; each is one vectorised pass over nnz
-            out[:, c] = np.bincount(rows, weights=vals * b[cols, c], minlength=n)
-        return out
+    def product(r: np.ndarray, c: np.ndarray):
+        def matmul(b: np.ndarray) -> np.ndarray:
+            out = np.empty((n, b.shape[1]))
+            for k in range(b.shape[1]):  # loop over the k columns; each is one vectorised pass over nnz
+                out[:, k] = np.bincount(r, weights=vals * b[c, k], minlength=n)
+            return out
+        return matmul
 
-    return matmul
+    return product(rows, cols), product(cols, rows)
 
 
-def _randomized_svd(matmul, n: int, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k U, S of a symmetric n x n matrix given only products (Halko et al. 2011)."""
+def _randomized_svd(matmul, rmatmul, n: int, k: int, rng: np.random.Generator):
+    """Top-k U, S, V of an n x n matrix given only products with A and A^T (Halko et al. 2011)."""
     p = min(n, k + OVERSAMPLE)
     q, _ = np.linalg.qr(matmul(rng.normal(size=(n, p))))
-    for _ in range(POWER_ITERS):  # A is symmetric, so A^T A = A A
+    for _ in range(POWER_ITERS):
+        q, _ = np.linalg.qr(rmatmul(q))
         q, _ = np.linalg.qr(matmul(q))
-        q, _ = np.linalg.qr(matmul(q))
-    bt = matmul(q)  # = (Q^T A)^T since A is symmetric
-    ub, s, _ = np.linalg.svd(bt.T, full_matrices=False)
-    return (q @ ub)[:, :k], s[:k]
+    bt = rmatmul(q)  # = (Q^T A)^T
+    ub, s, vt = np.linalg.svd(bt.T, full_matrices=False)
+    return (q @ ub)[:, :k], s[:k], vt[:k].T
 
 
 def build_item_vectors(
-    train_df: pd.DataFrame, dim: int = 64, window: int = 5, seed: int = 0, min_count: int = 1
+    train_df: pd.DataFrame, dim: int = 64, window: int = 5, seed: int = 0, min_count: int = 1,
+    kind: str = "symmetric",
 ) -> ItemTable:
     """PPMI-SVD item vectors from the interactions in `train_df` (user_id, item_id, ts)."""
+    if kind not in KINDS:
+        raise ValueError(f"build_item_vectors: kind must be one of {KINDS}, got {kind!r}")
     missing = [c for c in ("user_id", "item_id", "ts") if c not in train_df.columns]
     if missing:
         raise ValueError(f"build_item_vectors: missing column(s) {missing}")
@@ -96,6 +119,8 @@ def build_item_vectors(
         raise ValueError("build_item_vectors: no interactions")
     if dim < 1 or window < 1 or min_count < 1:
         raise ValueError("build_item_vectors: dim, window and min_count must be >= 1")
+    if kind == "directed" and dim % 2:
+        raise ValueError(f"build_item_vectors: directed vectors need an even dim (two halves), got {dim}")
 
     # Rare items are dropped before windowing (as word2vec's min_count), closing the gap they leave.
     counts = train_df["item_id"].value_counts()
@@ -109,13 +134,18 @@ def build_item_vectors(
              len(df), user_codes.max() + 1 if len(df) else 0, len(item_ids), min_count,
              int((counts < min_count).sum()))
 
-    a, b, c = _cooccurrence_pairs(users, items, window)
+    directed = kind == "directed"
+    a, b, c = _cooccurrence_pairs(users, items, window, ordered=directed)
     if len(a) == 0:
         raise ValueError("build_item_vectors: no two distinct items co-occur within any user's window")
-    # Full symmetric listing, then PPMI; items left with an all-zero row carry no signal.
-    rows, cols, vals = _ppmi(np.r_[a, b], np.r_[b, a], np.r_[c, c], len(item_ids))
+    # PPMI (the symmetric kind lists both triangles); items left with no entry carry no signal.
+    if directed:
+        rows, cols, vals = _ppmi(a, b, c, len(item_ids))
+    else:
+        rows, cols, vals = _ppmi(np.r_[a, b], np.r_[b, a], np.r_[c, c], len(item_ids))
     present = np.zeros(len(item_ids), dtype=bool)
     present[rows] = True
+    present[cols] = True
     n = int(present.sum())
     if n <= dim:
         raise ValueError(
@@ -124,14 +154,17 @@ def build_item_vectors(
         )
     remap = np.cumsum(present) - 1
     rows, cols = remap[rows], remap[cols]
-    log.info("item-embeddings: %d of %d items with co-occurrences, %d PPMI entries, dim=%d",
-             n, len(item_ids), len(vals), dim)
+    log.info("item-embeddings: %d of %d items with co-occurrences, %d PPMI entries, dim=%d (%s)",
+             n, len(item_ids), len(vals), dim, kind)
 
     rng = np.random.default_rng(seed)
-    u, s = _randomized_svd(_matmul_factory(rows, cols, vals, n), n, dim, rng)
-    # Deterministic signs: the largest-magnitude entry of each column is positive.
+    k = dim // 2 if directed else dim
+    u, s, v = _randomized_svd(*_matmul_factory(rows, cols, vals, n), n, k, rng)
+    # Deterministic signs: the largest-magnitude entry of each column of U is positive (V follows).
     signs = np.sign(u[np.abs(u).argmax(axis=0), np.arange(u.shape[1])])
     vec = u * signs * np.sqrt(s)
+    if directed:
+        vec = np.concatenate([vec, v * signs * np.sqrt(s)], axis=1)
     norms = np.linalg.norm(vec, axis=1)
     ok = norms > 1e-12
     if not ok.all():

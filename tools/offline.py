@@ -32,18 +32,18 @@ def load_log(path: str, columns: str | None, ts_unit: str):
     return read_log(path, columns=parse_columns(columns) if columns else None, ts_unit=ts_unit)
 
 
-def items_for(df, items_path: str | None, dim: int, train_only: bool = True) -> ItemTable:
+def items_for(df, items_path: str | None, dim: int, train_only: bool = True, kind: str = "symmetric") -> ItemTable:
     """The given item table, or vectors built from the train part of `df` only (no test leakage)."""
     if items_path:
         return ItemTable.load(items_path)
     train_df = temporal_split(df)[0] if train_only else df
-    log.info("building %d-d item vectors from %d training events", dim, len(train_df))
-    return build_item_vectors(train_df, dim=dim)
+    log.info("building %d-d %s item vectors from %d training events", dim, kind, len(train_df))
+    return build_item_vectors(train_df, dim=dim, kind=kind)
 
 
 def cmd_train(args, settings) -> Path:
     df = load_log(args.data, args.columns, args.ts_unit)
-    table = items_for(df, args.items, args.dim, train_only=False)
+    table = items_for(df, args.items, args.dim, train_only=False, kind=args.item_vectors)
     if not args.items:
         table.save(Path(args.out).with_suffix(".items.npz"))
     model = build_model(args.model, table.padded_vectors(), session_gap_ms=int(settings.session_gap_s * 1000))
@@ -66,7 +66,7 @@ def cmd_evaluate(args, settings) -> dict:
     if args.max_users:
         keep = df["user_id"].drop_duplicates().iloc[: args.max_users]
         df = df[df["user_id"].isin(set(keep))].reset_index(drop=True)
-    table = items_for(df, args.items, args.dim, train_only=True)
+    table = items_for(df, args.items, args.dim, train_only=True, kind=args.item_vectors)
     names = args.models.split(",") if args.models else list(MODEL_REGISTRY)
     unknown = [n for n in names if n not in MODEL_REGISTRY]
     if unknown:
@@ -134,7 +134,7 @@ def cmd_synth(args, settings) -> None:
 
 def cmd_item_embeddings(args, settings) -> None:
     df = load_log(args.data, args.columns, args.ts_unit)
-    table = build_item_vectors(df, dim=args.dim)
+    table = build_item_vectors(df, dim=args.dim, kind=args.item_vectors)
     p = table.save(args.out)
     print(f"wrote {len(table)} x {table.dim} item vectors to {p} (fingerprint {table.fingerprint})")
 
