@@ -1,6 +1,7 @@
 """The offline CLI end to end on tiny data: synth -> item-embeddings -> train -> embed -> evaluate."""
 
 import json
+from pathlib import Path
 
 import orjson
 
@@ -47,3 +48,19 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
     assert main(["evaluate", "--data", str(log), "--items", str(items)]) == 2
     assert "not a readable .npz" in capsys.readouterr().err
     assert main(["evaluate", "--data", str(log), "--models", "nope"]) != 0
+
+
+def test_demo_prepares_log_items_and_model(tmp_path):
+    # The demo's first step (synth log, planted items, a small HierTCN) without the broker part.
+    from models.checkpoint import load_checkpoint
+    from tools.cli import build_parser
+    from tools.demo import _prepare
+    from tools.items import ItemTable
+    from tools.settings import load_settings
+
+    args = build_parser().parse_args(["demo", "--workdir", str(tmp_path)])
+    df, model_path, items_path = _prepare(args, load_settings(), tmp_path)
+    assert len(df) > 1000 and Path(items_path).exists()
+    table = ItemTable.load(items_path)
+    model = load_checkpoint(model_path, table.padded_vectors(), table.fingerprint)
+    assert model.name == "hiertcn"

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
@@ -39,9 +40,10 @@ def _prepare(args, settings: Settings, work: Path):
     model_path = args.model
     if not model_path:
         model_path = str(work / "hiertcn.pt")
-        train_args = type("A", (), dict(data=str(args.data or work / "synth.csv"), columns=args.columns,
-                                        ts_unit=args.ts_unit, items=args.items, dim=32, model="hiertcn",
-                                        out=model_path, epochs=3, loss="hinge", batch_size=32, lr=3e-3))
+        train_args = argparse.Namespace(
+            data=str(args.data or work / "synth.csv"), columns=args.columns, ts_unit=args.ts_unit,
+            items=args.items, dim=32, item_vectors="symmetric", model="hiertcn", out=model_path,
+            epochs=3, loss="hinge", batch_size=32, lr=3e-3)
         offline.cmd_train(train_args, settings)
         if not args.items:
             args.items = str(Path(model_path).with_suffix(".items.npz"))
