@@ -41,9 +41,9 @@ EVENT_TYPE_P = (0.87, 0.10, 0.03)
 
 
 def _item_space(rng: np.random.Generator, items: int, topics: int, dim: int):
-    """Topic and ring position of each item, item vectors, and a Zipf popularity CDF.
+    """-> (item vectors, by_topic, popularity CDF, first index of each topic in by_topic, topic sizes).
 
-    Items are laid out topic by topic in `by_topic` (ring order); the CDF values of topic t lie in
+    `by_topic` lists item ids topic by topic in ring order; the CDF values of topic t lie in
     (t, t+1], so one searchsorted samples any topic's popularity at once.
     """
     # Centroid and ring plane of each topic: orthonormal when dim allows, so rings do not overlap.
