@@ -123,7 +123,8 @@ def synth_log(
         w = taste[who].copy()
         had = prev[who] >= 0
         w[np.flatnonzero(had), prev[who][had]] = 0.0
-        w[w.sum(axis=1) == 0] = taste[who][w.sum(axis=1) == 0]  # single-topic taste: nothing else
+        alone = w.sum(axis=1) == 0  # single-topic taste: nothing else to switch to
+        w[alone] = taste[who][alone]
         prev[who] = sess_intent[user_first_sess[who] + k] = draw_topic(w)
 
     # Events: an in-intent click walks forward around the intent's ring from a popular entry item;
