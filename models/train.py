@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from models import repeat
 from models.base import EventBatch, SeqModel, event_type_index, session_flags
+from models.grouping import group_by_user
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +54,11 @@ def sequences_from_frame(df, table) -> dict[str, Sequence]:
     items = table.lookup(df["item_id"].to_numpy())
     etypes = event_type_index(df["event_type"].to_numpy())
     ts = df["ts"].to_numpy(np.int64)
-    users = df["user_id"].to_numpy()
-    order = np.lexsort((np.arange(len(df)), users))  # group by user, keep time order within
-    users_sorted = users[order]
-    cuts = np.flatnonzero(users_sorted[1:] != users_sorted[:-1]) + 1
+    users, groups = group_by_user(df["user_id"].to_numpy())
     out = {}
-    for idx in np.split(order, cuts):
-        if len(idx):
-            out[str(users[idx[0]])] = (items[idx], etypes[idx], ts[idx])
+    for k in np.argsort(users, kind="stable"):  # users in sorted order (training batches depend on it)
+        idx = groups[k]
+        out[str(users[k])] = (items[idx], etypes[idx], ts[idx])
     return out
 
 

@@ -19,13 +19,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from core.settings import EXCLUDE_SEEN
 from models import MODEL_REGISTRY, EventBatch, ModelConfig, SeqModel, repeat
 from models.metrics import RankAccumulator, ranks_of
 from models.train import Sequence, TrainConfig, sequences_from_frame, train_model
 
 log = logging.getLogger(__name__)
 
-VARIANTS = [(rep, excl) for rep in (True, False) for excl in ("none", "session", "history")]
+VARIANTS = [(rep, excl) for rep in (True, False) for excl in EXCLUDE_SEEN]
 DEFAULT_VARIANT = "rep+none"
 
 
@@ -68,7 +69,7 @@ def evaluate_model(
                 u_eval = u if u_next is None else torch.where(opens[:, None], u_next, u)
                 for rep in (True, False):
                     scores = model.scores(st, u_eval, use_repeat=rep)
-                    for excl in ("none", "session", "history"):
+                    for excl in EXCLUDE_SEEN:
                         mask = repeat.seen_mask(st, scores.shape[1], excl)
                         r = ranks_of(scores[scored], target[scored], None if mask is None else mask[scored])
                         accs[variant_name(rep, excl)].add(r)
