@@ -174,8 +174,8 @@ class BatchStep:
     def write_states(self, plan: BatchPlan, result: StepResult, at: dict[str, InputRecord],
                      rows: dict[str, bytes | None], report: BatchReport) -> None:
         """Step 7. One put per touched user (a refused user's row is kept as it is)."""
-        for uid in plan.dirty:
-            if uid in result.rejected:
+        for uid in rows:  # first-appearance order: a crash part-way leaves a deterministic prefix
+            if uid not in plan.dirty or uid in result.rejected:
                 continue
             self.store.put(uid, wrap(plan.guards[uid], result.states.get(uid, plan.inner[uid])), at[uid])
             report.new_users += rows.get(uid) is None
