@@ -67,6 +67,15 @@ class Metrics:
             p + "input_gaps_total", "Input offsets never delivered to the agent (lost for state)", registry=r
         )
         self.ready_gauge = Gauge(p + "ready", "1 when /readyz is true", registry=r)
+        # one series per /readyz condition, so an alert can tell "recovery stuck" from "no model"
+        self.ready_condition = Gauge(
+            p + "ready_condition", "1 when this /readyz condition holds", ["condition"], registry=r
+        )
+        self.model_reloads = Counter(
+            p + "model_reloads_total", "Hot-swap attempts of the checkpoint/items by result", ["result"], registry=r
+        )
+        for res in ("ok", "refused"):
+            self.model_reloads.labels(res)
         self.readiness = Readiness("tables_recovered", "model_loaded")
         self._model: tuple[str, str, str] | None = None
 
@@ -90,7 +99,10 @@ class Metrics:
         return summarize_histogram(self.registry, "livemb_" + hist)
 
     def render(self) -> bytes:
-        self.ready_gauge.set(1 if self.readiness.ready else 0)
+        snap = self.readiness.snapshot()
+        self.ready_gauge.set(1 if all(snap.values()) else 0)
+        for name, ok in snap.items():
+            self.ready_condition.labels(name).set(1 if ok else 0)
         return generate_latest(self.registry)
 
 
