@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     # 40-300x in measurements (see docs/ARCHITECTURE.md).
     torch_threads: int = Field(1, ge=1)
 
+    reload_check_s: float = Field(
+        2.0, gt=0, description="seconds between checks of the checkpoint/items mtimes for a hot swap; SIGHUP checks at once"
+    )
+
     # --- worker ----------------------------------------------------------------------------
     data_dir: str = "runs/worker"
     web_port: int = Field(6066, ge=0, le=65535)

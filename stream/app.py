@@ -22,6 +22,7 @@ from stream.gap_repair import GapRepair
 from stream.kafka_io import bootstrap_of
 from stream.metrics import Metrics, serve
 from stream.ports import BatchProcessor, InputRecord, OutputRecord
+from stream.reload import install_sighup, reload_tick
 
 log = logging.getLogger("livemb.worker")
 TABLE_NAME = "user_state"
@@ -125,6 +126,7 @@ def make_app(settings: Settings, processor: BatchProcessor, metrics: Metrics) ->
             counted = True
         metrics.readiness.set("tables_recovered", done)
         metrics.readiness.set("model_loaded", processor.ready)
+        reload_tick(processor, metrics)  # hot swap between batches (stream/reload.py)
         info = processor.model_info()
         if info is not None:
             metrics.set_model(info.model, info.version, info.device)
@@ -142,6 +144,7 @@ def run_worker(settings: Settings, processor: BatchProcessor, loglevel: str = "i
     server = serve(metrics, settings.web_port, settings.web_host)
     log.info("metrics on http://%s:%s/metrics", settings.web_host, server.server_port)
     app = make_app(settings, processor, metrics)
+    install_sighup(processor)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     try:
         worker.execute_from_commandline()

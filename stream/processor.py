@@ -46,14 +46,16 @@ class ForeignState(ValueError):
 class ModelProcessor:
     """BatchProcessor (stream/ports.py) around a served model; hot swap between batches."""
 
-    def __init__(self, settings: Settings, reload_check_s: float = 2.0):
+    def __init__(self, settings: Settings, reload_check_s: float | None = None):
         if not settings.model_path or not settings.items_path:
             raise ValueError("the worker needs --model CKPT and --items ITEMS")
         torch.set_num_threads(settings.torch_threads)
         self.settings = settings
         self.device = torch.device(settings.resolved_device())
-        self.reload_check_s = reload_check_s
+        self.reload_check_s = settings.reload_check_s if reload_check_s is None else reload_check_s
         self._next_check = 0.0
+        self._refused: tuple[float, float] | None = None  # stamps of a refused file set: not retried
+        self.reload_counts = {"ok": 0, "refused": 0}  # livemb_model_reloads_total (stream/app.py)
         self.tables: dict[int, ItemTable] = {}  # every item table served so far, for remapping old rows
         self.serving, self.stamps = self._load()
 
@@ -75,19 +77,31 @@ class ModelProcessor:
                  len(sv.table), sv.table.dim, s.index)
         return sv, stamps
 
+    def request_reload(self) -> None:
+        """SIGHUP: the next `maybe_reload` (the worker's 0.25 s timer or the next batch) checks at once."""
+        self._next_check = 0.0
+
     def maybe_reload(self) -> bool:
         now = time.monotonic()
         if now < self._next_check:
             return False
         self._next_check = now + self.reload_check_s
         try:
-            if self._stamps() == self.stamps:
-                return False
+            stamps = self._stamps()
+        except OSError as e:  # e.g. a deploy tool between unlink and rename: look again next time
+            log.warning("hot swap check: %s; keeping %s", e, self.serving.tag)
+            return False
+        if stamps in (self.stamps, self._refused):
+            return False
+        try:
             new, stamps = self._load()
         except Exception as e:  # noqa: BLE001 - a bad new file must not stop serving the old one
+            self._refused = stamps  # retried only once a file changes again
+            self.reload_counts["refused"] += 1
             log.error("hot swap refused, keeping %s: %s", self.serving.tag, e)
             return False
         self.serving, self.stamps = new, stamps  # a batch sees either the old or the new set
+        self.reload_counts["ok"] += 1
         return True
 
     def model_info(self) -> ModelInfo:
