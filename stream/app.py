@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from core.settings import Settings
 from stream import faust_compat
 from stream.batch import BatchStep
 from stream.gap_repair import GapRepair
-from stream.kafka_io import bootstrap_of
+from stream.kafka_io import bootstrap_of, plain_consumer
 from stream.metrics import Metrics, serve
 from stream.ports import BatchProcessor, InputRecord, OutputRecord
 from stream.reload import install_sighup, reload_tick
@@ -82,6 +83,7 @@ def faust_config(settings: Settings) -> dict[str, Any]:
 
 def make_app(settings: Settings, processor: BatchProcessor, metrics: Metrics) -> faust.App:
     faust_compat.tune_fetch_wait(settings.fetch_max_wait_ms)
+    faust_compat.install_exact_recovery(lambda: plain_consumer(settings.broker))
     app = faust.App(settings.app_id, **faust_config(settings))
     raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     t_in = app.topic(settings.topic_in, partitions=settings.partitions, **raw)
@@ -120,7 +122,9 @@ def make_app(settings: Settings, processor: BatchProcessor, metrics: Metrics) ->
     @app.timer(0.25)
     async def readiness() -> None:
         nonlocal counted
-        done = app.tables.recovery.completed.is_set() and not app.rebalancing
+        rec = faust_compat.recovery_progress(app, time.monotonic())
+        metrics.observe_recovery(rec.recovering, rec.to_restore, rec.remaining, rec.seconds)
+        done = app.tables.recovery.completed.is_set() and not app.rebalancing and not rec.recovering
         if done and not counted:  # once, after recovery: rows already on disk
             metrics.users_in_state.set(sum(1 for _ in table.keys()))
             counted = True

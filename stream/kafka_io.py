@@ -18,6 +18,11 @@ def bootstrap_of(broker: str) -> str:
     return ",".join(b.split("://", 1)[-1] for b in broker.replace(";", ",").split(","))
 
 
+def plain_consumer(broker: str):
+    """A kafka-python consumer outside any group (assign + seek), for direct partition reads."""
+    return KafkaConsumer(bootstrap_servers=bootstrap_of(broker), group_id=None, enable_auto_commit=False)
+
+
 def replay(df, broker: str, topic: str, rate: float | None = None, progress: bool = True) -> int:
     """Produce each event as JSON keyed by user_id, in time order; rate = events/s or None (max)."""
     producer = KafkaProducer(bootstrap_servers=bootstrap_of(broker), linger_ms=5, acks=1)
