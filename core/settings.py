@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     # 40-300x in measurements (see docs/ARCHITECTURE.md).
     torch_threads: int = Field(1, ge=1)
 
+    idle_sweep_s: float = Field(
+        5.0, ge=0, description="seconds between idle-session sweeps (sessions idle past session_gap_s in event "
+        "time get a next-session message); 0 turns the sweep off"
+    )
     reload_check_s: float = Field(
         2.0, gt=0, description="seconds between checks of the checkpoint/items mtimes for a hot swap; SIGHUP checks at once"
     )

@@ -24,6 +24,7 @@ from stream.kafka_io import bootstrap_of, plain_consumer
 from stream.metrics import Metrics, serve
 from stream.ports import BatchProcessor, InputRecord, OutputRecord
 from stream.reload import install_sighup, reload_tick
+from stream.sweep import IdleSweep
 
 log = logging.getLogger("livemb.worker")
 TABLE_NAME = "user_state"
@@ -101,9 +102,12 @@ def make_app(settings: Settings, processor: BatchProcessor, metrics: Metrics) ->
         metrics, GapRepair(bootstrap_of(settings.broker)),
     )  # fmt: skip
 
+    sweep = IdleSweep(settings, processor, TableStore(table), TopicSink({settings.topic_out: t_out}), metrics)
+
     @app.on_partitions_revoked.connect
     async def _revoked(_app: Any, revoked: Any, **_: Any) -> None:
         step.forget([(tp.topic, tp.partition) for tp in revoked])
+        sweep.forget([(tp.topic, tp.partition) for tp in revoked])
 
     @app.agent(t_in)
     async def interactions(stream: Any) -> None:
@@ -111,7 +115,9 @@ def make_app(settings: Settings, processor: BatchProcessor, metrics: Metrics) ->
         async for batch in stream.take_events(settings.batch_max_events, within=settings.batch_max_wait_ms / 1000):
             records = [InputRecord(m.topic, m.partition, m.offset, m.key, m.value, ev)
                        for ev in batch for m in (ev.message,)]  # fmt: skip
-            await step.run(records)
+            report = await step.run(records)
+            sweep.observe(records, report.applied)
+            await sweep.maybe_run()  # between batches: idle sessions (stream/sweep.py)
             for tp, offset in {ev.message.tp: ev.message.offset for ev in batch}.items():
                 hw = app.consumer.highwater(tp)
                 if hw is not None:

@@ -58,6 +58,9 @@ class Metrics:
         self.model_step = Histogram(p + "model_step_seconds", "Batched model step", buckets=STEP_BUCKETS, registry=r)
         self.topk = Histogram(p + "topk_seconds", "Batched top-K search", buckets=STEP_BUCKETS, registry=r)
         self.sessions_started = Counter(p + "sessions_started_total", "Session breaks", registry=r)
+        self.sessions_closed = Counter(
+            p + "sessions_closed_total", "Idle sessions closed by the sweep (next-session message sent)", registry=r
+        )
         self.consumer_lag = Gauge(p + "consumer_lag", "Input lag (messages)", ["partition"], registry=r)
         self.users_in_state = Gauge(p + "users_in_state", "Users with a state row", registry=r)
         self.model_info = Gauge(p + "model_info", "Served model", ["model", "version", "device"], registry=r)

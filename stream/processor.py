@@ -26,7 +26,7 @@ from core.items import ItemTable
 from core.settings import Settings
 from models.base import EventBatch, event_type_index
 from models.grouping import group_by_user
-from models.serving import Serving
+from models.serving import Serving, build_messages
 from state.record import StateRecordError, decode, encode
 from stream.ports import ModelInfo, StepResult
 
@@ -176,6 +176,29 @@ class ModelProcessor:
             model_step_seconds=t1 - t0,
             topk_seconds=t2 - t1,
         )
+
+    def idle_messages(self, states: dict[str, bytes], last_ts: dict[str, int]) -> list[tuple[str, bytes]]:
+        """The idle-session sweep (stream/sweep.py): for each user, a message whose embedding is the
+        model's next-session embedding (the open session folded in). [] for models without sessions."""
+        sv = self.serving
+        decoded: dict[str, dict[str, np.ndarray]] = {}
+        for user, blob in states.items():
+            try:
+                decoded[user] = self._decode(user, blob, sv)
+            except (StateRecordError, ForeignState) as e:
+                log.warning("idle sweep skips user %r: %s", user, e)
+        users = list(decoded)
+        if not users:
+            return []
+        st = self._gather(decoded, users, sv)
+        with torch.no_grad():
+            nxt = sv.model.next_session_embedding(st)
+        if nxt is None:
+            return []
+        items, scores = sv.retriever.candidates(sv.model, st, nxt)
+        event_ts = np.array([last_ts[u] for u in users], np.int64)
+        return list(build_messages(users, nxt, st, items, scores, sv.table, event_ts, sv.tag,
+                                   int(time.time() * 1000), nxt))
 
     @staticmethod
     def _sequences(events: Sequence[ValidEvent], table: ItemTable):
