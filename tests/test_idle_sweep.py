@@ -116,7 +116,7 @@ def test_sweep_publishes_the_offline_next_session_embedding_once(served):
     want = np.array(offline["u_idle"]["next_session_embedding"])
     got = np.array(msg["next_session_embedding"])
     assert np.abs(got - want).max() <= 1e-5, np.abs(got - want).max()
-    assert msg["embedding"] == msg["next_session_embedding"]
+    assert msg["embedding"] == msg["next_session_embedding"] and msg["session_closed"] is True
     assert not np.allclose(want, offline["u_idle"]["embedding"], atol=1e-3)  # folding changes the embedding
     assert msg["session_id"] == offline["u_idle"]["session_id"]
     assert msg["model"] == offline["u_idle"]["model"] and len(msg["candidates"]) == 3

@@ -117,12 +117,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tail", help="print recommendations as they arrive")
     _settings_args(p)
 
+    p = sub.add_parser("dashboard", help="render the key panels from a Prometheus to a PNG (matplotlib)")
+    p.add_argument("--prometheus", required=True, help="Prometheus base URL, e.g. http://127.0.0.1:9090")
+    p.add_argument("--out", required=True, help="PNG path")
+    p.add_argument("--range", default="15m", help="how far back from now (e.g. 90s, 15m, 2h)")
+    p.add_argument("--window", default="1m", help="rate() window (>= 4 scrape intervals)")
+    p.add_argument("--job", default="livemb", help="scrape job of the workers ('' for any)")
+
     p = sub.add_parser("demo", help="the main job on the embedded default")
     p.add_argument("--data", help="event log to replay (default: a synthetic one)")
     p.add_argument("--model", help="checkpoint (default: train a small HierTCN)")
     p.add_argument("--items")
     p.add_argument("--offline", action="store_true", help="offline demo only: synth, train, evaluate")
     p.add_argument("--workdir", default="runs/demo")
+    p.add_argument("--dashboard", metavar="PNG", help="also run a local Prometheus (1 s scrapes) and render "
+                   "the dashboard panels from it at the end (livemb dashboard)")
     _log_args(p)
     _settings_args(p)
     return ap
@@ -186,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
             from stream.kafka_io import tail
 
             tail(settings.broker, settings.topic_out)
+        elif args.cmd == "dashboard":
+            from tools.dashboard import cmd_dashboard
+
+            cmd_dashboard(args)
         elif args.cmd == "demo":
             from tools.demo import run_demo
 

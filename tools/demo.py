@@ -109,6 +109,32 @@ def quantile_from_text(text: str, name: str, q: float) -> float:
     return float("inf")
 
 
+def _start_prometheus(args, port: int):
+    """--dashboard PNG: a local Prometheus scraping the worker every second for the whole run."""
+    if not getattr(args, "dashboard", None):
+        return None
+    from tools.prom import LocalPrometheus
+
+    prom = LocalPrometheus([f"127.0.0.1:{port}"], interval_s=1.0).start()
+    print(f"prometheus {prom.url} (pid {prom.proc.pid}) scraping the worker every 1 s")
+    return prom
+
+
+def _render_dashboard(prom, out: str) -> None:
+    from tools.dashboard import run_dashboard
+
+    time.sleep(3.0)  # two more scrapes after the last message
+    t_end = time.time()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    counts = run_dashboard(prom.url, out, start=prom.started_at, end=t_end, step_s=1.0, window="5s")
+    api = prom.api
+    rate = max(float(v) for _, v in api.query_range(
+        'sum(rate(livemb_events_total{job="livemb",outcome="ok"}[5s]))', prom.started_at, t_end, 1)[0]["values"])
+    p99 = api.scalar('histogram_quantile(0.99, sum by (le) (livemb_event_to_publish_seconds_bucket{job="livemb"}))')
+    print(f"  dashboard {out}: {sum(counts.values())} series; peak ok-event rate {rate:.0f}/s, "
+          f"event-to-publish p99 over the run {p99 * 1000:.0f} ms (PromQL)")
+
+
 def run_demo(args, settings: Settings) -> int:
     from stream.broker import EmbeddedBroker, free_port
     from stream.kafka_io import consume, live_clicks, replay
@@ -120,6 +146,7 @@ def run_demo(args, settings: Settings) -> int:
     users = set(df["user_id"])
     last_ts = df.groupby("user_id")["ts"].max().to_dict()
     port = free_port()
+    prom = None
     with EmbeddedBroker() as broker:
         broker.create_topics([settings.topic_in, settings.topic_out], partitions=settings.partitions)
         broker.create_topics([settings.topic_dlq], partitions=1)
@@ -128,6 +155,7 @@ def run_demo(args, settings: Settings) -> int:
         try:
             print(f"broker {broker.url} (pid {broker.pid}), worker pid {worker.pid}, metrics http://127.0.0.1:{port}/metrics")
             wait_ready(port, worker)
+            prom = _start_prometheus(args, port)
             t0 = time.perf_counter()
             n = replay(df, broker.url, settings.topic_in)
             pending = {u for u in users}
@@ -173,7 +201,11 @@ def run_demo(args, settings: Settings) -> int:
             q = {p: quantile_from_text(text, "livemb_ingest_to_publish_seconds", p) for p in (0.5, 0.99)}
             print(f"  ingest-to-publish (histogram bucket bounds, all events): p50 <= {q[0.5] * 1000:.0f} ms, "
                   f"p99 <= {q[0.99] * 1000:.0f} ms")
+            if prom is not None:
+                _render_dashboard(prom, args.dashboard)
         finally:
+            if prom is not None:
+                prom.stop()
             stop_process(worker)
     print(f"demo finished in {time.perf_counter() - t_start:.0f}s; everything it started is stopped")
     return 0 if not pending else 1
