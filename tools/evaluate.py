@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from core.progress import progress as progress_bar
 from core.settings import EXCLUDE_SEEN
 from models import MODEL_REGISTRY, EventBatch, ModelConfig, SeqModel, repeat
 from models.metrics import RankAccumulator, ranks_of
@@ -47,7 +47,7 @@ def evaluate_model(
     gap = model.cfg.session_gap_ms
     skipped = 0
     empty = (np.zeros(0, np.int64),) * 3
-    bar = tqdm(total=sum(len(test[u][0]) for u in users), desc=f"eval {model.name}", disable=not progress, leave=False)
+    bar = progress_bar(total=sum(len(test[u][0]) for u in users), desc=f"eval {model.name}", disable=not progress, leave=False)
     for i in range(0, len(users), batch_users):
         group = users[i : i + batch_users]
         B = len(group)
