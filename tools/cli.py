@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tail", help="print recommendations as they arrive")
     _settings_args(p)
 
+    sub.add_parser("config", help="print the configuration reference (every LIVEMB_* variable) as Markdown")
+
     p = sub.add_parser("dashboard", help="render the key panels from a Prometheus to a PNG (matplotlib)")
     p.add_argument("--prometheus", required=True, help="Prometheus base URL, e.g. http://127.0.0.1:9090")
     p.add_argument("--out", required=True, help="PNG path")
@@ -195,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
             from stream.kafka_io import tail
 
             tail(settings.broker, settings.topic_out)
+        elif args.cmd == "config":
+            from tools.config_doc import readme_block
+
+            print(readme_block())
         elif args.cmd == "dashboard":
             from tools.dashboard import cmd_dashboard
 

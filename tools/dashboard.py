@@ -26,6 +26,7 @@ class Panel:
     title: str
     unit: str
     queries: tuple[Query, ...]
+    log_y: bool = False  # latencies span ms (live) to minutes (a backfill of historic events)
 
 
 def _q(level: float, metric: str) -> str:
@@ -34,7 +35,7 @@ def _q(level: float, metric: str) -> str:
 
 PANELS = (
     Panel("input events / s by outcome", "events/s",
-          (Query("sum by (outcome) (rate(livemb_events_total{sel}[{w}])) > 0", "{outcome}"),)),
+          (Query("sum by (outcome) (rate(livemb_events_total{sel}[{w}]))", "{outcome}"),)),
     Panel("DLQ records / s by reason", "records/s",
           (Query("sum by (reason) (rate(livemb_dlq_total{sel}[{w}]))", "{reason}"),
            Query("sum(rate(livemb_dlq_total{sel}[{w}])) or sum(rate(livemb_events_total{sel}[{w}])) * 0",
@@ -42,7 +43,7 @@ PANELS = (
     Panel("event-to-publish latency", "s",
           (Query(_q(0.5, "livemb_event_to_publish_seconds"), "p50"),
            Query(_q(0.99, "livemb_event_to_publish_seconds"), "p99"),
-           Query(_q(0.99, "livemb_ingest_to_publish_seconds"), "ingest-to-publish p99"))),
+           Query(_q(0.99, "livemb_ingest_to_publish_seconds"), "ingest-to-publish p99")), log_y=True),
     Panel("consumer lag per partition", "messages",
           (Query("max by (partition) (livemb_consumer_lag{sel})", "partition {partition}"),)),
     Panel("micro-batch size", "events",
@@ -52,7 +53,7 @@ PANELS = (
     Panel("model step / top-K time", "s",
           (Query(_q(0.5, "livemb_model_step_seconds"), "model step p50"),
            Query(_q(0.99, "livemb_model_step_seconds"), "model step p99"),
-           Query(_q(0.99, "livemb_topk_seconds"), "top-K p99"))),
+           Query(_q(0.99, "livemb_topk_seconds"), "top-K p99")), log_y=True),
 )  # fmt: skip
 
 
@@ -70,6 +71,8 @@ def fetch(api: PromAPI, start: float, end: float, step: float, window: str, job:
                 legend = q.legend.format_map(_Default(labels))
                 ts = [float(t) for t, _ in series["values"]]
                 vs = [float(v) for _, v in series["values"]]
+                if panel.title.startswith("input events") and not any(vs):
+                    continue  # outcomes that never happened (the worker exports every outcome at 0)
                 lines.append((legend, ts, vs))
         out.append(lines)
     return out
@@ -91,6 +94,8 @@ def render(data, out: str, title: str, t0: float) -> None:
         for legend, ts, vs in lines:
             ax.plot([t - t0 for t in ts], vs, label=legend, linewidth=1.4)
         ax.set_title(panel.title, fontsize=11)
+        if panel.log_y and any(v > 0 for _, _, vs in lines for v in vs):
+            ax.set_yscale("log")
         ax.set_ylabel(panel.unit)
         ax.set_xlabel("seconds")
         ax.grid(alpha=0.3)
