@@ -117,6 +117,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tail", help="print recommendations as they arrive")
     _settings_args(p)
 
+    p = sub.add_parser("rebuild-state", help="replay the input topic into a fresh state table, then switch over")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--from-beginning", action="store_true", help="from the earliest retained input offset")
+    g.add_argument("--from-timestamp", help="from the first input record at or after T (epoch ms or ISO-8601)")
+    p.add_argument("--model", help="checkpoint the new state is built with")
+    p.add_argument("--items", help="items.npz of that checkpoint")
+    p.add_argument("--processor", help="module:factory instead of a model (tests)")
+    p.add_argument("--app-id", help="new app id = consumer group + table (default <app_id>-rebuild-<time>)")
+    p.add_argument("--data-dir", help="state directory of the new table (default <data_dir>-<app id>)")
+    p.add_argument("--scratch-topic", help="where the backfill's outputs go (default <topic_out>.<app id>)")
+    p.add_argument("--switch-file", help="env file to write atomically when caught up (LIVEMB_APP_ID, ...)")
+    p.add_argument("--partitions", type=int)
+    p.add_argument("--timeout-s", type=float, default=24 * 3600.0)
+    _settings_args(p)
+
     sub.add_parser("config", help="print the configuration reference (every LIVEMB_* variable) as Markdown")
 
     p = sub.add_parser("dashboard", help="render the key panels from a Prometheus to a PNG (matplotlib)")
@@ -197,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
             from stream.kafka_io import tail
 
             tail(settings.broker, settings.topic_out)
+        elif args.cmd == "rebuild-state":
+            from tools.rebuild import run_rebuild
+
+            return run_rebuild(args, settings)
         elif args.cmd == "config":
             from tools.config_doc import readme_block
 
