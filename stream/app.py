@@ -97,7 +97,7 @@ def make_app(settings: Settings, processor: BatchProcessor, metrics: Metrics) ->
     )
     step = BatchStep(
         settings, processor, TableStore(table), TopicSink({settings.topic_out: t_out, settings.topic_dlq: t_dlq}),
-        metrics, GapRepair(bootstrap_of(settings.broker)),
+        metrics, GapRepair(bootstrap_of(settings.broker), group_id=settings.app_id),
     )  # fmt: skip
 
     @app.on_partitions_revoked.connect
