@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     # back at once instead of waiting out the dead session. None = dynamic membership.
     group_instance_id: str | None = None
     commit_interval_s: float = Field(1.0, gt=0)
+    # Standby copies of other workers' table partitions: a survivor that already holds them takes
+    # over without reading the whole changelog. 0 = none (one worker needs none).
+    standby_replicas: int = Field(0, ge=0)
 
     def resolved_device(self) -> str:
         if self.device != "auto":
