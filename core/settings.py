@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     # waiting out the dead session.
     group_instance_id: str | None = Field(None, description="static group membership id, unique per worker (unset: dynamic membership)")
     commit_interval_s: float = Field(1.0, gt=0, description="how often consumer offsets are committed (s)")
+    # Standby copies of other workers' table partitions: a survivor that already holds them takes
+    # over without reading the whole changelog.
+    standby_replicas: int = Field(0, ge=0, description="standby copies of other workers' state partitions (0: none; one worker needs none)")
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -68,7 +68,7 @@ def faust_config(settings: Settings) -> dict[str, Any]:
         web_enabled=False,  # stream.metrics serves HTTP itself (up before recovery finishes)
         topic_partitions=settings.partitions,
         topic_replication_factor=1,
-        table_standby_replicas=0,
+        table_standby_replicas=settings.standby_replicas,
         consumer_auto_offset_reset="earliest",
         processing_guarantee="at_least_once",  # exactly_once: InitProducerId v0 fails on Tansu
         recovery_consistency_check=False,  # Tansu's ListOffsets end is low: see docs/STREAMING.md
@@ -99,7 +99,7 @@ def make_app(settings: Settings, processor: BatchProcessor, metrics: Metrics) ->
     )
     step = BatchStep(
         settings, processor, TableStore(table), TopicSink({settings.topic_out: t_out, settings.topic_dlq: t_dlq}),
-        metrics, GapRepair(bootstrap_of(settings.broker)),
+        metrics, GapRepair(bootstrap_of(settings.broker), group_id=settings.app_id),
     )  # fmt: skip
 
     sweep = IdleSweep(settings, processor, TableStore(table), TopicSink({settings.topic_out: t_out}), metrics)

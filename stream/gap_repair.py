@@ -35,6 +35,15 @@ class OffsetContinuity:
         for tp in tps:
             self.expected.pop(tp, None)
 
+    def unseen(self, tps: Iterable[Any]) -> list[Any]:
+        """Partitions with no expected offset yet (new since the assignment)."""
+        return [tp for tp in dict.fromkeys(tps) if tp not in self.expected]
+
+    def seed(self, tp: Any, committed: int) -> None:
+        """Expect `committed` (the group's committed offset: the next one to consume) as the first
+        offset of a newly assigned partition, so a hole in its very first records is seen too."""
+        self.expected.setdefault(tp, committed)
+
     def observe(self, items: Sequence[tuple[Any, int]]) -> list[tuple[Any, int, int]]:
         """items: (tp, offset) in arrival order. Returns holes as (tp, first missing, next seen)."""
         holes: list[tuple[Any, int, int]] = []
@@ -50,9 +59,29 @@ class OffsetContinuity:
 class GapRepair:
     """GapReader over a plain kafka-python consumer (blocking reads run in an executor thread)."""
 
-    def __init__(self, bootstrap: str, timeout_s: float = 10.0):
-        self.bootstrap, self.timeout_s = bootstrap, timeout_s
+    def __init__(self, bootstrap: str, group_id: str | None = None, timeout_s: float = 10.0):
+        self.bootstrap, self.group_id, self.timeout_s = bootstrap, group_id, timeout_s
         self._consumer = None
+        self._group_client = None
+
+    async def committed(self, topic: str, partitions: Sequence[int]) -> dict[int, int]:
+        return await asyncio.get_running_loop().run_in_executor(None, self.fetch_committed, topic, partitions)
+
+    def fetch_committed(self, topic: str, partitions: Sequence[int]) -> dict[int, int]:
+        """The group's committed offsets (OffsetFetch; this client never joins the group). Blocking."""
+        from kafka import KafkaConsumer, TopicPartition
+
+        if self.group_id is None:
+            return {}
+        if self._group_client is None:
+            self._group_client = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=self.group_id,
+                                               enable_auto_commit=False)
+        out = {}
+        for p in partitions:
+            off = self._group_client.committed(TopicPartition(topic, p))
+            if off is not None:
+                out[p] = int(off)
+        return out
 
     def _client(self):
         if self._consumer is None:
@@ -85,5 +114,6 @@ class GapRepair:
         return [got[o] for o in sorted(got)]
 
     def close(self) -> None:
-        if self._consumer is not None:
-            self._consumer.close()
+        for c in (self._consumer, self._group_client):
+            if c is not None:
+                c.close()

@@ -52,6 +52,10 @@ class GapReader(Protocol):
         """Input records [first, end) of one partition, read straight from the broker."""
         ...
 
+    async def committed(self, topic: str, partitions: Sequence[int]) -> dict[int, int]:
+        """The consumer group's committed offset per partition (absent: none committed)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class ModelInfo:

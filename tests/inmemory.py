@@ -51,3 +51,17 @@ class MemorySink:
 def record(user: str, item: str, ts: int, offset: int, partition: int = 0, **extra: object) -> InputRecord:
     doc = {"user_id": user, "item_id": item, "ts": ts, **extra}
     return InputRecord("interactions", partition, offset, user.encode(), orjson.dumps(doc))
+
+
+class MemoryLog:
+    """GapReader over an in-memory input log: what the broker holds, and the group's commits."""
+
+    def __init__(self, records: Sequence[InputRecord], committed: dict[int, int] | None = None) -> None:
+        self.records, self.committed_offsets, self.reads = list(records), dict(committed or {}), []
+
+    async def read(self, topic: str, partition: int, first: int, end: int) -> list[InputRecord]:
+        self.reads.append((partition, first, end))
+        return [r for r in self.records if r.topic == topic and r.partition == partition and first <= r.offset < end]
+
+    async def committed(self, topic: str, partitions: Sequence[int]) -> dict[int, int]:
+        return {p: self.committed_offsets[p] for p in partitions if p in self.committed_offsets}

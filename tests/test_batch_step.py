@@ -16,7 +16,7 @@ from stream.batch import BatchStep
 from stream.metrics import Metrics
 from stream.ports import StepResult
 from tests.counting import CountingProcessor
-from tests.inmemory import Crash, MemorySink, MemoryStore, record
+from tests.inmemory import Crash, MemoryLog, MemorySink, MemoryStore, record
 
 T0 = 1_700_000_000_000
 SETTINGS = Settings(max_future_s=10 * 365 * 86400)  # fixed 2023 timestamps stay "not in the future"
@@ -168,3 +168,35 @@ def test_crash_in_the_second_batch_then_resume(where: str) -> None:
     assert keys == want_keys[:8] + repeated + want_keys[8:]
     assert report.counts["redelivered"] == {"before_ack": 0, "after_ack_before_write": 0, "mid_write": 4,
                                             "after_write_before_commit": 8}[where]
+
+
+# ---------------------------------------------------------------------------- skipped offsets
+def test_records_skipped_right_after_an_assignment_are_re_read() -> None:
+    """Faust can drop the first records it fetched after an assignment (docs/STREAMING.md). The
+    first batch of a partition is checked against the group's committed offset: offsets 4-5 never
+    reached the agent, are re-read from the log and applied first, in offset order."""
+    recs = stream_of(2, 5)  # offsets 0..9, one partition
+    log = MemoryLog(recs, committed={0: 4})
+    journal: list = []
+    store = MemoryStore(journal)
+    first, _, _ = make(journal, store)
+    run(first, recs[:4])  # a previous owner applied 0..3 and committed 4
+    step = BatchStep(SETTINGS, CountingProcessor(), store, MemorySink(journal), None, log)  # new assignment
+    report = run(step, recs[6:])
+    assert log.reads == [(0, 4, 6)] and report.gap_records == 2
+    assert count_of(store, "u0") == count_of(store, "u1") == 5  # every event once
+
+    unseeded = BatchStep(SETTINGS, CountingProcessor(), MemoryStore([]), MemorySink([]), None, MemoryLog(recs))
+    run(unseeded, recs[6:])  # without a committed offset the hole cannot be seen
+    assert unseeded.gaps.reads == []
+
+
+def test_a_hole_inside_a_partition_is_re_read() -> None:
+    recs = stream_of(2, 5)
+    log = MemoryLog(recs)
+    step, store, _ = make()
+    step.gaps = log
+    run(step, recs[:3])
+    run(step, recs[5:])  # 3 and 4 were dropped by the consumer
+    assert log.reads == [(0, 3, 5)]
+    assert count_of(store, "u0") == count_of(store, "u1") == 5

@@ -5,15 +5,32 @@ finishes exactly and the partitions rebalance back. Workers are subprocesses sto
 from __future__ import annotations
 
 import collections
+import os
 import shutil
 import signal
+import urllib.request
 from collections.abc import Callable
 
+import numpy as np
+import orjson
+import pandas as pd
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from stream.broker import EmbeddedBroker
-from tests.conftest import WorkerProc, event, produce
+from core.items import ItemTable
+from models.checkpoint import save_checkpoint
+from models.retrieval import Retriever
+from models.serving import Serving
+from models.train import TrainConfig, sequences_from_frame, train_model
+from stream.broker import EmbeddedBroker, free_port
+from stream.kafka_io import replay
+from tests.conftest import WorkerProc, event, produce, wait_until
+from tests.test_live_model import PARTITIONS, LastMessages
 from tests.test_worker_integration import Outputs, setup_topics, table_counts
+from tools.demo import start_worker, stop_process, wait_ready
+from tools.evaluate import build_model
+from tools.offline import embed_users
+from tools.synth import synth_log
 
 T0 = 1_700_000_000_000
 
@@ -57,3 +74,79 @@ def test_wiped_data_dir_rebuilds_exact_state(broker: EmbeddedBroker, worker_fact
     after = table_counts(w)
     assert {u: c for u, (_, c, _) in after.items()} == dict(expected)
     assert {u: p for u, (p, _, _) in after.items()} == {u: p for u, (p, _, _) in before.items()}
+
+
+def _metric(port: int, name: str) -> float:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return sum(s.value for f in text_string_to_metric_families(body) for s in f.samples
+               if s.name == name and s.labels.get("outcome", "ok") == "ok")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("standby", [0, 1])
+def test_two_workers_one_killed_then_back(broker: EmbeddedBroker, tmp_path, standby: int) -> None:
+    """Two `livemb worker`s in one group on 4 partitions; one is SIGKILLed mid-replay. The survivor
+    takes its partitions, rebuilds their state from the changelog and finishes: every user's last
+    output equals offline `embed` (1e-4). The killed one restarts, partitions rebalance back, more
+    events arrive for every user, and the outputs still equal `embed` on the whole log."""
+    df, ids, vecs = synth_log(users=200, items=300, days=3, seed=5, dim=16)
+    table = ItemTable(ids, vecs)
+    items = table.save(tmp_path / "items.npz")
+    model = build_model("hiertcn", table.padded_vectors(), hidden=32, channels=16)
+    train_model(model, list(sequences_from_frame(df, table).values()), TrainConfig(epochs=1), progress=False)
+    ckpt = tmp_path / "m.pt"
+    save_checkpoint(ckpt, model, table.fingerprint)
+    broker.create_topics(["interactions", "recommendations"], partitions=PARTITIONS)
+    broker.create_topics(["interactions.dlq"], partitions=1)
+    extra = ("--partitions", str(PARTITIONS), "--topk", "10", "--batch-max-events", "128",
+             "--standby-replicas", str(standby))
+    serving = Serving(model.eval(), table, Retriever(table.padded_vectors(), "flat", 10, "none"), "x")
+
+    def start(name: str) -> tuple[object, int]:
+        port = free_port()
+        return start_worker(broker.url, str(ckpt), str(items), tmp_path / name, port, tmp_path / f"{name}.log",
+                            extra), port
+
+    def check(out: LastMessages, log: pd.DataFrame, timeout: float) -> None:
+        last_ts = log.groupby("user_id")["ts"].max().to_dict()
+
+        def caught_up() -> bool:
+            last = out.poll()
+            return len(last) == len(last_ts) and all(last[u]["event_ts"] >= last_ts[u] for u in last_ts)
+
+        wait_until(caught_up, timeout, "every user's last event published")
+        offline = {u: orjson.loads(m) for u, m in embed_users(serving, log)}
+        live = out.poll()
+        assert set(live) == set(offline)  # no user missing
+        worst = max(np.abs(np.array(live[u]["embedding"]) - np.array(offline[u]["embedding"])).max() for u in offline)
+        assert worst <= 1e-4, f"live vs offline max abs diff {worst}"
+        assert all(live[u]["session_id"] == offline[u]["session_id"] for u in offline)
+
+    (a, port_a), (b, port_b) = start("a"), start("b")
+    out = LastMessages(broker.bootstrap)
+    try:
+        wait_ready(port_a, a, 120)
+        wait_ready(port_b, b, 120)
+        wait_until(lambda: _metric(port_a, "livemb_ready") == _metric(port_b, "livemb_ready") == 1, 60, "both ready")
+        replay(df, broker.url, "interactions", progress=False)
+        wait_until(lambda: _metric(port_b, "livemb_events_total") >= 300, 60, "worker b applied events")
+        os.kill(b.pid, signal.SIGKILL)  # mid-stream: no flush, no commit, no LeaveGroup
+        b.wait(10)
+        check(out, df, 240)  # the survivor finished every user exactly
+
+        b, port_b = start("b")  # same data dir: its rows are stale now, the changelog has newer ones
+        wait_ready(port_b, b, 180)
+        t_last = int(df["ts"].max())
+        more = pd.DataFrame({"user_id": sorted(df["user_id"].unique()), "item_id": ids[0], "ts": t_last + 60_000,
+                             "event_type": "click"})
+        more["event_id"] = "more-" + more["user_id"].astype(str)
+        both = pd.concat([df, more], ignore_index=True)
+        wait_until(lambda: _metric(port_b, "livemb_ready") == 1 and _metric(port_a, "livemb_ready") == 1, 120,
+                   "both ready after the rebalance back")
+        replay(more, broker.url, "interactions", progress=False)
+        check(out, both, 180)
+        assert _metric(port_b, "livemb_events_total") > 0  # b got partitions back and served them
+    finally:
+        stop_process(a, 30)
+        stop_process(b, 30)
+        out.c.close()

@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-max-events", type=int)
     p.add_argument("--batch-max-wait-ms", type=int)
     p.add_argument("--reload-check-s", type=float, help="seconds between hot-swap checks (SIGHUP: at once)")
+    p.add_argument("--standby-replicas", type=int, help="standby copies of other workers' state partitions")
     p.add_argument("--loglevel", default="info")
     _settings_args(p)
 
@@ -179,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         broker=getattr(args, "broker", None), device=getattr(args, "device", None), topk=getattr(args, "topk", None),
         exclude_seen=getattr(args, "exclude_seen", None), index=getattr(args, "index", None),
         session_gap_s=getattr(args, "session_gap_s", None), reload_check_s=getattr(args, "reload_check_s", None),
+        standby_replicas=getattr(args, "standby_replicas", None),
     )
     for noisy in ("kafka", "aiokafka", "faust", "mode"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
