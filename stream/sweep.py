@@ -120,7 +120,11 @@ class IdleSweep:
         if not self.enabled or self.clock() < self._next:
             return 0
         self._next = self.clock() + self.settings.idle_sweep_s
-        return await self.run()
+        try:
+            return await self.run()
+        except Exception:  # noqa: BLE001 - the sweep is best effort; it must never stop the agent
+            log.exception("idle sweep failed; those users get no close message (their state is unaffected)")
+            return 0
 
     async def run(self) -> int:
         """One sweep over every indexed partition; returns the number of messages published."""

@@ -143,3 +143,26 @@ def test_sweep_is_off_for_models_without_a_session_hierarchy(served, tmp_path):
 
     assert asyncio.run(drive()) == 0
     assert all(orjson.loads(r.value)["next_session_embedding"] is None for r in sink.records)
+
+
+def test_a_failing_sweep_never_raises_into_the_agent(served, caplog):
+    settings, _, _ = served
+
+    class Boom:
+        def idle_messages(self, rows, last_ts):
+            raise RuntimeError("boom")
+
+    journal: list = []
+    store, sink = MemoryStore(journal), MemorySink(journal)
+    proc = ModelProcessor(settings)
+    step = BatchStep(settings, proc, store, sink)
+    sweep = IdleSweep(settings, Boom(), store, sink, clock=lambda: 100.0)
+    recs = [record("a", "i1", T0, 0), record("b", "i2", T0 + 120 * MIN, 1)]
+
+    async def drive() -> int:
+        report = await step.run(recs)
+        sweep.observe(recs, report.applied)
+        return await sweep.maybe_run()
+
+    assert asyncio.run(drive()) == 0
+    assert "idle sweep failed" in caplog.text
