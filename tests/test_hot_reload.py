@@ -167,8 +167,11 @@ def test_hot_swap_under_traffic_and_refusals(broker, tmp_path):
         assert all(m["items_version"] == (table_a if m["model"] == tag_a else table_b).fingerprint for m in msgs)
         switched += 0 < k < len(tags)
     assert switched > 0, "no user saw both models (the swap happened outside the traffic)"
+    # the idle sweep ran in the live worker too: next-session messages for users idle past the gap
+    closed = [m for msgs in out.by_user.values() for m in msgs if m.get("session_closed")]
+    assert closed and all(m["embedding"] == m["next_session_embedding"] for m in closed)
     print(f"\nswap visible in livemb_model_info {swap_s:.2f}s after SIGHUP; {switched} users switched mid-stream; "
-          f"events counted {counts}")
+          f"events counted {counts}; {len(closed)} idle-session messages")
 
 
 def _frame(user: str, ts: int):
