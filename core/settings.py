@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     # back at once instead of waiting out the dead session. None = dynamic membership.
     group_instance_id: str | None = None
     commit_interval_s: float = Field(1.0, gt=0)
+    # How long the worker waits for an unreachable broker at start-up (retrying with backoff, one
+    # log line per try, /readyz 503) before it exits non-zero. 0 = wait for ever (a supervised service).
+    broker_wait_s: float = Field(0.0, ge=0)
     # Standby copies of other workers' table partitions: a survivor that already holds them takes
     # over without reading the whole changelog. 0 = none (one worker needs none).
     standby_replicas: int = Field(0, ge=0)

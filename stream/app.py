@@ -20,7 +20,8 @@ from core.settings import Settings
 from stream import faust_compat
 from stream.batch import BatchStep
 from stream.gap_repair import GapRepair
-from stream.kafka_io import bootstrap_of, plain_consumer
+from stream.kafka_io import BrokerUnreachable, bootstrap_of, plain_consumer, wait_for_broker
+from stream.logs import quiet_repeats
 from stream.metrics import Metrics, serve
 from stream.ports import BatchProcessor, InputRecord, OutputRecord
 
@@ -143,8 +144,15 @@ def run_worker(settings: Settings, processor: BatchProcessor, loglevel: str = "i
     except OSError as e:
         raise ValueError(f"cannot create the data directory {settings.data_dir!r}: {e.strerror}") from None
     metrics = Metrics()
-    server = serve(metrics, settings.web_port, settings.web_host)
+    server = serve(metrics, settings.web_port, settings.web_host)  # /readyz answers 503 while waiting
     log.info("metrics on http://%s:%s/metrics", settings.web_host, server.server_port)
+    quiet_repeats()
+    metrics.readiness.set("model_loaded", processor.ready)
+    try:
+        wait_for_broker(settings.broker, settings.broker_wait_s)
+    except BrokerUnreachable:
+        server.shutdown()
+        raise
     app = make_app(settings, processor, metrics)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     try:

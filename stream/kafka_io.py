@@ -18,6 +18,45 @@ def bootstrap_of(broker: str) -> str:
     return ",".join(b.split("://", 1)[-1] for b in broker.replace(";", ",").split(","))
 
 
+class BrokerUnreachable(RuntimeError):
+    pass
+
+
+def wait_for_broker(broker: str, wait_s: float = 0.0, first_delay_s: float = 0.5, max_delay_s: float = 10.0) -> int:
+    """Block until the cluster answers a metadata request; retries with exponential backoff and one
+    log line per try. Raises BrokerUnreachable after `wait_s` (0 = never). Returns the tries made."""
+    from kafka import KafkaAdminClient
+
+    cfg: dict[str, object] = {"request_timeout_ms": 3000, "client_id": "livemb-probe"}
+    if "bootstrap_timeout_ms" in KafkaAdminClient.DEFAULT_CONFIG:  # kafka-python >= 3 retries 30 s by itself
+        cfg["bootstrap_timeout_ms"] = 2000
+    kafka_log = logging.getLogger("kafka")
+    t0, delay, tries = time.monotonic(), first_delay_s, 0
+    while True:
+        tries += 1
+        level = kafka_log.level
+        kafka_log.setLevel(logging.CRITICAL)  # the client's own per-connect errors: this loop reports instead
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=bootstrap_of(broker), **cfg)
+            try:
+                admin.describe_cluster()
+                if tries > 1:
+                    log.info("broker %s reachable after %d tries (%.1fs)", broker, tries, time.monotonic() - t0)
+                return tries
+            finally:
+                admin.close()
+        except Exception as e:  # noqa: BLE001 - every failure to connect reads the same to the operator
+            waited = time.monotonic() - t0
+            if wait_s and waited + delay > wait_s:
+                raise BrokerUnreachable(f"broker {broker} unreachable for {waited:.0f}s ({type(e).__name__}); "
+                                        "giving up (LIVEMB_BROKER_WAIT_S)") from None
+            log.warning("broker %s unreachable (%s); try %d, retrying in %.1fs", broker, type(e).__name__, tries, delay)
+            time.sleep(delay)
+            delay = min(max_delay_s, delay * 2)
+        finally:
+            kafka_log.setLevel(level)
+
+
 def plain_consumer(broker: str):
     """A kafka-python consumer outside any group (assign + seek), for direct partition reads."""
     return KafkaConsumer(bootstrap_servers=bootstrap_of(broker), group_id=None, enable_auto_commit=False)

@@ -9,6 +9,7 @@ import sys
 
 from core.settings import EXCLUDE_SEEN, INDEX_KINDS, load_settings
 from models.train import LOSSES, TrainConfig
+from stream.kafka_io import BrokerUnreachable
 from tools.item_embeddings import KINDS as ITEM_VECTOR_KINDS
 
 
@@ -137,7 +138,11 @@ def load_processor(spec: str | None, settings):
     mod, _, name = spec.partition(":")
     if not name:
         raise ValueError(f"--processor must be module:factory, got {spec!r}")
-    return getattr(importlib.import_module(mod), name)(settings)
+    try:
+        factory = getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"--processor {spec}: {e}") from None
+    return factory(settings)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         exclude_seen=getattr(args, "exclude_seen", None), index=getattr(args, "index", None),
         session_gap_s=getattr(args, "session_gap_s", None), standby_replicas=getattr(args, "standby_replicas", None),
     )
-    for noisy in ("kafka", "aiokafka", "faust", "mode"):
+    for noisy in ("kafka", "aiokafka", "faust", "mode", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from tools import offline
 
@@ -193,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"livemb {args.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except BrokerUnreachable as e:  # an environment problem, not a bug: one line, its own exit code
+        print(f"livemb {args.cmd}: error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 
