@@ -24,6 +24,7 @@ from stream.kafka_io import BrokerUnreachable, bootstrap_of, plain_consumer, wai
 from stream.logs import quiet_repeats
 from stream.metrics import Metrics, serve
 from stream.ports import BatchProcessor, InputRecord, OutputRecord
+from stream.security import faust_credentials, kafka_python_security
 
 log = logging.getLogger("livemb.worker")
 TABLE_NAME = "user_state"
@@ -78,12 +79,14 @@ def faust_config(settings: Settings) -> dict[str, Any]:
         stream_wait_empty=True,
         **({"consumer_group_instance_id": settings.group_instance_id} if settings.group_instance_id else {}),
         producer_linger=0.0,
+        broker_credentials=faust_credentials(settings),  # TLS / SASL (stream/security.py)
     )
 
 
 def make_app(settings: Settings, processor: BatchProcessor, metrics: Metrics) -> faust.App:
     faust_compat.tune_fetch_wait(settings.fetch_max_wait_ms)
-    faust_compat.install_exact_recovery(lambda: plain_consumer(settings.broker))
+    security = kafka_python_security(settings)
+    faust_compat.install_exact_recovery(lambda: plain_consumer(settings.broker, security))
     app = faust.App(settings.app_id, **faust_config(settings))
     raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     t_in = app.topic(settings.topic_in, partitions=settings.partitions, **raw)
@@ -98,7 +101,7 @@ def make_app(settings: Settings, processor: BatchProcessor, metrics: Metrics) ->
     )
     step = BatchStep(
         settings, processor, TableStore(table), TopicSink({settings.topic_out: t_out, settings.topic_dlq: t_dlq}),
-        metrics, GapRepair(bootstrap_of(settings.broker), group_id=settings.app_id),
+        metrics, GapRepair(bootstrap_of(settings.broker), group_id=settings.app_id, security=security),
     )  # fmt: skip
 
     @app.on_partitions_revoked.connect
@@ -149,7 +152,7 @@ def run_worker(settings: Settings, processor: BatchProcessor, loglevel: str = "i
     quiet_repeats()
     metrics.readiness.set("model_loaded", processor.ready)
     try:
-        wait_for_broker(settings.broker, settings.broker_wait_s)
+        wait_for_broker(settings.broker, settings.broker_wait_s, security=kafka_python_security(settings))
     except BrokerUnreachable:
         server.shutdown()
         raise

@@ -60,8 +60,10 @@ class OffsetContinuity:
 class GapRepair:
     """InputLog over a plain kafka-python consumer (blocking reads run in an executor thread)."""
 
-    def __init__(self, bootstrap: str, group_id: str | None = None, timeout_s: float = 10.0):
+    def __init__(self, bootstrap: str, group_id: str | None = None, timeout_s: float = 10.0,
+                 security: dict | None = None):
         self.bootstrap, self.group_id, self.timeout_s = bootstrap, group_id, timeout_s
+        self.security = security or {}  # TLS/SASL kwargs (stream/security.py)
         self._consumer = None
         self._group_client = None
         self._admin = None
@@ -77,7 +79,7 @@ class GapRepair:
         from kafka import KafkaAdminClient
 
         if self._admin is None:
-            self._admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="livemb-log-id")
+            self._admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="livemb-log-id", **self.security)
         try:
             [desc] = self._admin.describe_topics([topic])
         except Exception as e:  # noqa: BLE001 - no id means "cannot tell incarnations apart", not an error
@@ -97,7 +99,7 @@ class GapRepair:
             return {}
         if self._group_client is None:
             self._group_client = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=self.group_id,
-                                               enable_auto_commit=False)
+                                               enable_auto_commit=False, **self.security)
         out = {}
         for p in partitions:
             off = self._group_client.committed(TopicPartition(topic, p))
@@ -110,7 +112,7 @@ class GapRepair:
             from kafka import KafkaConsumer
 
             self._consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None,
-                                           enable_auto_commit=False)
+                                           enable_auto_commit=False, **self.security)
         return self._consumer
 
     async def read(self, topic: str, partition: int, first: int, end: int) -> list[InputRecord]:

@@ -22,7 +22,8 @@ class BrokerUnreachable(RuntimeError):
     pass
 
 
-def wait_for_broker(broker: str, wait_s: float = 0.0, first_delay_s: float = 0.5, max_delay_s: float = 10.0) -> int:
+def wait_for_broker(broker: str, wait_s: float = 0.0, first_delay_s: float = 0.5, max_delay_s: float = 10.0,
+                    security: dict | None = None) -> int:
     """Block until the cluster answers a metadata request; retries with exponential backoff and one
     log line per try. Raises BrokerUnreachable after `wait_s` (0 = never). Returns the tries made."""
     from kafka import KafkaAdminClient
@@ -37,7 +38,7 @@ def wait_for_broker(broker: str, wait_s: float = 0.0, first_delay_s: float = 0.5
         level = kafka_log.level
         kafka_log.setLevel(logging.CRITICAL)  # the client's own per-connect errors: this loop reports instead
         try:
-            admin = KafkaAdminClient(bootstrap_servers=bootstrap_of(broker), **cfg)
+            admin = KafkaAdminClient(bootstrap_servers=bootstrap_of(broker), **cfg, **(security or {}))
             try:
                 admin.describe_cluster()
                 if tries > 1:
@@ -57,14 +58,16 @@ def wait_for_broker(broker: str, wait_s: float = 0.0, first_delay_s: float = 0.5
             kafka_log.setLevel(level)
 
 
-def plain_consumer(broker: str):
+def plain_consumer(broker: str, security: dict | None = None):
     """A kafka-python consumer outside any group (assign + seek), for direct partition reads."""
-    return KafkaConsumer(bootstrap_servers=bootstrap_of(broker), group_id=None, enable_auto_commit=False)
+    return KafkaConsumer(bootstrap_servers=bootstrap_of(broker), group_id=None, enable_auto_commit=False,
+                         **(security or {}))
 
 
-def replay(df, broker: str, topic: str, rate: float | None = None, progress: bool = True) -> int:
+def replay(df, broker: str, topic: str, rate: float | None = None, progress: bool = True,
+           security: dict | None = None) -> int:
     """Produce each event as JSON keyed by user_id, in time order; rate = events/s or None (max)."""
-    producer = KafkaProducer(bootstrap_servers=bootstrap_of(broker), linger_ms=5, acks=1)
+    producer = KafkaProducer(bootstrap_servers=bootstrap_of(broker), linger_ms=5, acks=1, **(security or {}))
     cols = [c for c in ("user_id", "item_id", "ts", "event_type", "event_id") if c in df.columns]
     t0 = time.perf_counter()
     n = 0
@@ -109,11 +112,11 @@ def live_clicks(broker: str, topic: str, users: list[str], items: list[str], n: 
 
 
 def consume(broker: str, topic: str, timeout_s: float, stop: Callable[[dict], bool] | None = None,
-            from_beginning: bool = True) -> Iterator[dict]:
+            from_beginning: bool = True, security: dict | None = None) -> Iterator[dict]:
     """Yield decoded messages until `stop(msg)` is true or nothing arrives for `timeout_s`."""
     consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap_of(broker), group_id=None,
                              auto_offset_reset="earliest" if from_beginning else "latest",
-                             consumer_timeout_ms=int(timeout_s * 1000))
+                             consumer_timeout_ms=int(timeout_s * 1000), **(security or {}))
     try:
         for m in consumer:
             msg = orjson.loads(m.value)
@@ -124,8 +127,8 @@ def consume(broker: str, topic: str, timeout_s: float, stop: Callable[[dict], bo
         consumer.close()
 
 
-def tail(broker: str, topic: str, timeout_s: float = 3600.0) -> None:
-    for msg in consume(broker, topic, timeout_s, from_beginning=False):
+def tail(broker: str, topic: str, timeout_s: float = 3600.0, security: dict | None = None) -> None:
+    for msg in consume(broker, topic, timeout_s, from_beginning=False, security=security):
         top = ", ".join(f"{c['item_id']}:{c['score']:.2f}" for c in msg.get("candidates", [])[:5])
         print(f"{msg.get('user_id')} session={msg.get('session_id')} model={msg.get('model')} top5=[{top}]",
               flush=True)

@@ -184,13 +184,16 @@ def main(argv: list[str] | None = None) -> int:
             run_worker(settings, load_processor(args.processor, settings), args.loglevel)
         elif args.cmd == "replay":
             from stream.kafka_io import replay
+            from stream.security import kafka_python_security
 
             df = offline.load_log(args.log, args.columns, args.ts_unit)
-            replay(df, settings.broker, settings.topic_in, None if args.rate == "max" else float(args.rate))
+            replay(df, settings.broker, settings.topic_in, None if args.rate == "max" else float(args.rate),
+                   security=kafka_python_security(settings))
         elif args.cmd == "tail":
             from stream.kafka_io import tail
+            from stream.security import kafka_python_security
 
-            tail(settings.broker, settings.topic_out)
+            tail(settings.broker, settings.topic_out, security=kafka_python_security(settings))
         elif args.cmd == "demo":
             from tools.demo import run_demo
 
