@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The choices of a setting, defined once: the CLI, the retriever and evaluation read them from here.
@@ -25,6 +25,17 @@ class Settings(BaseSettings):
     # --- Kafka ---------------------------------------------------------------------------
     broker: str = Field("kafka://127.0.0.1:9092", description="Kafka bootstrap servers, Faust style (kafka://host:port, ';'-separated for several)")
     app_id: str = Field("livemb", description="Faust app id: the consumer group, and the prefix of the state table's changelog topic")
+    # Connection security (stream/security.py passes these to Faust/aiokafka and kafka-python).
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="how clients talk to the brokers: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
+    ssl_cafile: str | None = Field(None, description="CA bundle that signed the brokers' certificates (unset: system CAs)")
+    ssl_certfile: str | None = Field(None, description="client certificate for mutual TLS, with ssl_keyfile")
+    ssl_keyfile: str | None = Field(None, description="private key of ssl_certfile")
+    ssl_check_hostname: bool = Field(True, description="verify that the broker certificate matches its host name")
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "PLAIN", description="SASL mechanism: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
+    sasl_username: str | None = Field(None, description="SASL user (required with SASL_*)")
+    sasl_password: SecretStr | None = Field(None, description="SASL password (required with SASL_*; masked in repr and logs)")
     topic_in: str = Field("interactions", description="input topic of click events (key = user_id)")
     topic_out: str = Field("recommendations", description="output topic: one message per user per micro-batch")
     topic_dlq: str = Field("interactions.dlq", description="dead-letter topic for invalid events (with the reason)")
@@ -74,9 +85,19 @@ class Settings(BaseSettings):
     # waiting out the dead session.
     group_instance_id: str | None = Field(None, description="static group membership id, unique per worker (unset: dynamic membership)")
     commit_interval_s: float = Field(1.0, gt=0, description="how often consumer offsets are committed (s)")
+    # Retrying with backoff, one log line per try, /readyz 503, then exit non-zero.
+    broker_wait_s: float = Field(0.0, ge=0, description="how long the worker waits for an unreachable broker at start-up (s; 0: for ever, for a supervised service)")
     # Standby copies of other workers' table partitions: a survivor that already holds them takes
     # over without reading the whole changelog.
     standby_replicas: int = Field(0, ge=0, description="standby copies of other workers' state partitions (0: none; one worker needs none)")
+
+    @model_validator(mode="after")
+    def _security_is_complete(self) -> Settings:
+        if self.security_protocol.startswith("SASL") and not (self.sasl_username and self.sasl_password):
+            raise ValueError(f"security_protocol {self.security_protocol} needs sasl_username and sasl_password")
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise ValueError("ssl_certfile and ssl_keyfile go together (mutual TLS)")
+        return self
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -20,10 +20,12 @@ from core.settings import Settings
 from stream import faust_compat
 from stream.batch import BatchStep
 from stream.gap_repair import GapRepair
-from stream.kafka_io import bootstrap_of, plain_consumer
+from stream.kafka_io import BrokerUnreachable, bootstrap_of, plain_consumer, wait_for_broker
+from stream.logs import quiet_repeats
 from stream.metrics import Metrics, serve
 from stream.ports import BatchProcessor, InputRecord, OutputRecord
 from stream.reload import install_sighup, reload_tick
+from stream.security import faust_credentials, kafka_python_security
 from stream.sweep import IdleSweep
 
 log = logging.getLogger("livemb.worker")
@@ -79,12 +81,14 @@ def faust_config(settings: Settings) -> dict[str, Any]:
         stream_wait_empty=True,
         **({"consumer_group_instance_id": settings.group_instance_id} if settings.group_instance_id else {}),
         producer_linger=0.0,
+        broker_credentials=faust_credentials(settings),  # TLS / SASL (stream/security.py)
     )
 
 
 def make_app(settings: Settings, processor: BatchProcessor, metrics: Metrics) -> faust.App:
     faust_compat.tune_fetch_wait(settings.fetch_max_wait_ms)
-    faust_compat.install_exact_recovery(lambda: plain_consumer(settings.broker))
+    security = kafka_python_security(settings)
+    faust_compat.install_exact_recovery(lambda: plain_consumer(settings.broker, security))
     app = faust.App(settings.app_id, **faust_config(settings))
     raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     t_in = app.topic(settings.topic_in, partitions=settings.partitions, **raw)
@@ -99,7 +103,7 @@ def make_app(settings: Settings, processor: BatchProcessor, metrics: Metrics) ->
     )
     step = BatchStep(
         settings, processor, TableStore(table), TopicSink({settings.topic_out: t_out, settings.topic_dlq: t_dlq}),
-        metrics, GapRepair(bootstrap_of(settings.broker), group_id=settings.app_id),
+        metrics, GapRepair(bootstrap_of(settings.broker), group_id=settings.app_id, security=security),
     )  # fmt: skip
 
     sweep = IdleSweep(settings, processor, TableStore(table), TopicSink({settings.topic_out: t_out}), metrics)
@@ -151,8 +155,15 @@ def run_worker(settings: Settings, processor: BatchProcessor, loglevel: str = "i
     except OSError as e:
         raise ValueError(f"cannot create the data directory {settings.data_dir!r}: {e.strerror}") from None
     metrics = Metrics()
-    server = serve(metrics, settings.web_port, settings.web_host)
+    server = serve(metrics, settings.web_port, settings.web_host)  # /readyz answers 503 while waiting
     log.info("metrics on http://%s:%s/metrics", settings.web_host, server.server_port)
+    quiet_repeats()
+    metrics.readiness.set("model_loaded", processor.ready)
+    try:
+        wait_for_broker(settings.broker, settings.broker_wait_s, security=kafka_python_security(settings))
+    except BrokerUnreachable:
+        server.shutdown()
+        raise
     app = make_app(settings, processor, metrics)
     install_sighup(processor)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)

@@ -54,10 +54,15 @@ def record(user: str, item: str, ts: int, offset: int, partition: int = 0, **ext
 
 
 class MemoryLog:
-    """GapReader over an in-memory input log: what the broker holds, and the group's commits."""
+    """InputLog over an in-memory input log: what the broker holds, and the group's commits."""
 
-    def __init__(self, records: Sequence[InputRecord], committed: dict[int, int] | None = None) -> None:
+    def __init__(self, records: Sequence[InputRecord], committed: dict[int, int] | None = None,
+                 log_id: int = 0) -> None:
         self.records, self.committed_offsets, self.reads = list(records), dict(committed or {}), []
+        self.id = log_id
+
+    async def log_id(self, topic: str) -> int:
+        return self.id
 
     async def read(self, topic: str, partition: int, first: int, end: int) -> list[InputRecord]:
         self.reads.append((partition, first, end))

@@ -200,3 +200,20 @@ def test_a_hole_inside_a_partition_is_re_read() -> None:
     run(step, recs[5:])  # 3 and 4 were dropped by the consumer
     assert log.reads == [(0, 3, 5)]
     assert count_of(store, "u0") == count_of(store, "u1") == 5
+
+
+def test_a_re_created_input_topic_is_a_new_log_not_a_redelivery() -> None:
+    """A broker that lost its data (Tansu memory storage restarted) or a re-created topic starts
+    offsets at 0 again: those events are new, although their offsets are below the stored ones."""
+    recs = stream_of(2, 5)  # offsets 0..9
+    journal: list = []
+    store = MemoryStore(journal)
+    before = BatchStep(SETTINGS, CountingProcessor(), store, MemorySink(journal), None, MemoryLog(recs, log_id=11))
+    run(before, recs)
+    again = BatchStep(SETTINGS, CountingProcessor(), store, MemorySink(journal), None, MemoryLog(recs, log_id=11))
+    assert run(again, recs[:4]).counts["redelivered"] == 4  # same log: a redelivery
+    new_log = [record(f"u{k % 2}", "n", T0 + 99_000 + k, k, event_id=f"new-{k}") for k in range(4)]
+    after = BatchStep(SETTINGS, CountingProcessor(), store, MemorySink(journal), None, MemoryLog(new_log, log_id=12))
+    report = run(after, new_log)
+    assert +report.counts == {"ok": 4}
+    assert count_of(store, "u0") == count_of(store, "u1") == 7

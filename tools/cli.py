@@ -9,6 +9,7 @@ import sys
 
 from core.settings import EXCLUDE_SEEN, INDEX_KINDS, load_settings
 from models.train import LOSSES, TrainConfig
+from stream.kafka_io import BrokerUnreachable
 from tools.item_embeddings import KINDS as ITEM_VECTOR_KINDS
 
 
@@ -164,7 +165,11 @@ def load_processor(spec: str | None, settings):
     mod, _, name = spec.partition(":")
     if not name:
         raise ValueError(f"--processor must be module:factory, got {spec!r}")
-    return getattr(importlib.import_module(mod), name)(settings)
+    try:
+        factory = getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"--processor {spec}: {e}") from None
+    return factory(settings)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         session_gap_s=getattr(args, "session_gap_s", None), reload_check_s=getattr(args, "reload_check_s", None),
         standby_replicas=getattr(args, "standby_replicas", None),
     )
-    for noisy in ("kafka", "aiokafka", "faust", "mode"):
+    for noisy in ("kafka", "aiokafka", "faust", "mode", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from tools import offline
 
@@ -207,13 +212,16 @@ def main(argv: list[str] | None = None) -> int:
             run_worker(settings, load_processor(args.processor, settings), args.loglevel)
         elif args.cmd == "replay":
             from stream.kafka_io import replay
+            from stream.security import kafka_python_security
 
             df = offline.load_log(args.log, args.columns, args.ts_unit)
-            replay(df, settings.broker, settings.topic_in, None if args.rate == "max" else float(args.rate))
+            replay(df, settings.broker, settings.topic_in, None if args.rate == "max" else float(args.rate),
+                   security=kafka_python_security(settings))
         elif args.cmd == "tail":
             from stream.kafka_io import tail
+            from stream.security import kafka_python_security
 
-            tail(settings.broker, settings.topic_out)
+            tail(settings.broker, settings.topic_out, security=kafka_python_security(settings))
         elif args.cmd == "rebuild-state":
             from tools.rebuild import run_rebuild
 
@@ -233,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"livemb {args.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except BrokerUnreachable as e:  # an environment problem, not a bug: one line, its own exit code
+        print(f"livemb {args.cmd}: error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

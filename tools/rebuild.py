@@ -42,8 +42,10 @@ class RebuildError(ValueError):
 def _consumer(settings: Settings, group: str | None = None):
     from kafka import KafkaConsumer
 
+    from stream.security import kafka_python_security
+
     return KafkaConsumer(bootstrap_servers=bootstrap_of(settings.broker), group_id=group, enable_auto_commit=False,
-                         consumer_timeout_ms=2000)
+                         consumer_timeout_ms=2000, **kafka_python_security(settings))
 
 
 def _fetch_one(c, tp, offset: int):
@@ -101,6 +103,27 @@ def start_offsets(settings: Settings, from_ts_ms: int | None) -> dict[int, int]:
         c.close()
 
 
+def _create_scratch_topic(settings: Settings, name: str) -> None:
+    """The backfill's output topic (kept apart from the real one), created up front."""
+    from stream.security import kafka_python_security
+
+    sec = kafka_python_security(settings)
+    if not sec:
+        create_topics(bootstrap_of(settings.broker), [name], partitions=settings.partitions)
+        return
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_of(settings.broker), **sec)
+    try:
+        admin.create_topics([NewTopic(name, settings.partitions, 1)])
+    except TopicAlreadyExistsError:
+        pass
+    finally:
+        admin.close()
+
+
 def commit_offsets(settings: Settings, group: str, offsets: dict[int, int]) -> None:
     from kafka import TopicPartition
     from kafka.structs import OffsetAndMetadata
@@ -152,7 +175,7 @@ def run_rebuild(args, settings: Settings) -> int:
     total = sum(max(0, ends[p] - offsets[p]) for p in offsets)
     print(f"rebuild {app_id}: {total} input records from "
           f"{'the beginning' if from_ts is None else f'timestamp {from_ts}'} into {data_dir}; outputs to {scratch}")
-    create_topics(bootstrap_of(settings.broker), [scratch], partitions=settings.partitions)
+    _create_scratch_topic(settings, scratch)
     commit_offsets(settings, app_id, offsets)
     port = free_port()
     cmd = [sys.executable, "-m", "tools.cli", "worker", "--broker", settings.broker, "--data-dir", data_dir,
