@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=600.0)
     p.add_argument("--load", type=float, default=0.7, help="fraction of the measured max rate")
     p.add_argument("--every", type=float, default=10.0, help="sampling interval, seconds")
+    p.add_argument("--max-events", type=int, default=20_000, help="clicks sent at full speed to measure the max rate")
     p.add_argument("--model", help="checkpoint (default: train a small HierTCN)")
     p.add_argument("--items")
     p.add_argument("--json", help="write the report here")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -43,6 +44,10 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C, so the worker and broker are stopped
+
+
 def run_soak(args, settings: Settings) -> int:
     import orjson
     from kafka import KafkaProducer
@@ -51,6 +56,7 @@ def run_soak(args, settings: Settings) -> int:
     from stream.kafka_io import replay
     from tools.demo import _prepare, start_worker, stop_process, wait_ready
 
+    signal.signal(signal.SIGTERM, _interrupt)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     df, model_path, items_path = _prepare(args, settings, work)
@@ -64,33 +70,47 @@ def run_soak(args, settings: Settings) -> int:
                               work / "soak-worker.log")
         try:
             wait_ready(port, worker)
-            t0, n = time.perf_counter(), replay(df, broker.url, settings.topic_in, progress=False)
-            while scrape(port).get("ok", 0) < n and time.perf_counter() - t0 < 600:
+            n = replay(df, broker.url, settings.topic_in, progress=False)  # warm every user's state
+            while scrape(port).get("ok", 0) < n:
                 time.sleep(0.2)
-            max_eps = n / (time.perf_counter() - t0)
-            rate = args.load * max_eps
-            report.update(max_events_per_s=round(max_eps), offered_events_per_s=round(rate))
-            print(f"max rate {max_eps:.0f} events/s ({n} events); soaking at {rate:.0f} events/s for {args.seconds}s")
             producer = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=2, acks=1)
             rng = random.Random(0)
+            sent = 0
+
+            def click() -> None:
+                nonlocal sent
+                u = rng.choice(users)
+                doc = {"user_id": u, "item_id": rng.choice(items), "ts": int(time.time() * 1000),
+                       "event_id": f"soak-{sent}"}
+                producer.send(settings.topic_in, key=u.encode(), value=orjson.dumps(doc))
+                sent += 1
+
+            # Max rate: the same kind of clicks as the soak, as fast as they go, until all are applied.
+            t0 = time.perf_counter()
+            for _ in range(args.max_events):
+                click()
+            producer.flush()
+            while scrape(port).get("ok", 0) < n + sent and time.perf_counter() - t0 < 900:
+                time.sleep(0.2)
+            max_eps = args.max_events / (time.perf_counter() - t0)
+            base = n + sent
+            rate = args.load * max_eps
+            report.update(max_events_per_s=round(max_eps), offered_events_per_s=round(rate))
+            print(f"max rate {max_eps:.0f} events/s ({args.max_events} clicks); soaking at {rate:.0f} events/s "
+                  f"for {args.seconds:.0f}s")
             t_start = time.perf_counter()
             next_sample, sent = t_start, 0
             try:
                 while (now := time.perf_counter()) - t_start < args.seconds:
-                    due = int((now - t_start) * rate) - sent
-                    for _ in range(max(0, due)):
-                        u = rng.choice(users)
-                        doc = {"user_id": u, "item_id": rng.choice(items), "ts": int(time.time() * 1000),
-                               "event_id": f"soak-{sent}"}
-                        producer.send(settings.topic_in, key=u.encode(), value=orjson.dumps(doc))
-                        sent += 1
+                    for _ in range(max(0, int((now - t_start) * rate) - sent)):
+                        click()
                     if now >= next_sample:
                         m = scrape(port)
                         s = {"t": round(now - t_start, 1), "rss_mb": round(rss_bytes(worker.pid) / 2**20, 1),
                              "lag": m["lag"], "ok": m.get("ok", 0), "sent": sent}
                         report["samples"].append(s)
                         log.info("soak t=%.0fs rss %.0f MB lag %d applied %d sent %d", s["t"], s["rss_mb"], s["lag"],
-                                 s["ok"] - n, sent)
+                                 s["ok"] - base, sent)
                         next_sample += args.every
                     time.sleep(0.005)
                 producer.flush()
