@@ -44,19 +44,15 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
-def _interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C, so the worker and broker are stopped
-
-
 def run_soak(args, settings: Settings) -> int:
     import orjson
     from kafka import KafkaProducer
 
     from stream.broker import EmbeddedBroker, free_port
     from stream.kafka_io import replay
-    from tools.demo import _prepare, start_worker, stop_process, wait_ready
+    from tools.demo import _prepare, interrupt, start_worker, stop_process, wait_ready
 
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     df, model_path, items_path = _prepare(args, settings, work)
