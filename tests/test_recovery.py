@@ -17,20 +17,15 @@ import pandas as pd
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from core.items import ItemTable
-from models.checkpoint import save_checkpoint
 from models.retrieval import Retriever
 from models.serving import Serving
-from models.train import TrainConfig, sequences_from_frame, train_model
 from stream.broker import EmbeddedBroker, free_port
 from stream.kafka_io import replay
 from tests.conftest import WorkerProc, event, produce, wait_until
-from tests.test_live_model import PARTITIONS, LastMessages
+from tests.test_live_model import PARTITIONS, LastMessages, small_hiertcn
 from tests.test_worker_integration import Outputs, setup_topics, table_counts
 from tools.demo import start_worker, stop_process, wait_ready
-from tools.evaluate import build_model
 from tools.offline import embed_users
-from tools.synth import synth_log
 
 T0 = 1_700_000_000_000
 
@@ -89,18 +84,12 @@ def test_two_workers_one_killed_then_back(broker: EmbeddedBroker, tmp_path, stan
     takes its partitions, rebuilds their state from the changelog and finishes: every user's last
     output equals offline `embed` (1e-4). The killed one restarts, partitions rebalance back, more
     events arrive for every user, and the outputs still equal `embed` on the whole log."""
-    df, ids, vecs = synth_log(users=200, items=300, days=3, seed=5, dim=16)
-    table = ItemTable(ids, vecs)
-    items = table.save(tmp_path / "items.npz")
-    model = build_model("hiertcn", table.padded_vectors(), hidden=32, channels=16)
-    train_model(model, list(sequences_from_frame(df, table).values()), TrainConfig(epochs=1), progress=False)
-    ckpt = tmp_path / "m.pt"
-    save_checkpoint(ckpt, model, table.fingerprint)
+    df, ids, table, items, model, ckpt = small_hiertcn(tmp_path, seed=5)
     broker.create_topics(["interactions", "recommendations"], partitions=PARTITIONS)
     broker.create_topics(["interactions.dlq"], partitions=1)
     extra = ("--partitions", str(PARTITIONS), "--topk", "10", "--batch-max-events", "128",
              "--standby-replicas", str(standby))
-    serving = Serving(model.eval(), table, Retriever(table.padded_vectors(), "flat", 10, "none"), "x")
+    serving = Serving(model, table, Retriever(table.padded_vectors(), "flat", 10, "none"), "x")
 
     def start(name: str) -> tuple[object, int]:
         port = free_port()

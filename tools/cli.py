@@ -153,6 +153,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "the dashboard panels from it at the end (livemb dashboard)")
     _log_args(p)
     _settings_args(p)
+
+    p = sub.add_parser("soak", help="the worker at a fraction of its max rate for a long time: RSS, lag, errors")
+    p.add_argument("--seconds", type=float, default=600.0)
+    p.add_argument("--load", type=float, default=0.7, help="fraction of the measured max rate")
+    p.add_argument("--every", type=float, default=10.0, help="sampling interval, seconds")
+    p.add_argument("--max-events", type=int, default=20_000, help="clicks sent at full speed to measure the max rate")
+    p.add_argument("--model", help="checkpoint (default: train a small HierTCN)")
+    p.add_argument("--items")
+    p.add_argument("--json", help="write the report here")
+    p.add_argument("--workdir", default="runs/soak")
+    _log_args(p)
+    _settings_args(p)
     return ap
 
 
@@ -238,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
             from tools.demo import run_demo
 
             return run_demo(args, settings)
+        elif args.cmd == "soak":
+            from tools.soak import run_soak
+
+            args.data = None
+            return run_soak(args, settings)
     except (ValueError, FileNotFoundError) as e:
         print(f"livemb {args.cmd}: error: {e}", file=sys.stderr)
         return 2

@@ -140,7 +140,13 @@ def _render_dashboard(prom, out: str, live_start: float) -> None:
           f"{p99 * 1000:.0f} ms (histogram_quantile over the bucket counts now minus {live} ago)")
 
 
+def interrupt(_signum: int, _frame: object) -> None:
+    """SIGTERM handler: unwind like Ctrl-C, so every `finally` stops the worker and broker it started."""
+    raise KeyboardInterrupt
+
+
 def run_demo(args, settings: Settings) -> int:
+    signal.signal(signal.SIGTERM, interrupt)
     from stream.broker import EmbeddedBroker, free_port
     from stream.kafka_io import consume, live_clicks, replay
 
