@@ -13,34 +13,27 @@ from __future__ import annotations
 
 import logging
 import signal
-from typing import Any
 
 from stream.metrics import Metrics
+from stream.ports import BatchProcessor
 
 log = logging.getLogger("livemb.worker")
 
 
-def install_sighup(processor: Any) -> bool:
-    """SIGHUP -> processor.request_reload(); processors without hot swap ignore the signal.
-
-    Without a handler SIGHUP would terminate the worker (the default action)."""
-    request = getattr(processor, "request_reload", None)
+def install_sighup(processor: BatchProcessor) -> None:
+    """SIGHUP -> processor.request_reload(). Without a handler SIGHUP would terminate the worker
+    (the default action)."""
 
     def on_hup(_sig: int, _frame: object) -> None:
         log.info("SIGHUP: checking the checkpoint and items files now")
-        if request is not None:
-            request()
+        processor.request_reload()
 
     signal.signal(signal.SIGHUP, on_hup)
-    return request is not None
 
 
-def reload_tick(processor: Any, metrics: Metrics) -> None:
-    check = getattr(processor, "maybe_reload", None)
-    if check is None:
-        return
-    check()
-    for result, n in getattr(processor, "reload_counts", {}).items():
+def reload_tick(processor: BatchProcessor, metrics: Metrics) -> None:
+    processor.maybe_reload()
+    for result, n in processor.reload_counts.items():
         seen = metrics.registry.get_sample_value("livemb_model_reloads_total", {"result": result}) or 0.0
         if n > seen:  # counters only go up: add what happened since the last tick
             metrics.model_reloads.labels(result).inc(n - seen)

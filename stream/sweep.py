@@ -31,13 +31,12 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from core.events import ValidEvent
 from core.settings import Settings
 from state.guard import unwrap
 from stream.metrics import Metrics
-from stream.ports import InputRecord, OutputRecord, OutputSink, StateStore
+from stream.ports import BatchProcessor, InputRecord, OutputRecord, OutputSink, StateStore
 
 log = logging.getLogger("livemb.sweep")
 
@@ -93,7 +92,7 @@ class IdleSweep:
     """Run after a batch (stream/app.py): index its applied events, and every `idle_sweep_s`
     publish a next-session message for each idle user. `processor.idle_messages` builds them."""
 
-    def __init__(self, settings: Settings, processor: Any, store: StateStore, sink: OutputSink,
+    def __init__(self, settings: Settings, processor: BatchProcessor, store: StateStore, sink: OutputSink,
                  metrics: Metrics | None = None, clock=time.monotonic) -> None:
         self.settings, self.processor, self.store, self.sink, self.metrics = settings, processor, store, sink, metrics
         self.index = OpenSessions()
@@ -101,7 +100,7 @@ class IdleSweep:
         self.gap_ms = int(settings.session_gap_s * 1000)
         self.clock = clock
         self._next = 0.0
-        self.enabled = settings.idle_sweep_s > 0 and hasattr(processor, "idle_messages")
+        self.enabled = settings.idle_sweep_s > 0
 
     def observe(self, records: Sequence[InputRecord], applied: Sequence[ValidEvent]) -> None:
         if not self.enabled:
