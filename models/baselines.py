@@ -7,7 +7,7 @@ slot with the largest `mem_seq`, the current session's items are the slots with
 (`cell` returns zeros), only `scores`.
 
 Each `scores` returns its explore scores rescaled per row into [-1, 1] (a positive scale per row,
-so rankings are unchanged) and, when `use_repeat and cfg.repeat`, adds the fixed "recent items
+so rankings are unchanged) and, unless the repeat mode is "none", adds the fixed "recent items
 first" heuristic (repeat.heuristic_bonus, >= ~1e3) on top: that is the "+rep" variant.
 
 `train_sequences` is a list of per-user tuples (items int64 1-based with 0 = unknown, etypes,
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from models import repeat
-from models.base import ModelConfig, SeqModel, register
+from models.base import ModelConfig, SeqModel, SeqOut, register
 
 TrainSequences = Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]
 
@@ -117,7 +117,7 @@ class _CountingBaseline(SeqModel):
         return {}, torch.zeros(item.shape[0], self.cfg.dim, device=inp.device)
 
     def forward_seq(self, inp, item, new_session, level, mask):
-        return torch.zeros(*item.shape, self.cfg.dim, device=inp.device)
+        return SeqOut(torch.zeros(*item.shape, self.cfg.dim, device=inp.device))
 
     def _fit_pop(self, items: np.ndarray) -> None:
         counts = np.bincount(items, minlength=self.n_items + 1).astype(np.float32)
@@ -136,10 +136,10 @@ class _CountingBaseline(SeqModel):
         """(B, N+1) raw scores, column 0 ignored."""
         raise NotImplementedError
 
-    def scores(self, state: dict[str, Tensor], u: Tensor | None = None, use_repeat: bool = True) -> Tensor:
+    def scores(self, state: dict[str, Tensor], u: Tensor | None = None, repeat_mode: str | None = None) -> Tensor:
         s = _rescale(self.explore(state).float())
         s[:, 0] = -math.inf
-        if use_repeat and self.cfg.repeat:
+        if (self.repeat_mode if repeat_mode is None else repeat_mode) != "none":
             s = repeat.add_to_scores(s, state["mem_item"], repeat.heuristic_bonus(state))
         return s
 
@@ -147,7 +147,7 @@ class _CountingBaseline(SeqModel):
     def last_item(state: dict[str, Tensor]) -> Tensor:
         """(B,) last known item from the memory (0 when the memory is empty)."""
         slot = state["mem_seq"].argmax(dim=1, keepdim=True)
-        return state["mem_item"].gather(1, slot).squeeze(1)
+        return state["mem_item"].gather(1, slot).squeeze(1).long()
 
 
 # ---------------------------------------------------------------------- models
@@ -276,7 +276,7 @@ class SessionKNN(_CountingBaseline):
         rows = max(1, min(self.chunk, self.max_cells // max(1, self.sess_len.shape[0])))
         for b0 in range(0, B, rows):
             sl = slice(b0, min(B, b0 + rows))
-            out[sl] += self._neighbour_scores(state["mem_item"][sl], state["mem_sess"][sl], state["session"][sl])
+            out[sl] += self._neighbour_scores(state["mem_item"][sl].long(), state["mem_sess"][sl].long(), state["session"][sl])
         return out
 
     def _neighbour_scores(self, mem_item: Tensor, mem_sess: Tensor, session: Tensor) -> Tensor:
@@ -314,7 +314,7 @@ class MaxItem(_CountingBaseline):
     name = "maxitem"
 
     def explore(self, state):
-        mem = state["mem_item"]
+        mem = state["mem_item"].long()
         # empty slots repeat the last item (which does not change the max); an empty memory is
         # all item 0, whose zero vector gives the all-zero row
         mem = torch.where(mem > 0, mem, self.last_item(state)[:, None])
