@@ -308,12 +308,17 @@ class SessionKNN(_CountingBaseline):
 
 @register
 class MaxItem(_CountingBaseline):
-    """MaxItem (HierTCN paper): score(i) = max over the items p in the user's memory of <x_p, x_i>.
-    Users with an empty memory score every item 0."""
+    """MaxItem (HierTCN paper): score(i) = max over the user's past items p of <x_p, x_i>.
+
+    From the state alone the max runs over the memory (users with an empty memory score every
+    item 0). The evaluation keeps a running max instead (`incremental`): initialised from the
+    memory after the warm-up, then one (B, N+1) product per applied event, never M of them per
+    scored event."""
 
     name = "maxitem"
+    incremental = True
 
-    def explore(self, state):
+    def _memory_max(self, state):
         mem = state["mem_item"].long()
         # empty slots repeat the last item (which does not change the max); an empty memory is
         # all item 0, whose zero vector gives the all-zero row
@@ -323,6 +328,28 @@ class MaxItem(_CountingBaseline):
         for m in range(1, mem.shape[1]):  # one (B, N+1) product per slot, never (B, M, N+1) at once
             torch.maximum(best, X[mem[:, m]] @ X.T, out=best)
         return best
+
+    def explore(self, state):
+        return self._memory_max(state)
+
+    def init_running(self, state: dict[str, Tensor]) -> Tensor:
+        """(B, N+1) running max, -inf for users with nothing in memory yet."""
+        best = self._memory_max(state)
+        return best.masked_fill(~(state["mem_item"] > 0).any(1)[:, None], -math.inf)
+
+    def update_running(self, run: Tensor, item: Tensor) -> None:
+        """Fold the applied event's item (B,) into the running max in place (unknown items: no-op)."""
+        x = self.item_vecs[item] @ self.item_vecs.T
+        run.copy_(torch.where((item > 0)[:, None], torch.maximum(run, x), run))
+
+    def scores(self, state, u=None, repeat_mode=None, running: Tensor | None = None):
+        if running is None:
+            return super().scores(state, u, repeat_mode)
+        s = _rescale(running.masked_fill(torch.isneginf(running), 0.0))
+        s[:, 0] = -math.inf
+        if (self.repeat_mode if repeat_mode is None else repeat_mode) != "none":
+            s = repeat.add_to_scores(s, state["mem_item"], repeat.heuristic_bonus(state))
+        return s
 
 
 __all__ = ["MaxItem", "Popularity", "SequentialRules", "SessionKNN", "gather_rows", "split_sessions"]
