@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # livemb worker image (CPU). Build:  docker build -t livemb .
 # Run:    docker run --rm -p 6066:6066 livemb worker --broker kafka://kafka:9092 --model /models/m.pt --items /models/items.npz
-# /metrics, /healthz and /readyz are served on LIVEMB_WEB_PORT (default 6066, tools/settings.py).
+# /metrics, /healthz and /readyz are served on LIVEMB_WEB_PORT (default 6066, core/settings.py).
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -24,6 +24,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
     && rm /tmp/requirements.txt
 
 # 3. The project itself (installs the `livemb` console script).
+COPY core/ core/
 COPY stream/ stream/
 COPY models/ models/
 COPY state/ state/
@@ -39,7 +40,7 @@ RUN groupadd --system --gid 10001 livemb \
 USER 10001:10001
 WORKDIR /var/lib/livemb
 
-# web_host defaults to 127.0.0.1 (tools/settings.py): bind all interfaces so Prometheus can scrape.
+# web_host defaults to 127.0.0.1 (core/settings.py): bind all interfaces so Prometheus can scrape.
 ENV LIVEMB_WEB_HOST=0.0.0.0 \
     LIVEMB_WEB_PORT=6066 \
     LIVEMB_DATA_DIR=/var/lib/livemb/worker

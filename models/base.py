@@ -51,7 +51,7 @@ class ModelConfig:
     etype_dim: int = 8  # event-type embedding size
     session_gap_ms: int = 1_800_000
     # -- repeat path (models/repeat.py) ---------------------------------------------------
-    recent_items: int = 64  # M, slots in the recent-items memory (64 x 20 bytes; docs/MODELS.md)
+    recent_items: int = 64  # M, slots in the recent-items memory (64 x 24 bytes; docs/MODELS.md)
     repeat: str = "mixture"  # "mixture" (learned), "rule" (fixed recent-first) or "none"
     # -- recurrent state: hiertcn, hiergru, hgru (long-term GRU), gru, hrnn ---------------
     hidden: int = 128  # H

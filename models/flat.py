@@ -44,7 +44,7 @@ class FlatTCN(SeqModel):
         self.window = cfg.receptive_field - 1
 
     def model_state_spec(self):
-        return {"win_item": ((self.window,), torch.int32), "win_etype": ((self.window,), torch.int8)}
+        return {"win_item": ((self.window,), torch.int64), "win_etype": ((self.window,), torch.int8)}
 
     def cell(self, st, inp, item, etype, new_session, level):
         W = self.window
@@ -53,7 +53,7 @@ class FlatTCN(SeqModel):
         seen = st["n_events"] + 1
         valid = torch.arange(W + 1, device=items.device)[None, :] >= (W + 1 - seen)[:, None]
         o = self.tcn(self.inputs(items, etypes), valid)[:, -1]
-        return {"win_item": items[:, 1:].to(torch.int32), "win_etype": etypes[:, 1:].to(torch.int8)}, self.out(o)
+        return {"win_item": items[:, 1:], "win_etype": etypes[:, 1:].to(torch.int8)}, self.out(o)
 
     def forward_seq(self, inp, item, new_session, level, mask):
         return SeqOut(self.out(self.tcn(inp, mask)))

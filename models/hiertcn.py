@@ -40,7 +40,7 @@ class HierTCN(HierarchicalModel):
         self.window = cfg.receptive_field - 1
 
     def encoder_state_spec(self):
-        return {"win_item": ((self.window,), torch.int32), "win_etype": ((self.window,), torch.int8)}
+        return {"win_item": ((self.window,), torch.int64), "win_etype": ((self.window,), torch.int8)}
 
     def encode_seq(self, x: Tensor, cond: Tensor, valid: Tensor) -> Tensor:
         N, L, _ = x.shape
@@ -58,4 +58,4 @@ class HierTCN(HierarchicalModel):
         sess_len = torch.where(new_session, torch.ones_like(st["sess_len"]), st["sess_len"] + 1)
         valid = torch.arange(W + 1, device=items.device)[None, :] >= (W + 1 - sess_len)[:, None]  # (B, R)
         o = self.encode_seq(self.inputs(items, etypes), h, valid)[:, -1]  # (B, C)
-        return {"win_item": items[:, 1:].to(torch.int32), "win_etype": etypes[:, 1:].to(torch.int8)}, o
+        return {"win_item": items[:, 1:], "win_etype": etypes[:, 1:].to(torch.int8)}, o

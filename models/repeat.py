@@ -3,9 +3,9 @@
 Real click logs are dominated by re-interactions, which an explore-only model (<u, x_item> over
 the catalogue) ranks poorly. The memory keeps M slots per user (LRU by event clock, ties to the
 lowest slot, so streaming and offline runs evict identically). Per slot, in compact dtypes so that
-M = 64 fits the 4 KiB state budget (20 bytes a slot, docs/MODELS.md has the measurement):
+M = 64 fits the 4 KiB state budget (24 bytes a slot, docs/MODELS.md has the measurement):
 
-    mem_item  int32  item index (0 = empty)
+    mem_item  int64  item index (0 = empty; int64 because the hot swap remaps it as int64)
     mem_count int16  touches since the item entered the memory (saturates at 32767)
     mem_seq   int32  event clock of the last touch (-1 = empty)
     mem_ts    int32  wall clock of the last touch, seconds since 2020-01-01 UTC (1952..2088)
@@ -41,7 +41,7 @@ COUNT_MAX = 32767
 
 def memory_spec(M: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     return {
-        "mem_item": ((M,), torch.int32),
+        "mem_item": ((M,), torch.int64),  # int64: the live hot swap remaps it with ItemTable.lookup (int64)
         "mem_count": ((M,), torch.int16),
         "mem_seq": ((M,), torch.int32),
         "mem_ts": ((M,), torch.int32),
@@ -68,7 +68,7 @@ def update_memory(st: dict[str, Tensor], item: Tensor, ts: Tensor, etype: Tensor
 
     Returns the memory fields in their storage dtypes (so a streamed state keeps its record size)."""
     M = st["mem_item"].shape[1]
-    item32 = item.to(torch.int32)
+    item32 = item.to(st["mem_item"].dtype)
     known = item > 0
     hit = (st["mem_item"] == item32[:, None]) & known[:, None]  # (B, M)
     has_hit = hit.any(dim=1)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from models import repeat
 from models.base import EventBatch, SeqModel, event_type_index, session_flags
+from models.grouping import group_by_user
 
 log = logging.getLogger(__name__)
 
@@ -50,21 +51,17 @@ class TrainConfig:
 Sequence = tuple[np.ndarray, np.ndarray, np.ndarray]  # items (1-based, 0 unknown), event types, ts ms
 
 
-def group_by_user(users: np.ndarray) -> list[np.ndarray]:
-    """THE group-by-user: row indices of each user, users in sorted order, rows in input order."""
-    order = np.lexsort((np.arange(len(users)), users))
-    users_sorted = users[order]
-    cuts = np.flatnonzero(users_sorted[1:] != users_sorted[:-1]) + 1
-    return [idx for idx in np.split(order, cuts) if len(idx)]
-
-
 def sequences_from_frame(df, table) -> dict[str, Sequence]:
     """Per-user (items, etypes, ts) arrays in time order from an event-log frame and an ItemTable."""
     items = table.lookup(df["item_id"].to_numpy())
     etypes = event_type_index(df["event_type"].to_numpy())
     ts = df["ts"].to_numpy(np.int64)
-    users = df["user_id"].to_numpy()
-    return {str(users[idx[0]]): (items[idx], etypes[idx], ts[idx]) for idx in group_by_user(users)}
+    users, groups = group_by_user(df["user_id"].to_numpy())
+    out = {}
+    for k in np.argsort(users, kind="stable"):  # users in sorted order (training batches depend on it)
+        idx = groups[k]
+        out[str(users[k])] = (items[idx], etypes[idx], ts[idx])
+    return out
 
 
 def make_chunks(seqs: list[Sequence], max_len: int) -> list[Sequence]:
@@ -94,7 +91,7 @@ class MemoryCache:
     The memory depends on the data only (not on parameters), so it is computed by the streaming
     update (repeat.update_memory, hence exactly the features serving computes) for all chunks at
     once before the first epoch, in groups of similar length, and each batch gathers its rows.
-    Storage: one (E, M) tensor per memory field in its compact dtype (20 bytes a slot), E = events.
+    Storage: one (E, M) tensor per memory field in its compact dtype (24 bytes a slot), E = events.
     """
 
     def __init__(self, model: SeqModel, chunks: list[Sequence], group: int = 4096):

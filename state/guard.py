@@ -15,12 +15,11 @@ import enum
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
+from core.events import ValidEvent
 from state.record import StateRecordError, decode, encode
-from stream.validate import ValidEvent
 
 _NO_TS = -(2**63)
 
@@ -192,32 +191,3 @@ def plan_batch(
 
 def _unique(xs: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(xs))
-
-
-class OffsetContinuity:
-    """Detects input offsets that were never delivered to the agent (a hole in a partition).
-
-    Measured with faust-streaming 0.15.3 on a restart with a backlog: the stream got offsets
-    ..., 415, 418, ... of a partition; 416-417 were dropped inside Faust's consumer and Faust's
-    commit moved past them, so they are lost for state. The offset guard cannot see that (it only
-    judges what arrives); this detector makes it visible (metric + error log). Seeking back from
-    the agent stalled the partition in tests, so it only reports (see docs/STREAMING.md).
-    """
-
-    def __init__(self) -> None:
-        self.expected: dict[Any, int] = {}
-
-    def forget(self, tps: Iterable[Any]) -> None:
-        for tp in tps:
-            self.expected.pop(tp, None)
-
-    def observe(self, items: Sequence[tuple[Any, int]]) -> list[tuple[Any, int, int]]:
-        """items: (tp, offset) in arrival order. Returns holes as (tp, first missing, next seen)."""
-        holes: list[tuple[Any, int, int]] = []
-        for tp, off in items:
-            exp = self.expected.get(tp)
-            if exp is not None and off > exp:
-                holes.append((tp, exp, off))
-            if exp is None or off >= exp:
-                self.expected[tp] = off + 1
-        return holes

@@ -14,27 +14,16 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from core.events import ValidEvent
+
 if TYPE_CHECKING:
-    from tools.settings import Settings
+    from core.settings import Settings
 
 MAX_USER_ID_CHARS = 128
 # A DLQ record carries the raw input; cap it so a huge bad message cannot exceed the broker's
 # message size limit when re-produced (base64 grows it by 4/3).
 MAX_DLQ_RAW_BYTES = 256 * 1024
 _INT64_MAX = 2**63 - 1
-
-
-@dataclass(frozen=True, slots=True)
-class ValidEvent:
-    user_id: str
-    item_id: str
-    ts: int  # event time, epoch ms
-    event_type: str
-    event_id: str
-    partition: int
-    offset: int
-    topic: str = ""
-    raw: bytes = field(default=b"", repr=False, compare=False)  # kept for a too_late DLQ record
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,7 +40,7 @@ def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: flo
 
 
 class WorkerProc:
-    """`python -m stream.app` in a subprocess with its own data dir and HTTP port."""
+    """`livemb worker` with the counting processor in a subprocess, own data dir and HTTP port."""
 
     def __init__(self, broker: EmbeddedBroker, data_dir: Path, log_dir: Path, partitions: int = 4) -> None:
         self.broker, self.data_dir, self.log_dir = broker, data_dir, log_dir
@@ -57,7 +57,8 @@ class WorkerProc:
         self.runs += 1
         self.port = free_port()
         cmd = [
-            sys.executable, "-m", "stream.app", "--broker", self.broker.url, "--data-dir", str(self.data_dir),
+            sys.executable, "-m", "tools.cli", "worker", "--processor", "tests.counting:make_processor",
+            "--broker", self.broker.url, "--data-dir", str(self.data_dir),
             "--web-port", str(self.port), "--partitions", str(self.partitions),
             "--batch-max-events", str(batch_max_events), "--loglevel", "info",
         ]  # fmt: skip

@@ -52,11 +52,11 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
 
 def test_demo_prepares_log_items_and_model(tmp_path):
     # The demo's first step (synth log, planted items, a small HierTCN) without the broker part.
+    from core.items import ItemTable
+    from core.settings import load_settings
     from models.checkpoint import load_checkpoint
     from tools.cli import build_parser
     from tools.demo import _prepare
-    from tools.items import ItemTable
-    from tools.settings import load_settings
 
     args = build_parser().parse_args(["demo", "--workdir", str(tmp_path)])
     df, model_path, items_path = _prepare(args, load_settings(), tmp_path)

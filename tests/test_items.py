@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tools.items import ItemTable
+from core.items import ItemTable
 
 
 def _table(n: int = 5, d: int = 4) -> ItemTable:

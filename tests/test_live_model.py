@@ -14,15 +14,16 @@ import orjson
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
+from core.items import ItemTable
 from models.checkpoint import save_checkpoint
+from models.retrieval import Retriever
+from models.serving import Serving
 from models.train import TrainConfig, sequences_from_frame, train_model
 from stream.broker import free_port
 from stream.kafka_io import replay
-from stream.retrieval import Retriever
 from tests.conftest import wait_until
 from tools.demo import start_worker, stop_process, wait_ready
 from tools.evaluate import build_model
-from tools.items import ItemTable
 from tools.offline import embed_users
 from tools.synth import synth_log
 
@@ -84,8 +85,8 @@ def test_live_worker_equals_offline_embed_across_sigkill(broker, tmp_path):
         stop_process(w, 30)
         out.c.close()
 
-    retriever = Retriever(table.padded_vectors(), "flat", 10, "none")
-    offline = {u: orjson.loads(m) for u, m in embed_users(model.eval(), table, df, retriever, "x")}
+    serving = Serving(model.eval(), table, Retriever(table.padded_vectors(), "flat", 10, "none"), "x")
+    offline = {u: orjson.loads(m) for u, m in embed_users(serving, df)}
     live = out.last
     worst = max(np.abs(np.array(live[u]["embedding"]) - np.array(offline[u]["embedding"])).max() for u in offline)
     assert worst <= 1e-4, f"live vs offline max abs diff {worst}"

@@ -13,9 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core.items import ItemTable
 from models.train import TrainConfig
 from tools.evaluate import DEFAULT_VARIANT, run_evaluation
-from tools.items import ItemTable
 from tools.synth import synth_log
 
 pytestmark = pytest.mark.slow

@@ -5,15 +5,14 @@ import orjson
 import pytest
 import torch
 
+from core.items import ItemTable
+from core.settings import Settings
 from models.checkpoint import save_checkpoint
 from models.train import TrainConfig, sequences_from_frame, train_model
 from stream.processor import ModelProcessor
-from stream.retrieval import Retriever
 from stream.validate import ValidEvent
 from tools.evaluate import build_model
-from tools.items import ItemTable
 from tools.offline import embed_users
-from tools.settings import Settings
 from tools.synth import synth_log
 
 
@@ -46,13 +45,12 @@ def test_microbatches_equal_offline_embed(served):
     for chunk in np.array_split(np.arange(len(events)), 7):
         batch = [events[i] for i in chunk]
         users = {e.user_id for e in batch}
-        new, outs, extra = proc.process(batch, {u: blobs.get(u) for u in users})
-        blobs.update(new)
-        assert len(outs) == len(users)  # one message per user per batch
-        for u, raw in outs:
+        res = proc.process(batch, {u: blobs.get(u) for u in users})
+        blobs.update(res.states)
+        assert len(res.outputs) == len(users)  # one message per user per batch
+        for u, raw in res.outputs:
             last_msg[u] = orjson.loads(raw)
-    retriever = Retriever(table.padded_vectors(), "flat", settings.topk, "none")
-    offline = {u: orjson.loads(m) for u, m in embed_users(proc.serving.model, table, df, retriever, proc.serving.tag)}
+    offline = {u: orjson.loads(m) for u, m in embed_users(proc.serving, df)}
     assert set(offline) == set(last_msg) == set(df["user_id"])
     for u, want in offline.items():
         got = last_msg[u]
@@ -67,10 +65,10 @@ def test_unknown_items_are_counted_and_state_is_fixed_size(served):
     proc = ModelProcessor(settings)
     ev = [ValidEvent("u-new", "no-such-item", 1_700_000_000_000, "click", "e1", 0, 0),
           ValidEvent("u-new", table.ids[0], 1_700_000_001_000, "cart", "e2", 0, 1)]
-    new, outs, extra = proc.process(ev, {"u-new": None})
-    assert extra["unknown_item"] == 1 and extra["sessions_started"] == 1
-    assert len(new["u-new"]) <= 4096
-    msg = orjson.loads(outs[0][1])
+    res = proc.process(ev, {"u-new": None})
+    assert res.unknown_items == 1 and res.sessions_started == 1
+    assert len(res.states["u-new"]) <= 4096
+    msg = orjson.loads(res.outputs[0][1])
     assert msg["items_version"] == table.fingerprint and len(msg["embedding"]) == table.dim
 
 
@@ -81,7 +79,7 @@ def test_hot_swap_of_items_remaps_state(served, tmp_path):
     s = settings.model_copy(update={"items_path": str(items_path)})
     proc = ModelProcessor(s, reload_check_s=0.0)
     e1 = ValidEvent("u1", table.ids[5], 1_700_000_000_000, "click", "a", 0, 0)
-    new, _, _ = proc.process([e1], {"u1": None})
+    new = proc.process([e1], {"u1": None}).states
     # reversed catalogue order: same ids and vectors, different indices and fingerprint
     swapped = ItemTable(table.ids[::-1].copy(), table.vectors[::-1].copy())
     swapped.save(items_path)
@@ -89,7 +87,8 @@ def test_hot_swap_of_items_remaps_state(served, tmp_path):
 
     os.utime(items_path, (1e9, 2e9))
     e2 = ValidEvent("u1", table.ids[6], 1_700_000_010_000, "click", "b", 0, 1)
-    new2, outs, _ = proc.process([e2], new)
+    res = proc.process([e2], new)
+    new2, outs = res.states, res.outputs
     assert proc.serving.table.fingerprint == swapped.fingerprint
     from state.record import decode
 
@@ -98,3 +97,18 @@ def test_hot_swap_of_items_remaps_state(served, tmp_path):
     assert held == {table.ids[5], table.ids[6]}  # the old item survived the swap by id
     assert orjson.loads(outs[0][1])["items_version"] == swapped.fingerprint
     assert torch.get_num_threads() == settings.torch_threads
+
+
+def test_foreign_and_unreadable_rows_are_refused_per_user(served):
+    """A row written by another model, or not a state record at all, refuses only its own user."""
+    from state.record import encode
+
+    df, table, settings = served
+    proc = ModelProcessor(settings)
+    other_model = encode({"hist": np.zeros(3, np.int64)}, {"count": 3})
+    batch = [ValidEvent(u, table.ids[1], 1_700_000_000_000 + i, "click", f"e{i}", 0, i)
+             for i, u in enumerate(["foreign", "good", "junk", "good"])]
+    res = proc.process(batch, {"foreign": other_model, "good": None, "junk": b"not a record at all"})
+    assert set(res.rejected) == {"foreign", "junk"}
+    assert "another model" in res.rejected["foreign"]
+    assert set(res.states) == {"good"} and [u for u, _ in res.outputs] == ["good"]

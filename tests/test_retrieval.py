@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from models import MODEL_REGISTRY, EventBatch, ModelConfig
-from stream.retrieval import Retriever, recall_vs_exact
+from models.retrieval import Retriever, recall_vs_exact
 
 
 def setup(exclude="none", topk=5, name="mv"):

@@ -7,9 +7,10 @@ import struct
 import numpy as np
 import pytest
 
-from state.guard import Decision, GuardState, OffsetContinuity, keep_newer, plan_batch, position, unwrap, wrap
+from core.events import ValidEvent
+from state.guard import Decision, GuardState, keep_newer, plan_batch, position, unwrap, wrap
 from state.record import MAGIC, StateRecordError, decode, encode, fingerprint
-from stream.validate import ValidEvent
+from stream.gap_repair import OffsetContinuity
 
 
 def sample() -> tuple[dict[str, np.ndarray], dict[str, int]]:

@@ -7,8 +7,8 @@ import base64
 import orjson
 import pytest
 
+from core.settings import Settings
 from stream.validate import Invalid, ValidEvent, derive_event_id, too_late, validate
-from tools.settings import Settings
 
 NOW = 1_700_000_000_000
 S = Settings()

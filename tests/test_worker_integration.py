@@ -1,6 +1,6 @@
 """The worker against a real embedded Tansu broker, with the CountingProcessor (no model).
 
-Workers run as subprocesses (`python -m stream.app`) and are stopped by PID (SIGTERM / SIGKILL).
+Workers run as subprocesses (`livemb worker --processor tests.counting:make_processor`) and are stopped by PID (SIGTERM / SIGKILL).
 Every wait is an explicit poll with a timeout.
 """
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 
+from core.settings import EXCLUDE_SEEN, INDEX_KINDS, load_settings
 from models.train import LOSSES, TrainConfig
 from tools.item_embeddings import KINDS as ITEM_VECTOR_KINDS
-from tools.settings import load_settings
 
 
 def _log_args(p: argparse.ArgumentParser) -> None:
@@ -35,8 +36,8 @@ def _settings_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--broker", help="kafka://host:port")
     p.add_argument("--device", help="auto | cpu | cuda")
     p.add_argument("--topk", type=int)
-    p.add_argument("--exclude-seen", choices=["none", "session", "history"])
-    p.add_argument("--index", choices=["flat", "hnsw", "ivfpq"])
+    p.add_argument("--exclude-seen", choices=EXCLUDE_SEEN)
+    p.add_argument("--index", choices=INDEX_KINDS)
     p.add_argument("--session-gap-s", type=float)
 
 
@@ -94,8 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=9092)
 
     p = sub.add_parser("worker", help="the production worker (any Kafka cluster)")
-    p.add_argument("--model", required=True, help="checkpoint (livemb train)")
-    p.add_argument("--items", required=True, help="items.npz the checkpoint was trained with")
+    p.add_argument("--model", help="checkpoint (livemb train); required unless --processor is given")
+    p.add_argument("--items", help="items.npz the checkpoint was trained with; required with --model")
+    p.add_argument("--processor", help="module:factory(settings) -> BatchProcessor instead of the model "
+                   "(tests use tests.counting:make_processor)")
     p.add_argument("--data-dir", help="RocksDB state directory (default runs/worker)")
     p.add_argument("--web-port", type=int, help="/metrics, /healthz, /readyz port")
     p.add_argument("--partitions", type=int)
@@ -122,6 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
     _log_args(p)
     _settings_args(p)
     return ap
+
+
+def load_processor(spec: str | None, settings):
+    """The model processor, or 'module:factory' where factory(settings) -> BatchProcessor."""
+    if spec is None:
+        from stream.processor import ModelProcessor
+
+        return ModelProcessor(settings)
+    mod, _, name = spec.partition(":")
+    if not name:
+        raise ValueError(f"--processor must be module:factory, got {spec!r}")
+    return getattr(importlib.import_module(mod), name)(settings)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,9 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_broker_foreground(args.port)
         elif args.cmd == "worker":
             from stream.app import run_worker
-            from stream.processor import ModelProcessor
 
-            run_worker(settings, ModelProcessor(settings), args.loglevel)
+            run_worker(settings, load_processor(args.processor, settings), args.loglevel)
         elif args.cmd == "replay":
             from stream.kafka_io import replay
 

@@ -20,14 +20,14 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tools.settings import Settings
+from core.settings import Settings
 
 log = logging.getLogger("livemb.demo")
 
 
 def _prepare(args, settings: Settings, work: Path):
+    from core.items import ItemTable
     from tools import offline
-    from tools.items import ItemTable
     from tools.synth import synth_log, write_log
 
     if args.data:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from core.settings import EXCLUDE_SEEN
 from models import MODEL_REGISTRY, EventBatch, ModelConfig, SeqModel, repeat
 from models.base import opens_session
 from models.metrics import RankAccumulator, ranks_of
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 REPEATS = ("rep", "rule", "norep")  # the model's own repeat path, the fixed rule, none
 REPEAT_MODE_OF = {"rule": "rule", "norep": "none"}  # "rep": the model's configured mode
-EXCLUDES = ("none", "session", "history")
+EXCLUDES = EXCLUDE_SEEN
 VARIANTS = [(rep, excl) for rep in REPEATS for excl in EXCLUDES]
 DEFAULT_VARIANT = "rep+none"
 

@@ -26,7 +26,7 @@ import logging
 import numpy as np
 import pandas as pd
 
-from tools.items import ItemTable
+from core.items import ItemTable
 
 log = logging.getLogger(__name__)
 

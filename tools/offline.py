@@ -7,11 +7,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
+from core.items import ItemTable
 from models import EventBatch
-from models.checkpoint import load_checkpoint, model_version, save_checkpoint
+from models.checkpoint import save_checkpoint
+from models.serving import Serving
 from models.train import TrainConfig, sequences_from_frame, train_model
 from tools.evaluate import (
     build_model,
@@ -23,7 +24,6 @@ from tools.evaluate import (
 )
 from tools.eventlog import parse_columns, read_log, temporal_split
 from tools.item_embeddings import build_item_vectors
-from tools.items import ItemTable
 
 log = logging.getLogger("livemb")
 
@@ -86,35 +86,27 @@ def cmd_evaluate(args, settings) -> dict:
     return report
 
 
-def embed_users(model, table: ItemTable, df, retriever, model_tag: str, batch_users: int = 512):
-    """Final embedding and candidates per user after all events of `df` (output-topic format)."""
-    from stream.publish import build_messages
-
-    seqs = sequences_from_frame(df, table)
+def embed_users(serving: Serving, df, batch_users: int = 512):
+    """Final embedding and candidates per user after all events of `df` (output-topic format),
+    through the same `Serving` unit as the live worker."""
+    seqs = sequences_from_frame(df, serving.table)
     users = sorted(seqs)
     last_ts = df.groupby("user_id")["ts"].max()
     for i in tqdm(range(0, len(users), batch_users), desc="embed", unit="batch"):
         group = users[i : i + batch_users]
-        ev = EventBatch.from_sequences(*zip(*(seqs[u] for u in group), strict=True)).to(model.device)
-        with torch.no_grad():
-            st, u = model.step(model.init_state(len(group)), ev)
-        items, scores = retriever.candidates(model, st, u)
-        yield from build_messages(group, u, st, items, scores, table, last_ts.loc[group].to_numpy(), model_tag,
-                                  emitted_at=int(time.time() * 1000))
+        ev = EventBatch.from_sequences(*zip(*(seqs[u] for u in group), strict=True))
+        st, u = serving.advance(serving.model.init_state(len(group)), ev)
+        yield from serving.messages(group, st, u, last_ts.loc[group].to_numpy(), emitted_at=int(time.time() * 1000))
 
 
 def cmd_embed(args, settings) -> None:
-    from stream.retrieval import Retriever
-
     df = load_log(args.data, args.columns, args.ts_unit)
-    table = ItemTable.load(args.items)
-    model = load_checkpoint(args.model, table.padded_vectors(), table.fingerprint)
-    retriever = Retriever(table.padded_vectors(), settings.index, settings.topk, settings.exclude_seen)
-    tag = f"{model.name}@{model_version(args.model)}"
+    serving = Serving.load(args.model, args.items, index=settings.index, topk=settings.topk,
+                           exclude_seen=settings.exclude_seen)
     n = 0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "wb") as f:
-        for _user, msg in embed_users(model, table, df, retriever, tag):
+        for _user, msg in embed_users(serving, df):
             f.write(msg + b"\n")
             n += 1
     print(f"wrote {n} users to {args.out}")

@@ -17,6 +17,7 @@ import faiss
 import numpy as np
 import torch
 
+from core.settings import EXCLUDE_SEEN, INDEX_KINDS
 from models import repeat
 from models.base import SeqModel
 
@@ -38,15 +39,15 @@ def build_index(vectors: np.ndarray, kind: str = "flat", seed: int = 0) -> faiss
         index.train(train)
         index.nprobe = min(nlist, 16)
     else:
-        raise ValueError(f"index must be flat, hnsw or ivfpq, got {kind!r}")
+        raise ValueError(f"index must be one of {', '.join(INDEX_KINDS)}, got {kind!r}")
     index.add(x)
     return index
 
 
 class Retriever:
     def __init__(self, vectors: np.ndarray, kind: str = "flat", topk: int = 20, exclude_seen: str = "none"):
-        if exclude_seen not in ("none", "session", "history"):
-            raise ValueError(f"exclude_seen must be none, session or history, got {exclude_seen!r}")
+        if exclude_seen not in EXCLUDE_SEEN:
+            raise ValueError(f"exclude_seen must be one of {', '.join(EXCLUDE_SEEN)}, got {exclude_seen!r}")
         self.kind, self.topk, self.exclude_seen = kind, topk, exclude_seen
         self.n_items = vectors.shape[0] - 1
         self.index = build_index(vectors, kind)

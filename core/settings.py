@@ -7,10 +7,16 @@ reads `os.environ` for configuration.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The choices of a setting, defined once: the CLI, the retriever and evaluation read them from here.
+ExcludeSeen = Literal["none", "session", "history"]
+EXCLUDE_SEEN: tuple[str, ...] = get_args(ExcludeSeen)
+IndexKind = Literal["flat", "hnsw", "ivfpq"]
+INDEX_KINDS: tuple[str, ...] = get_args(IndexKind)
 
 
 class Settings(BaseSettings):
@@ -41,8 +47,8 @@ class Settings(BaseSettings):
     model_path: str | None = None
     items_path: str | None = None
     topk: int = Field(20, ge=1)
-    exclude_seen: Literal["none", "session", "history"] = "none"
-    index: Literal["flat", "hnsw", "ivfpq"] = "flat"
+    exclude_seen: ExcludeSeen = "none"
+    index: IndexKind = "flat"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # One intra-op thread: on 2 cores with another busy process, torch with 2 threads collapsed
     # 40-300x in measurements (see docs/ARCHITECTURE.md).

@@ -1,0 +1,85 @@
+"""Serving a model: the unit the live worker and offline `livemb embed` share, so their outputs agree.
+
+`Serving` bundles what one batch needs (model, item table, retriever, `<name>@<version>` tag) and
+is swapped as a whole on a hot reload. `advance` is the one batched model step; `messages` runs
+the one faiss search of the batch and builds the `recommendations` JSON (SPEC section 5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+import torch
+
+from core.items import ItemTable
+from core.settings import ExcludeSeen, IndexKind
+from models.base import EventBatch, SeqModel
+from models.checkpoint import load_checkpoint, model_version
+from models.retrieval import Retriever
+
+
+@dataclass
+class Serving:
+    model: SeqModel
+    table: ItemTable
+    retriever: Retriever
+    tag: str  # "<name>@<version>"
+
+    @classmethod
+    def load(cls, model_path: str, items_path: str, *, index: IndexKind = "flat", topk: int = 20,
+             exclude_seen: ExcludeSeen = "none", device: str = "cpu", allow_new_items: bool = False) -> Serving:
+        table = ItemTable.load(items_path)
+        model = load_checkpoint(model_path, table.padded_vectors(), table.fingerprint, allow_new_items=allow_new_items)
+        if not model.embeds:
+            raise ValueError(f"model {model.name} has no user embedding; only embedding models can be served")
+        model.to(device).eval()
+        retriever = Retriever(table.padded_vectors(), index, topk, exclude_seen)
+        return cls(model, table, retriever, f"{model.name}@{model_version(model_path)}")
+
+    def advance(self, state: dict[str, torch.Tensor], ev: EventBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One batched step of every user of the batch through their events: (new state, u (B, D))."""
+        with torch.no_grad():
+            return self.model.step(state, ev.to(self.model.device))
+
+    def messages(self, users: Sequence[str], state: dict[str, torch.Tensor], u: torch.Tensor,
+                 event_ts: np.ndarray, emitted_at: int) -> Iterator[tuple[str, bytes]]:
+        """Top-K for the batch (one search) and one output message per user."""
+        items, scores = self.retriever.candidates(self.model, state, u)
+        return build_messages(users, u, state, items, scores, self.table, event_ts, self.tag, emitted_at)
+
+
+def build_messages(
+    users: Sequence[str],
+    u: torch.Tensor,
+    state: dict[str, torch.Tensor],
+    items: np.ndarray,
+    scores: np.ndarray,
+    table: ItemTable,
+    event_ts: np.ndarray,
+    model_tag: str,
+    emitted_at: int,
+) -> Iterator[tuple[str, bytes]]:
+    """Yield (user_id, JSON bytes). One device->host copy per batch; a Python loop per user only
+    to assemble each user's JSON (never per dimension)."""
+    emb = u.detach().float().cpu().numpy()
+    sessions = state["session"].cpu().numpy()
+    ids = table.id_of(items)  # (B, K) str, '' for "no candidate"
+    for b, user in enumerate(users):
+        keep = items[b] > 0
+        cands = [{"item_id": i, "score": float(s)} for i, s in zip(ids[b][keep].tolist(), scores[b][keep].tolist(), strict=True)]
+        yield user, orjson.dumps(
+            {
+                "user_id": user,
+                "embedding": emb[b],
+                "candidates": cands,
+                "session_id": f"{user}:{int(sessions[b])}",
+                "event_ts": int(event_ts[b]),
+                "emitted_at": emitted_at,
+                "model": model_tag,
+                "items_version": table.fingerprint,
+            },
+            option=orjson.OPT_SERIALIZE_NUMPY,
+        )

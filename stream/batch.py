@@ -1,0 +1,213 @@
+"""One micro-batch from consumed records to written state: the worker's whole per-batch logic.
+
+The commit order (docs/STREAMING.md quotes this list; the code marks each step `# Step N`):
+
+  1. Continuity: input offsets the consumer skipped inside a partition are re-read from the
+     broker and put before the batch (stream/gap_repair.py).
+  2. Validate: each record becomes a `ValidEvent` or an `Invalid` (-> DLQ with its reason).
+  3. Read: each touched user's row, once, under that user's own partition.
+  4. Guard: every event is decided against the row's input offset, event-id memory and last_ts
+     (state/guard.py): apply / late / duplicate / redelivered / too_late (-> DLQ). A row that
+     cannot be read refuses that user's events (-> DLQ) and is kept for inspection.
+  5. Process: ONE processor call for the batch's applied events -> a new state and one output
+     per user. A user whose stored state the processor refuses (unreadable, another model's)
+     goes to the DLQ alone; a processor failure sends the batch's applied events to the DLQ.
+  6. Publish: outputs and DLQ records are sent, and the step waits for the broker's acks.
+  7. Write: ONE put per touched user = new state + guard (input offset, dedupe memory, last_ts).
+  8. Commit: the caller acks the records; Faust flushes the changelog producer, then commits
+     the consumer offsets.
+
+A crash before step 7 replays the batch: outputs and DLQ records repeat (at-least-once), state
+is written once. A crash after 7 (or part-way through it) re-delivers events whose offsets the
+written rows already hold: they are skipped as redelivered, the rest apply (state exactly-once).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from core.events import ValidEvent
+from core.settings import Settings
+from state.guard import BatchPlan, plan_batch, wrap
+from stream.gap_repair import OffsetContinuity
+from stream.metrics import Metrics
+from stream.ports import BatchProcessor, GapReader, InputRecord, OutputRecord, OutputSink, StateStore, StepResult
+from stream.validate import Invalid, reject, too_late, validate
+
+log = logging.getLogger("livemb.worker")
+
+Partition = tuple[str, int]  # (topic, partition)
+
+
+@dataclass
+class BatchReport:
+    """What one batch did: the counters the metrics get, and what tests assert on."""
+
+    counts: Counter[str] = field(default_factory=Counter)  # events_total outcomes
+    dlq: Counter[str] = field(default_factory=Counter)  # DLQ records by reason
+    outputs: int = 0
+    new_users: int = 0
+    sessions_started: int = 0
+    gap_records: int = 0
+    last_offsets: dict[Partition, int] = field(default_factory=dict)
+
+
+class BatchStep:
+    def __init__(
+        self,
+        settings: Settings,
+        processor: BatchProcessor,
+        store: StateStore,
+        sink: OutputSink,
+        metrics: Metrics | None = None,
+        gaps: GapReader | None = None,
+    ) -> None:
+        self.settings, self.processor, self.store, self.sink = settings, processor, store, sink
+        self.metrics, self.gaps = metrics, gaps
+        self.continuity = OffsetContinuity()
+        self.lateness_ms = int(settings.max_lateness_s * 1000)
+
+    def forget(self, partitions: Sequence[Partition]) -> None:
+        """Partitions revoked from this worker: their continuity restarts at the next record seen."""
+        self.continuity.forget(partitions)
+
+    async def run(self, records: Sequence[InputRecord]) -> BatchReport:
+        t0 = time.perf_counter()
+        report = BatchReport(last_offsets={(r.topic, r.partition): r.offset for r in records})
+        anchor = {(r.topic, r.partition): r for r in records}  # a consumed record per partition
+        records = await self.repair_gaps(records, report)  # Step 1
+        valid, bad = self.validate(records, report)  # Step 2
+        rows, at = self.read_rows(valid, anchor)  # Step 3
+        plan = self.guard(valid, rows, bad, report)  # Step 4
+        result = self.process(plan, bad, report)  # Step 5
+        published = await self.publish(result, bad)  # Step 6
+        self.write_states(plan, result, at, rows, report)  # Step 7
+        # Step 8 is the caller's: ack the records; Faust then commits the offsets.
+        self.observe(records, result, bad, report, {e.user_id: e.ts for e in plan.to_apply}, t0, published)
+        return report
+
+    # ------------------------------------------------------------------ the steps
+    async def repair_gaps(self, records: Sequence[InputRecord], report: BatchReport) -> list[InputRecord]:
+        """Step 1. A hole precedes the offsets after it, and a user lives in one partition, so the
+        re-read records go first."""
+        holes = self.continuity.observe([((r.topic, r.partition), r.offset) for r in records])
+        repaired: list[InputRecord] = []
+        for (topic, partition), first, end in holes:
+            log.warning("input %s[%d]: offsets %d..%d were skipped by the consumer; re-reading them",
+                        topic, partition, first, end - 1)
+            report.gap_records += end - first
+            if self.gaps is not None:
+                repaired += await self.gaps.read(topic, partition, first, end)
+        return [*repaired, *records]
+
+    def validate(self, records: Sequence[InputRecord], report: BatchReport) -> tuple[list[ValidEvent], list[Invalid]]:
+        """Step 2."""
+        now_ms = int(time.time() * 1000)
+        valid: list[ValidEvent] = []
+        bad: list[Invalid] = []
+        for r in records:
+            v = validate(r.value, r.topic, r.partition, r.offset, now_ms, self.settings, key=r.key)
+            (bad if isinstance(v, Invalid) else valid).append(v)
+        report.counts["invalid"] += len(bad)
+        return valid, bad
+
+    def read_rows(self, valid: Sequence[ValidEvent], anchor: dict[Partition, InputRecord]
+                  ) -> tuple[dict[str, bytes | None], dict[str, InputRecord]]:
+        """Step 3. One read per user, addressed under a consumed record of the user's partition
+        (also the address of the user's write in step 7)."""
+        rows: dict[str, bytes | None] = {}
+        at: dict[str, InputRecord] = {}
+        for ev in valid:
+            if ev.user_id not in at:
+                at[ev.user_id] = anchor[(ev.topic, ev.partition)]
+                rows[ev.user_id] = self.store.get(ev.user_id, at[ev.user_id])
+        return rows, at
+
+    def guard(self, valid: Sequence[ValidEvent], rows: dict[str, bytes | None], bad: list[Invalid],
+              report: BatchReport) -> BatchPlan:
+        """Step 4."""
+        plan = plan_batch(valid, rows, self.settings.dedupe_memory, self.lateness_ms)
+        for uid, err in plan.unreadable.items():
+            log.error("state row of user %r is unreadable, its events go to the DLQ: %s", uid, err)
+        report.counts.update(plan.counts())
+        report.counts["error"] += len(plan.rejected)
+        bad.extend(reject(e, "state_unreadable") for e in plan.rejected)
+        bad.extend(too_late(e) for e in plan.too_late())
+        return plan
+
+    def process(self, plan: BatchPlan, bad: list[Invalid], report: BatchReport) -> StepResult:
+        """Step 5."""
+        if not plan.to_apply:
+            return StepResult(states={}, outputs=[])
+        states = {e.user_id: plan.inner[e.user_id] for e in plan.to_apply}
+        try:
+            result = self.processor.process(plan.to_apply, states)
+        except Exception:  # noqa: BLE001 - a model bug must not kill the worker or lose events silently
+            log.exception("processor failed on a batch of %d events; they go to the DLQ", len(plan.to_apply))
+            bad.extend(reject(e, "processing_error") for e in plan.to_apply)
+            _recount_as_error(plan, plan.to_apply, report)
+            return StepResult(states={}, outputs=[])
+        if result.rejected:
+            for uid, why in result.rejected.items():
+                log.error("stored state of user %r refused by the processor, its events go to the DLQ: %s", uid, why)
+            refused = [e for e in plan.to_apply if e.user_id in result.rejected]
+            bad.extend(reject(e, "state_unreadable") for e in refused)
+            _recount_as_error(plan, refused, report)
+        report.counts["unknown_item"] += result.unknown_items
+        report.sessions_started += result.sessions_started
+        return result
+
+    async def publish(self, result: StepResult, bad: Sequence[Invalid]) -> tuple[float, float]:
+        """Step 6. Returns once the broker acknowledged every output and DLQ record, with the
+        time of that moment (wall-clock ms, perf_counter s) for the latency metrics."""
+        s = self.settings
+        out = [OutputRecord(s.topic_out, u.encode(), v) for u, v in result.outputs]
+        out += [OutputRecord(s.topic_dlq, None, b.dlq_payload()) for b in bad]
+        if out:
+            await self.sink.publish(out)
+        return time.time() * 1000, time.perf_counter()
+
+    def write_states(self, plan: BatchPlan, result: StepResult, at: dict[str, InputRecord],
+                     rows: dict[str, bytes | None], report: BatchReport) -> None:
+        """Step 7. One put per touched user (a refused user's row is kept as it is)."""
+        for uid in plan.dirty:
+            if uid in result.rejected:
+                continue
+            self.store.put(uid, wrap(plan.guards[uid], result.states.get(uid, plan.inner[uid])), at[uid])
+            report.new_users += rows.get(uid) is None
+
+    def observe(self, records: Sequence[InputRecord], result: StepResult, bad: Sequence[Invalid],
+                report: BatchReport, last_ts: dict[str, int], t0: float, published: tuple[float, float]) -> None:
+        """Metrics of the batch (after the commit-order steps; nothing here can lose an event)."""
+        m = self.metrics
+        report.outputs = len(result.outputs)
+        report.dlq.update(b.reason for b in bad)
+        if m is None:
+            return
+        pub_ms, elapsed = published[0], published[1] - t0
+        m.batch_size.observe(len(records))
+        if result.outputs:
+            m.model_step.observe(result.model_step_seconds)
+            m.topk.observe(result.topk_seconds)
+        for u, _ in result.outputs:
+            m.event_to_publish.observe(max(0.0, (pub_ms - last_ts[u]) / 1000))
+            m.ingest_to_publish.observe(elapsed)
+        m.count(report.counts)
+        m.users_in_state.inc(report.new_users)
+        m.sessions_started.inc(report.sessions_started)
+        m.outputs.inc(report.outputs)
+        m.input_gaps.inc(report.gap_records)
+        for reason, n in report.dlq.items():
+            m.dlq.labels(reason).inc(n)
+
+
+def _recount_as_error(plan: BatchPlan, events: Sequence[ValidEvent], report: BatchReport) -> None:
+    """Events the guard counted as applied (ok / late) that went to the DLQ after all."""
+    decided = {(e.partition, e.offset): d.value for e, d in plan.decisions}
+    for e in events:
+        report.counts[decided[(e.partition, e.offset)]] -= 1
+    report.counts["error"] += len(events)

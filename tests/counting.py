@@ -1,0 +1,36 @@
+"""A BatchProcessor without a model, for worker tests: state = per-user event count and last ts;
+output = the count as JSON. Loaded by `livemb worker --processor tests.counting:make_processor`."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import orjson
+
+from core.events import ValidEvent
+from state.record import decode, encode
+from stream.ports import ModelInfo, StepResult
+
+
+class CountingProcessor:
+    ready = True
+
+    def model_info(self) -> ModelInfo | None:
+        return None
+
+    def process(self, events: list[ValidEvent], states: dict[str, bytes | None]) -> StepResult:
+        counts = {u: 0 if blob is None else int(decode(blob)[1]["count"]) for u, blob in states.items()}
+        last: dict[str, ValidEvent] = {}
+        for ev in events:
+            counts[ev.user_id] = counts.get(ev.user_id, 0) + 1
+            last[ev.user_id] = ev
+        new = {u: encode({"hist": np.zeros(1, np.int64)}, {"count": counts[u], "last_ts": e.ts}) for u, e in last.items()}
+        now = int(time.time() * 1000)
+        outs = [(u, orjson.dumps({"user_id": u, "count": counts[u], "event_ts": e.ts, "emitted_at": now}))
+                for u, e in last.items()]
+        return StepResult(states=new, outputs=outs)
+
+
+def make_processor(_settings: object) -> CountingProcessor:
+    return CountingProcessor()
