@@ -205,7 +205,7 @@ def train_model(model: SeqModel, seqs: list[Sequence], cfg: TrainConfig, progres
     """Train in place; returns {"epoch_seconds": [...], "loss": [...]}. Refuses a NaN loss."""
     if cfg.loss not in LOSSES:
         raise ValueError(f"unknown loss {cfg.loss!r}; choose from {LOSSES}")
-    history: dict[str, list[float]] = {"epoch_seconds": [], "loss": []}
+    history: dict = {"epoch_seconds": [], "loss": [], "targets": 0}
     if not model.trainable:
         if hasattr(model, "fit"):
             model.fit(seqs)
@@ -217,7 +217,9 @@ def train_model(model: SeqModel, seqs: list[Sequence], cfg: TrainConfig, progres
     if not chunks:
         raise ValueError("no training sequence has two or more events")
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    t_mem = time.perf_counter()
     memory = MemoryCache(model, chunks) if model.repeat_mode == "mixture" else None
+    history["memory_seconds"] = time.perf_counter() - t_mem  # the one-off memory replay
     model.train()
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
@@ -244,6 +246,7 @@ def train_model(model: SeqModel, seqs: list[Sequence], cfg: TrainConfig, progres
         dt = time.perf_counter() - t0
         history["epoch_seconds"].append(dt)
         history["loss"].append(total / max(count, 1))
+        history["targets"] = count
         log.info("%s epoch %d/%d loss %.4f (%.1fs, %d targets, %.0f targets/s)", model.name, epoch + 1, cfg.epochs,
                  history["loss"][-1], dt, count, count / max(dt, 1e-9))
     model.eval()
