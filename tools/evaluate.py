@@ -92,6 +92,7 @@ def evaluate_model(
     gap = model.cfg.session_gap_ms
     learned = model.repeat_mode == "mixture"  # otherwise "rep" is the fixed rule (or none) already
     skipped = 0
+    in_memory = 0  # scored targets already in the recent-items memory (what a repeat path can reach)
     empty = (np.zeros(0, np.int64),) * 3
     total = sum(len(test[x][0]) for x in users)
     bar = tqdm(total=total, desc=f"eval {model.name}", unit="ev", disable=not progress, leave=False, mininterval=2.0)
@@ -108,6 +109,7 @@ def evaluate_model(
             scored = target > 0
             skipped += int((~scored).sum())
             if scored.any():
+                in_memory += int((sk["mem_item"][scored] == target[scored, None]).any(1).sum())
                 opens = opens_session(ev.ts[:k, t], sk["last_ts"], gap)
                 u_next = model.next_session_embedding(sk)
                 # the serving side knows the request time, so a returning user gets the start embedding
@@ -136,6 +138,7 @@ def evaluate_model(
     out = {name: acc.summary(model.n_items) for name, acc in accs.items()}
     out["session_start"] = starts.summary(model.n_items)
     out["targets_skipped_unknown_item"] = skipped
+    out["targets_in_memory"] = in_memory
     return out
 
 
@@ -165,11 +168,13 @@ def run_evaluation(df, table, models: list[str], train_cfg: TrainConfig, test_fr
         t1 = time.perf_counter()
         variants = evaluate_model(model, train, test, progress=progress)
         skipped = variants.pop("targets_skipped_unknown_item")
+        in_memory = variants.pop("targets_in_memory")
         session_start = variants.pop("session_start")
         res = dict(variants[DEFAULT_VARIANT])
         res.update(train_seconds=round(train_seconds, 2), eval_seconds=round(time.perf_counter() - t1, 2),
                    epoch_seconds=[round(s, 2) for s in hist["epoch_seconds"]],
-                   targets_skipped_unknown_item=skipped, session_start=session_start, variants=variants)
+                   targets_skipped_unknown_item=skipped, session_start=session_start, variants=variants,
+                   memory_hit_rate=round(in_memory / max(res["events_scored"], 1), 4))
         results[name] = res
         log.info("%s: recall@10 %.4f mrr %.4f (train %.1fs)", name, res["recall@10"], res["mrr"], train_seconds)
     dataset = {
