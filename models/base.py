@@ -312,19 +312,24 @@ class SeqModel(nn.Module):
         s[:, 0] = -math.inf
         return s
 
-    def memory_scores(self, state: dict[str, Tensor], u: Tensor, mode: str | None = None,
-                      logz: Tensor | None = None, gate_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def memory_scores(self, state: dict[str, Tensor], u: Tensor, mode: str | None = None, logz: Tensor | None = None,
+                      gate_state: Tensor | None = None, explore_all: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """THE explore+repeat score, split for a merge with any explore retrieval (full catalogue or faiss):
 
         returns shift (B,) and mem (B, M): an item outside the memory scores <u, x_i> + shift, the
         item of memory slot m scores mem[:, m] (-inf for empty slots). `logz` (B,) is the
         log-sum-exp of the explore scores over the catalogue (computed when None and needed);
-        `gate_state` defaults to `gate_state(state)` (training passes the offline one).
+        `gate_state` defaults to `gate_state(state)` (training passes the offline one);
+        `explore_all` (B, N+1), when the caller has the catalogue's explore scores, saves the
+        (B, M, D) gather of the memory's vectors.
         """
         mode = self.repeat_mode if mode is None else mode
         mem_item = state["mem_item"].long()
         filled = mem_item > 0
-        explore = (self.item_vecs[mem_item] * u[:, None, :]).sum(-1)  # (B, M)
+        if explore_all is None:
+            explore = (self.item_vecs[mem_item] * u[:, None, :]).sum(-1)  # (B, M)
+        else:
+            explore = explore_all.gather(1, mem_item).masked_fill(~filled, 0.0)
         shift = torch.zeros(u.shape[0], dtype=u.dtype, device=u.device)
         if mode == "none":
             mem = explore
@@ -347,7 +352,7 @@ class SeqModel(nn.Module):
         if mode == "none":
             return s
         logz = torch.logsumexp(s[:, 1:], dim=1) if mode == "mixture" else None
-        shift, mem = self.memory_scores(state, u, mode, logz)
+        shift, mem = self.memory_scores(state, u, mode, logz, explore_all=s)
         out = s + shift[:, None]
         out.scatter_(1, state["mem_item"].long(), mem)  # slots hold distinct items; empty slots hit column 0
         out[:, 0] = -math.inf

@@ -159,7 +159,7 @@ def mixture_loss(model: SeqModel, ev: EventBatch, memory: MemoryCache, rows: Ten
     s = model.explore_scores(u_t)  # (n, N+1), the full catalogue
     logz = torch.logsumexp(s[:, 1:], dim=1)
     st = memory.state_at(rows[:, :-1][sel.cpu()], model.device)  # memory after event t, (n, M)
-    shift, mem = model.memory_scores(st, u_t, "mixture", logz, None if gate is None else gate[sel])
+    shift, mem = model.memory_scores(st, u_t, "mixture", logz, None if gate is None else gate[sel], explore_all=s)
     in_mem = st["mem_item"].long() == tgt[:, None]
     explore_lp = s.gather(1, tgt[:, None]).squeeze(1) + shift
     mem_lp = mem.masked_fill(~in_mem, -math.inf).amax(dim=1)
