@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The choices of a setting, defined once: the CLI, the retriever and evaluation read them from here.
@@ -25,6 +25,15 @@ class Settings(BaseSettings):
     # --- Kafka ---------------------------------------------------------------------------
     broker: str = "kafka://127.0.0.1:9092"
     app_id: str = "livemb"
+    # Connection security (stream/security.py passes these to Faust/aiokafka and kafka-python).
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    ssl_cafile: str | None = None  # CA bundle that signed the brokers' certificates (default: system CAs)
+    ssl_certfile: str | None = None  # client certificate (mutual TLS), with ssl_keyfile
+    ssl_keyfile: str | None = None
+    ssl_check_hostname: bool = True
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None  # masked in repr and logs
     topic_in: str = "interactions"
     topic_out: str = "recommendations"
     topic_dlq: str = "interactions.dlq"
@@ -67,6 +76,20 @@ class Settings(BaseSettings):
     # back at once instead of waiting out the dead session. None = dynamic membership.
     group_instance_id: str | None = None
     commit_interval_s: float = Field(1.0, gt=0)
+    # How long the worker waits for an unreachable broker at start-up (retrying with backoff, one
+    # log line per try, /readyz 503) before it exits non-zero. 0 = wait for ever (a supervised service).
+    broker_wait_s: float = Field(0.0, ge=0)
+    # Standby copies of other workers' table partitions: a survivor that already holds them takes
+    # over without reading the whole changelog. 0 = none (one worker needs none).
+    standby_replicas: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _security_is_complete(self) -> Settings:
+        if self.security_protocol.startswith("SASL") and not (self.sasl_username and self.sasl_password):
+            raise ValueError(f"security_protocol {self.security_protocol} needs sasl_username and sasl_password")
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise ValueError("ssl_certfile and ssl_keyfile go together (mutual TLS)")
+        return self
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -63,6 +63,14 @@ def load_checkpoint(path: str | Path, item_vectors, items_fingerprint: str, allo
     cfg = ModelConfig.from_dict(blob["config"])
     if cfg.name not in MODEL_REGISTRY:
         raise CheckpointError(f"checkpoint {path} holds unknown model {cfg.name!r}")
+    shape = tuple(item_vectors.shape)
+    if len(shape) != 2 or shape[1] != cfg.dim:
+        beside = Path(path).with_suffix(".items.npz")
+        hint = f" ({beside}, saved beside it by `livemb train`)" if beside.exists() else ""
+        raise CheckpointError(
+            f"checkpoint {path} was trained on {cfg.dim}-d item vectors, but the given item vectors have shape "
+            f"{shape} (N+1 rows with the unknown item): pass the items file it was trained with{hint}"
+        )
     model = MODEL_REGISTRY[cfg.name](cfg, item_vectors)
     try:
         model.load_state_dict(blob["state_dict"])

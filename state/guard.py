@@ -65,12 +65,15 @@ class GuardState:
         self.ring[self.pos] = h
         self.pos = (self.pos + 1) % self.size
 
-    def decide(self, ev: ValidEvent, max_lateness_ms: int) -> Decision:
-        """Classify one event and update the guard (not the model state) accordingly."""
-        if ev.partition == self.partition and ev.offset <= self.offset:
+    def decide(self, ev: ValidEvent, max_lateness_ms: int, log_id: int = 0) -> Decision:
+        """Classify one event and update the guard (not the model state) accordingly. `log_id`
+        names the incarnation of the input topic (see `source_key`)."""
+        source = source_key(ev.partition, log_id)
+        if source == self.partition and ev.offset <= self.offset:
             return Decision.REDELIVERED
-        # A different partition (topic re-partitioned) cannot be compared: reset the offset.
-        self.partition, self.offset = ev.partition, ev.offset
+        # Another partition (topic re-partitioned) or another log (topic re-created, a broker
+        # that lost its data) cannot be compared by offset: start over from this event.
+        self.partition, self.offset = source, ev.offset
         h = event_hash(ev.event_id)
         if self.seen(h):
             return Decision.DUPLICATE
@@ -81,6 +84,12 @@ class GuardState:
         self.last_ts = max(self.last_ts, ev.ts)
         self.applied += 1
         return Decision.LATE if late else Decision.APPLY
+
+
+def source_key(partition: int, log_id: int) -> int:
+    """The stored "partition" of a guard: the input partition, tagged with a 30-bit id of the topic's
+    incarnation (0 when the broker has no topic ids: then it is the plain partition number)."""
+    return ((log_id & 0x3FFF_FFFF) << 32) | partition
 
 
 def wrap(g: GuardState, inner: bytes | None) -> bytes:
@@ -162,9 +171,12 @@ class BatchPlan:
 
 
 def plan_batch(
-    events: Sequence[ValidEvent], rows: dict[str, bytes | None], dedupe_memory: int, max_lateness_ms: int
+    events: Sequence[ValidEvent], rows: dict[str, bytes | None], dedupe_memory: int, max_lateness_ms: int,
+    log_ids: dict[str, int] | None = None,
 ) -> BatchPlan:
-    """Decide every event of a batch (arrival order) against the users' stored envelopes."""
+    """Decide every event of a batch (arrival order) against the users' stored envelopes.
+    `log_ids`: topic -> id of its current incarnation (absent topics: 0)."""
+    log_ids = log_ids or {}
     guards: dict[str, GuardState] = {}
     inner: dict[str, bytes | None] = {}
     unreadable: dict[str, str] = {}
@@ -180,7 +192,7 @@ def plan_batch(
     for ev in events:
         if ev.user_id in unreadable:
             continue
-        d = guards[ev.user_id].decide(ev, max_lateness_ms)
+        d = guards[ev.user_id].decide(ev, max_lateness_ms, log_ids.get(ev.topic, 0))
         decisions.append((ev, d))
         if d is not Decision.REDELIVERED:
             dirty.add(ev.user_id)

@@ -105,6 +105,8 @@ def decode(blob: bytes, expect_fingerprint: int | None = None) -> tuple[Arrays, 
         raise StateRecordError(f"not a livemb state record (magic {magic!r}, expected {MAGIC!r})")
     if version != VERSION:
         raise StateRecordError(f"state record format version {version}; this build reads version {VERSION}")
+    if _flags != 0:  # none defined yet: a set bit is corruption or a newer writer
+        raise StateRecordError(f"state record has unknown flags {_flags:#04x}")
     body = blob[_PREFIX.size :]
     if len(body) != body_len:
         raise StateRecordError(f"state record truncated or padded: body {len(body)} bytes, header says {body_len}")

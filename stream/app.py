@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,11 @@ from core.settings import Settings
 from stream import faust_compat
 from stream.batch import BatchStep
 from stream.gap_repair import GapRepair
-from stream.kafka_io import bootstrap_of
+from stream.kafka_io import BrokerUnreachable, bootstrap_of, plain_consumer, wait_for_broker
+from stream.logs import quiet_repeats
 from stream.metrics import Metrics, serve
 from stream.ports import BatchProcessor, InputRecord, OutputRecord
+from stream.security import faust_credentials, kafka_python_security
 
 log = logging.getLogger("livemb.worker")
 TABLE_NAME = "user_state"
@@ -65,7 +68,7 @@ def faust_config(settings: Settings) -> dict[str, Any]:
         web_enabled=False,  # stream.metrics serves HTTP itself (up before recovery finishes)
         topic_partitions=settings.partitions,
         topic_replication_factor=1,
-        table_standby_replicas=0,
+        table_standby_replicas=settings.standby_replicas,
         consumer_auto_offset_reset="earliest",
         processing_guarantee="at_least_once",  # exactly_once: InitProducerId v0 fails on Tansu
         recovery_consistency_check=False,  # Tansu's ListOffsets end is low: see docs/STREAMING.md
@@ -76,11 +79,14 @@ def faust_config(settings: Settings) -> dict[str, Any]:
         stream_wait_empty=True,
         **({"consumer_group_instance_id": settings.group_instance_id} if settings.group_instance_id else {}),
         producer_linger=0.0,
+        broker_credentials=faust_credentials(settings),  # TLS / SASL (stream/security.py)
     )
 
 
 def make_app(settings: Settings, processor: BatchProcessor, metrics: Metrics) -> faust.App:
     faust_compat.tune_fetch_wait(settings.fetch_max_wait_ms)
+    security = kafka_python_security(settings)
+    faust_compat.install_exact_recovery(lambda: plain_consumer(settings.broker, security))
     app = faust.App(settings.app_id, **faust_config(settings))
     raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     t_in = app.topic(settings.topic_in, partitions=settings.partitions, **raw)
@@ -95,7 +101,7 @@ def make_app(settings: Settings, processor: BatchProcessor, metrics: Metrics) ->
     )
     step = BatchStep(
         settings, processor, TableStore(table), TopicSink({settings.topic_out: t_out, settings.topic_dlq: t_dlq}),
-        metrics, GapRepair(bootstrap_of(settings.broker)),
+        metrics, GapRepair(bootstrap_of(settings.broker), group_id=settings.app_id, security=security),
     )  # fmt: skip
 
     @app.on_partitions_revoked.connect
@@ -119,7 +125,9 @@ def make_app(settings: Settings, processor: BatchProcessor, metrics: Metrics) ->
     @app.timer(0.25)
     async def readiness() -> None:
         nonlocal counted
-        done = app.tables.recovery.completed.is_set() and not app.rebalancing
+        rec = faust_compat.recovery_progress(app, time.monotonic())
+        metrics.observe_recovery(rec.recovering, rec.to_restore, rec.remaining, rec.seconds)
+        done = app.tables.recovery.completed.is_set() and not app.rebalancing and not rec.recovering
         if done and not counted:  # once, after recovery: rows already on disk
             metrics.users_in_state.set(sum(1 for _ in table.keys()))
             counted = True
@@ -139,8 +147,15 @@ def run_worker(settings: Settings, processor: BatchProcessor, loglevel: str = "i
     except OSError as e:
         raise ValueError(f"cannot create the data directory {settings.data_dir!r}: {e.strerror}") from None
     metrics = Metrics()
-    server = serve(metrics, settings.web_port, settings.web_host)
+    server = serve(metrics, settings.web_port, settings.web_host)  # /readyz answers 503 while waiting
     log.info("metrics on http://%s:%s/metrics", settings.web_host, server.server_port)
+    quiet_repeats()
+    metrics.readiness.set("model_loaded", processor.ready)
+    try:
+        wait_for_broker(settings.broker, settings.broker_wait_s, security=kafka_python_security(settings))
+    except BrokerUnreachable:
+        server.shutdown()
+        raise
     app = make_app(settings, processor, metrics)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     try:

@@ -6,8 +6,9 @@ The commit order (docs/STREAMING.md quotes this list; the code marks each step `
      broker and put before the batch (stream/gap_repair.py).
   2. Validate: each record becomes a `ValidEvent` or an `Invalid` (-> DLQ with its reason).
   3. Read: each touched user's row, once, under that user's own partition.
-  4. Guard: every event is decided against the row's input offset, event-id memory and last_ts
-     (state/guard.py): apply / late / duplicate / redelivered / too_late (-> DLQ). A row that
+  4. Guard: every event is decided against the row's input offset (of the same topic incarnation),
+     event-id memory and last_ts (state/guard.py): apply / late / duplicate / redelivered /
+     too_late (-> DLQ). A row that
      cannot be read refuses that user's events (-> DLQ) and is kept for inspection.
   5. Process: ONE processor call for the batch's applied events -> a new state and one output
      per user. A user whose stored state the processor refuses (unreadable, another model's)
@@ -35,7 +36,7 @@ from core.settings import Settings
 from state.guard import BatchPlan, plan_batch, wrap
 from stream.gap_repair import OffsetContinuity
 from stream.metrics import Metrics
-from stream.ports import BatchProcessor, GapReader, InputRecord, OutputRecord, OutputSink, StateStore, StepResult
+from stream.ports import BatchProcessor, InputLog, InputRecord, OutputRecord, OutputSink, StateStore, StepResult
 from stream.validate import Invalid, reject, too_late, validate
 
 log = logging.getLogger("livemb.worker")
@@ -64,11 +65,12 @@ class BatchStep:
         store: StateStore,
         sink: OutputSink,
         metrics: Metrics | None = None,
-        gaps: GapReader | None = None,
+        gaps: InputLog | None = None,
     ) -> None:
         self.settings, self.processor, self.store, self.sink = settings, processor, store, sink
         self.metrics, self.gaps = metrics, gaps
         self.continuity = OffsetContinuity()
+        self.log_ids: dict[str, int] = {}  # topic -> id of its incarnation, refreshed per assignment
         self.lateness_ms = int(settings.max_lateness_s * 1000)
 
     def forget(self, partitions: Sequence[Partition]) -> None:
@@ -93,8 +95,15 @@ class BatchStep:
     # ------------------------------------------------------------------ the steps
     async def repair_gaps(self, records: Sequence[InputRecord], report: BatchReport) -> list[InputRecord]:
         """Step 1. A hole precedes the offsets after it, and a user lives in one partition, so the
-        re-read records go first."""
-        holes = self.continuity.observe([((r.topic, r.partition), r.offset) for r in records])
+        re-read records go first. A partition's first batch since its assignment is checked against
+        the group's committed offset (Faust 0.15.3 can drop the very first records it fetched), and
+        the topic's incarnation id is refreshed: offsets of a re-created topic (a broker that lost
+        its log) are not comparable with the stored ones."""
+        keys = [(r.topic, r.partition) for r in records]
+        if self.gaps is not None:
+            await self.refresh_log_ids(records)
+            await self.seed_from_commits(self.continuity.unseen(keys))
+        holes = self.continuity.observe([(k, r.offset) for k, r in zip(keys, records, strict=True)])
         repaired: list[InputRecord] = []
         for (topic, partition), first, end in holes:
             log.warning("input %s[%d]: offsets %d..%d were skipped by the consumer; re-reading them",
@@ -103,6 +112,34 @@ class BatchStep:
             if self.gaps is not None:
                 repaired += await self.gaps.read(topic, partition, first, end)
         return [*repaired, *records]
+
+    async def refresh_log_ids(self, records: Sequence[InputRecord]) -> None:
+        """Part of step 1: ask for the topic's incarnation id when a partition is new since the
+        assignment or its offsets went back without a rebalance (aiokafka resets the position
+        when a topic is re-created). A changed id starts the topic's partitions over."""
+        assert self.gaps is not None
+        check: dict[str, None] = {}
+        for r in records:
+            exp = self.continuity.expected.get((r.topic, r.partition))
+            if exp is None or r.offset < exp - 1:
+                check[r.topic] = None
+        for topic in check:
+            new = await self.gaps.log_id(topic)
+            old = self.log_ids.get(topic)
+            if old is not None and new != old:
+                log.warning("input topic %s was re-created (log id %08x -> %08x): its offsets start over; "
+                            "events from the new log are applied, none is taken for a redelivery", topic, old, new)
+                self.continuity.forget([k for k in self.continuity.expected if k[0] == topic])
+            self.log_ids[topic] = new
+
+    async def seed_from_commits(self, fresh: Sequence[Partition]) -> None:
+        """Part of step 1: expect the group's committed offset as the first offset of a partition
+        new since the assignment (Faust 0.15.3 can drop the very first records it fetched)."""
+        assert self.gaps is not None
+        for topic in dict.fromkeys(t for t, _ in fresh):
+            committed = await self.gaps.committed(topic, [p for t, p in fresh if t == topic])
+            for p, off in committed.items():
+                self.continuity.seed((topic, p), off)
 
     def validate(self, records: Sequence[InputRecord], report: BatchReport) -> tuple[list[ValidEvent], list[Invalid]]:
         """Step 2."""
@@ -130,7 +167,7 @@ class BatchStep:
     def guard(self, valid: Sequence[ValidEvent], rows: dict[str, bytes | None], bad: list[Invalid],
               report: BatchReport) -> BatchPlan:
         """Step 4."""
-        plan = plan_batch(valid, rows, self.settings.dedupe_memory, self.lateness_ms)
+        plan = plan_batch(valid, rows, self.settings.dedupe_memory, self.lateness_ms, self.log_ids)
         for uid, err in plan.unreadable.items():
             log.error("state row of user %r is unreadable, its events go to the DLQ: %s", uid, err)
         report.counts.update(plan.counts())
@@ -174,8 +211,8 @@ class BatchStep:
     def write_states(self, plan: BatchPlan, result: StepResult, at: dict[str, InputRecord],
                      rows: dict[str, bytes | None], report: BatchReport) -> None:
         """Step 7. One put per touched user (a refused user's row is kept as it is)."""
-        for uid in plan.dirty:
-            if uid in result.rejected:
+        for uid in rows:  # first-appearance order: a crash part-way leaves a deterministic prefix
+            if uid not in plan.dirty or uid in result.rejected:
                 continue
             self.store.put(uid, wrap(plan.guards[uid], result.states.get(uid, plan.inner[uid])), at[uid])
             report.new_users += rows.get(uid) is None

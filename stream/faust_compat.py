@@ -8,17 +8,24 @@ an upgrade instead of the worker failing at run time.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
+import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import aiokafka
 import faust.streams
 from faust.stores.rocksdb import Store as RocksDBStore
+from faust.tables.recovery import Recovery
 from faust.tables.table import Table
 
 from state.guard import keep_newer
+
+log = logging.getLogger("livemb.worker")
 
 TESTED_FAUST = "0.15"
 
@@ -30,6 +37,10 @@ PRIVATE_API: tuple[tuple[object, str], ...] = (
     (Table, "_new_store_by_url"),
     (faust.streams, "_current_event"),
     (aiokafka, "AIOKafkaConsumer"),
+    (Recovery, "_build_highwaters"),
+    (Recovery, "_build_offsets"),
+    (Recovery, "active_remaining_total"),
+    (Recovery, "in_recovery"),
 )
 
 
@@ -113,3 +124,94 @@ def widen_producer_buffer(app: Any, max_messages: int) -> None:
     """Each state write queues one changelog message; let a whole batch fit before Faust's
     conductor pauses for the producer buffer (0.15.3 default 100, no setting for it)."""
     app.producer.buffer.max_messages = max(app.producer.buffer.max_messages, max_messages)
+
+
+# ---------------------------------------------------------------------------- changelog recovery
+def fetch_end_offsets(new_consumer: Callable[[], Any], reported: dict[tuple[str, int], int],
+                      timeout_s: float = 10.0) -> dict[tuple[str, int], int]:
+    """End offsets of partitions from Fetch responses' high-water mark (blocking).
+
+    Why: Tansu's ListOffsets(latest) returns the base offset + 1 of *some* recent batch, lower than
+    the true end, while the high-water mark in a fetch response is right (measured: batches
+    1,1,5,10,100,3 -> true end 120, ListOffsets 118 or 119, fetch high-water 120). Seeking to the
+    reported end and fetching once gives the high-water even when no record follows. On a correct
+    broker the two agree, so this costs one fetch per partition at recovery start.
+    """
+    from kafka import TopicPartition
+
+    consumer = new_consumer()
+    try:
+        tps = {key: TopicPartition(*key) for key in reported}
+        consumer.assign(list(tps.values()))
+        for key, tp in tps.items():
+            consumer.seek(tp, max(0, reported[key]))
+        ends: dict[tuple[str, int], int] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(ends) < len(tps) and time.monotonic() < deadline:
+            consumer.poll(200, max_records=1)
+            for key, tp in tps.items():
+                hw = consumer.highwater(tp)
+                if hw is not None:
+                    ends[key] = max(int(hw), reported[key])
+        for key in tps.keys() - ends.keys():
+            log.warning("no fetch high-water for changelog %s[%d] in %.0fs; using ListOffsets %d",
+                        *key, timeout_s, reported[key])
+            ends[key] = reported[key]
+        return ends
+    finally:
+        consumer.close()
+
+
+def install_exact_recovery(new_consumer: Callable[[], Any]) -> None:
+    """Make Faust's table recovery read every changelog partition to its fetch high-water mark.
+
+    Why: Faust 0.15.3 (`Recovery._build_highwaters`) stops recovery at ListOffsets(latest) - 1; on
+    Tansu that is too low, so a worker rebuilding a lost data directory missed the last changelog
+    batch of each partition. Replaces that private method (active and standby partitions both use
+    it) with one that asks `fetch_end_offsets`; `new_consumer()` builds a kafka-python consumer with
+    the worker's connection settings. Process-wide and idempotent.
+    """
+
+    async def _build_highwaters(self: Recovery, consumer: Any, tps: Any, destination: Any, title: str) -> None:
+        reported = await consumer.highwaters(*tps)
+        by_key = {(tp.topic, tp.partition): (tp, -1 if v is None else int(v)) for tp, v in reported.items()}
+        ends = await asyncio.get_running_loop().run_in_executor(
+            None, fetch_end_offsets, new_consumer, {k: v for k, (_, v) in by_key.items()}
+        )
+        fixed = {tp: ends[k] - 1 for k, (tp, _) in by_key.items()}  # Faust counts to the last offset
+        for k, (tp, low) in by_key.items():
+            if ends[k] != low:
+                log.info("changelog %s[%d]: end offset %d (ListOffsets said %d)", tp.topic, tp.partition, ends[k], low)
+        destination.clear()
+        destination.update(fixed)
+
+    base_build_offsets = getattr(Recovery._build_offsets, "_livemb_base", Recovery._build_offsets)
+
+    async def _build_offsets(self: Recovery, consumer: Any, tps: Any, destination: Any, title: str) -> None:
+        await base_build_offsets(self, consumer, tps, destination, title)
+        if title == "active":  # start offsets and ends are both known now: what this recovery reads
+            self._livemb_to_restore = int(self.active_remaining_total())
+
+    _build_offsets._livemb_base = base_build_offsets  # type: ignore[attr-defined]
+    Recovery._build_highwaters = _build_highwaters
+    Recovery._build_offsets = _build_offsets
+
+
+@dataclass(frozen=True)
+class RecoveryProgress:
+    recovering: bool
+    to_restore: int  # changelog records between the start offsets and the ends, current (or last) recovery
+    remaining: int
+    seconds: float  # duration of the current recovery, or of the last completed one
+
+
+def recovery_progress(app: Any, now: float) -> RecoveryProgress:
+    """Faust's recovery state of the app's active table partitions (private attributes of 0.15.3:
+    `_recovery_started_at`/`_recovery_ended_at`; `to_restore` is recorded by `install_exact_recovery`)."""
+    rec = app.tables.recovery
+    started = getattr(rec, "_recovery_started_at", None)
+    ended = getattr(rec, "_recovery_ended_at", None)
+    recovering = bool(rec.in_recovery)
+    seconds = 0.0 if started is None else ((now if recovering or ended is None else ended) - started)
+    remaining = int(rec.active_remaining_total())
+    return RecoveryProgress(recovering, max(getattr(rec, "_livemb_to_restore", 0), remaining), remaining, seconds)

@@ -11,6 +11,7 @@ guard makes this idempotent: a record that was in fact applied before is skipped
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -35,6 +36,15 @@ class OffsetContinuity:
         for tp in tps:
             self.expected.pop(tp, None)
 
+    def unseen(self, tps: Iterable[Any]) -> list[Any]:
+        """Partitions with no expected offset yet (new since the assignment)."""
+        return [tp for tp in dict.fromkeys(tps) if tp not in self.expected]
+
+    def seed(self, tp: Any, committed: int) -> None:
+        """Expect `committed` (the group's committed offset: the next one to consume) as the first
+        offset of a newly assigned partition, so a hole in its very first records is seen too."""
+        self.expected.setdefault(tp, committed)
+
     def observe(self, items: Sequence[tuple[Any, int]]) -> list[tuple[Any, int, int]]:
         """items: (tp, offset) in arrival order. Returns holes as (tp, first missing, next seen)."""
         holes: list[tuple[Any, int, int]] = []
@@ -48,18 +58,61 @@ class OffsetContinuity:
 
 
 class GapRepair:
-    """GapReader over a plain kafka-python consumer (blocking reads run in an executor thread)."""
+    """InputLog over a plain kafka-python consumer (blocking reads run in an executor thread)."""
 
-    def __init__(self, bootstrap: str, timeout_s: float = 10.0):
-        self.bootstrap, self.timeout_s = bootstrap, timeout_s
+    def __init__(self, bootstrap: str, group_id: str | None = None, timeout_s: float = 10.0,
+                 security: dict | None = None):
+        self.bootstrap, self.group_id, self.timeout_s = bootstrap, group_id, timeout_s
+        self.security = security or {}  # TLS/SASL kwargs (stream/security.py)
         self._consumer = None
+        self._group_client = None
+        self._admin = None
+
+    async def committed(self, topic: str, partitions: Sequence[int]) -> dict[int, int]:
+        return await asyncio.get_running_loop().run_in_executor(None, self.fetch_committed, topic, partitions)
+
+    async def log_id(self, topic: str) -> int:
+        return await asyncio.get_running_loop().run_in_executor(None, self.fetch_log_id, topic)
+
+    def fetch_log_id(self, topic: str) -> int:
+        """A 32-bit hash of the topic's UUID (Metadata v10+; Tansu and Kafka >= 2.8 have them). Blocking."""
+        from kafka import KafkaAdminClient
+
+        if self._admin is None:
+            self._admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="livemb-log-id", **self.security)
+        try:
+            [desc] = self._admin.describe_topics([topic])
+        except Exception as e:  # noqa: BLE001 - no id means "cannot tell incarnations apart", not an error
+            log.warning("no topic id for %s (%s); a re-created topic would not be detected", topic, e)
+            return 0
+        topic_id = str(desc.get("topic_id") or "")
+        if not topic_id.strip("0-"):
+            return 0  # a broker without topic ids: incarnations cannot be told apart
+        # Hash the whole UUID: Tansu's are UUIDv7, whose leading bits are a timestamp.
+        return int.from_bytes(hashlib.blake2b(topic_id.encode(), digest_size=4).digest(), "little") or 1
+
+    def fetch_committed(self, topic: str, partitions: Sequence[int]) -> dict[int, int]:
+        """The group's committed offsets (OffsetFetch; this client never joins the group). Blocking."""
+        from kafka import KafkaConsumer, TopicPartition
+
+        if self.group_id is None:
+            return {}
+        if self._group_client is None:
+            self._group_client = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=self.group_id,
+                                               enable_auto_commit=False, **self.security)
+        out = {}
+        for p in partitions:
+            off = self._group_client.committed(TopicPartition(topic, p))
+            if off is not None:
+                out[p] = int(off)
+        return out
 
     def _client(self):
         if self._consumer is None:
             from kafka import KafkaConsumer
 
             self._consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None,
-                                           enable_auto_commit=False)
+                                           enable_auto_commit=False, **self.security)
         return self._consumer
 
     async def read(self, topic: str, partition: int, first: int, end: int) -> list[InputRecord]:
@@ -85,5 +138,6 @@ class GapRepair:
         return [got[o] for o in sorted(got)]
 
     def close(self) -> None:
-        if self._consumer is not None:
-            self._consumer.close()
+        for c in (self._consumer, self._group_client, self._admin):
+            if c is not None:
+                c.close()

@@ -66,6 +66,15 @@ class Metrics:
         self.input_gaps = Counter(
             p + "input_gaps_total", "Input offsets never delivered to the agent (lost for state)", registry=r
         )
+        self.recovering = Gauge(p + "recovering", "1 while table partitions are restored from the changelog",
+                                registry=r)
+        self.recovery_to_restore = Gauge(p + "recovery_records_to_restore",
+                                         "Changelog records to restore in the current (or last) recovery", registry=r)
+        self.recovery_restored = Gauge(p + "recovery_records_restored",
+                                       "Changelog records restored so far in the current (or last) recovery",
+                                       registry=r)
+        self.recovery_seconds = Gauge(p + "recovery_seconds",
+                                      "Duration of the current recovery, or of the last completed one", registry=r)
         self.ready_gauge = Gauge(p + "ready", "1 when /readyz is true", registry=r)
         self.readiness = Readiness("tables_recovered", "model_loaded")
         self._model: tuple[str, str, str] | None = None
@@ -74,6 +83,13 @@ class Metrics:
         for k, v in outcomes.items():
             if v:
                 self.events.labels(k).inc(v)
+
+    def observe_recovery(self, recovering: bool, to_restore: int, remaining: int, seconds: float) -> None:
+        """Recovery progress and duration, from Faust's recovery state (stream.faust_compat)."""
+        self.recovering.set(1 if recovering else 0)
+        self.recovery_to_restore.set(to_restore)
+        self.recovery_restored.set(to_restore - remaining)
+        self.recovery_seconds.set(seconds)
 
     def set_model(self, model: str, version: str, device: str) -> None:
         if self._model == (model, version, device):

@@ -47,9 +47,19 @@ class OutputSink(Protocol):
         ...
 
 
-class GapReader(Protocol):
+class InputLog(Protocol):
+    """Direct reads of the input topic beside the consumer (stream/gap_repair.py)."""
+
     async def read(self, topic: str, partition: int, first: int, end: int) -> list[InputRecord]:
         """Input records [first, end) of one partition, read straight from the broker."""
+        ...
+
+    async def committed(self, topic: str, partitions: Sequence[int]) -> dict[int, int]:
+        """The consumer group's committed offset per partition (absent: none committed)."""
+        ...
+
+    async def log_id(self, topic: str) -> int:
+        """An id of the topic's current incarnation (a re-created topic gets another), 0 if unknown."""
         ...
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import orjson
 
 from core.events import ValidEvent
-from state.record import decode, encode
+from state.record import StateRecordError, decode, encode
 from stream.ports import ModelInfo, StepResult
 
 
@@ -20,16 +20,22 @@ class CountingProcessor:
         return None
 
     def process(self, events: list[ValidEvent], states: dict[str, bytes | None]) -> StepResult:
-        counts = {u: 0 if blob is None else int(decode(blob)[1]["count"]) for u, blob in states.items()}
+        counts: dict[str, int] = {}
+        rejected: dict[str, str] = {}
+        for u, blob in states.items():
+            try:
+                counts[u] = 0 if blob is None else int(decode(blob)[1]["count"])
+            except (StateRecordError, KeyError) as e:  # like the model processor: refuse this user only
+                rejected[u] = f"not a counting state: {e}"
         last: dict[str, ValidEvent] = {}
-        for ev in events:
+        for ev in (e for e in events if e.user_id not in rejected):
             counts[ev.user_id] = counts.get(ev.user_id, 0) + 1
             last[ev.user_id] = ev
         new = {u: encode({"hist": np.zeros(1, np.int64)}, {"count": counts[u], "last_ts": e.ts}) for u, e in last.items()}
         now = int(time.time() * 1000)
         outs = [(u, orjson.dumps({"user_id": u, "count": counts[u], "event_ts": e.ts, "emitted_at": now}))
                 for u, e in last.items()]
-        return StepResult(states=new, outputs=outs)
+        return StepResult(states=new, outputs=outs, rejected=rejected)
 
 
 def make_processor(_settings: object) -> CountingProcessor:

@@ -49,15 +49,21 @@ class LastMessages:
         return self.last
 
 
-@pytest.mark.integration
-def test_live_worker_equals_offline_embed_across_sigkill(broker, tmp_path):
-    df, ids, vecs = synth_log(users=200, items=300, days=3, seed=11, dim=16)
+def small_hiertcn(tmp_path, seed: int):
+    """A synthetic log, its item table (saved), a 1-epoch HierTCN and its checkpoint: what a worker test serves."""
+    df, ids, vecs = synth_log(users=200, items=300, days=3, seed=seed, dim=16)
     table = ItemTable(ids, vecs)
     items = table.save(tmp_path / "items.npz")
     model = build_model("hiertcn", table.padded_vectors(), hidden=32, channels=16)
     train_model(model, list(sequences_from_frame(df, table).values()), TrainConfig(epochs=1), progress=False)
     ckpt = tmp_path / "m.pt"
     save_checkpoint(ckpt, model, table.fingerprint)
+    return df, ids, table, items, model.eval(), ckpt
+
+
+@pytest.mark.integration
+def test_live_worker_equals_offline_embed_across_sigkill(broker, tmp_path):
+    df, _, table, items, model, ckpt = small_hiertcn(tmp_path, seed=11)
     broker.create_topics(["interactions", "recommendations"], partitions=PARTITIONS)
     broker.create_topics(["interactions.dlq"], partitions=1)
     last_ts = df.groupby("user_id")["ts"].max().to_dict()
@@ -85,7 +91,7 @@ def test_live_worker_equals_offline_embed_across_sigkill(broker, tmp_path):
         stop_process(w, 30)
         out.c.close()
 
-    serving = Serving(model.eval(), table, Retriever(table.padded_vectors(), "flat", 10, "none"), "x")
+    serving = Serving(model, table, Retriever(table.padded_vectors(), "flat", 10, "none"), "x")
     offline = {u: orjson.loads(m) for u, m in embed_users(serving, df)}
     live = out.last
     worst = max(np.abs(np.array(live[u]["embedding"]) - np.array(offline[u]["embedding"])).max() for u in offline)

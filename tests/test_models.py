@@ -69,8 +69,11 @@ def test_checkpoint_roundtrip_and_refusals(tmp_path):
         assert torch.allclose(model.eval()(ev), again(ev))
     with pytest.raises(CheckpointError, match="item table"):
         load_checkpoint(path, vecs, "other")
-    with pytest.raises(ValueError, match="item vectors must be"):
+    with pytest.raises(CheckpointError, match=r"trained on 8-d item vectors, but the given item vectors have shape \(\d+, 4\).*trained with$"):
         load_checkpoint(path, vecs[:, :4], "abc123")
+    (tmp_path / "m.items.npz").write_bytes(b"")  # `livemb train` saves the items it built beside the checkpoint
+    with pytest.raises(CheckpointError, match=r"m\.items\.npz, saved beside it"):
+        load_checkpoint(path, vecs[:, :4], "abc123", allow_new_items=True)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="not a livemb checkpoint"):
         load_checkpoint(tmp_path / "junk.pt", vecs, "abc123")

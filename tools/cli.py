@@ -11,6 +11,7 @@ from core.settings import EXCLUDE_SEEN, INDEX_KINDS, load_settings
 from models.base import ModelConfig
 from models.repeat import REPEAT_MODES
 from models.train import LOSSES, TrainConfig
+from stream.kafka_io import BrokerUnreachable
 from tools.item_embeddings import KINDS as ITEM_VECTOR_KINDS
 
 
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partitions", type=int)
     p.add_argument("--batch-max-events", type=int)
     p.add_argument("--batch-max-wait-ms", type=int)
+    p.add_argument("--standby-replicas", type=int, help="standby copies of other workers' state partitions")
     p.add_argument("--loglevel", default="info")
     _settings_args(p)
 
@@ -132,6 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="runs/demo")
     _log_args(p)
     _settings_args(p)
+
+    p = sub.add_parser("soak", help="the worker at a fraction of its max rate for a long time: RSS, lag, errors")
+    p.add_argument("--seconds", type=float, default=600.0)
+    p.add_argument("--load", type=float, default=0.7, help="fraction of the measured max rate")
+    p.add_argument("--every", type=float, default=10.0, help="sampling interval, seconds")
+    p.add_argument("--max-events", type=int, default=20_000, help="clicks sent at full speed to measure the max rate")
+    p.add_argument("--model", help="checkpoint (default: train a small HierTCN)")
+    p.add_argument("--items")
+    p.add_argument("--json", help="write the report here")
+    p.add_argument("--workdir", default="runs/soak")
+    _log_args(p)
+    _settings_args(p)
     return ap
 
 
@@ -144,7 +158,11 @@ def load_processor(spec: str | None, settings):
     mod, _, name = spec.partition(":")
     if not name:
         raise ValueError(f"--processor must be module:factory, got {spec!r}")
-    return getattr(importlib.import_module(mod), name)(settings)
+    try:
+        factory = getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"--processor {spec}: {e}") from None
+    return factory(settings)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,9 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         batch_max_wait_ms=getattr(args, "batch_max_wait_ms", None),
         broker=getattr(args, "broker", None), device=getattr(args, "device", None), topk=getattr(args, "topk", None),
         exclude_seen=getattr(args, "exclude_seen", None), index=getattr(args, "index", None),
-        session_gap_s=getattr(args, "session_gap_s", None),
+        session_gap_s=getattr(args, "session_gap_s", None), standby_replicas=getattr(args, "standby_replicas", None),
     )
-    for noisy in ("kafka", "aiokafka", "faust", "mode"):
+    for noisy in ("kafka", "aiokafka", "faust", "mode", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from tools import offline
 
@@ -186,20 +204,31 @@ def main(argv: list[str] | None = None) -> int:
             run_worker(settings, load_processor(args.processor, settings), args.loglevel)
         elif args.cmd == "replay":
             from stream.kafka_io import replay
+            from stream.security import kafka_python_security
 
             df = offline.load_log(args.log, args.columns, args.ts_unit)
-            replay(df, settings.broker, settings.topic_in, None if args.rate == "max" else float(args.rate))
+            replay(df, settings.broker, settings.topic_in, None if args.rate == "max" else float(args.rate),
+                   security=kafka_python_security(settings))
         elif args.cmd == "tail":
             from stream.kafka_io import tail
+            from stream.security import kafka_python_security
 
-            tail(settings.broker, settings.topic_out)
+            tail(settings.broker, settings.topic_out, security=kafka_python_security(settings))
         elif args.cmd == "demo":
             from tools.demo import run_demo
 
             return run_demo(args, settings)
+        elif args.cmd == "soak":
+            from tools.soak import run_soak
+
+            args.data = None
+            return run_soak(args, settings)
     except (ValueError, FileNotFoundError) as e:
         print(f"livemb {args.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except BrokerUnreachable as e:  # an environment problem, not a bug: one line, its own exit code
+        print(f"livemb {args.cmd}: error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

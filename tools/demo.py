@@ -109,7 +109,13 @@ def quantile_from_text(text: str, name: str, q: float) -> float:
     return float("inf")
 
 
+def interrupt(_signum: int, _frame: object) -> None:
+    """SIGTERM handler: unwind like Ctrl-C, so every `finally` stops the worker and broker it started."""
+    raise KeyboardInterrupt
+
+
 def run_demo(args, settings: Settings) -> int:
+    signal.signal(signal.SIGTERM, interrupt)
     from stream.broker import EmbeddedBroker, free_port
     from stream.kafka_io import consume, live_clicks, replay
 

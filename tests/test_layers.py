@@ -1,0 +1,46 @@
+"""The layers point one way: core <- models <- state <- stream <- tools (tests may import anything).
+
+Every import statement is read from the source (including imports inside functions and under
+TYPE_CHECKING), so a lazy upward import cannot hide from this check."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = ["core", "models", "state", "stream", "tools"]  # each may import only itself and those before it
+
+
+def imports_of(path: Path) -> list[tuple[int, str]]:
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name.split(".")[0]) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.append((node.lineno, node.module.split(".")[0]))
+    return [(line, top) for line, top in out if top in LAYERS]
+
+
+def upward_imports(root: Path = ROOT) -> list[str]:
+    bad = []
+    for rank, pkg in enumerate(LAYERS):
+        for path in sorted((root / pkg).rglob("*.py")):
+            for line, top in imports_of(path):
+                if LAYERS.index(top) > rank:
+                    bad.append(f"{path.relative_to(root)}:{line} imports {top} (a layer above {pkg})")
+    return bad
+
+
+def test_no_upward_import_between_packages() -> None:
+    assert upward_imports() == []
+
+
+def test_the_check_sees_an_upward_import(tmp_path: Path) -> None:
+    fake = tmp_path / "state"
+    fake.mkdir()
+    (fake / "x.py").write_text("def f():\n    from stream.batch import BatchStep\n")
+    for pkg in LAYERS:
+        if pkg != "state":
+            (tmp_path / pkg).mkdir()
+    assert upward_imports(tmp_path) == ["state/x.py:2 imports stream (a layer above state)"]

@@ -1,0 +1,134 @@
+"""`livemb soak`: the real worker on the embedded broker at a fraction of its measured maximum for
+a long time, watching what leaks: RSS growth after warm-up, consumer lag, error log lines.
+
+1. a synthetic log and a small HierTCN (or --model/--items), the broker, the worker (subprocess)
+2. max rate: the log replayed as fast as possible, events/s from the worker's own counter
+3. soak: wall-clock-stamped clicks at `--load` x max for `--seconds`, sampled every `--every` s
+4. a JSON report and a table; everything started is stopped (by PID)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import signal
+import time
+from pathlib import Path
+
+from core.settings import Settings
+
+log = logging.getLogger("livemb.soak")
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def scrape(port: int) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tools.demo import _get
+
+    out: dict[str, float] = {"lag": 0.0}
+    for fam in text_string_to_metric_families(_get(f"http://127.0.0.1:{port}/metrics")[1].decode()):
+        for s in fam.samples:
+            if s.name == "livemb_events_total":
+                out[s.labels["outcome"]] = s.value
+            elif s.name == "livemb_consumer_lag":
+                out["lag"] += s.value
+    return out
+
+
+def run_soak(args, settings: Settings) -> int:
+    import orjson
+    from kafka import KafkaProducer
+
+    from stream.broker import EmbeddedBroker, free_port
+    from stream.kafka_io import replay
+    from tools.demo import _prepare, interrupt, start_worker, stop_process, wait_ready
+
+    signal.signal(signal.SIGTERM, interrupt)
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    df, model_path, items_path = _prepare(args, settings, work)
+    users, items = sorted(map(str, set(df["user_id"]))), sorted(map(str, set(df["item_id"])))
+    port = free_port()
+    report: dict = {"seconds": args.seconds, "load": args.load, "samples": []}
+    with EmbeddedBroker() as broker:
+        broker.create_topics([settings.topic_in, settings.topic_out], partitions=settings.partitions)
+        broker.create_topics([settings.topic_dlq], partitions=1)
+        worker = start_worker(broker.url, model_path, items_path, work / f"soak-{int(time.time())}", port,
+                              work / "soak-worker.log")
+        try:
+            wait_ready(port, worker)
+            n = replay(df, broker.url, settings.topic_in, progress=False)  # warm every user's state
+            while scrape(port).get("ok", 0) < n:
+                time.sleep(0.2)
+            producer = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=2, acks=1)
+            rng = random.Random(0)
+            sent = 0
+
+            def click() -> None:
+                nonlocal sent
+                u = rng.choice(users)
+                doc = {"user_id": u, "item_id": rng.choice(items), "ts": int(time.time() * 1000),
+                       "event_id": f"soak-{sent}"}
+                producer.send(settings.topic_in, key=u.encode(), value=orjson.dumps(doc))
+                sent += 1
+
+            # Max rate: the same kind of clicks as the soak, as fast as they go, until all are applied.
+            t0 = time.perf_counter()
+            for _ in range(args.max_events):
+                click()
+            producer.flush()
+            while scrape(port).get("ok", 0) < n + sent and time.perf_counter() - t0 < 900:
+                time.sleep(0.2)
+            max_eps = args.max_events / (time.perf_counter() - t0)
+            base = n + sent
+            rate = args.load * max_eps
+            report.update(max_events_per_s=round(max_eps), offered_events_per_s=round(rate))
+            print(f"max rate {max_eps:.0f} events/s ({args.max_events} clicks); soaking at {rate:.0f} events/s "
+                  f"for {args.seconds:.0f}s")
+            t_start = time.perf_counter()
+            next_sample, sent = t_start, 0
+            try:
+                while (now := time.perf_counter()) - t_start < args.seconds:
+                    for _ in range(max(0, int((now - t_start) * rate) - sent)):
+                        click()
+                    if now >= next_sample:
+                        m = scrape(port)
+                        s = {"t": round(now - t_start, 1), "rss_mb": round(rss_bytes(worker.pid) / 2**20, 1),
+                             "lag": m["lag"], "ok": m.get("ok", 0), "sent": sent}
+                        report["samples"].append(s)
+                        log.info("soak t=%.0fs rss %.0f MB lag %d applied %d sent %d", s["t"], s["rss_mb"], s["lag"],
+                                 s["ok"] - base, sent)
+                        next_sample += args.every
+                    time.sleep(0.005)
+                producer.flush()
+            finally:
+                producer.close()
+        finally:
+            stop_process(worker)
+    errors = [ln for ln in (work / "soak-worker.log").read_text(errors="replace").splitlines()
+              if "ERROR" in ln or "Traceback" in ln]
+    samples = report["samples"]
+    warm = [s for s in samples if s["t"] >= args.seconds * 0.2] or samples
+    report.update(
+        rss_after_warmup_mb=warm[0]["rss_mb"], rss_end_mb=samples[-1]["rss_mb"],
+        rss_growth_pct=round(100 * (samples[-1]["rss_mb"] / warm[0]["rss_mb"] - 1), 1),
+        lag_max=max(s["lag"] for s in samples), lag_end=samples[-1]["lag"], error_log_lines=len(errors),
+        events_sent=samples[-1]["sent"],
+    )
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    print("| figure | value |\n|---|---|")
+    for k in ("max_events_per_s", "offered_events_per_s", "events_sent", "rss_after_warmup_mb", "rss_end_mb",
+              "rss_growth_pct", "lag_max", "lag_end", "error_log_lines"):
+        print(f"| {k} | {report[k]} |")
+    return 0
