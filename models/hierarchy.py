@@ -17,6 +17,7 @@ event arrives (a break is only known then).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.base import ModelConfig, SeqModel, SeqOut
@@ -83,7 +84,7 @@ class HierarchicalModel(SeqModel):
 
     def encode_flat(self, x: Tensor, cond: Tensor, valid: Tensor, segment: Tensor) -> Tensor | None:
         """Optional fast path: the encoder over flat (B, T) sequences with session ids `segment`
-        and per-position condition cond (B, T, H) -> (B, T, C); None: use the session grid."""
+        (B, T) and the per-session condition cond (B, S, H) -> (B, T, C); None: use the session grid."""
         return None
 
     def forward_seq(self, inp, item, new_session, level, mask):
@@ -102,7 +103,7 @@ class HierarchicalModel(SeqModel):
             h_after, _ = self.long_gru(agg, h0[None].contiguous())  # (B, S, H): after session s
             cond = torch.cat([h0[:, None], h_after[:, :-1]], dim=1)  # (B, S, H): before session s
             cond_t = cond[b_idx, sess]  # (B, T, H)
-            o = self.encode_flat(inp, cond_t, mask, sess)
+            o = self.encode_flat(inp, cond, mask, sess)
             if o is None:
                 x = to_grid(inp, sess, pos, mask, S, L)  # (B, S, L, in_dim)
                 valid = to_grid(mask, sess, pos, mask, S, L)
@@ -121,9 +122,11 @@ class HierarchicalModel(SeqModel):
                 h = self.long_gru(agg[:, None], h[None].contiguous())[1][0]
             o, cond = from_grid(torch.stack(outs, 1), sess, pos), torch.stack(conds, 1)
             cond_t = cond[b_idx, sess]
-        u = self.out(torch.cat([o, cond_t], dim=-1))  # (B, T, D)
+        # out([o ; h]) = W_o o + (W_h h + b), the h part projected once per session
+        w = self.out.weight  # (D, C + H)
+        u = F.linear(o, w[:, : self.cfg.channels]) + F.linear(cond, w[:, self.cfg.channels :], self.out.bias)[b_idx, sess]
         # query-time session start: u for "a new session begins" = W[0 ; h before that session]
-        return SeqOut(u, starts=self._start_embedding(cond_t), gate=cond_t)
+        return SeqOut(u, starts=self._start_embedding(cond)[b_idx, sess], gate=cond_t)
 
     def _start_embedding(self, h: Tensor) -> Tensor:
         return self.out(torch.cat([h.new_zeros((*h.shape[:-1], self.cfg.channels)), h], dim=-1))

@@ -23,6 +23,7 @@ Call map (follow HierTCN from this file outward):
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from models.base import register
@@ -47,7 +48,13 @@ class HierTCN(HierarchicalModel):
         return self.tcn(torch.cat([x, cond[:, None, :].expand(N, L, -1)], dim=-1), valid)
 
     def encode_flat(self, x: Tensor, cond: Tensor, valid: Tensor, segment: Tensor) -> Tensor:
-        return self.tcn(torch.cat([x, cond], dim=-1), valid, segment)
+        # inp([x ; h]) = W_x x + (W_h h + b): the h part is per session, so project it once per
+        # session (cond is (B, S, H) here) and gather it per event
+        w = self.tcn.inp.weight  # (C, in_dim + H)
+        h_part = F.linear(cond, w[:, self.in_dim :], self.tcn.inp.bias)  # (B, S, C)
+        b = torch.arange(x.shape[0], device=x.device)[:, None]
+        proj = F.linear(x, w[:, : self.in_dim]) + h_part[b, segment]
+        return self.tcn.body(proj, valid, segment)
 
     def encode_step(self, st, inp, item, etype, h, new_session):
         B, W = st["win_item"].shape

@@ -25,9 +25,13 @@ class CausalTCN(nn.Module):
         self.convs = nn.ModuleList(nn.Conv1d(channels, channels, kernel, dilation=d) for d in dilations)
 
     def forward(self, x: Tensor, valid: Tensor, segment: Tensor | None = None) -> Tensor:
-        B, T, _ = x.shape
-        keep = valid[..., None].to(x.dtype)  # (B, T, 1)
-        h = self.inp(x) * keep  # (B, T, C)
+        return self.body(self.inp(x), valid, segment)
+
+    def body(self, h: Tensor, valid: Tensor, segment: Tensor | None = None) -> Tensor:
+        """The residual stack on already projected inputs h (B, T, C) (= self.inp(x))."""
+        B, T, _ = h.shape
+        keep = valid[..., None].to(h.dtype)  # (B, T, 1)
+        h = h * keep  # (B, T, C)
         for conv, d in zip(self.convs, self.dilations, strict=True):
             w = conv.weight  # (C_out, C_in, k); tap k-1 reads lag 0, tap k-1-j reads lag j*d
             acc = F.linear(h, w[:, :, self.kernel - 1], conv.bias)

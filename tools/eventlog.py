@@ -284,7 +284,6 @@ def repeat_profile(df: pd.DataFrame, gap_ms: float, test_frac: float = 0.2) -> d
     d = df.reset_index(drop=True)
     pos = d.groupby("user_id", sort=False).cumcount().to_numpy()
     sess = session_ids(d, gap_ms)
-    key = d[["user_id", "item_id"]]
     prev_pos = d.assign(_p=pos).groupby(["user_id", "item_id"], sort=False)["_p"].shift(1).to_numpy()
     prev_sess = d.assign(_s=sess).groupby(["user_id", "item_id"], sort=False)["_s"].shift(1).to_numpy()
     rep = ~np.isnan(prev_pos)
@@ -303,5 +302,4 @@ def repeat_profile(df: pd.DataFrame, gap_ms: float, test_frac: float = 0.2) -> d
         "max_user_events": int(d.groupby("user_id", sort=False).size().max()),
         "test_unseen_item_share": float((~test["item_id"].isin(set(train["item_id"]))).mean()) if len(test) else 0.0,
     }
-    del key
     return out

@@ -44,7 +44,7 @@ FRESH_REDRAWS = 6
 STOCK_SKEW = 2.0  # popularity of stock items: rank = size * U^skew
 
 
-def _items(rng: np.random.Generator, items: int, topics: int, dim: int, days: float):
+def _items(rng: np.random.Generator, items: int, topics: int, dim: int):
     topic = rng.integers(topics, size=items)
     centroids = rng.normal(size=(topics, dim))
     centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
@@ -72,7 +72,7 @@ def synth_ecommerce(users: int = 400, items: int = 20000, days: float = 30.0, se
     if users < 1 or items < topics or days <= 0:
         raise ValueError("synth_ecommerce: need users >= 1, items >= topics, days > 0")
     rng = np.random.default_rng(seed)
-    vec, item_topic, birth_u, stock = _items(rng, items, topics, dim, days)
+    vec, item_topic, birth_u, stock = _items(rng, items, topics, dim)
     span = int(days * 86_400_000)
 
     # users and sessions (lognormal activity: a few heavy users)
