@@ -345,9 +345,11 @@ class SeqModel(nn.Module):
             mem = torch.logaddexp(explore + shift[:, None], F.logsigmoid(a)[:, None] + rep_logp)
         return shift, mem.masked_fill(~filled, -math.inf)
 
-    def scores(self, state: dict[str, Tensor], u: Tensor, repeat_mode: str | None = None) -> Tensor:
-        """Full-catalogue scores (B, N+1) for ranking: explore path merged with the repeat path."""
-        s = self.explore_scores(u)
+    def scores(self, state: dict[str, Tensor], u: Tensor, repeat_mode: str | None = None,
+               explore: Tensor | None = None) -> Tensor:
+        """Full-catalogue scores (B, N+1) for ranking: explore path merged with the repeat path.
+        `explore`: this model's repeat_mode="none" scores of the same users, if already computed."""
+        s = self.explore_scores(u) if explore is None else explore
         mode = self.repeat_mode if repeat_mode is None else repeat_mode
         if mode == "none":
             return s

@@ -136,9 +136,13 @@ class _CountingBaseline(SeqModel):
         """(B, N+1) raw scores, column 0 ignored."""
         raise NotImplementedError
 
-    def scores(self, state: dict[str, Tensor], u: Tensor | None = None, repeat_mode: str | None = None) -> Tensor:
-        s = _rescale(self.explore(state).float())
-        s[:, 0] = -math.inf
+    def scores(self, state: dict[str, Tensor], u: Tensor | None = None, repeat_mode: str | None = None,
+               explore: Tensor | None = None) -> Tensor:
+        if explore is None:
+            s = _rescale(self.explore(state).float())
+            s[:, 0] = -math.inf
+        else:  # the repeat_mode="none" scores, already computed
+            s = explore
         if (self.repeat_mode if repeat_mode is None else repeat_mode) != "none":
             s = repeat.add_to_scores(s, state["mem_item"], repeat.heuristic_bonus(state))
         return s
@@ -342,9 +346,9 @@ class MaxItem(_CountingBaseline):
         x = self.item_vecs[item] @ self.item_vecs.T
         run.copy_(torch.where((item > 0)[:, None], torch.maximum(run, x), run))
 
-    def scores(self, state, u=None, repeat_mode=None, running: Tensor | None = None):
-        if running is None:
-            return super().scores(state, u, repeat_mode)
+    def scores(self, state, u=None, repeat_mode=None, explore=None, running: Tensor | None = None):
+        if running is None or explore is not None:
+            return super().scores(state, u, repeat_mode, explore)
         s = _rescale(running.masked_fill(torch.isneginf(running), 0.0))
         s[:, 0] = -math.inf
         if (self.repeat_mode if repeat_mode is None else repeat_mode) != "none":

@@ -166,12 +166,8 @@ def add_to_scores(scores: Tensor, mem_item: Tensor, bonus: Tensor) -> Tensor:
     return scores.scatter_add(1, mem_item.long(), bonus.to(scores.dtype))
 
 
-def seen_mask(st: dict[str, Tensor], n_cols: int, mode: str) -> Tensor | None:
-    """(B, N+1) bool of items to exclude for exclude_seen = none / session / history.
-
-    'history' means the items in the recent-items memory (bounded by M): the live service and the
-    evaluation share this definition.
-    """
+def excluded_slots(st: dict[str, Tensor], mode: str) -> Tensor | None:
+    """(B, M) bool: the memory slots exclude_seen = none / session / history removes (None for none)."""
     if mode == "none":
         return None
     keep = st["mem_item"] > 0
@@ -179,6 +175,18 @@ def seen_mask(st: dict[str, Tensor], n_cols: int, mode: str) -> Tensor | None:
         keep &= st["mem_sess"].long() == st["session"][:, None]
     elif mode != "history":
         raise ValueError(f"exclude_seen must be none, session or history, got {mode!r}")
+    return keep
+
+
+def seen_mask(st: dict[str, Tensor], n_cols: int, mode: str) -> Tensor | None:
+    """(B, N+1) bool of items to exclude for exclude_seen = none / session / history.
+
+    'history' means the items in the recent-items memory (bounded by M): the live service and the
+    evaluation share this definition.
+    """
+    keep = excluded_slots(st, mode)
+    if keep is None:
+        return None
     mask = torch.zeros(st["mem_item"].shape[0], n_cols, dtype=torch.bool, device=st["mem_item"].device)
     mask.scatter_(1, st["mem_item"].long(), keep)
     mask[:, 0] = False

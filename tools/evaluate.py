@@ -23,7 +23,7 @@ from tqdm import tqdm
 from core.settings import EXCLUDE_SEEN
 from models import MODEL_REGISTRY, EventBatch, ModelConfig, SeqModel, repeat
 from models.base import opens_session
-from models.metrics import RankAccumulator, ranks_of
+from models.metrics import RankAccumulator, ranks_excluding_memory
 from models.train import Sequence, TrainConfig, sequences_from_frame, train_model
 
 log = logging.getLogger(__name__)
@@ -114,20 +114,22 @@ def evaluate_model(
                 u_next = model.next_session_embedding(sk)
                 # the serving side knows the request time, so a returning user gets the start embedding
                 u_eval = u[:k] if u_next is None else torch.where(opens[:, None], u_next, u[:k])
-                masks = {e: repeat.seen_mask(sk, model.n_items + 1, e) for e in EXCLUDES}
-                for rep in REPEATS:
+                # exclude_seen only removes memory items: one (k, N+1) comparison per repeat
+                # variant, the masked ranks from the (k, M) slots (models.metrics)
+                slots = {e: repeat.excluded_slots(sk, e)[scored] for e in EXCLUDES if e != "none"}
+                extra = {} if run is None else {"running": run[:k]}
+                base = model.scores(sk, u_eval, "none", **extra)  # explore only, reused by the others
+                for rep in ("norep", "rep", "rule"):
                     if rep == "rule" and not learned:
                         continue
-                    mode = REPEAT_MODE_OF.get(rep)
-                    scores = model.scores(sk, u_eval, mode) if run is None else model.scores(sk, u_eval, mode, running=run[:k])
+                    scores = base if rep == "norep" else model.scores(sk, u_eval, REPEAT_MODE_OF.get(rep), explore=base)
+                    ranks = ranks_excluding_memory(scores[scored], target[scored], sk["mem_item"][scored], slots)
                     for excl in EXCLUDES:
-                        mask = masks[excl]
-                        r = ranks_of(scores[scored], target[scored], None if mask is None else mask[scored])
-                        accs[variant_name(rep, excl)].add(r)
+                        accs[variant_name(rep, excl)].add(ranks[excl])
                         if rep == "rep" and not learned:
-                            accs[variant_name("rule", excl)].add(r)
-                        if rep == "rep" and excl == "none":
-                            starts.add(r[(opens & (sk["last_ts"] >= 0))[scored]])
+                            accs[variant_name("rule", excl)].add(ranks[excl])
+                    if rep == "rep":
+                        starts.add(ranks["none"][(opens & (sk["last_ts"] >= 0))[scored]])
             new, u_new = model.step(sk, EventBatch(*(x[:k, t : t + 1] for x in (ev.item, ev.etype, ev.ts, ev.mask))))
             _put(st, new, k)
             u[:k] = u_new
