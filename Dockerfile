@@ -1,19 +1,31 @@
 # syntax=docker/dockerfile:1
-# livemb worker image (CPU). Build:  docker build -t livemb .
-# Run:    docker run --rm -p 6066:6066 livemb worker --broker kafka://kafka:9092 --model /models/m.pt --items /models/items.npz
+# livemb worker image: multi-stage (build a venv, copy it into a slim runtime), non-root, HEALTHCHECK.
+#
+#   CPU (default):  docker build -t livemb .
+#   CUDA:           docker build -t livemb:cuda --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 \
+#                       --build-arg LIVEMB_DEVICE=cuda .
+#                   docker run --gpus all ... livemb:cuda worker ...
+#   (the CUDA torch wheels bring their own CUDA runtime libraries; the host needs the NVIDIA driver
+#   and the container toolkit, nothing else.)
+#
+# Run:    docker run --rm -p 6066:6066 -v $PWD/models:/models:ro livemb \
+#             worker --broker kafka://kafka:9092 --model /models/model.pt --items /models/items.npz
 # /metrics, /healthz and /readyz are served on LIVEMB_WEB_PORT (default 6066, core/settings.py).
-FROM python:3.11-slim
+# deploy/docker-compose.yml runs two of these with Kafka (KRaft), Prometheus and Grafana.
+ARG PYTHON_IMAGE=python:3.11-slim
 
-ENV PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
+# ---------------------------------------------------------------- build stage
+FROM ${PYTHON_IMAGE} AS build
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
 
-# 1. torch first, pinned, from the CPU-only index (the default PyPI wheel pulls in CUDA, ~GBs).
-#    Every later `pip install` sees torch>=2.2 satisfied and leaves it alone.
-RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
-
-WORKDIR /opt/livemb
+# 1. torch first, pinned, from the chosen index (CPU by default: the default PyPI wheel pulls in
+#    CUDA, GBs). Every later install sees torch satisfied and leaves it alone.
+RUN pip install --no-cache-dir torch==2.13.0 --index-url "${TORCH_INDEX_URL}"
 
 # 2. The other dependencies in their own layer, read from pyproject.toml, so a code change does
 #    not reinstall faiss/pandas/pyarrow/faust.
@@ -23,14 +35,21 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
     && pip install --no-cache-dir -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
-# 3. The project itself (installs the `livemb` console script).
+# 3. The project itself (installs the `livemb` console script into the venv).
 COPY core/ core/
 COPY stream/ stream/
 COPY models/ models/
 COPY state/ state/
 COPY tools/ tools/
-RUN pip install --no-cache-dir . \
-    && rm -rf build ./*.egg-info
+RUN pip install --no-cache-dir .
+
+# ---------------------------------------------------------------- runtime stage
+FROM ${PYTHON_IMAGE} AS runtime
+ARG LIVEMB_DEVICE=auto
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PATH=/opt/venv/bin:$PATH
+COPY --from=build /opt/venv /opt/venv
 
 # Non-root runtime user; Faust/RocksDB state lives under /var/lib/livemb (mount a volume there).
 RUN groupadd --system --gid 10001 livemb \
@@ -43,7 +62,8 @@ WORKDIR /var/lib/livemb
 # web_host defaults to 127.0.0.1 (core/settings.py): bind all interfaces so Prometheus can scrape.
 ENV LIVEMB_WEB_HOST=0.0.0.0 \
     LIVEMB_WEB_PORT=6066 \
-    LIVEMB_DATA_DIR=/var/lib/livemb/worker
+    LIVEMB_DATA_DIR=/var/lib/livemb/worker \
+    LIVEMB_DEVICE=${LIVEMB_DEVICE}
 EXPOSE 6066
 VOLUME ["/var/lib/livemb"]
 

@@ -4,7 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean tools
+# Prometheus + promtool for the tests (Debian's package, unpacked here; tools/get_prometheus.sh).
+PROM := .tools/prometheus/usr/bin/prometheus
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,11 +21,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/livemb demo
 
-test: $(STAMP)
+$(PROM):
+	bash tools/get_prometheus.sh .tools/prometheus
+
+tools: $(PROM)
+
+test: $(STAMP) $(PROM)
 	$(BIN)/python -m pytest tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .tools .pytest_cache build *.egg-info

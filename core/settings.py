@@ -23,65 +23,73 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LIVEMB_", frozen=True, extra="forbid")
 
     # --- Kafka ---------------------------------------------------------------------------
-    broker: str = "kafka://127.0.0.1:9092"
-    app_id: str = "livemb"
+    broker: str = Field("kafka://127.0.0.1:9092", description="Kafka bootstrap servers, Faust style (kafka://host:port, ';'-separated for several)")
+    app_id: str = Field("livemb", description="Faust app id: the consumer group, and the prefix of the state table's changelog topic")
     # Connection security (stream/security.py passes these to Faust/aiokafka and kafka-python).
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    ssl_cafile: str | None = None  # CA bundle that signed the brokers' certificates (default: system CAs)
-    ssl_certfile: str | None = None  # client certificate (mutual TLS), with ssl_keyfile
-    ssl_keyfile: str | None = None
-    ssl_check_hostname: bool = True
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None  # masked in repr and logs
-    topic_in: str = "interactions"
-    topic_out: str = "recommendations"
-    topic_dlq: str = "interactions.dlq"
-    partitions: int = Field(4, ge=1)
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="how clients talk to the brokers: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
+    ssl_cafile: str | None = Field(None, description="CA bundle that signed the brokers' certificates (unset: system CAs)")
+    ssl_certfile: str | None = Field(None, description="client certificate for mutual TLS, with ssl_keyfile")
+    ssl_keyfile: str | None = Field(None, description="private key of ssl_certfile")
+    ssl_check_hostname: bool = Field(True, description="verify that the broker certificate matches its host name")
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "PLAIN", description="SASL mechanism: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512")
+    sasl_username: str | None = Field(None, description="SASL user (required with SASL_*)")
+    sasl_password: SecretStr | None = Field(None, description="SASL password (required with SASL_*; masked in repr and logs)")
+    topic_in: str = Field("interactions", description="input topic of click events (key = user_id)")
+    topic_out: str = Field("recommendations", description="output topic: one message per user per micro-batch")
+    topic_dlq: str = Field("interactions.dlq", description="dead-letter topic for invalid events (with the reason)")
+    partitions: int = Field(4, ge=1, description="partitions of the input/output topics and the state table")
 
     # --- micro-batching --------------------------------------------------------------------
-    batch_max_events: int = Field(512, ge=1)
-    batch_max_wait_ms: int = Field(50, ge=1)
-    # longest a consumer fetch waits for data (faust's own default is 1500 ms; see stream/app.py)
-    fetch_max_wait_ms: int = Field(50, ge=1)
+    batch_max_events: int = Field(512, ge=1, description="largest micro-batch (events)")
+    batch_max_wait_ms: int = Field(50, ge=1, description="longest a micro-batch waits to fill up (ms)")
+    # faust's own default is 1500 ms; see stream/app.py
+    fetch_max_wait_ms: int = Field(50, ge=1, description="longest a consumer fetch waits for data (ms)")
 
     # --- event rules (SPEC section 2-3) ------------------------------------------------------
-    session_gap_s: float = Field(1800.0, gt=0)
-    max_lateness_s: float = Field(86400.0, ge=0)
-    max_future_s: float = Field(86400.0, ge=0)
-    max_payload_bytes: int = Field(64 * 1024, ge=1)
+    session_gap_s: float = Field(1800.0, gt=0, description="inactivity (event time) that starts a new session (s)")
+    max_lateness_s: float = Field(86400.0, ge=0, description="events older than the user's last event by more than this go to the DLQ as too_late (s)")
+    max_future_s: float = Field(86400.0, ge=0, description="events stamped further than this in the future are invalid (s)")
+    max_payload_bytes: int = Field(64 * 1024, ge=1, description="larger input messages are invalid (bytes)")
     dedupe_memory: int = Field(16, ge=1, description="event ids remembered per user")
 
     # --- model / retrieval ---------------------------------------------------------------
-    model_path: str | None = None
-    items_path: str | None = None
-    topk: int = Field(20, ge=1)
-    exclude_seen: ExcludeSeen = "none"
-    index: IndexKind = "flat"
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # One intra-op thread: on 2 cores with another busy process, torch with 2 threads collapsed
-    # 40-300x in measurements (see docs/ARCHITECTURE.md).
-    torch_threads: int = Field(1, ge=1)
+    model_path: str | None = Field(None, description="checkpoint served by the worker (livemb train); --model")
+    items_path: str | None = Field(None, description="items.npz the checkpoint was trained with; --items")
+    topk: int = Field(20, ge=1, description="candidates per output message")
+    exclude_seen: ExcludeSeen = Field("none", description="remove seen items from the candidates: none, session or history")
+    index: IndexKind = Field("flat", description="faiss index of the explore path: flat (exact), hnsw or ivfpq")
+    device: str = Field("auto", description="torch device: auto (cuda when present), cpu, cuda or cuda:N")
+    # On 2 cores with another busy process, torch with 2 threads collapsed 40-300x in
+    # measurements (see docs/ARCHITECTURE.md).
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads")
+    idle_sweep_s: float = Field(
+        5.0, ge=0, description="seconds between idle-session sweeps (sessions idle past session_gap_s in event "
+        "time get a next-session message); 0 turns the sweep off"
+    )
+    reload_check_s: float = Field(
+        2.0, gt=0, description="seconds between checks of the checkpoint/items mtimes for a hot swap; SIGHUP checks at once"
+    )
 
     # --- worker ----------------------------------------------------------------------------
-    data_dir: str = "runs/worker"
-    web_port: int = Field(6066, ge=0, le=65535)
-    web_host: str = "127.0.0.1"  # /metrics, /healthz, /readyz bind address
-    # Consumer-group timeouts: short so a restarted worker gets its partitions back fast on the
-    # embedded broker (faust sends no LeaveGroup on SIGTERM); see docs/STREAMING.md.
-    session_timeout_s: float = Field(6.0, gt=0)
+    data_dir: str = Field("runs/worker", description="RocksDB state directory of the worker (created if missing)")
+    web_port: int = Field(6066, ge=0, le=65535, description="port of /metrics, /healthz, /readyz (0: any free port)")
+    web_host: str = Field("127.0.0.1", description="bind address of /metrics, /healthz, /readyz (0.0.0.0 in a container)")
+    # Short so a restarted worker gets its partitions back fast on the embedded broker (faust
+    # sends no LeaveGroup on SIGTERM); see docs/STREAMING.md. Use ~30 s on a real Kafka.
+    session_timeout_s: float = Field(6.0, gt=0, description="consumer-group session timeout (s)")
     # Tansu holds a JoinGroup for half the rebalance timeout before answering.
-    rebalance_timeout_s: float = Field(4.0, gt=0)
-    # Static group membership (KIP-345): a restarted worker with the same id takes its member slot
-    # back at once instead of waiting out the dead session. None = dynamic membership.
-    group_instance_id: str | None = None
-    commit_interval_s: float = Field(1.0, gt=0)
-    # How long the worker waits for an unreachable broker at start-up (retrying with backoff, one
-    # log line per try, /readyz 503) before it exits non-zero. 0 = wait for ever (a supervised service).
-    broker_wait_s: float = Field(0.0, ge=0)
+    rebalance_timeout_s: float = Field(4.0, gt=0, description="consumer-group rebalance timeout (s)")
+    # KIP-345: a restarted worker with the same id takes its member slot back at once instead of
+    # waiting out the dead session.
+    group_instance_id: str | None = Field(None, description="static group membership id, unique per worker (unset: dynamic membership)")
+    commit_interval_s: float = Field(1.0, gt=0, description="how often consumer offsets are committed (s)")
+    # Retrying with backoff, one log line per try, /readyz 503, then exit non-zero.
+    broker_wait_s: float = Field(0.0, ge=0, description="how long the worker waits for an unreachable broker at start-up (s; 0: for ever, for a supervised service)")
     # Standby copies of other workers' table partitions: a survivor that already holds them takes
-    # over without reading the whole changelog. 0 = none (one worker needs none).
-    standby_replicas: int = Field(0, ge=0)
+    # over without reading the whole changelog.
+    standby_replicas: int = Field(0, ge=0, description="standby copies of other workers' state partitions (0: none; one worker needs none)")
 
     @model_validator(mode="after")
     def _security_is_complete(self) -> Settings:

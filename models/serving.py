@@ -48,7 +48,9 @@ class Serving:
                  event_ts: np.ndarray, emitted_at: int) -> Iterator[tuple[str, bytes]]:
         """Top-K for the batch (one search) and one output message per user."""
         items, scores = self.retriever.candidates(self.model, state, u)
-        return build_messages(users, u, state, items, scores, self.table, event_ts, self.tag, emitted_at)
+        with torch.no_grad():
+            next_emb = self.model.next_session_embedding(state)  # None for models without sessions
+        return build_messages(users, u, state, items, scores, self.table, event_ts, self.tag, emitted_at, next_emb)
 
 
 def build_messages(
@@ -61,10 +63,13 @@ def build_messages(
     event_ts: np.ndarray,
     model_tag: str,
     emitted_at: int,
+    next_emb: torch.Tensor | None = None,
 ) -> Iterator[tuple[str, bytes]]:
     """Yield (user_id, JSON bytes). One device->host copy per batch; a Python loop per user only
-    to assemble each user's JSON (never per dimension)."""
+    to assemble each user's JSON (never per dimension). `next_emb` (B, D): each user's
+    `next_session_embedding` (SPEC section 5; null for models without a session hierarchy)."""
     emb = u.detach().float().cpu().numpy()
+    nxt = next_emb.detach().float().cpu().numpy() if next_emb is not None else None
     sessions = state["session"].cpu().numpy()
     ids = table.id_of(items)  # (B, K) str, '' for "no candidate"
     for b, user in enumerate(users):
@@ -80,6 +85,7 @@ def build_messages(
                 "emitted_at": emitted_at,
                 "model": model_tag,
                 "items_version": table.fingerprint,
+                "next_session_embedding": nxt[b] if nxt is not None else None,
             },
             option=orjson.OPT_SERIALIZE_NUMPY,
         )

@@ -24,7 +24,9 @@ from stream.kafka_io import BrokerUnreachable, bootstrap_of, plain_consumer, wai
 from stream.logs import quiet_repeats
 from stream.metrics import Metrics, serve
 from stream.ports import BatchProcessor, InputRecord, OutputRecord
+from stream.reload import install_sighup, reload_tick
 from stream.security import faust_credentials, kafka_python_security
+from stream.sweep import IdleSweep
 
 log = logging.getLogger("livemb.worker")
 TABLE_NAME = "user_state"
@@ -104,9 +106,12 @@ def make_app(settings: Settings, processor: BatchProcessor, metrics: Metrics) ->
         metrics, GapRepair(bootstrap_of(settings.broker), group_id=settings.app_id, security=security),
     )  # fmt: skip
 
+    sweep = IdleSweep(settings, processor, TableStore(table), TopicSink({settings.topic_out: t_out}), metrics)
+
     @app.on_partitions_revoked.connect
     async def _revoked(_app: Any, revoked: Any, **_: Any) -> None:
         step.forget([(tp.topic, tp.partition) for tp in revoked])
+        sweep.forget([(tp.topic, tp.partition) for tp in revoked])
 
     @app.agent(t_in)
     async def interactions(stream: Any) -> None:
@@ -114,7 +119,9 @@ def make_app(settings: Settings, processor: BatchProcessor, metrics: Metrics) ->
         async for batch in stream.take_events(settings.batch_max_events, within=settings.batch_max_wait_ms / 1000):
             records = [InputRecord(m.topic, m.partition, m.offset, m.key, m.value, ev)
                        for ev in batch for m in (ev.message,)]  # fmt: skip
-            await step.run(records)
+            report = await step.run(records)
+            sweep.observe(records, report.applied)
+            await sweep.maybe_run()  # between batches: idle sessions (stream/sweep.py)
             for tp, offset in {ev.message.tp: ev.message.offset for ev in batch}.items():
                 hw = app.consumer.highwater(tp)
                 if hw is not None:
@@ -133,6 +140,7 @@ def make_app(settings: Settings, processor: BatchProcessor, metrics: Metrics) ->
             counted = True
         metrics.readiness.set("tables_recovered", done)
         metrics.readiness.set("model_loaded", processor.ready)
+        reload_tick(processor, metrics)  # hot swap between batches (stream/reload.py)
         info = processor.model_info()
         if info is not None:
             metrics.set_model(info.model, info.version, info.device)
@@ -157,6 +165,7 @@ def run_worker(settings: Settings, processor: BatchProcessor, loglevel: str = "i
         server.shutdown()
         raise
     app = make_app(settings, processor, metrics)
+    install_sighup(processor)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     try:
         worker.execute_from_commandline()

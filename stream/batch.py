@@ -55,6 +55,7 @@ class BatchReport:
     sessions_started: int = 0
     gap_records: int = 0
     last_offsets: dict[Partition, int] = field(default_factory=dict)
+    applied: list[ValidEvent] = field(default_factory=list)  # events applied to state (the idle sweep's index)
 
 
 class BatchStep:
@@ -88,6 +89,7 @@ class BatchStep:
         result = self.process(plan, bad, report)  # Step 5
         published = await self.publish(result, bad)  # Step 6
         self.write_states(plan, result, at, rows, report)  # Step 7
+        report.applied = [e for e in plan.to_apply if e.user_id in result.states]
         # Step 8 is the caller's: ack the records; Faust then commits the offsets.
         self.observe(records, result, bad, report, {e.user_id: e.ts for e in plan.to_apply}, t0, published)
         return report

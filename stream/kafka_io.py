@@ -8,7 +8,8 @@ from collections.abc import Callable, Iterator
 
 import orjson
 from kafka import KafkaConsumer, KafkaProducer
-from tqdm import tqdm
+
+from core.progress import progress as progress_bar
 
 log = logging.getLogger("livemb.kafka")
 
@@ -72,7 +73,7 @@ def replay(df, broker: str, topic: str, rate: float | None = None, progress: boo
     t0 = time.perf_counter()
     n = 0
     try:
-        for n, row in enumerate(tqdm(df[cols].itertuples(index=False), total=len(df), desc="replay",
+        for n, row in enumerate(progress_bar(df[cols].itertuples(index=False), total=len(df), desc="replay",
                                      unit="ev", disable=not progress), start=1):
             doc = {k: v for k, v in zip(cols, row, strict=True) if v != ""}
             doc["ts"] = int(doc["ts"])
@@ -98,7 +99,7 @@ def live_clicks(broker: str, topic: str, users: list[str], items: list[str], n: 
     producer = KafkaProducer(bootstrap_servers=bootstrap_of(broker), linger_ms=0, acks=1)
     t0 = time.perf_counter()
     try:
-        for k in tqdm(range(n), desc="live clicks", unit="ev"):
+        for k in progress_bar(range(n), desc="live clicks", unit="ev"):
             u = rng.choice(users)
             doc = {"user_id": u, "item_id": rng.choice(items), "ts": int(time.time() * 1000), "event_id": f"live-{seed}-{k}"}
             producer.send(topic, key=u.encode(), value=orjson.dumps(doc))

@@ -58,6 +58,9 @@ class Metrics:
         self.model_step = Histogram(p + "model_step_seconds", "Batched model step", buckets=STEP_BUCKETS, registry=r)
         self.topk = Histogram(p + "topk_seconds", "Batched top-K search", buckets=STEP_BUCKETS, registry=r)
         self.sessions_started = Counter(p + "sessions_started_total", "Session breaks", registry=r)
+        self.sessions_closed = Counter(
+            p + "sessions_closed_total", "Idle sessions closed by the sweep (next-session message sent)", registry=r
+        )
         self.consumer_lag = Gauge(p + "consumer_lag", "Input lag (messages)", ["partition"], registry=r)
         self.users_in_state = Gauge(p + "users_in_state", "Users with a state row", registry=r)
         self.model_info = Gauge(p + "model_info", "Served model", ["model", "version", "device"], registry=r)
@@ -76,6 +79,15 @@ class Metrics:
         self.recovery_seconds = Gauge(p + "recovery_seconds",
                                       "Duration of the current recovery, or of the last completed one", registry=r)
         self.ready_gauge = Gauge(p + "ready", "1 when /readyz is true", registry=r)
+        # one series per /readyz condition, so an alert can tell "recovery stuck" from "no model"
+        self.ready_condition = Gauge(
+            p + "ready_condition", "1 when this /readyz condition holds", ["condition"], registry=r
+        )
+        self.model_reloads = Counter(
+            p + "model_reloads_total", "Hot-swap attempts of the checkpoint/items by result", ["result"], registry=r
+        )
+        for res in ("ok", "refused"):
+            self.model_reloads.labels(res)
         self.readiness = Readiness("tables_recovered", "model_loaded")
         self._model: tuple[str, str, str] | None = None
 
@@ -106,7 +118,10 @@ class Metrics:
         return summarize_histogram(self.registry, "livemb_" + hist)
 
     def render(self) -> bytes:
-        self.ready_gauge.set(1 if self.readiness.ready else 0)
+        snap = self.readiness.snapshot()
+        self.ready_gauge.set(1 if all(snap.values()) else 0)
+        for name, ok in snap.items():
+            self.ready_condition.labels(name).set(1 if ok else 0)
         return generate_latest(self.registry)
 
 

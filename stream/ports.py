@@ -91,6 +91,20 @@ class BatchProcessor(Protocol):
 
     def model_info(self) -> ModelInfo | None: ...
 
+    reload_counts: dict[str, int]  # hot swaps by result ("ok" / "refused"), for livemb_model_reloads_total
+
+    def request_reload(self) -> None:
+        """Check the model files at the next `maybe_reload` (SIGHUP)."""
+        ...
+
+    def maybe_reload(self) -> bool:
+        """Swap in new model files if they changed (between batches); True when swapped."""
+        ...
+
+    def idle_messages(self, states: dict[str, bytes], last_ts: dict[str, int]) -> list[tuple[str, bytes]]:
+        """Next-session messages for users whose session went idle ([] when the model has none)."""
+        ...
+
     def process(self, events: list[ValidEvent], states: dict[str, bytes | None]) -> StepResult:
         """events: the batch's applied events in arrival order; states: each of their users' stored
         blob (None for a new user). A user whose blob cannot be read is returned in `rejected`

@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
+import orjson
 import torch
 
 from core.events import ValidEvent
@@ -26,7 +27,7 @@ from core.items import ItemTable
 from core.settings import Settings
 from models.base import EventBatch, event_type_index
 from models.grouping import group_by_user
-from models.serving import Serving
+from models.serving import Serving, build_messages
 from state.record import StateRecordError, decode, encode
 from stream.ports import ModelInfo, StepResult
 
@@ -46,14 +47,16 @@ class ForeignState(ValueError):
 class ModelProcessor:
     """BatchProcessor (stream/ports.py) around a served model; hot swap between batches."""
 
-    def __init__(self, settings: Settings, reload_check_s: float = 2.0):
+    def __init__(self, settings: Settings, reload_check_s: float | None = None):
         if not settings.model_path or not settings.items_path:
             raise ValueError("the worker needs --model CKPT and --items ITEMS")
         torch.set_num_threads(settings.torch_threads)
         self.settings = settings
         self.device = torch.device(settings.resolved_device())
-        self.reload_check_s = reload_check_s
+        self.reload_check_s = settings.reload_check_s if reload_check_s is None else reload_check_s
         self._next_check = 0.0
+        self._refused: tuple[float, float] | None = None  # stamps of a refused file set: not retried
+        self.reload_counts = {"ok": 0, "refused": 0}  # livemb_model_reloads_total (stream/app.py)
         self.tables: dict[int, ItemTable] = {}  # every item table served so far, for remapping old rows
         self.serving, self.stamps = self._load()
 
@@ -75,19 +78,31 @@ class ModelProcessor:
                  len(sv.table), sv.table.dim, s.index)
         return sv, stamps
 
+    def request_reload(self) -> None:
+        """SIGHUP: the next `maybe_reload` (the worker's 0.25 s timer or the next batch) checks at once."""
+        self._next_check = 0.0
+
     def maybe_reload(self) -> bool:
         now = time.monotonic()
         if now < self._next_check:
             return False
         self._next_check = now + self.reload_check_s
         try:
-            if self._stamps() == self.stamps:
-                return False
+            stamps = self._stamps()
+        except OSError as e:  # e.g. a deploy tool between unlink and rename: look again next time
+            log.warning("hot swap check: %s; keeping %s", e, self.serving.tag)
+            return False
+        if stamps in (self.stamps, self._refused):
+            return False
+        try:
             new, stamps = self._load()
         except Exception as e:  # noqa: BLE001 - a bad new file must not stop serving the old one
+            self._refused = stamps  # retried only once a file changes again
+            self.reload_counts["refused"] += 1
             log.error("hot swap refused, keeping %s: %s", self.serving.tag, e)
             return False
         self.serving, self.stamps = new, stamps  # a batch sees either the old or the new set
+        self.reload_counts["ok"] += 1
         return True
 
     def model_info(self) -> ModelInfo:
@@ -162,6 +177,30 @@ class ModelProcessor:
             model_step_seconds=t1 - t0,
             topk_seconds=t2 - t1,
         )
+
+    def idle_messages(self, states: dict[str, bytes], last_ts: dict[str, int]) -> list[tuple[str, bytes]]:
+        """The idle-session sweep (stream/sweep.py): for each user, a message whose embedding is the
+        model's next-session embedding (the open session folded in). [] for models without sessions."""
+        sv = self.serving
+        decoded: dict[str, dict[str, np.ndarray]] = {}
+        for user, blob in states.items():
+            try:
+                decoded[user] = self._decode(user, blob, sv)
+            except (StateRecordError, ForeignState) as e:
+                log.warning("idle sweep skips user %r: %s", user, e)
+        users = list(decoded)
+        if not users:
+            return []
+        st = self._gather(decoded, users, sv)
+        with torch.no_grad():
+            nxt = sv.model.next_session_embedding(st)
+        if nxt is None:
+            return []
+        items, scores = sv.retriever.candidates(sv.model, st, nxt)
+        event_ts = np.array([last_ts[u] for u in users], np.int64)
+        msgs = build_messages(users, nxt, st, items, scores, sv.table, event_ts, sv.tag, int(time.time() * 1000), nxt)
+        # marked, so a consumer keeping "the user's last in-session embedding" can tell them apart
+        return [(u, orjson.dumps({**orjson.loads(m), "session_closed": True})) for u, m in msgs]
 
     @staticmethod
     def _sequences(events: Sequence[ValidEvent], table: ItemTable):

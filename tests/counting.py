@@ -14,10 +14,22 @@ from stream.ports import ModelInfo, StepResult
 
 
 class CountingProcessor:
+    """No model, so nothing to hot-swap and no sessions to close."""
+
     ready = True
+    reload_counts: dict[str, int] = {}
 
     def model_info(self) -> ModelInfo | None:
         return None
+
+    def request_reload(self) -> None:
+        pass
+
+    def maybe_reload(self) -> bool:
+        return False
+
+    def idle_messages(self, states: dict[str, bytes], last_ts: dict[str, int]) -> list[tuple[str, bytes]]:
+        return []
 
     def process(self, events: list[ValidEvent], states: dict[str, bytes | None]) -> StepResult:
         counts: dict[str, int] = {}

@@ -45,6 +45,8 @@ class LastMessages:
         for recs in self.c.poll(200, max_records=20000).values():
             for r in recs:
                 d = orjson.loads(r.value)
+                if d.get("session_closed"):  # the idle sweep's next-session message (stream/sweep.py)
+                    continue
                 self.last[d["user_id"]] = d  # keyed by user: partition order == that user's order
         return self.last
 

@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partitions", type=int)
     p.add_argument("--batch-max-events", type=int)
     p.add_argument("--batch-max-wait-ms", type=int)
+    p.add_argument("--reload-check-s", type=float, help="seconds between hot-swap checks (SIGHUP: at once)")
     p.add_argument("--standby-replicas", type=int, help="standby copies of other workers' state partitions")
     p.add_argument("--loglevel", default="info")
     _settings_args(p)
@@ -126,12 +127,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tail", help="print recommendations as they arrive")
     _settings_args(p)
 
+    p = sub.add_parser("rebuild-state", help="replay the input topic into a fresh state table, then switch over")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--from-beginning", action="store_true", help="from the earliest retained input offset")
+    g.add_argument("--from-timestamp", help="from the first input record at or after T (epoch ms or ISO-8601)")
+    p.add_argument("--model", help="checkpoint the new state is built with")
+    p.add_argument("--items", help="items.npz of that checkpoint")
+    p.add_argument("--processor", help="module:factory instead of a model (tests)")
+    p.add_argument("--app-id", help="new app id = consumer group + table (default <app_id>-rebuild-<time>)")
+    p.add_argument("--data-dir", help="state directory of the new table (default <data_dir>-<app id>)")
+    p.add_argument("--scratch-topic", help="where the backfill's outputs go (default <topic_out>.<app id>)")
+    p.add_argument("--switch-file", help="env file to write atomically when caught up (LIVEMB_APP_ID, ...)")
+    p.add_argument("--partitions", type=int)
+    p.add_argument("--timeout-s", type=float, default=24 * 3600.0)
+    _settings_args(p)
+
+    sub.add_parser("config", help="print the configuration reference (every LIVEMB_* variable) as Markdown")
+
+    p = sub.add_parser("dashboard", help="render the key panels from a Prometheus to a PNG (matplotlib)")
+    p.add_argument("--prometheus", required=True, help="Prometheus base URL, e.g. http://127.0.0.1:9090")
+    p.add_argument("--out", required=True, help="PNG path")
+    p.add_argument("--range", default="15m", help="how far back from now (e.g. 90s, 15m, 2h)")
+    p.add_argument("--window", default="1m", help="rate() window (>= 4 scrape intervals)")
+    p.add_argument("--job", default="livemb", help="scrape job of the workers ('' for any)")
+
     p = sub.add_parser("demo", help="the main job on the embedded default")
     p.add_argument("--data", help="event log to replay (default: a synthetic one)")
     p.add_argument("--model", help="checkpoint (default: train a small HierTCN)")
     p.add_argument("--items")
     p.add_argument("--offline", action="store_true", help="offline demo only: synth, train, evaluate")
     p.add_argument("--workdir", default="runs/demo")
+    p.add_argument("--dashboard", metavar="PNG", help="also run a local Prometheus (1 s scrapes) and render "
+                   "the dashboard panels from it at the end (livemb dashboard)")
     _log_args(p)
     _settings_args(p)
 
@@ -177,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         batch_max_wait_ms=getattr(args, "batch_max_wait_ms", None),
         broker=getattr(args, "broker", None), device=getattr(args, "device", None), topk=getattr(args, "topk", None),
         exclude_seen=getattr(args, "exclude_seen", None), index=getattr(args, "index", None),
-        session_gap_s=getattr(args, "session_gap_s", None), standby_replicas=getattr(args, "standby_replicas", None),
+        session_gap_s=getattr(args, "session_gap_s", None), reload_check_s=getattr(args, "reload_check_s", None),
+        standby_replicas=getattr(args, "standby_replicas", None),
     )
     for noisy in ("kafka", "aiokafka", "faust", "mode", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -214,6 +242,18 @@ def main(argv: list[str] | None = None) -> int:
             from stream.security import kafka_python_security
 
             tail(settings.broker, settings.topic_out, security=kafka_python_security(settings))
+        elif args.cmd == "rebuild-state":
+            from tools.rebuild import run_rebuild
+
+            return run_rebuild(args, settings)
+        elif args.cmd == "config":
+            from tools.config_doc import readme_block
+
+            print(readme_block())
+        elif args.cmd == "dashboard":
+            from tools.dashboard import cmd_dashboard
+
+            cmd_dashboard(args)
         elif args.cmd == "demo":
             from tools.demo import run_demo
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from core.progress import progress as progress_bar
 from core.settings import EXCLUDE_SEEN
 from models import MODEL_REGISTRY, EventBatch, ModelConfig, SeqModel, repeat
 from models.base import opens_session
@@ -95,7 +95,7 @@ def evaluate_model(
     in_memory = 0  # scored targets already in the recent-items memory (what a repeat path can reach)
     empty = (np.zeros(0, np.int64),) * 3
     total = sum(len(test[x][0]) for x in users)
-    bar = tqdm(total=total, desc=f"eval {model.name}", unit="ev", disable=not progress, leave=False, mininterval=2.0)
+    bar = progress_bar(total=total, desc=f"eval {model.name}", unit="ev", disable=not progress, leave=False)
     for i in range(0, len(users), batch_users):
         group = users[i : i + batch_users]
         st, u = warm_up(model, model.init_state(len(group)), [train.get(x, empty) for x in group])

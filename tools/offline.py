@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from core.items import ItemTable
+from core.progress import progress as progress_bar
 from models import EventBatch
 from models.checkpoint import save_checkpoint
 from models.serving import Serving
@@ -101,7 +101,7 @@ def embed_users(serving: Serving, df, batch_users: int = 512):
     seqs = sequences_from_frame(df, serving.table)
     users = sorted(seqs)
     last_ts = df.groupby("user_id")["ts"].max()
-    for i in tqdm(range(0, len(users), batch_users), desc="embed", unit="batch"):
+    for i in progress_bar(range(0, len(users), batch_users), desc="embed", unit="batch"):
         group = users[i : i + batch_users]
         ev = EventBatch.from_sequences(*zip(*(seqs[u] for u in group), strict=True))
         st, u = serving.advance(serving.model.init_state(len(group)), ev)
