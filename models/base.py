@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models import repeat
@@ -40,21 +41,30 @@ def event_type_index(names: np.ndarray | list[str]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Hyper-parameters; checkpoints carry this and refuse to load into a different one."""
+    """Hyper-parameters; checkpoints carry this and refuse to load into a different one.
 
+    Fields are grouped by the models that read them (every model reads "shared")."""
+
+    # -- shared (every model) ------------------------------------------------------------
     name: str = "hiertcn"
     dim: int = 64  # D, item-vector size (set from the item table)
-    hidden: int = 128  # H, long-term (GRU) state size
-    channels: int = 64  # TCN channels / in-session GRU size
+    etype_dim: int = 8  # event-type embedding size
+    session_gap_ms: int = 1_800_000
+    # -- repeat path (models/repeat.py) ---------------------------------------------------
+    recent_items: int = 64  # M, slots in the recent-items memory (64 x 24 bytes; docs/MODELS.md)
+    repeat: str = "mixture"  # "mixture" (learned), "rule" (fixed recent-first) or "none"
+    # -- recurrent state: hiertcn, hiergru, hgru (long-term GRU), gru, hrnn ---------------
+    hidden: int = 128  # H
+    # -- in-session encoder: hiertcn, tcn (TCN channels), hiergru, hgru (in-session GRU) --
+    channels: int = 64
+    # -- TCN: hiertcn, tcn ----------------------------------------------------------------
     kernel: int = 2
     dilations: tuple[int, ...] = (1, 2, 4)
-    etype_dim: int = 8  # event-type embedding size
-    dt_buckets: int = 16  # log2 time-delta levels (hrnn)
-    session_gap_ms: int = 1_800_000
-    recent_items: int = 16  # M, slots in the recent-items memory
-    agg: str = "items"  # hiertcn session aggregate: "items" (mean item vector) or "outputs"
-    repeat: bool = True  # learned repeat path on top of the explore path
-    version: str = "1"
+    # -- hierarchy: hiertcn, hiergru --------------------------------------------------------
+    agg: str = "items"  # session aggregate: "items" (mean item vector) or "outputs"
+    # -- hrnn -----------------------------------------------------------------------------
+    dt_buckets: int = 16  # log2 time-delta levels
+    version: str = "2"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -108,6 +118,12 @@ class EventBatch:
         return EventBatch(out[0], out[1], out[2], torch.from_numpy(mask))
 
 
+def opens_session(ts: Tensor, clock: Tensor, gap_ms: int) -> Tensor:
+    """THE session-break rule: an event at `ts` opens a session when the user has no event yet
+    (clock < 0) or ts is more than gap_ms after the session clock (the latest ts seen so far)."""
+    return (clock < 0) | (ts - clock > gap_ms)
+
+
 def session_flags(ts: Tensor, mask: Tensor, last_ts: Tensor, gap_ms: int, dt_buckets: int) -> tuple[Tensor, Tensor]:
     """New-session flags and log2 time-delta levels for a padded batch, given each user's last_ts.
 
@@ -118,13 +134,21 @@ def session_flags(ts: Tensor, mask: Tensor, last_ts: Tensor, gap_ms: int, dt_buc
     # the session clock is the latest time seen so far: a late event never moves it back
     prev = torch.cat([last_ts[:, None], ts[:, :-1]], dim=1).cummax(dim=1).values  # (B, T)
     first = prev < 0
-    gap = ts - prev
-    new_session = (first | (gap > gap_ms)) & mask
-    seconds = gap.clamp(min=0).to(torch.float64) / 1000.0
+    new_session = opens_session(ts, prev, gap_ms) & mask
+    seconds = (ts - prev).clamp(min=0).to(torch.float64) / 1000.0
     level = 1 + torch.floor(torch.log2(1.0 + seconds)).to(torch.int64)
     level = level.clamp(max=dt_buckets - 1)
     level = torch.where(first, torch.zeros_like(level), level)
     return new_session, level
+
+
+@dataclass
+class SeqOut:
+    """What the offline forward returns, per position (B, T, ...)."""
+
+    u: Tensor  # (B, T, D) embedding after each event
+    starts: Tensor | None = None  # (B, T, D) session-start embedding (models with next_session_embedding)
+    gate: Tensor | None = None  # (B, T, G) the long-term state the repeat gate reads (== gate_state(st))
 
 
 class SeqModel(nn.Module):
@@ -139,9 +163,12 @@ class SeqModel(nn.Module):
     name = "base"
     trainable = True  # False: nothing to learn beyond counting (fit() may still count)
     embeds = True  # True: produces a user vector in item space (served by the live worker)
+    gate_field: str | None = None  # state tensor the repeat gate reads (the long-term state)
 
     def __init__(self, cfg: ModelConfig, item_vectors: Tensor | np.ndarray):
         super().__init__()
+        if cfg.repeat not in repeat.REPEAT_MODES:
+            raise ValueError(f"repeat must be one of {repeat.REPEAT_MODES}, got {cfg.repeat!r}")
         self.cfg = cfg
         vecs = torch.as_tensor(np.asarray(item_vectors, dtype=np.float32))
         if vecs.ndim != 2 or vecs.shape[1] != cfg.dim:
@@ -149,7 +176,24 @@ class SeqModel(nn.Module):
         # fixed inputs, not parameters; not saved in checkpoints (they carry a fingerprint instead)
         self.register_buffer("item_vecs", vecs, persistent=False)
         self.etype_emb = nn.Embedding(len(EVENT_TYPES), cfg.etype_dim)
-        self.repeat_head = repeat.RepeatHead(len(EVENT_TYPES)) if cfg.repeat and self.trainable else None
+        self.repeat_head = None
+        if self.repeat_mode == "mixture":
+            self.repeat_head = repeat.MixtureHead(len(EVENT_TYPES), cfg.dim, self.gate_dim())
+
+    @property
+    def repeat_mode(self) -> str:
+        """The configured repeat path; models that learn nothing use the fixed rule for "mixture"."""
+        if self.cfg.repeat == "mixture" and not self.trainable:
+            return "rule"
+        return self.cfg.repeat
+
+    def gate_dim(self) -> int:
+        """Size of the gate's long-term state: every gate_field is an H-sized recurrent state."""
+        return 0 if self.gate_field is None else self.cfg.hidden
+
+    def gate_state(self, st: dict[str, Tensor]) -> Tensor | None:
+        """(B, G) long-term state for the repeat gate, read from the streaming state."""
+        return None if self.gate_field is None else st[self.gate_field]
 
     # ------------------------------------------------------------------ hooks for subclasses
     def model_state_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -167,8 +211,8 @@ class SeqModel(nn.Module):
         updated tensors and u (B, D)."""
         raise NotImplementedError
 
-    def forward_seq(self, inp: Tensor, item: Tensor, new_session: Tensor, level: Tensor, mask: Tensor) -> Tensor:
-        """Offline: (B, T, D+E) inputs of whole sequences -> (B, T, D) embeddings after each event."""
+    def forward_seq(self, inp: Tensor, item: Tensor, new_session: Tensor, level: Tensor, mask: Tensor) -> SeqOut:
+        """Offline: (B, T, D+E) inputs of whole sequences -> SeqOut (embeddings after each event, ...)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ shared machinery
@@ -250,18 +294,16 @@ class SeqModel(nn.Module):
         """Embedding to use when the next event opens a new session; None: same as the current one."""
         return None
 
-    def forward_with_starts(self, ev: EventBatch) -> tuple[Tensor, Tensor | None]:
-        """Offline u (B, T, D) and, for models with `next_session_embedding`, the start embedding at
-        each position (B, T, D) (meaningful where that position opens a session)."""
-        u = self(ev)
-        return u, self.__dict__.pop("_starts", None)  # set by forward_seq; never kept past this call
-
-    def forward(self, ev: EventBatch) -> Tensor:
-        """Offline: embeddings after every event of fresh users, (B, T, D)."""
+    def forward_full(self, ev: EventBatch) -> SeqOut:
+        """Offline pass over fresh users' whole sequences: u, session-start embeddings, gate states."""
         B = ev.item.shape[0]
         last_ts = torch.full((B,), -1, dtype=torch.int64, device=ev.ts.device)
         new_session, level = session_flags(ev.ts, ev.mask, last_ts, self.cfg.session_gap_ms, self.cfg.dt_buckets)
         return self.forward_seq(self.inputs(ev.item, ev.etype), ev.item, new_session, level, ev.mask)
+
+    def forward(self, ev: EventBatch) -> Tensor:
+        """Offline: embeddings after every event of fresh users, (B, T, D)."""
+        return self.forward_full(ev).u
 
     # ------------------------------------------------------------------ scoring
     def explore_scores(self, u: Tensor) -> Tensor:
@@ -270,22 +312,53 @@ class SeqModel(nn.Module):
         s[:, 0] = -math.inf
         return s
 
-    def repeat_bonus(self, state: dict[str, Tensor], u: Tensor) -> Tensor:
-        """(B, M) additive logit for each recent-memory slot (0 for empty slots)."""
-        if not self.cfg.repeat:
-            return torch.zeros_like(state["mem_item"], dtype=torch.float32)
-        if self.repeat_head is None:  # nothing learned: the fixed "recent items first" rule
-            return repeat.heuristic_bonus(state)
-        feats = repeat.memory_features(state, len(EVENT_TYPES))
-        explore = (self.item_vecs[state["mem_item"]] * u[:, None, :]).sum(-1)
-        return self.repeat_head(feats, explore) * (state["mem_item"] > 0)
+    def memory_scores(self, state: dict[str, Tensor], u: Tensor, mode: str | None = None, logz: Tensor | None = None,
+                      gate_state: Tensor | None = None, explore_all: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """THE explore+repeat score, split for a merge with any explore retrieval (full catalogue or faiss):
 
-    def scores(self, state: dict[str, Tensor], u: Tensor, use_repeat: bool = True) -> Tensor:
-        """Full-catalogue scores (B, N+1) for ranking: explore path plus the repeat path."""
-        s = self.explore_scores(u)
-        if use_repeat:
-            s = repeat.add_to_scores(s, state["mem_item"], self.repeat_bonus(state, u))
-        return s
+        returns shift (B,) and mem (B, M): an item outside the memory scores <u, x_i> + shift, the
+        item of memory slot m scores mem[:, m] (-inf for empty slots). `logz` (B,) is the
+        log-sum-exp of the explore scores over the catalogue (computed when None and needed);
+        `gate_state` defaults to `gate_state(state)` (training passes the offline one);
+        `explore_all` (B, N+1), when the caller has the catalogue's explore scores, saves the
+        (B, M, D) gather of the memory's vectors.
+        """
+        mode = self.repeat_mode if mode is None else mode
+        mem_item = state["mem_item"].long()
+        filled = mem_item > 0
+        if explore_all is None:
+            explore = (self.item_vecs[mem_item] * u[:, None, :]).sum(-1)  # (B, M)
+        else:
+            explore = explore_all.gather(1, mem_item).masked_fill(~filled, 0.0)
+        shift = torch.zeros(u.shape[0], dtype=u.dtype, device=u.device)
+        if mode == "none":
+            mem = explore
+        elif mode == "rule" or self.repeat_head is None:
+            mem = explore + repeat.heuristic_bonus(state)
+        else:
+            if logz is None:
+                logz = torch.logsumexp(self.explore_scores(u)[:, 1:], dim=1)
+            feats = repeat.memory_features(state, len(EVENT_TYPES))
+            gs = self.gate_state(state) if gate_state is None else gate_state
+            rep_logp, a = self.repeat_head(feats, explore, explore - logz[:, None], filled, u, gs)
+            shift = F.logsigmoid(-a) - logz  # log(1 - g) - log Z
+            mem = torch.logaddexp(explore + shift[:, None], F.logsigmoid(a)[:, None] + rep_logp)
+        return shift, mem.masked_fill(~filled, -math.inf)
+
+    def scores(self, state: dict[str, Tensor], u: Tensor, repeat_mode: str | None = None,
+               explore: Tensor | None = None) -> Tensor:
+        """Full-catalogue scores (B, N+1) for ranking: explore path merged with the repeat path.
+        `explore`: this model's repeat_mode="none" scores of the same users, if already computed."""
+        s = self.explore_scores(u) if explore is None else explore
+        mode = self.repeat_mode if repeat_mode is None else repeat_mode
+        if mode == "none":
+            return s
+        logz = torch.logsumexp(s[:, 1:], dim=1) if mode == "mixture" else None
+        shift, mem = self.memory_scores(state, u, mode, logz, explore_all=s)
+        out = s + shift[:, None]
+        out.scatter_(1, state["mem_item"].long(), mem)  # slots hold distinct items; empty slots hit column 0
+        out[:, 0] = -math.inf
+        return out
 
 
 def _expand(mask: Tensor, like: Tensor) -> Tensor:
@@ -300,4 +373,5 @@ def register(cls):
     return cls
 
 
-__all__ = ["EVENT_TYPES", "EventBatch", "ModelConfig", "SeqModel", "register", "MODEL_REGISTRY", "session_flags", "event_type_index"]
+__all__ = ["EVENT_TYPES", "EventBatch", "ModelConfig", "SeqModel", "SeqOut", "register", "MODEL_REGISTRY", "session_flags",
+           "opens_session", "event_type_index"]

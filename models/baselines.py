@@ -7,7 +7,7 @@ slot with the largest `mem_seq`, the current session's items are the slots with
 (`cell` returns zeros), only `scores`.
 
 Each `scores` returns its explore scores rescaled per row into [-1, 1] (a positive scale per row,
-so rankings are unchanged) and, when `use_repeat and cfg.repeat`, adds the fixed "recent items
+so rankings are unchanged) and, unless the repeat mode is "none", adds the fixed "recent items
 first" heuristic (repeat.heuristic_bonus, >= ~1e3) on top: that is the "+rep" variant.
 
 `train_sequences` is a list of per-user tuples (items int64 1-based with 0 = unknown, etypes,
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from models import repeat
-from models.base import ModelConfig, SeqModel, register
+from models.base import ModelConfig, SeqModel, SeqOut, register
 
 TrainSequences = Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]
 
@@ -117,7 +117,7 @@ class _CountingBaseline(SeqModel):
         return {}, torch.zeros(item.shape[0], self.cfg.dim, device=inp.device)
 
     def forward_seq(self, inp, item, new_session, level, mask):
-        return torch.zeros(*item.shape, self.cfg.dim, device=inp.device)
+        return SeqOut(torch.zeros(*item.shape, self.cfg.dim, device=inp.device))
 
     def _fit_pop(self, items: np.ndarray) -> None:
         counts = np.bincount(items, minlength=self.n_items + 1).astype(np.float32)
@@ -136,10 +136,14 @@ class _CountingBaseline(SeqModel):
         """(B, N+1) raw scores, column 0 ignored."""
         raise NotImplementedError
 
-    def scores(self, state: dict[str, Tensor], u: Tensor | None = None, use_repeat: bool = True) -> Tensor:
-        s = _rescale(self.explore(state).float())
-        s[:, 0] = -math.inf
-        if use_repeat and self.cfg.repeat:
+    def scores(self, state: dict[str, Tensor], u: Tensor | None = None, repeat_mode: str | None = None,
+               explore: Tensor | None = None) -> Tensor:
+        if explore is None:
+            s = _rescale(self.explore(state).float())
+            s[:, 0] = -math.inf
+        else:  # the repeat_mode="none" scores, already computed
+            s = explore
+        if (self.repeat_mode if repeat_mode is None else repeat_mode) != "none":
             s = repeat.add_to_scores(s, state["mem_item"], repeat.heuristic_bonus(state))
         return s
 
@@ -147,7 +151,7 @@ class _CountingBaseline(SeqModel):
     def last_item(state: dict[str, Tensor]) -> Tensor:
         """(B,) last known item from the memory (0 when the memory is empty)."""
         slot = state["mem_seq"].argmax(dim=1, keepdim=True)
-        return state["mem_item"].gather(1, slot).squeeze(1)
+        return state["mem_item"].gather(1, slot).squeeze(1).long()
 
 
 # ---------------------------------------------------------------------- models
@@ -276,7 +280,7 @@ class SessionKNN(_CountingBaseline):
         rows = max(1, min(self.chunk, self.max_cells // max(1, self.sess_len.shape[0])))
         for b0 in range(0, B, rows):
             sl = slice(b0, min(B, b0 + rows))
-            out[sl] += self._neighbour_scores(state["mem_item"][sl], state["mem_sess"][sl], state["session"][sl])
+            out[sl] += self._neighbour_scores(state["mem_item"][sl].long(), state["mem_sess"][sl].long(), state["session"][sl])
         return out
 
     def _neighbour_scores(self, mem_item: Tensor, mem_sess: Tensor, session: Tensor) -> Tensor:
@@ -308,13 +312,18 @@ class SessionKNN(_CountingBaseline):
 
 @register
 class MaxItem(_CountingBaseline):
-    """MaxItem (HierTCN paper): score(i) = max over the items p in the user's memory of <x_p, x_i>.
-    Users with an empty memory score every item 0."""
+    """MaxItem (HierTCN paper): score(i) = max over the user's past items p of <x_p, x_i>.
+
+    From the state alone the max runs over the memory (users with an empty memory score every
+    item 0). The evaluation keeps a running max instead (`incremental`): initialised from the
+    memory after the warm-up, then one (B, N+1) product per applied event, never M of them per
+    scored event."""
 
     name = "maxitem"
+    incremental = True
 
-    def explore(self, state):
-        mem = state["mem_item"]
+    def _memory_max(self, state):
+        mem = state["mem_item"].long()
         # empty slots repeat the last item (which does not change the max); an empty memory is
         # all item 0, whose zero vector gives the all-zero row
         mem = torch.where(mem > 0, mem, self.last_item(state)[:, None])
@@ -323,6 +332,28 @@ class MaxItem(_CountingBaseline):
         for m in range(1, mem.shape[1]):  # one (B, N+1) product per slot, never (B, M, N+1) at once
             torch.maximum(best, X[mem[:, m]] @ X.T, out=best)
         return best
+
+    def explore(self, state):
+        return self._memory_max(state)
+
+    def init_running(self, state: dict[str, Tensor]) -> Tensor:
+        """(B, N+1) running max, -inf for users with nothing in memory yet."""
+        best = self._memory_max(state)
+        return best.masked_fill(~(state["mem_item"] > 0).any(1)[:, None], -math.inf)
+
+    def update_running(self, run: Tensor, item: Tensor) -> None:
+        """Fold the applied event's item (B,) into the running max in place (unknown items: no-op)."""
+        x = self.item_vecs[item] @ self.item_vecs.T
+        run.copy_(torch.where((item > 0)[:, None], torch.maximum(run, x), run))
+
+    def scores(self, state, u=None, repeat_mode=None, explore=None, running: Tensor | None = None):
+        if running is None or explore is not None:
+            return super().scores(state, u, repeat_mode, explore)
+        s = _rescale(running.masked_fill(torch.isneginf(running), 0.0))
+        s[:, 0] = -math.inf
+        if (self.repeat_mode if repeat_mode is None else repeat_mode) != "none":
+            s = repeat.add_to_scores(s, state["mem_item"], repeat.heuristic_bonus(state))
+        return s
 
 
 __all__ = ["MaxItem", "Popularity", "SequentialRules", "SessionKNN", "gather_rows", "split_sessions"]

@@ -13,7 +13,7 @@ import torch
 
 from models.base import MODEL_REGISTRY, ModelConfig, SeqModel
 
-FORMAT = 1
+FORMAT = 2  # 2: repeat mixture head, compact memory dtypes, ModelConfig.repeat is a mode
 
 
 class CheckpointError(ValueError):
@@ -43,7 +43,11 @@ def read_checkpoint(path: str | Path) -> dict:
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
         raise CheckpointError(f"checkpoint {path} is not a livemb checkpoint: {e}") from e
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path} has format {blob.get('format') if isinstance(blob, dict) else '?'}, expected {FORMAT}")
+        got = blob.get("format") if isinstance(blob, dict) else "?"
+        raise CheckpointError(
+            f"checkpoint {path} has format {got}, this build reads format {FORMAT} (the model structure "
+            "changed: learned repeat mixture, compact memory); retrain it with `livemb train`"
+        )
     return blob
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.base import SeqModel, register
+from models.base import SeqModel, SeqOut, register
 from models.layers import CausalTCN
 
 
 @register
 class FlatGRU(SeqModel):
     name = "gru"
+    gate_field = "g"
 
     def __init__(self, cfg, item_vectors):
         super().__init__(cfg, item_vectors)
@@ -26,7 +27,8 @@ class FlatGRU(SeqModel):
         return {"g": g}, self.out(g)
 
     def forward_seq(self, inp, item, new_session, level, mask):
-        return self.out(self.gru(inp)[0])
+        g = self.gru(inp)[0]  # (B, T, H)
+        return SeqOut(self.out(g), gate=g)
 
 
 @register
@@ -42,16 +44,16 @@ class FlatTCN(SeqModel):
         self.window = cfg.receptive_field - 1
 
     def model_state_spec(self):
-        return {"win_item": ((self.window,), torch.int64), "win_etype": ((self.window,), torch.int64)}
+        return {"win_item": ((self.window,), torch.int64), "win_etype": ((self.window,), torch.int8)}
 
     def cell(self, st, inp, item, etype, new_session, level):
         W = self.window
-        items = torch.cat([st["win_item"], item[:, None]], dim=1)  # (B, R)
-        etypes = torch.cat([st["win_etype"], etype[:, None]], dim=1)
+        items = torch.cat([st["win_item"].long(), item[:, None]], dim=1)  # (B, R)
+        etypes = torch.cat([st["win_etype"].long(), etype[:, None]], dim=1)
         seen = st["n_events"] + 1
         valid = torch.arange(W + 1, device=items.device)[None, :] >= (W + 1 - seen)[:, None]
         o = self.tcn(self.inputs(items, etypes), valid)[:, -1]
-        return {"win_item": items[:, 1:], "win_etype": etypes[:, 1:]}, self.out(o)
+        return {"win_item": items[:, 1:], "win_etype": etypes[:, 1:].to(torch.int8)}, self.out(o)
 
     def forward_seq(self, inp, item, new_session, level, mask):
-        return self.out(self.tcn(inp, mask))
+        return SeqOut(self.out(self.tcn(inp, mask)))

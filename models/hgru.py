@@ -10,13 +10,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.base import SeqModel, register
+from models.base import SeqModel, SeqOut, register
 from models.layers import from_grid, session_layout, to_grid
 
 
 @register
 class HGRU(SeqModel):
     name = "hgru"
+    gate_field = "s"  # the session-level GRU state
 
     def __init__(self, cfg, item_vectors):
         super().__init__(cfg, item_vectors)
@@ -43,12 +44,14 @@ class HGRU(SeqModel):
         x = to_grid(inp, sess, pos, mask, S, L)
         length = to_grid(mask, sess, pos, mask, S, L).sum(2)  # (B, S)
         s = inp.new_zeros(B, self.cfg.hidden)
-        outs = []
+        outs, conds = [], []
         for k in range(S):
+            conds.append(s)
             g0 = torch.tanh(self.init_inner(s))
             o, _ = self.inner(x[:, k], g0[None].contiguous())  # (B, L, C)
             outs.append(o)
             last = o[torch.arange(B), (length[:, k] - 1).clamp(min=0)]  # hidden after the session's last event
             s = self.session_gru(last[:, None], s[None].contiguous())[1][0]
         g = torch.stack(outs, 1)  # (B, S, L, C)
-        return from_grid(self.out(g), sess, pos)
+        gate = torch.stack(conds, 1)[torch.arange(B, device=inp.device)[:, None], sess]  # (B, T, H)
+        return SeqOut(from_grid(self.out(g), sess, pos), gate=gate)

@@ -17,13 +17,16 @@ event arrives (a break is only known then).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.base import ModelConfig, SeqModel
+from models.base import ModelConfig, SeqModel, SeqOut
 from models.layers import from_grid, session_layout, to_grid
 
 
 class HierarchicalModel(SeqModel):
+    gate_field = "h"  # the repeat gate reads the long-term GRU state
+
     def __init__(self, cfg: ModelConfig, item_vectors):
         super().__init__(cfg, item_vectors)
         if cfg.agg not in ("items", "outputs"):
@@ -79,21 +82,36 @@ class HierarchicalModel(SeqModel):
         u = self.out(torch.cat([o, h], dim=-1))
         return {"h": h, "agg_sum": agg_sum + a, "agg_n": agg_n + n, **enc_st}, u
 
+    def encode_flat(self, x: Tensor, cond: Tensor, valid: Tensor, segment: Tensor) -> Tensor | None:
+        """Optional fast path: the encoder over flat (B, T) sequences with session ids `segment`
+        (B, T) and the per-session condition cond (B, S, H) -> (B, T, C); None: use the session grid."""
+        return None
+
     def forward_seq(self, inp, item, new_session, level, mask):
-        B = inp.shape[0]
+        B, T = item.shape
         sess, pos, S, L = session_layout(new_session, mask)
-        x = to_grid(inp, sess, pos, mask, S, L)  # (B, S, L, in_dim)
-        valid = to_grid(mask, sess, pos, mask, S, L)  # (B, S, L)
-        known = to_grid(item > 0, sess, pos, mask, S, L)
         h0 = self.h0.expand(B, -1)
+        b_idx = torch.arange(B, device=inp.device)[:, None]
         if self.cfg.agg == "items":
-            xv = x[..., : self.cfg.dim] * known[..., None]
-            agg = xv.sum(2) / known.sum(2).clamp(min=1)[..., None]  # (B, S, D)
+            # AGG per session by one scatter over the flat sequence (no grid): (B, S, D)
+            known = ((item > 0) & mask).to(inp.dtype)
+            flat_sess = (b_idx * S + sess).reshape(-1)
+            xs = (inp[..., : self.cfg.dim] * known[..., None]).reshape(B * T, -1)
+            tot = inp.new_zeros(B * S, self.cfg.dim).index_add_(0, flat_sess, xs)
+            cnt = inp.new_zeros(B * S).index_add_(0, flat_sess, known.reshape(-1))
+            agg = (tot / cnt.clamp(min=1)[:, None]).view(B, S, -1)
             h_after, _ = self.long_gru(agg, h0[None].contiguous())  # (B, S, H): after session s
             cond = torch.cat([h0[:, None], h_after[:, :-1]], dim=1)  # (B, S, H): before session s
-            o = self.encode_seq(x.reshape(B * S, L, -1), cond.reshape(B * S, -1), valid.reshape(B * S, L))
-            o = o.view(B, S, L, -1)
+            cond_t = cond[b_idx, sess]  # (B, T, H)
+            o = self.encode_flat(inp, cond, mask, sess)
+            if o is None:
+                x = to_grid(inp, sess, pos, mask, S, L)  # (B, S, L, in_dim)
+                valid = to_grid(mask, sess, pos, mask, S, L)
+                o = self.encode_seq(x.reshape(B * S, L, -1), cond.reshape(B * S, -1), valid.reshape(B * S, L))
+                o = from_grid(o.view(B, S, L, -1), sess, pos)  # (B, T, C)
         else:
+            x = to_grid(inp, sess, pos, mask, S, L)
+            valid = to_grid(mask, sess, pos, mask, S, L)
             h, outs, conds = h0, [], []
             for s in range(S):
                 o_s = self.encode_seq(x[:, s], h, valid[:, s])  # (B, L, C)
@@ -102,11 +120,13 @@ class HierarchicalModel(SeqModel):
                 v = valid[:, s].to(o_s.dtype)[..., None]
                 agg = (o_s * v).sum(1) / v.sum(1).clamp(min=1)
                 h = self.long_gru(agg[:, None], h[None].contiguous())[1][0]
-            o, cond = torch.stack(outs, 1), torch.stack(conds, 1)
-        u = self.out(torch.cat([o, cond[:, :, None, :].expand(-1, -1, L, -1)], dim=-1))  # (B, S, L, D)
+            o, cond = from_grid(torch.stack(outs, 1), sess, pos), torch.stack(conds, 1)
+            cond_t = cond[b_idx, sess]
+        # out([o ; h]) = W_o o + (W_h h + b), the h part projected once per session
+        w = self.out.weight  # (D, C + H)
+        u = F.linear(o, w[:, : self.cfg.channels]) + F.linear(cond, w[:, self.cfg.channels :], self.out.bias)[b_idx, sess]
         # query-time session start: u for "a new session begins" = W[0 ; h before that session]
-        self._starts = self._start_embedding(cond)[torch.arange(B, device=u.device)[:, None], sess]  # (B, T, D)
-        return from_grid(u, sess, pos)
+        return SeqOut(u, starts=self._start_embedding(cond)[b_idx, sess], gate=cond_t)
 
     def _start_embedding(self, h: Tensor) -> Tensor:
         return self.out(torch.cat([h.new_zeros((*h.shape[:-1], self.cfg.channels)), h], dim=-1))

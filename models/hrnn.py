@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.base import SeqModel, register
+from models.base import SeqModel, SeqOut, register
 
 _LEVEL_DIM = 4
 
@@ -17,6 +17,7 @@ _LEVEL_DIM = 4
 @register
 class HRNN(SeqModel):
     name = "hrnn"
+    gate_field = "g"
 
     def __init__(self, cfg, item_vectors):
         super().__init__(cfg, item_vectors)
@@ -36,4 +37,4 @@ class HRNN(SeqModel):
 
     def forward_seq(self, inp, item, new_session, level, mask):
         out, _ = self.gru(self._control(inp, new_session, level))
-        return self.out(out)
+        return SeqOut(self.out(out), gate=out)

@@ -10,10 +10,12 @@ from torch import Tensor, nn
 class CausalTCN(nn.Module):
     """Residual stack of causal dilated 1-D convolutions (Bai et al. 2018), masked.
 
-    `valid` (B, T) marks real positions. Invalid positions are zeroed after every layer, so a
-    window that starts before the session start sees exactly the zero padding the full-sequence
-    forward sees: this is what makes the streaming window recomputation equal the offline pass.
-    Receptive field R = 1 + (kernel - 1) * sum(dilations).
+    `valid` (B, T) marks real positions; invalid positions are zeroed after every layer. With
+    `segment` (B, T) (session ids), a tap never reads across a segment boundary, so one pass over a
+    flat sequence equals a separate pass per session (no (B, S, L) grid, no padding waste). This is
+    what makes the streaming window recomputation (one segment, zero padded) equal the offline pass.
+    Receptive field R = 1 + (kernel - 1) * sum(dilations). The convolution is written as one matmul
+    per tap (W_j h_{t - j d}), which is what lets a tap be masked per position.
     """
 
     def __init__(self, in_dim: int, channels: int, kernel: int, dilations: tuple[int, ...]):
@@ -22,14 +24,28 @@ class CausalTCN(nn.Module):
         self.inp = nn.Linear(in_dim, channels)
         self.convs = nn.ModuleList(nn.Conv1d(channels, channels, kernel, dilation=d) for d in dilations)
 
-    def forward(self, x: Tensor, valid: Tensor) -> Tensor:
-        B, T, _ = x.shape
-        keep = valid[:, None, :].to(x.dtype)  # (B, 1, T)
-        h = self.inp(x).transpose(1, 2) * keep  # (B, C, T)
+    def forward(self, x: Tensor, valid: Tensor, segment: Tensor | None = None) -> Tensor:
+        return self.body(self.inp(x), valid, segment)
+
+    def body(self, h: Tensor, valid: Tensor, segment: Tensor | None = None) -> Tensor:
+        """The residual stack on already projected inputs h (B, T, C) (= self.inp(x))."""
+        B, T, _ = h.shape
+        keep = valid[..., None].to(h.dtype)  # (B, T, 1)
+        h = h * keep  # (B, T, C)
         for conv, d in zip(self.convs, self.dilations, strict=True):
-            pad = (self.kernel - 1) * d
-            h = (h + F.relu(conv(F.pad(h, (pad, 0))))) * keep
-        return h.transpose(1, 2)  # (B, T, C)
+            w = conv.weight  # (C_out, C_in, k); tap k-1 reads lag 0, tap k-1-j reads lag j*d
+            acc = F.linear(h, w[:, :, self.kernel - 1], conv.bias)
+            for j in range(1, self.kernel):
+                lag = j * d
+                if lag >= T:
+                    break
+                past = F.pad(h[:, : T - lag], (0, 0, lag, 0))  # (B, T, C): h_{t - lag}, zero before 0
+                if segment is not None:
+                    same = F.pad(segment[:, lag:] == segment[:, : T - lag], (lag, 0))  # (B, T)
+                    past = past * same[..., None].to(h.dtype)
+                acc = acc + F.linear(past, w[:, :, self.kernel - 1 - j])
+            h = (h + F.relu(acc)) * keep
+        return h  # (B, T, C)
 
 
 def session_layout(new_session: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, int, int]:

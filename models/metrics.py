@@ -87,4 +87,29 @@ class RankAccumulator:
         return out
 
 
-__all__ = ["RECALL_KS", "RankAccumulator", "ranks_of"]
+__all__ = ["RECALL_KS", "RankAccumulator", "ranks_excluding_memory", "ranks_of"]
+
+
+def ranks_excluding_memory(scores: Tensor, target: Tensor, mem_item: Tensor, excluded: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`ranks_of` without a mask and with each exclude_seen mask, from ONE (B, N+1) comparison.
+
+    The masks of exclude_seen only ever exclude memory items, so each masked rank is the unmasked
+    rank minus the excluded memory items that beat the target (slots hold distinct items): the
+    same numbers as `ranks_of(scores, target, mask)` for the (B, N+1) mask built from the slots.
+    excluded: name -> (B, M) bool (slot excluded); returns {"none": ranks, name: ranks, ...}.
+    """
+    B, n_cols = scores.shape
+    N = n_cols - 1
+    target = target.to(device=scores.device, dtype=torch.int64).view(B)
+    out = {"none": ranks_of(scores, target)}
+    mem = mem_item.to(device=scores.device, dtype=torch.int64)
+    t_score = scores.gather(1, target[:, None])  # (B, 1)
+    ms = scores.gather(1, mem)  # (B, M)
+    beats = (ms >= t_score) | torch.isnan(ms) | torch.isnan(t_score)
+    other = (mem > 0) & (mem != target[:, None])
+    is_target = (mem == target[:, None]) & (mem > 0)
+    for name, ex in excluded.items():
+        drop = (beats & other & ex).sum(dim=1)
+        target_out = (ex & is_target).any(dim=1) | (target <= 0)
+        out[name] = torch.where(target_out, torch.full_like(out["none"], N), out["none"] - drop)
+    return out

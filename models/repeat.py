@@ -1,34 +1,53 @@
-"""The repeat path: a fixed-size memory of each user's recent items and a head that scores them.
+"""The repeat path: a compact memory of each user's recent items and the ways to score it.
 
 Real click logs are dominated by re-interactions, which an explore-only model (<u, x_item> over
-the catalogue) ranks poorly. The memory keeps M slots per user; each slot holds an item, how often
-and when (event clock and wall clock) it was touched, in which session and with which event type.
-The learned head turns those features (plus the explore score of the item) into an additive
-logit, so the final ranking mixes both paths in logit space (RepeatNet in spirit):
+the catalogue) ranks poorly. The memory keeps M slots per user (LRU by event clock, ties to the
+lowest slot, so streaming and offline runs evict identically). Per slot, in compact dtypes so that
+M = 64 fits the 4 KiB state budget (24 bytes a slot, docs/MODELS.md has the measurement):
 
-    score(i) = <u, x_i> + [i in memory] * head(features_i, <u, x_i>)
+    mem_item  int64  item index (0 = empty; int64 because the hot swap remaps it as int64)
+    mem_count int16  touches since the item entered the memory (saturates at 32767)
+    mem_seq   int32  event clock of the last touch (-1 = empty)
+    mem_ts    int32  wall clock of the last touch, seconds since 2020-01-01 UTC (1952..2088)
+    mem_sess  int32  session counter of the last touch
+    mem_etype int8   event type of the last touch
+    mem_seen  int8   bit set of every event type the item got while in memory
 
-Slots are replaced least-recently-used (by event clock, ties to the lowest slot), so streaming and
-offline runs evict identically.
+Three ways to score the memory (`ModelConfig.repeat`), all through `memory_scores` so that the
+evaluation, the training loss and the live `Retriever` share ONE definition:
+
+- "mixture" (RepeatNet-style, learned): P(i) = (1 - g) P_explore(i) + g P_repeat(i), with
+  P_explore = softmax over the full catalogue of <u, x_i>, P_repeat = softmax over the memory
+  slots of an MLP of the slot features, g = sigmoid(gate([u ; long-term state ; pooled slots])).
+  Ranking score = log P(i). Trained by the mixture's full-catalogue NLL (models/train.py).
+- "rule": the fixed "recent items first, by count then recency" bonus (what the counting
+  baselines use for their "+rep" variant).
+- "none": explore path only.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-MEMORY_FIELDS = ("mem_item", "mem_count", "mem_ts", "mem_etype", "mem_sess", "mem_seq")
+MEMORY_FIELDS = ("mem_item", "mem_count", "mem_seq", "mem_ts", "mem_sess", "mem_etype", "mem_seen")
+REPEAT_MODES = ("mixture", "rule", "none")
+EPOCH_S = 1_577_836_800  # 2020-01-01 UTC: the origin of mem_ts
+COUNT_MAX = 32767
 
 
 def memory_spec(M: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     return {
-        "mem_item": ((M,), torch.int64),
-        "mem_count": ((M,), torch.float32),
-        "mem_ts": ((M,), torch.int64),
-        "mem_etype": ((M,), torch.int64),
-        "mem_sess": ((M,), torch.int64),
-        "mem_seq": ((M,), torch.int64),
+        "mem_item": ((M,), torch.int64),  # int64: the live hot swap remaps it with ItemTable.lookup (int64)
+        "mem_count": ((M,), torch.int16),
+        "mem_seq": ((M,), torch.int32),
+        "mem_ts": ((M,), torch.int32),
+        "mem_sess": ((M,), torch.int32),
+        "mem_etype": ((M,), torch.int8),
+        "mem_seen": ((M,), torch.int8),
     }
 
 
@@ -39,63 +58,124 @@ def init_memory(B: int, M: int, device: torch.device) -> dict[str, Tensor]:
     return st
 
 
+def to_seconds(ts_ms: Tensor) -> Tensor:
+    """Epoch ms (int64) -> the memory's int32 wall clock."""
+    return (torch.div(ts_ms, 1000, rounding_mode="floor") - EPOCH_S).to(torch.int32)
+
+
 def update_memory(st: dict[str, Tensor], item: Tensor, ts: Tensor, etype: Tensor, session: Tensor, seq: Tensor) -> dict[str, Tensor]:
-    """Record one event per user (B,) in the memory; unknown items (0) are not stored."""
+    """Record one event per user (B,) in the memory; unknown items (0) are not stored.
+
+    Returns the memory fields in their storage dtypes (so a streamed state keeps its record size)."""
     M = st["mem_item"].shape[1]
+    item32 = item.to(st["mem_item"].dtype)
     known = item > 0
-    hit = (st["mem_item"] == item[:, None]) & known[:, None]  # (B, M)
+    hit = (st["mem_item"] == item32[:, None]) & known[:, None]  # (B, M)
     has_hit = hit.any(dim=1)
     slot = torch.where(has_hit, hit.to(torch.int8).argmax(dim=1), st["mem_seq"].argmin(dim=1))
     sel = F.one_hot(slot, M).bool() & known[:, None]  # (B, M)
-    count = torch.where(has_hit[:, None], st["mem_count"] + 1.0, torch.ones_like(st["mem_count"]))
+    one = torch.ones_like(st["mem_count"])
+    count = torch.where(has_hit[:, None], (st["mem_count"] + (st["mem_count"] < COUNT_MAX).to(one.dtype)), one)
+    bit = torch.bitwise_left_shift(torch.ones_like(etype), etype).to(torch.int8)  # (B,)
+    seen = torch.where(has_hit[:, None], st["mem_seen"] | bit[:, None], bit[:, None].expand_as(st["mem_seen"]))
+
+    def put(field: str, value: Tensor) -> Tensor:
+        old = st[field]
+        return torch.where(sel, value.to(old.dtype), old)
+
     return {
-        "mem_item": torch.where(sel, item[:, None], st["mem_item"]),
-        "mem_count": torch.where(sel, count, st["mem_count"]),
-        "mem_ts": torch.where(sel, ts[:, None], st["mem_ts"]),
-        "mem_etype": torch.where(sel, etype[:, None], st["mem_etype"]),
-        "mem_sess": torch.where(sel, session[:, None], st["mem_sess"]),
-        "mem_seq": torch.where(sel, seq[:, None], st["mem_seq"]),
+        "mem_item": put("mem_item", item32[:, None]),
+        "mem_count": put("mem_count", count),
+        "mem_seq": put("mem_seq", seq[:, None]),
+        "mem_ts": put("mem_ts", to_seconds(ts)[:, None]),
+        "mem_sess": put("mem_sess", session[:, None]),
+        "mem_etype": put("mem_etype", etype[:, None]),
+        "mem_seen": put("mem_seen", seen),
     }
 
 
+def n_features(n_types: int) -> int:
+    return 7 + 2 * n_types
+
+
 def memory_features(st: dict[str, Tensor], n_types: int) -> Tensor:
-    """(B, M, 4 + n_types) features of each slot, relative to the user's latest event."""
-    recency = (st["n_events"][:, None] - 1 - st["mem_seq"]).clamp(min=0).float()
-    gap_s = (st["last_ts"][:, None] - st["mem_ts"]).clamp(min=0).float() / 1000.0
-    same_session = (st["mem_sess"] == st["session"][:, None]).float()
-    return torch.cat(
+    """(B, M, 7 + 2 n_types) features of each slot, relative to the user's latest event.
+
+    st needs the memory fields plus n_events, last_ts (ms), session (B,)."""
+    filled = (st["mem_item"] > 0).float()
+    recency = (st["n_events"][:, None] - 1 - st["mem_seq"].long()).clamp(min=0).float()
+    gap_s = (to_seconds(st["last_ts"])[:, None].long() - st["mem_ts"].long()).clamp(min=0).float()
+    sess_ago = (st["session"][:, None] - st["mem_sess"].long()).clamp(min=0).float()
+    bits = torch.arange(n_types, device=filled.device)
+    seen = ((st["mem_seen"].long()[..., None] >> bits) & 1).float()  # (B, M, n_types)
+    f = torch.cat(
         [
-            torch.log1p(st["mem_count"])[..., None],
+            torch.log1p(st["mem_count"].float())[..., None],
             torch.log1p(recency)[..., None],
+            (recency == 0).float()[..., None],
             (torch.log1p(gap_s) / 10.0)[..., None],
-            same_session[..., None],
-            F.one_hot(st["mem_etype"], n_types).float(),
+            (sess_ago == 0).float()[..., None],
+            torch.log1p(sess_ago)[..., None],
+            filled[..., None],
+            F.one_hot(st["mem_etype"].long(), n_types).float(),
+            seen,
         ],
         dim=-1,
     )
+    return f * filled[..., None]
 
 
-class RepeatHead(nn.Module):
-    def __init__(self, n_types: int, hidden: int = 32):
+class MixtureHead(nn.Module):
+    """RepeatNet-style gate and repeat distribution over the memory slots.
+
+    slot MLP: [features ; explore score ; explore log-prob] -> hidden -> repeat logit
+    gate:     [u ; long-term state ; max-pooled slot hidden ; log fill] -> repeat-vs-explore logit
+    """
+
+    def __init__(self, n_types: int, dim: int, state_dim: int, hidden: int = 32):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(4 + n_types + 1, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self.slot = nn.Sequential(nn.Linear(n_features(n_types) + 2, hidden), nn.ReLU())
+        self.slot_out = nn.Linear(hidden, 1)
+        self.gate = nn.Sequential(nn.Linear(dim + state_dim + hidden + 1, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
-    def forward(self, feats: Tensor, explore: Tensor) -> Tensor:
-        # feats (B, M, F), explore (B, M) -> (B, M)
-        return self.mlp(torch.cat([feats, explore[..., None]], dim=-1)).squeeze(-1)
+    def forward(self, feats: Tensor, explore: Tensor, explore_logp: Tensor, filled: Tensor, u: Tensor,
+                gate_state: Tensor | None) -> tuple[Tensor, Tensor]:
+        """feats (B, M, F), explore/explore_logp/filled (B, M), u (B, D), gate_state (B, G) or None
+        -> (repeat log-probs over slots (B, M), -inf at empty slots; gate logit (B,))."""
+        z = self.slot(torch.cat([feats, explore[..., None], explore_logp[..., None]], dim=-1))  # (B, M, hid)
+        logits = self.slot_out(z).squeeze(-1).masked_fill(~filled, -math.inf)
+        any_filled = filled.any(dim=1, keepdim=True)
+        rep_logp = torch.where(any_filled, torch.log_softmax(logits.masked_fill(~any_filled, 0.0), dim=1), logits)
+        pooled = z.masked_fill(~filled[..., None], 0.0).amax(dim=1)  # (B, hid), ReLU outputs are >= 0
+        parts = [u, pooled, torch.log1p(filled.sum(1, keepdim=True).float())]
+        if gate_state is not None:
+            parts.insert(1, gate_state)
+        a = self.gate(torch.cat(parts, dim=-1)).squeeze(-1)
+        return rep_logp, a.masked_fill(~any_filled.squeeze(1), -math.inf)
 
 
 def heuristic_bonus(st: dict[str, Tensor], big: float = 1e3) -> Tensor:
-    """Non-learned repeat path for the baselines' "+rep" variants: recent items first, ordered by
-    count then recency (a fixed rule, so the comparison with the learned head stays fair)."""
-    recency = (st["n_events"][:, None] - 1 - st["mem_seq"]).clamp(min=0).float()
-    bonus = big + torch.log1p(st["mem_count"]) * 10.0 - torch.log1p(recency)
+    """The fixed rule: recent items first, ordered by count then recency (B, M), 0 at empty slots."""
+    recency = (st["n_events"][:, None] - 1 - st["mem_seq"].long()).clamp(min=0).float()
+    bonus = big + torch.log1p(st["mem_count"].float()) * 10.0 - torch.log1p(recency)
     return bonus * (st["mem_item"] > 0)
 
 
 def add_to_scores(scores: Tensor, mem_item: Tensor, bonus: Tensor) -> Tensor:
     """scores (B, N+1) + bonus (B, M) at the memory's item columns (slots hold distinct items)."""
-    return scores.scatter_add(1, mem_item, bonus.to(scores.dtype))
+    return scores.scatter_add(1, mem_item.long(), bonus.to(scores.dtype))
+
+
+def excluded_slots(st: dict[str, Tensor], mode: str) -> Tensor | None:
+    """(B, M) bool: the memory slots exclude_seen = none / session / history removes (None for none)."""
+    if mode == "none":
+        return None
+    keep = st["mem_item"] > 0
+    if mode == "session":
+        keep &= st["mem_sess"].long() == st["session"][:, None]
+    elif mode != "history":
+        raise ValueError(f"exclude_seen must be none, session or history, got {mode!r}")
+    return keep
 
 
 def seen_mask(st: dict[str, Tensor], n_cols: int, mode: str) -> Tensor | None:
@@ -104,14 +184,10 @@ def seen_mask(st: dict[str, Tensor], n_cols: int, mode: str) -> Tensor | None:
     'history' means the items in the recent-items memory (bounded by M): the live service and the
     evaluation share this definition.
     """
-    if mode == "none":
+    keep = excluded_slots(st, mode)
+    if keep is None:
         return None
-    keep = st["mem_item"] > 0
-    if mode == "session":
-        keep &= st["mem_sess"] == st["session"][:, None]
-    elif mode != "history":
-        raise ValueError(f"exclude_seen must be none, session or history, got {mode!r}")
     mask = torch.zeros(st["mem_item"].shape[0], n_cols, dtype=torch.bool, device=st["mem_item"].device)
-    mask.scatter_(1, st["mem_item"], keep)
+    mask.scatter_(1, st["mem_item"].long(), keep)
     mask[:, 0] = False
     return mask

@@ -3,7 +3,8 @@
 One faiss search per batch of users (never one per user), then a vectorized merge:
 
     explore hits    (B, k+M)  <u, x_i> from faiss
-    repeat entries  (B, M)    <u, x_i> + repeat bonus for the user's memory items
+    repeat entries  (B, M)    the repeat path's score of the user's memory items, and a shift
+                              for the explore hits (SeqModel.memory_scores: mixture or rule)
     merged          top-K over both, a memory item's faiss hit dropped in favour of its entry
     exclude_seen    none | session | history removes memory items (as in evaluation)
 
@@ -60,11 +61,11 @@ class Retriever:
         f_items = torch.from_numpy(f_ids + 1)  # 1-based; 0 = missing
         f_scores = torch.from_numpy(f_scores)
 
-        mem_item = state["mem_item"].cpu()
-        with torch.no_grad():
-            explore = (model.item_vecs[state["mem_item"]] * u[:, None, :]).sum(-1)
-            m_scores = (explore + model.repeat_bonus(state, u)).float().cpu()
-        m_scores = m_scores.masked_fill(mem_item == 0, -np.inf)
+        mem_item = state["mem_item"].long().cpu()
+        with torch.no_grad():  # the one explore+repeat score (models.base.SeqModel.memory_scores)
+            shift, m_scores = model.memory_scores(state, u)
+        f_scores = f_scores + shift.float().cpu()[:, None]
+        m_scores = m_scores.float().cpu().masked_fill(mem_item == 0, -np.inf)
         # drop faiss hits that the memory already scores (with the repeat bonus)
         dup = (f_items[:, :, None] == mem_item[:, None, :]).any(-1) | (f_items == 0)
         f_scores = f_scores.masked_fill(dup, -np.inf)

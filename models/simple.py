@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from models.base import SeqModel, register
+from models.base import SeqModel, SeqOut, register
 
 
 @register
@@ -26,7 +26,7 @@ class MovingAverage(SeqModel):
     def forward_seq(self, inp, item, new_session, level, mask):
         known = ((item > 0) & mask).float()
         total = (inp[..., : self.cfg.dim] * known[..., None]).cumsum(1)
-        return total / known.cumsum(1).clamp(min=1.0)[..., None]
+        return SeqOut(total / known.cumsum(1).clamp(min=1.0)[..., None])
 
 
 @register
@@ -50,4 +50,4 @@ class LastItem(SeqModel):
         last = torch.where(known, t, torch.full_like(t, -1)).cummax(1).values  # latest known position
         x = inp[..., : self.cfg.dim]
         v = x[torch.arange(B)[:, None], last.clamp(min=0)]
-        return v * (last >= 0)[..., None]
+        return SeqOut(v * (last >= 0)[..., None])

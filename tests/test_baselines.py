@@ -102,7 +102,7 @@ def test_zero_embeddings_and_buffers():
 def test_pop_predicts_most_popular():
     model = make("pop", TRAIN)
     st, u = run(model, [seq([1])])
-    assert top(model.scores(st, u, use_repeat=False)) == [5]
+    assert top(model.scores(st, u, repeat_mode="none")) == [5]
     assert model.pop[5] == 6 and model.pop[3] == 3 and model.pop[0] == 0
     # +rep: the user's recent item comes first
     assert top(model.scores(st, u)) == [1]
@@ -113,7 +113,7 @@ def test_pop_predicts_most_popular():
 def test_sr_rules_and_prediction():
     model = make("sr", TRAIN)
     st, u = run(model, [seq([1, 3]), seq([1]), seq([8]), seq([0])])
-    s = model.scores(st, u, use_repeat=False)
+    s = model.scores(st, u, repeat_mode="none")
     # after 3: rules[3,4] = 2 (two direct follows), rules[3,7] = 0.5 -> 4 first, then 7
     assert top(s)[0] == 4
     assert s[0].argsort(descending=True)[:2].tolist() == [4, 7]
@@ -150,7 +150,7 @@ def test_sknn_completes_matching_session():
     # user 0: current session {4, 5} (an older session with 1 is before a gap); user 1: {1, 2}
     h0 = (np.array([1, 4, 5]), np.zeros(3, np.int64), np.array([0, GAP + 1, GAP + 2]))
     st, u = run(model, [h0, seq([1, 2])])
-    s = model.scores(st, u, use_repeat=False)
+    s = model.scores(st, u, repeat_mode="none")
     ex = seen_mask(st, N + 1, "session")
     assert top(s, ex)[0] == 6
     assert ranks_of(s, torch.tensor([6, 3]), ex)[0] == 1
@@ -162,7 +162,7 @@ def test_sknn_completes_matching_session():
     assert sims[7] > sims[9] and sims[7] == pytest.approx(sims[8].item())
     # k = 1 keeps only the best neighbour: 7 gets only the popularity tie-break
     model1 = make("sknn", train, k=1)
-    s1 = model1.scores(st, u, use_repeat=False)
+    s1 = model1.scores(st, u, repeat_mode="none")
     assert s1[1, 7] < 1e-5 and top(s1, ex)[1] == 3
     # +rep puts the current/recent items first
     assert set(model.scores(st, u)[0].argsort(descending=True)[:3].tolist()) == {1, 4, 5}
@@ -172,7 +172,7 @@ def test_sknn_sample_size_and_empty_session():
     train = [seq([1, 2], t0=0), seq([1, 3], t0=10 * GAP)]
     model = make("sknn", train, sample_size=1)  # item 1 only indexes its most recent session (with 3)
     st, u = run(model, [seq([1]), seq([0])])
-    s = model.scores(st, u, use_repeat=False)
+    s = model.scores(st, u, repeat_mode="none")
     ex = seen_mask(st, N + 1, "session")
     assert top(s, ex)[0] == 3
     assert s[0, 2] < 1e-5
@@ -200,7 +200,7 @@ def test_maxitem_nearest_neighbour_of_past_item():
     vecs[5] = [-1.0, -1.0, 0.0, 0.0]
     model = make("maxitem", TRAIN, vecs=vecs)
     st, u = run(model, [seq([1]), seq([1, 3]), seq([0])])
-    s = model.scores(st, u, use_repeat=False)
+    s = model.scores(st, u, repeat_mode="none")
     ex = seen_mask(st, N + 1, "history")
     assert top(s, ex)[:2] == [2, 2]  # for user 1: max(<x1,x2>=0.9, <x3,x4>=0.8)
     x = torch.from_numpy(vecs)
@@ -213,6 +213,6 @@ def test_maxitem_nearest_neighbour_of_past_item():
 
 
 def test_repeat_disabled_by_config():
-    model = MODEL_REGISTRY["pop"](ModelConfig(name="pop", dim=D, repeat=False), item_vectors()).fit(TRAIN)
+    model = MODEL_REGISTRY["pop"](ModelConfig(name="pop", dim=D, repeat="none"), item_vectors()).fit(TRAIN)
     st, u = run(model, [seq([1])])
     assert top(model.scores(st, u)) == [5]

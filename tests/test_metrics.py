@@ -94,3 +94,23 @@ def test_accumulator_empty_and_merge():
     assert a.summary(10) == both.summary(10)
     with pytest.raises(ValueError):
         a.add(torch.tensor([0]))
+
+
+def test_ranks_excluding_memory_equal_masked_ranks():
+    """The evaluation's fast exclude_seen ranks == ranks_of with the full (B, N+1) seen mask."""
+    from models import repeat
+    from models.metrics import ranks_excluding_memory
+
+    g = torch.Generator().manual_seed(0)
+    B, N, M = 40, 30, 6
+    scores = torch.randint(0, 5, (B, N + 1), generator=g).float()  # many ties
+    scores[:, 0] = -float("inf")
+    scores[3, 7] = float("nan")
+    mem = torch.stack([torch.randperm(N, generator=g)[:M] + 1 for _ in range(B)])
+    mem[::4, -2:] = 0  # empty slots
+    st = {"mem_item": mem, "mem_sess": torch.randint(0, 2, (B, M), generator=g), "session": torch.ones(B, dtype=torch.long)}
+    target = torch.where(torch.rand(B, generator=g) < 0.5, mem[:, 0], torch.randint(1, N + 1, (B,), generator=g))
+    target[5] = 0
+    fast = ranks_excluding_memory(scores, target, mem, {e: repeat.excluded_slots(st, e) for e in ("session", "history")})
+    for e in ("none", "session", "history"):
+        assert torch.equal(fast[e], ranks_of(scores, target, repeat.seen_mask(st, N + 1, e))), e

@@ -79,6 +79,11 @@ def test_checkpoint_roundtrip_and_refusals(tmp_path):
         load_checkpoint(tmp_path / "junk.pt", vecs, "abc123")
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt", vecs, "abc123")
+    old = torch.load(path, weights_only=True)
+    old["format"] = 1  # a checkpoint from before the repeat mixture / compact memory
+    torch.save(old, tmp_path / "old.pt")
+    with pytest.raises(CheckpointError, match="format 1.*retrain"):
+        load_checkpoint(tmp_path / "old.pt", vecs, "abc123")
 
 
 def test_nan_loss_is_refused():

@@ -61,6 +61,24 @@ def test_step_equals_forward(name, agg):
     assert torch.isfinite(offline).all()
 
 
+@pytest.mark.parametrize("name", [n for n in EMBEDDING_MODELS if MODEL_REGISTRY[n].gate_field])
+def test_gate_state_equals_offline(name):
+    """The repeat gate reads the same long-term state offline (training) and from the streaming state."""
+    torch.manual_seed(2)
+    ev, rng = random_histories(seed=11)
+    D = 12
+    vecs = np.concatenate([np.zeros((1, D)), rng.normal(size=(40, D))]).astype(np.float32)
+    model = MODEL_REGISTRY[name](ModelConfig(name=name, dim=D, hidden=16, channels=10), vecs).eval()
+    B, T = ev.item.shape
+    with torch.no_grad():
+        gate = model.forward_full(ev).gate
+        st = model.init_state(B)
+        for t in range(T):
+            st, _ = model.step(st, ev.slice(t, t + 1))
+            m = ev.mask[:, t]
+            assert (model.gate_state(st)[m] - gate[m, t]).abs().max() <= 1e-4
+
+
 def test_session_flags_rules():
     # first event, in-session, exactly the gap (no break), over the gap, late event, then back
     ts = torch.tensor([[0, 1000, 1000 + 1_800_000, 1000 + 3_600_001, 500, 1000 + 3_600_002]])
@@ -82,7 +100,7 @@ def test_memory_eviction_is_lru_and_counts():
                                    torch.tensor([k]))
         st.update(upd)
     held = dict(zip(st["mem_item"][0].tolist(), st["mem_count"][0].tolist(), strict=True))
-    assert held == {5: 2.0, 7: 1.0, 8: 1.0}
+    assert held == {5: 2, 7: 1, 8: 1}
 
 
 @pytest.mark.parametrize("name", ["hiertcn", "hiergru"])
@@ -95,7 +113,7 @@ def test_next_session_embedding_matches_offline_starts(name):
     model = MODEL_REGISTRY[name](ModelConfig(name=name, dim=D, hidden=16, channels=10), vecs).eval()
     B, T = ev.item.shape
     with torch.no_grad():
-        _, starts = model.forward_with_starts(ev)
+        starts = model.forward_full(ev).starts
         opens, _ = session_flags(ev.ts, ev.mask, torch.full((B,), -1), model.cfg.session_gap_ms, 16)
         st = model.init_state(B)
         checked = 0

@@ -90,3 +90,28 @@ def test_write_log_adds_event_ids(tmp_path: Path) -> None:
     assert back["event_id"].tolist() == ["a-0", "b-0", "a-1"]
     with pytest.raises(ValueError, match="unknown log format"):
         write_log(df, tmp_path / "x.xlsx")
+
+
+def test_ecommerce_profile_plants_the_repeat_structure() -> None:
+    """`livemb synth --profile ecommerce`: the facts of issue 8, measured on the generated log."""
+    from tools.eventlog import repeat_profile
+    from tools.synth_ecommerce import synth_ecommerce
+
+    df, ids, vec = synth_ecommerce(users=400, items=20000, days=30, seed=0)
+    a, _, _ = synth_ecommerce(users=40, items=2000, days=30, seed=5)
+    b, _, _ = synth_ecommerce(users=40, items=2000, days=30, seed=5)
+    pd.testing.assert_frame_equal(a, b)
+    assert list(df.columns) == ["user_id", "item_id", "ts", "event_type", "event_id"]
+    assert df["ts"].is_monotonic_increasing and vec.shape == (20000, 32)
+    p = repeat_profile(df, 1_800_000)
+    # measured (seed 0): repeats 0.253; within 5/10/20/50 events 0.45/0.60/0.74/0.90; 0.70 cross a
+    # session break; view 0.906; 15 sessions of 3 events (medians); 0.757 of test events unseen
+    assert 0.20 <= p["repeat_share"] <= 0.30
+    w = p["repeat_within"]
+    assert 0.40 <= w[5] <= 0.60 and 0.55 <= w[10] <= 0.70 and 0.68 <= w[20] <= 0.82 and 0.85 <= w[50] <= 0.95
+    assert 0.45 <= p["repeat_cross_session"] <= 0.75
+    t = p["event_types"]
+    assert 0.87 <= t["view"] <= 0.93 and 0.03 <= t["cart"] <= 0.07 and 0.01 <= t["purchase"] <= 0.03
+    assert 12 <= p["sessions_per_user_median"] <= 18 and p["session_length_median"] == 3
+    assert 0.65 <= p["test_unseen_item_share"] <= 0.85
+    assert p["max_user_events"] >= 1000  # a heavy tail of active users

@@ -8,6 +8,8 @@ import logging
 import sys
 
 from core.settings import EXCLUDE_SEEN, INDEX_KINDS, load_settings
+from models.base import ModelConfig
+from models.repeat import REPEAT_MODES
 from models.train import LOSSES, TrainConfig
 from stream.kafka_io import BrokerUnreachable
 from tools.item_embeddings import KINDS as ITEM_VECTOR_KINDS
@@ -25,6 +27,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--dim", type=int, default=64, help="item-vector size when they are built from the log")
+    m = ModelConfig()
+    p.add_argument("--repeat", choices=list(REPEAT_MODES), default=m.repeat,
+                   help="repeat path: learned mixture, the fixed recent-first rule, or none")
+    p.add_argument("--recent-items", type=int, default=m.recent_items, help="memory slots per user (state budget!)")
     _item_kind_arg(p)
 
 
@@ -48,9 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("synth", help="synthetic log with planted long-term tastes and session intents")
-    p.add_argument("--users", type=int, default=300)
-    p.add_argument("--items", type=int, default=500)
-    p.add_argument("--days", type=int, default=14)
+    p.add_argument("--profile", choices=["default", "ecommerce"], default="default",
+                   help="default: planted tastes/intents/ring walks; ecommerce: repeats, event types, new-item tail")
+    p.add_argument("--users", type=int, help="default 300 (ecommerce 400)")
+    p.add_argument("--items", type=int, help="default 500 (ecommerce 20000)")
+    p.add_argument("--days", type=int, help="default 14 (ecommerce 30)")
     p.add_argument("--dim", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)

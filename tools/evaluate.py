@@ -3,7 +3,8 @@
 Global temporal split; each model is trained (or counted) on the train part; at test time each
 user's state is warmed on their train history through the streaming `step`, then every test event
 is scored against the full catalogue BEFORE it is applied, exactly as the live service would.
-One pass scores every variant (repeat path on/off x exclude_seen none/session/history).
+One pass scores every variant: repeat path (the model's own = "rep", the fixed recent-first rule =
+"rule", none = "norep") x exclude_seen (none/session/history).
 Ties are pessimistic (models/metrics.ranks_of); targets without an item vector are skipped and
 counted.
 """
@@ -21,67 +22,125 @@ import torch
 from core.progress import progress as progress_bar
 from core.settings import EXCLUDE_SEEN
 from models import MODEL_REGISTRY, EventBatch, ModelConfig, SeqModel, repeat
-from models.metrics import RankAccumulator, ranks_of
+from models.base import opens_session
+from models.metrics import RankAccumulator, ranks_excluding_memory
 from models.train import Sequence, TrainConfig, sequences_from_frame, train_model
 
 log = logging.getLogger(__name__)
 
-VARIANTS = [(rep, excl) for rep in (True, False) for excl in EXCLUDE_SEEN]
+REPEATS = ("rep", "rule", "norep")  # the model's own repeat path, the fixed rule, none
+REPEAT_MODE_OF = {"rule": "rule", "norep": "none"}  # "rep": the model's configured mode
+EXCLUDES = EXCLUDE_SEEN
+VARIANTS = [(rep, excl) for rep in REPEATS for excl in EXCLUDES]
 DEFAULT_VARIANT = "rep+none"
 
 
-def variant_name(rep: bool, excl: str) -> str:
-    return f"{'rep' if rep else 'norep'}+{excl}"
+def variant_name(rep: str, excl: str) -> str:
+    return f"{rep}+{excl}"
+
+
+def _take(st: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    return {key: v[:k] for key, v in st.items()}
+
+
+def _put(st: dict[str, torch.Tensor], new: dict[str, torch.Tensor], k: int) -> None:
+    for key, v in new.items():
+        st[key][:k] = v
+
+
+def warm_up(model: SeqModel, st: dict[str, torch.Tensor], seqs: list[Sequence]) -> tuple[dict, torch.Tensor]:
+    """Step B users through their histories; per-step work is proportional to the users still
+    active (rows are processed longest-first, so the active ones are a prefix)."""
+    B = len(seqs)
+    u = torch.zeros(B, model.cfg.dim, device=model.device)
+    lengths = np.fromiter((len(s[0]) for s in seqs), np.int64, B)
+    if not lengths.sum():
+        return st, u
+    order = np.argsort(-lengths, kind="stable")
+    perm = torch.from_numpy(order).to(model.device)
+    st = {k: v[perm] for k, v in st.items()}
+    ev = EventBatch.from_sequences(*zip(*(seqs[i] for i in order), strict=True)).to(model.device)
+    active = np.searchsorted(-lengths[order], -np.arange(ev.item.shape[1]), side="left")  # users with len > t
+    u_sorted = torch.zeros_like(u)
+    step = 32  # events per call: fewer Python round trips, still close to the active count
+    for t0 in range(0, ev.item.shape[1], step):
+        k = int(active[t0])
+        sub = EventBatch(*(x[:k, t0 : t0 + step] for x in (ev.item, ev.etype, ev.ts, ev.mask)))
+        new, u_k = model.step(_take(st, k), sub)
+        _put(st, new, k)
+        u_sorted[:k] = torch.where(sub.mask.any(1)[:, None], u_k, u_sorted[:k])
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(B, device=model.device)
+    return {k: v[inv] for k, v in st.items()}, u_sorted[inv]
 
 
 @torch.no_grad()
 def evaluate_model(
     model: SeqModel, train: dict[str, Sequence], test: dict[str, Sequence], batch_users: int = 256, progress: bool = True
 ) -> dict:
-    """Score every test event of every test user; returns {variant: metrics} plus skip counts."""
+    """Score every test event of every test user; returns {variant: metrics} plus skip counts.
+
+    Users are batched by test length (longest first, as training buckets by length) and, inside a
+    batch, the users still active at step t are a prefix: every per-step tensor op runs on those
+    rows only, so the work is proportional to the events, not to batch x longest history.
+    """
     model.eval()
-    users = sorted(test)
+    users = sorted(test, key=lambda x: (-len(test[x][0]), x))
     accs = {variant_name(r, e): RankAccumulator() for r, e in VARIANTS}
     # targets that open a new session: where the cross-session state has to earn its keep
     starts = RankAccumulator()
     gap = model.cfg.session_gap_ms
+    learned = model.repeat_mode == "mixture"  # otherwise "rep" is the fixed rule (or none) already
     skipped = 0
+    in_memory = 0  # scored targets already in the recent-items memory (what a repeat path can reach)
     empty = (np.zeros(0, np.int64),) * 3
-    bar = progress_bar(total=sum(len(test[u][0]) for u in users), desc=f"eval {model.name}", disable=not progress, leave=False)
+    total = sum(len(test[x][0]) for x in users)
+    bar = progress_bar(total=total, desc=f"eval {model.name}", unit="ev", disable=not progress, leave=False)
     for i in range(0, len(users), batch_users):
         group = users[i : i + batch_users]
-        B = len(group)
-        st = model.init_state(B)
-        warm = [train.get(u, empty) for u in group]
-        u = torch.zeros(B, model.cfg.dim, device=model.device)
-        if any(len(w[0]) for w in warm):
-            st, u = model.step(st, EventBatch.from_sequences(*zip(*warm, strict=True)).to(model.device))
+        st, u = warm_up(model, model.init_state(len(group)), [train.get(x, empty) for x in group])
+        run = model.init_running(st) if getattr(model, "incremental", False) else None
         ev = EventBatch.from_sequences(*zip(*(test[g] for g in group), strict=True)).to(model.device)
+        n_active = ev.mask.sum(0).tolist()  # users sorted by test length: the active ones are a prefix
         for t in range(ev.item.shape[1]):
-            active = ev.mask[:, t]
-            target = ev.item[:, t]
-            scored = active & (target > 0)
-            skipped += int((active & (target == 0)).sum())
+            k = n_active[t]
+            sk = _take(st, k)
+            target = ev.item[:k, t]
+            scored = target > 0
+            skipped += int((~scored).sum())
             if scored.any():
-                opens = (ev.ts[:, t] - st["last_ts"] > gap) | (st["last_ts"] < 0)
-                u_next = model.next_session_embedding(st)
+                in_memory += int((sk["mem_item"][scored] == target[scored, None]).any(1).sum())
+                opens = opens_session(ev.ts[:k, t], sk["last_ts"], gap)
+                u_next = model.next_session_embedding(sk)
                 # the serving side knows the request time, so a returning user gets the start embedding
-                u_eval = u if u_next is None else torch.where(opens[:, None], u_next, u)
-                for rep in (True, False):
-                    scores = model.scores(st, u_eval, use_repeat=rep)
-                    for excl in EXCLUDE_SEEN:
-                        mask = repeat.seen_mask(st, scores.shape[1], excl)
-                        r = ranks_of(scores[scored], target[scored], None if mask is None else mask[scored])
-                        accs[variant_name(rep, excl)].add(r)
-                        if rep and excl == "none":
-                            starts.add(r[(opens & (st["last_ts"] >= 0))[scored]])
-            st, u_new = model.step(st, ev.slice(t, t + 1))
-            u = torch.where(active[:, None], u_new, u)
-            bar.update(int(active.sum()))
+                u_eval = u[:k] if u_next is None else torch.where(opens[:, None], u_next, u[:k])
+                # exclude_seen only removes memory items: one (k, N+1) comparison per repeat
+                # variant, the masked ranks from the (k, M) slots (models.metrics)
+                slots = {e: repeat.excluded_slots(sk, e)[scored] for e in EXCLUDES if e != "none"}
+                extra = {} if run is None else {"running": run[:k]}
+                base = model.scores(sk, u_eval, "none", **extra)  # explore only, reused by the others
+                for rep in ("norep", "rep", "rule"):
+                    if rep == "rule" and not learned:
+                        continue
+                    scores = base if rep == "norep" else model.scores(sk, u_eval, REPEAT_MODE_OF.get(rep), explore=base)
+                    ranks = ranks_excluding_memory(scores[scored], target[scored], sk["mem_item"][scored], slots)
+                    for excl in EXCLUDES:
+                        accs[variant_name(rep, excl)].add(ranks[excl])
+                        if rep == "rep" and not learned:
+                            accs[variant_name("rule", excl)].add(ranks[excl])
+                    if rep == "rep":
+                        starts.add(ranks["none"][(opens & (sk["last_ts"] >= 0))[scored]])
+            new, u_new = model.step(sk, EventBatch(*(x[:k, t : t + 1] for x in (ev.item, ev.etype, ev.ts, ev.mask))))
+            _put(st, new, k)
+            u[:k] = u_new
+            if run is not None:
+                model.update_running(run[:k], ev.item[:k, t])
+            bar.update(k)
     bar.close()
     out = {name: acc.summary(model.n_items) for name, acc in accs.items()}
     out["session_start"] = starts.summary(model.n_items)
     out["targets_skipped_unknown_item"] = skipped
+    out["targets_in_memory"] = in_memory
     return out
 
 
@@ -111,11 +170,13 @@ def run_evaluation(df, table, models: list[str], train_cfg: TrainConfig, test_fr
         t1 = time.perf_counter()
         variants = evaluate_model(model, train, test, progress=progress)
         skipped = variants.pop("targets_skipped_unknown_item")
+        in_memory = variants.pop("targets_in_memory")
         session_start = variants.pop("session_start")
         res = dict(variants[DEFAULT_VARIANT])
         res.update(train_seconds=round(train_seconds, 2), eval_seconds=round(time.perf_counter() - t1, 2),
                    epoch_seconds=[round(s, 2) for s in hist["epoch_seconds"]],
-                   targets_skipped_unknown_item=skipped, session_start=session_start, variants=variants)
+                   targets_skipped_unknown_item=skipped, session_start=session_start, variants=variants,
+                   memory_hit_rate=round(in_memory / max(res["events_scored"], 1), 4))
         results[name] = res
         log.info("%s: recall@10 %.4f mrr %.4f (train %.1fs)", name, res["recall@10"], res["mrr"], train_seconds)
     dataset = {

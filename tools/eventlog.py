@@ -272,3 +272,34 @@ def dataset_stats(df: pd.DataFrame, gap_ms: float) -> dict:
         "ts_max": int(ts.max()),
         "days": float((ts.max() - ts.min()) / 86_400_000),
     }
+
+
+def repeat_profile(df: pd.DataFrame, gap_ms: float, test_frac: float = 0.2) -> dict:
+    """The repeat structure of a log (issue 8's facts): share of events that re-touch an item of
+    the same user, the distance back (in the user's events) to the previous touch, how many cross
+    a session break, event-type shares, sessions per user and session length (medians), and the
+    share of test events (global temporal split) whose item never occurs in the train part."""
+    if len(df) == 0:
+        return {}
+    d = df.reset_index(drop=True)
+    pos = d.groupby("user_id", sort=False).cumcount().to_numpy()
+    sess = session_ids(d, gap_ms)
+    prev_pos = d.assign(_p=pos).groupby(["user_id", "item_id"], sort=False)["_p"].shift(1).to_numpy()
+    prev_sess = d.assign(_s=sess).groupby(["user_id", "item_id"], sort=False)["_s"].shift(1).to_numpy()
+    rep = ~np.isnan(prev_pos)
+    dist = pos[rep] - prev_pos[rep]
+    sessions = d.assign(_s=sess).groupby("user_id", sort=False)["_s"].max() + 1
+    lengths = d.assign(_s=sess).groupby(["user_id", "_s"], sort=False).size()
+    train, test = temporal_split(d, test_frac)
+    out = {
+        "events": int(len(d)),
+        "repeat_share": float(rep.mean()),
+        "repeat_within": {k: float((dist <= k).mean()) if len(dist) else 0.0 for k in (5, 10, 16, 20, 50, 64, 96)},
+        "repeat_cross_session": float((sess[rep] != prev_sess[rep]).mean()) if rep.any() else 0.0,
+        "event_types": {str(k): float(v) for k, v in d["event_type"].value_counts(normalize=True).items()},
+        "sessions_per_user_median": float(sessions.median()),
+        "session_length_median": float(lengths.median()),
+        "max_user_events": int(d.groupby("user_id", sort=False).size().max()),
+        "test_unseen_item_share": float((~test["item_id"].isin(set(train["item_id"]))).mean()) if len(test) else 0.0,
+    }
+    return out

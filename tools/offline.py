@@ -46,7 +46,7 @@ def cmd_train(args, settings) -> Path:
     table = items_for(df, args.items, args.dim, train_only=False, kind=args.item_vectors)
     if not args.items:
         table.save(Path(args.out).with_suffix(".items.npz"))
-    model = build_model(args.model, table.padded_vectors(), session_gap_ms=int(settings.session_gap_s * 1000))
+    model = build_model(args.model, table.padded_vectors(), **model_overrides(args, settings))
     device = settings.resolved_device()
     model.to(device)
     seqs = list(sequences_from_frame(df, table).values())
@@ -57,6 +57,15 @@ def cmd_train(args, settings) -> Path:
     print(f"saved {args.out} ({model.name}, device {device}, {per_epoch:.2f} s/epoch, final loss "
           f"{hist['loss'][-1] if hist['loss'] else float('nan'):.4f})")
     return Path(args.out)
+
+
+def model_overrides(args, settings) -> dict:
+    """ModelConfig fields set from the command line and settings."""
+    out = {"session_gap_ms": int(settings.session_gap_s * 1000)}
+    for flag, field in (("repeat", "repeat"), ("recent_items", "recent_items")):
+        if getattr(args, flag, None) is not None:
+            out[field] = getattr(args, flag)
+    return out
 
 
 def cmd_evaluate(args, settings) -> dict:
@@ -73,7 +82,7 @@ def cmd_evaluate(args, settings) -> dict:
         raise SystemExit(f"unknown model(s) {unknown}; registered: {', '.join(MODEL_REGISTRY)}")
     cfg = TrainConfig(epochs=args.epochs, loss=args.loss, batch_size=args.batch_size, lr=args.lr)
     report = run_evaluation(df, table, names, cfg, test_frac=args.test_frac, device=settings.resolved_device(),
-                            model_overrides={"session_gap_ms": int(settings.session_gap_s * 1000)})
+                            model_overrides=model_overrides(args, settings))
     report["dataset"]["source"] = str(args.data)
     write_outputs(report, args.json, args.plot)
     print(markdown_table(report))
@@ -114,10 +123,16 @@ def cmd_embed(args, settings) -> None:
 
 def cmd_synth(args, settings) -> None:
     from tools.synth import synth_log, write_log
+    from tools.synth_ecommerce import synth_ecommerce
 
-    df, ids, vectors = synth_log(users=args.users, items=args.items, days=args.days, seed=args.seed, dim=args.dim)
+    eco = getattr(args, "profile", "default") == "ecommerce"
+    users = args.users or (400 if eco else 300)
+    items = args.items or (20000 if eco else 500)
+    days = args.days or (30 if eco else 14)
+    make = synth_ecommerce if eco else synth_log
+    df, ids, vectors = make(users=users, items=items, days=days, seed=args.seed, dim=args.dim)
     path = write_log(df, args.out)
-    msg = f"wrote {len(df)} events ({args.users} users, {args.items} items) to {path}"
+    msg = f"wrote {len(df)} events ({users} users, {items} items) to {path}"
     if args.items_out:
         p = ItemTable(ids, vectors).save(args.items_out)
         msg += f"; planted item vectors to {p}"
