@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm import tqdm
 
+from core.progress import progress as progress_bar
 from models import repeat
 from models.base import EventBatch, SeqModel, event_type_index, session_flags
 from models.grouping import group_by_user
@@ -225,7 +225,7 @@ def train_model(model: SeqModel, seqs: list[Sequence], cfg: TrainConfig, progres
         t0 = time.perf_counter()
         total, count = 0.0, 0
         batches = bucketed_batches(chunks, cfg.batch_size, rng)
-        bar = tqdm(batches, desc=f"{model.name} epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+        bar = progress_bar(batches, desc=f"{model.name} epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
         for b in bar:
             ev = EventBatch.from_sequences(*zip(*(chunks[i] for i in b), strict=True)).to(model.device)
             if memory is not None:
