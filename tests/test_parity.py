@@ -26,6 +26,13 @@ def random_histories(seed: int, B: int = 7, N: int = 40):
     return EventBatch.from_sequences(items, etypes, ts), rng
 
 
+def tiny_model(name: str, rng, **cfg):
+    """A small, untrained model over 40 random 12-d item vectors (index 0 = unknown)."""
+    D = 12
+    vecs = np.concatenate([np.zeros((1, D)), rng.normal(size=(40, D))]).astype(np.float32)
+    return MODEL_REGISTRY[name](ModelConfig(name=name, dim=D, hidden=16, channels=10, **cfg), vecs).eval()
+
+
 def stream_all(model, ev, rng):
     st = model.init_state(ev.item.shape[0])
     outs, t, T = [], 0, ev.item.shape[1]
@@ -50,9 +57,7 @@ def test_step_equals_forward(name, agg):
         pytest.skip("agg only applies to the hierarchy")
     torch.manual_seed(0)
     ev, rng = random_histories(seed=len(name))
-    D = 12
-    vecs = np.concatenate([np.zeros((1, D)), rng.normal(size=(40, D))]).astype(np.float32)
-    model = MODEL_REGISTRY[name](ModelConfig(name=name, dim=D, hidden=16, channels=10, agg=agg), vecs).eval()
+    model = tiny_model(name, rng, agg=agg)
     with torch.no_grad():
         offline = model(ev)
         _, streamed = stream_all(model, ev, rng)
@@ -66,9 +71,7 @@ def test_gate_state_equals_offline(name):
     """The repeat gate reads the same long-term state offline (training) and from the streaming state."""
     torch.manual_seed(2)
     ev, rng = random_histories(seed=11)
-    D = 12
-    vecs = np.concatenate([np.zeros((1, D)), rng.normal(size=(40, D))]).astype(np.float32)
-    model = MODEL_REGISTRY[name](ModelConfig(name=name, dim=D, hidden=16, channels=10), vecs).eval()
+    model = tiny_model(name, rng)
     B, T = ev.item.shape
     with torch.no_grad():
         gate = model.forward_full(ev).gate
@@ -108,9 +111,7 @@ def test_next_session_embedding_matches_offline_starts(name):
     """The query-time session-start embedding: streaming (from state) == offline (from the grid)."""
     torch.manual_seed(1)
     ev, rng = random_histories(seed=5)
-    D = 12
-    vecs = np.concatenate([np.zeros((1, D)), rng.normal(size=(40, D))]).astype(np.float32)
-    model = MODEL_REGISTRY[name](ModelConfig(name=name, dim=D, hidden=16, channels=10), vecs).eval()
+    model = tiny_model(name, rng)
     B, T = ev.item.shape
     with torch.no_grad():
         starts = model.forward_full(ev).starts
