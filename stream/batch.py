@@ -128,6 +128,8 @@ class BatchStep:
         for topic in check:
             new = await self.gaps.log_id(topic)
             old = self.log_ids.get(topic)
+            if new is None:  # lookup failed: a transient error is no evidence of a new log
+                continue
             if old is not None and new != old:
                 log.warning("input topic %s was re-created (log id %08x -> %08x): its offsets start over; "
                             "events from the new log are applied, none is taken for a redelivery", topic, old, new)

@@ -71,10 +71,10 @@ class GapRepair:
     async def committed(self, topic: str, partitions: Sequence[int]) -> dict[int, int]:
         return await asyncio.get_running_loop().run_in_executor(None, self.fetch_committed, topic, partitions)
 
-    async def log_id(self, topic: str) -> int:
+    async def log_id(self, topic: str) -> int | None:
         return await asyncio.get_running_loop().run_in_executor(None, self.fetch_log_id, topic)
 
-    def fetch_log_id(self, topic: str) -> int:
+    def fetch_log_id(self, topic: str) -> int | None:
         """A 32-bit hash of the topic's UUID (Metadata v10+; Tansu and Kafka >= 2.8 have them). Blocking."""
         from kafka import KafkaAdminClient
 
@@ -82,9 +82,9 @@ class GapRepair:
             self._admin = KafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="livemb-log-id", **self.security)
         try:
             [desc] = self._admin.describe_topics([topic])
-        except Exception as e:  # noqa: BLE001 - no id means "cannot tell incarnations apart", not an error
-            log.warning("no topic id for %s (%s); a re-created topic would not be detected", topic, e)
-            return 0
+        except Exception as e:  # noqa: BLE001 - a failed lookup must not look like a new incarnation
+            log.warning("topic id of %s unavailable (%s); keeping the last known one", topic, e)
+            return None
         topic_id = str(desc.get("topic_id") or "")
         if not topic_id.strip("0-"):
             return 0  # a broker without topic ids: incarnations cannot be told apart

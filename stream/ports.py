@@ -58,8 +58,9 @@ class InputLog(Protocol):
         """The consumer group's committed offset per partition (absent: none committed)."""
         ...
 
-    async def log_id(self, topic: str) -> int:
-        """An id of the topic's current incarnation (a re-created topic gets another), 0 if unknown."""
+    async def log_id(self, topic: str) -> int | None:
+        """An id of the topic's current incarnation (a re-created topic gets another); 0 when the
+        broker has no topic ids, None when the lookup failed (the last known id is kept)."""
         ...
 
 

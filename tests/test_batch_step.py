@@ -217,3 +217,17 @@ def test_a_re_created_input_topic_is_a_new_log_not_a_redelivery() -> None:
     report = run(after, new_log)
     assert +report.counts == {"ok": 4}
     assert count_of(store, "u0") == count_of(store, "u1") == 7
+
+
+def test_a_failed_topic_id_lookup_is_not_a_new_log() -> None:
+    """A transient lookup failure (None) keeps the known id: redeliveries stay redeliveries."""
+    recs = stream_of(2, 5)
+    journal: list = []
+    store = MemoryStore(journal)
+    log = MemoryLog(recs, log_id=11)
+    step = BatchStep(SETTINGS, CountingProcessor(), store, MemorySink(journal), None, log)
+    run(step, recs)
+    log.id = None
+    step.forget([("interactions", 0)])  # a rebalance: the id is looked up again, and the lookup fails
+    assert run(step, recs[:4]).counts["redelivered"] == 4
+    assert count_of(store, "u0") == 5
