@@ -54,7 +54,6 @@ class BatchReport:
     new_users: int = 0
     sessions_started: int = 0
     gap_records: int = 0
-    last_offsets: dict[Partition, int] = field(default_factory=dict)
     applied: list[ValidEvent] = field(default_factory=list)  # events applied to state (the idle sweep's index)
 
 
@@ -80,7 +79,7 @@ class BatchStep:
 
     async def run(self, records: Sequence[InputRecord]) -> BatchReport:
         t0 = time.perf_counter()
-        report = BatchReport(last_offsets={(r.topic, r.partition): r.offset for r in records})
+        report = BatchReport()
         anchor = {(r.topic, r.partition): r for r in records}  # a consumed record per partition
         records = await self.repair_gaps(records, report)  # Step 1
         valid, bad = self.validate(records, report)  # Step 2
