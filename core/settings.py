@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     topk: int = Field(20, ge=1, description="candidates per output message")
     exclude_seen: ExcludeSeen = Field("none", description="remove seen items from the candidates: none, session or history")
     index: IndexKind = Field("flat", description="faiss index of the explore path: flat (exact), hnsw or ivfpq")
+    index_path: str | None = Field(
+        None, description="prebuilt faiss index (livemb index) loaded at start instead of building one; it must match "
+        "the items and --index (unset: build at start)")
     device: str = Field("auto", description="torch device: auto (cuda when present), cpu, cuda or cuda:N")
     # On 2 cores with another busy process, torch with 2 threads collapsed 40-300x in
     # measurements (see docs/ARCHITECTURE.md).

@@ -9,49 +9,196 @@ One faiss search per batch of users (never one per user), then a vectorized merg
     exclude_seen    none | session | history removes memory items (as in evaluation)
 
 The live worker and `livemb embed` both call `Retriever.candidates`, so their outputs agree.
+
+Big catalogues: an approximate index (hnsw, ivfpq) can be built ahead of time (`livemb index`,
+`build_index_file`) and loaded at start (`load_index`, memory-mapped); a sidecar JSON next to the
+index file names the item table it was built from (`ItemTable.fingerprint`), its kind and its
+parameters, and a mismatch is refused with one line instead of serving another catalogue's ids.
 """
 
 from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
 
 import faiss
 import numpy as np
 import torch
 
+from core.progress import progress as progress_bar
 from core.settings import EXCLUDE_SEEN, INDEX_KINDS
 from models import repeat
 from models.base import SeqModel
 
+log = logging.getLogger("livemb.retrieval")
 
-def build_index(vectors: np.ndarray, kind: str = "flat", seed: int = 0) -> faiss.Index:
-    """Inner-product index over item rows 1..N (faiss id i-1 -> item index i)."""
+# Defaults tuned on 1M structured unit-norm 64-d items (tools/bench_offline.py; figures in
+# docs/BENCHMARKS.md "Offline components"). HNSW: recall@20 vs exact rises with M and efSearch;
+# efConstruction mainly buys graph quality for build time. The values below are the cheapest
+# measured set that keeps recall@20 >= 0.95 at 1M items, with efSearch also >= k + M (the worker
+# searches topk + recent_items hits).
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 80
+HNSW_EF_SEARCH = 128
+# IVF-PQ: nlist ~ 4 sqrt(N) (capped), 8-bit codes of D/2 sub-vectors (2 dims each: PQ error
+# is what bounds its recall), nprobe scanned lists per query.
+IVF_NPROBE = 32
+IVF_TRAIN_MAX = 100_000  # k-means training sample (faiss warns below ~39 points per list)
+ADD_CHUNK = 50_000  # rows per index.add call (progress bar between calls)
+
+
+class IndexFileError(ValueError):
+    """A prebuilt index file that does not fit the served items (or cannot be read)."""
+
+
+def index_params(kind: str, n_items: int, dim: int, overrides: dict | None = None) -> dict:
+    """The parameters `build_index` uses for `kind` over n_items x dim (defaults above + overrides)."""
+    if kind not in INDEX_KINDS:
+        raise ValueError(f"index must be one of {', '.join(INDEX_KINDS)}, got {kind!r}")
+    if kind == "flat":
+        p: dict = {}
+    elif kind == "hnsw":
+        p = {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION, "efSearch": HNSW_EF_SEARCH}
+    else:
+        p = {"nlist": max(1, min(4096, int(np.sqrt(n_items)))),
+             "m": next(m for m in (dim // 2, 16, 8, 4, 2, 1) if m >= 1 and dim % m == 0), "nbits": 8,
+             "nprobe": IVF_NPROBE}
+    unknown = set(overrides or {}) - set(p)
+    if unknown:
+        raise ValueError(f"index {kind} has no parameter(s) {sorted(unknown)}; it takes {sorted(p) or 'none'}")
+    p.update(overrides or {})
+    if kind == "ivfpq":
+        p["nlist"] = max(1, min(int(p["nlist"]), n_items))
+        p["nprobe"] = min(int(p["nprobe"]), p["nlist"])
+        if dim % p["m"]:
+            raise ValueError(f"ivfpq: m={p['m']} must divide the item dim {dim}")
+    return p
+
+
+def set_search_params(index: faiss.Index, kind: str, params: dict) -> None:
+    """Search-time parameters (not all of them survive faiss serialization: set after loading)."""
+    if kind == "hnsw":
+        index.hnsw.efSearch = int(params["efSearch"])
+    elif kind == "ivfpq":
+        index.nprobe = int(params["nprobe"])
+
+
+def build_index(vectors: np.ndarray, kind: str = "flat", seed: int = 0, *, params: dict | None = None,
+                progress: bool = False) -> faiss.Index:
+    """Inner-product index over item rows 1..N (faiss id i-1 -> item index i). `params` override
+    the tuned defaults (`index_params`); `progress` shows a bar while rows are added."""
     x = np.ascontiguousarray(vectors[1:], dtype=np.float32)
     N, D = x.shape
+    p = index_params(kind, N, D, params)
     if kind == "flat":
         index = faiss.IndexFlatIP(D)
     elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(D, 32, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efSearch = 128
-    elif kind == "ivfpq":
-        nlist = max(1, min(4096, int(np.sqrt(N))))
-        m = next(m for m in (16, 8, 4, 2, 1) if D % m == 0)
-        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(D), D, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
-        train = x if N <= 100_000 else x[np.random.default_rng(seed).choice(N, 100_000, replace=False)]
-        index.train(train)
-        index.nprobe = min(nlist, 16)
+        index = faiss.IndexHNSWFlat(D, int(p["M"]), faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = int(p["efConstruction"])
     else:
-        raise ValueError(f"index must be one of {', '.join(INDEX_KINDS)}, got {kind!r}")
-    index.add(x)
+        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(D), D, p["nlist"], int(p["m"]), int(p["nbits"]),
+                                 faiss.METRIC_INNER_PRODUCT)
+        n_train = min(N, max(IVF_TRAIN_MAX, 39 * p["nlist"]))
+        index.cp.min_points_per_centroid = index.pq.cp.min_points_per_centroid = 1  # small tables: no warning per sub-quantizer
+        index.train(x if n_train == N else x[np.random.default_rng(seed).choice(N, n_train, replace=False)])
+    set_search_params(index, kind, p)
+    with progress_bar(total=N, desc=f"index {kind}", unit="items", disable=not progress) as bar:
+        for i in range(0, N, ADD_CHUNK):
+            index.add(x[i : i + ADD_CHUNK])
+            bar.update(min(ADD_CHUNK, N - i))
     return index
 
 
+def sidecar_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def save_index(index: faiss.Index, path: str | Path, *, items_fingerprint: str, kind: str, params: dict,
+               build_seconds: float | None = None) -> Path:
+    """Write the faiss index and its sidecar (`<path>.json`), each through a temp file + rename.
+    The two renames are not one atomic step: build the index for new items before swapping the
+    items file in (the worker rebuilds, with a warning, when they do not match)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    faiss.write_index(index, str(tmp))
+    meta = {"format": 1, "items_fingerprint": items_fingerprint, "kind": kind, "params": params,
+            "n_items": int(index.ntotal), "dim": int(index.d), "faiss": faiss.__version__,
+            "build_seconds": build_seconds}
+    side = sidecar_path(path)
+    side_tmp = side.with_name(side.name + ".tmp")
+    side_tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    os.replace(tmp, path)
+    os.replace(side_tmp, side)
+    return path
+
+
+def read_sidecar(path: str | Path) -> dict:
+    side = sidecar_path(path)
+    if not Path(path).is_file():
+        raise IndexFileError(f"index file {path} not found (build it with `livemb index`)")
+    try:
+        meta = json.loads(side.read_text())
+        meta["items_fingerprint"], meta["kind"], meta["params"]  # noqa: B018 - required keys
+    except FileNotFoundError:
+        raise IndexFileError(f"index file {path} has no sidecar {side} (build it with `livemb index`)") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise IndexFileError(f"index sidecar {side} is unreadable: {e!r}") from None
+    return meta
+
+
+def load_index(path: str | Path, *, items_fingerprint: str, kind: str, n_items: int, dim: int,
+               mmap: bool = True) -> faiss.Index:
+    """A prebuilt index for exactly these items and this kind, else IndexFileError (one line).
+    mmap: the vectors/codes are mapped read-only from the file (page cache shared by the workers
+    of one host) instead of copied onto the heap."""
+    meta = read_sidecar(path)
+    if meta["kind"] != kind:
+        raise IndexFileError(f"index file {path} is a {meta['kind']} index, the worker is set to --index {kind}")
+    if meta["items_fingerprint"] != items_fingerprint:
+        raise IndexFileError(
+            f"index file {path} was built for items {meta['items_fingerprint']}, the items are {items_fingerprint}: "
+            f"rebuild it with `livemb index --items ITEMS --index {kind} --out {path}`")
+    try:
+        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0)
+    except RuntimeError as e:
+        raise IndexFileError(f"index file {path} is unreadable: {str(e).splitlines()[0][:200]}") from None
+    if index.ntotal != n_items or index.d != dim:
+        raise IndexFileError(f"index file {path} holds {index.ntotal} x {index.d}, the items are {n_items} x {dim}")
+    set_search_params(index, kind, meta["params"])
+    return index
+
+
+def build_index_file(items_path: str | Path, kind: str, out: str | Path, params: dict | None = None,
+                     progress: bool = True) -> dict:
+    """`livemb index`: build ahead of time and save; returns the sidecar."""
+    from core.items import ItemTable
+
+    table = ItemTable.load(items_path)
+    p = index_params(kind, len(table), table.dim, params)
+    t0 = time.perf_counter()
+    index = build_index(table.padded_vectors(), kind, params=p, progress=progress)
+    seconds = time.perf_counter() - t0
+    save_index(index, out, items_fingerprint=table.fingerprint, kind=kind, params=p, build_seconds=round(seconds, 3))
+    return read_sidecar(out)
+
+
 class Retriever:
-    def __init__(self, vectors: np.ndarray, kind: str = "flat", topk: int = 20, exclude_seen: str = "none"):
+    def __init__(self, vectors: np.ndarray, kind: str = "flat", topk: int = 20, exclude_seen: str = "none",
+                 index: faiss.Index | None = None):
+        """`index`: a prebuilt index over vectors[1:] (`load_index`); None builds one here."""
         if exclude_seen not in EXCLUDE_SEEN:
             raise ValueError(f"exclude_seen must be one of {', '.join(EXCLUDE_SEEN)}, got {exclude_seen!r}")
         self.kind, self.topk, self.exclude_seen = kind, topk, exclude_seen
         self.n_items = vectors.shape[0] - 1
-        self.index = build_index(vectors, kind)
-
+        if index is not None and (index.ntotal != self.n_items or index.d != vectors.shape[1]):
+            raise ValueError(f"prebuilt index holds {index.ntotal} x {index.d}, the items are {self.n_items} x "
+                             f"{vectors.shape[1]}")
+        self.index = index if index is not None else build_index(vectors, kind, progress=self.n_items >= 200_000)
     def candidates(self, model: SeqModel, state: dict[str, torch.Tensor], u: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(B, K) item indices (1-based, 0 = no candidate) and scores, best first."""
         M = state["mem_item"].shape[1]
@@ -82,9 +229,14 @@ class Retriever:
         return top_items.numpy(), top_scores.numpy()
 
 
-def recall_vs_exact(vectors: np.ndarray, kind: str, queries: np.ndarray, k: int = 20) -> float:
+def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
+    """Mean fraction of each query's exact top-k found in its approximate top-k (ids distinct per row)."""
+    hit = (approx_ids[:, :, None] == exact_ids[:, None, :]).any(-1) & (approx_ids >= 0)
+    return float(hit.sum() / exact_ids.size)
+
+
+def recall_vs_exact(vectors: np.ndarray, kind: str, queries: np.ndarray, k: int = 20, params: dict | None = None) -> float:
     """Recall@k of an approximate index against exact search (reported by the benchmark)."""
     exact = build_index(vectors, "flat").search(queries, k)[1]
-    approx = build_index(vectors, kind).search(queries, k)[1]
-    hits = sum(len(set(a) & set(e)) for a, e in zip(approx, exact, strict=True))
-    return hits / exact.size
+    approx = build_index(vectors, kind, params=params).search(queries, k)[1]
+    return recall_at_k(approx, exact)

@@ -7,8 +7,10 @@ the one faiss search of the batch and builds the `recommendations` JSON (SPEC se
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import orjson
@@ -18,7 +20,9 @@ from core.items import ItemTable
 from core.settings import ExcludeSeen, IndexKind
 from models.base import EventBatch, SeqModel
 from models.checkpoint import load_checkpoint, model_version
-from models.retrieval import Retriever
+from models.retrieval import IndexFileError, Retriever, load_index
+
+log = logging.getLogger("livemb.serving")
 
 
 @dataclass
@@ -30,13 +34,27 @@ class Serving:
 
     @classmethod
     def load(cls, model_path: str, items_path: str, *, index: IndexKind = "flat", topk: int = 20,
-             exclude_seen: ExcludeSeen = "none", device: str = "cpu", allow_new_items: bool = False) -> Serving:
+             exclude_seen: ExcludeSeen = "none", device: str = "cpu", allow_new_items: bool = False,
+             index_path: str | None = None, stale_index: Literal["refuse", "rebuild"] = "refuse") -> Serving:
+        """`index_path`: a prebuilt index (`livemb index`) loaded instead of building one; one that
+        does not match the items/kind raises IndexFileError (`stale_index="refuse"`, start-up) or
+        is replaced by an index built here with a warning (`"rebuild"`, a hot swap of the items)."""
         table = ItemTable.load(items_path)
         model = load_checkpoint(model_path, table.padded_vectors(), table.fingerprint, allow_new_items=allow_new_items)
         if not model.embeds:
             raise ValueError(f"model {model.name} has no user embedding; only embedding models can be served")
         model.to(device).eval()
-        retriever = Retriever(table.padded_vectors(), index, topk, exclude_seen)
+        vectors = table.padded_vectors()
+        prebuilt = None
+        if index_path is not None:
+            try:
+                prebuilt = load_index(index_path, items_fingerprint=table.fingerprint, kind=index,
+                                      n_items=len(table), dim=table.dim)
+            except IndexFileError as e:
+                if stale_index != "rebuild":
+                    raise
+                log.warning("%s; building a %s index for items %s instead", e, index, table.fingerprint)
+        retriever = Retriever(vectors, index, topk, exclude_seen, index=prebuilt)
         return cls(model, table, retriever, f"{model.name}@{model_version(model_path)}")
 
     def advance(self, state: dict[str, torch.Tensor], ev: EventBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

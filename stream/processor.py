@@ -72,7 +72,8 @@ class ModelProcessor:
         s = self.settings
         stamps = self._stamps()
         sv = Serving.load(s.model_path, s.items_path, index=s.index, topk=s.topk, exclude_seen=s.exclude_seen,
-                          device=str(self.device), allow_new_items=True)
+                          device=str(self.device), allow_new_items=True,
+                          index_path=s.index_path, stale_index="rebuild" if hasattr(self, "serving") else "refuse")
         self.tables[items_key(sv.table)] = sv.table
         log.info("serving %s on %s, items %s (%d x %d), index %s", sv.tag, self.device, sv.table.fingerprint,
                  len(sv.table), sv.table.dim, s.index)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from models import MODEL_REGISTRY, EventBatch, ModelConfig
-from models.retrieval import Retriever, recall_vs_exact
+from models.retrieval import Retriever, build_index, recall_at_k, recall_vs_exact
 
 
 def setup(exclude="none", topk=5, name="mv"):
@@ -51,3 +51,106 @@ def test_approximate_indexes_report_recall():
     assert 0.0 < recall_vs_exact(vecs, "ivfpq", q, 10) <= 1.0
     with pytest.raises(ValueError, match="index must be"):
         Retriever(vecs, "lsh")
+
+
+# ---------------------------------------------------------------- prebuilt index files (livemb index)
+def items_file(tmp_path, seed=0, N=300, D=8, name="items.npz"):
+    from core.items import ItemTable
+
+    rng = np.random.default_rng(seed)
+    table = ItemTable(np.array([f"i{k}" for k in range(N)]), rng.normal(size=(N, D)).astype(np.float32))
+    return table, table.save(tmp_path / name)
+
+
+def test_index_file_roundtrip_and_refusals(tmp_path):
+    from models.retrieval import IndexFileError, build_index_file, load_index
+
+    table, items = items_file(tmp_path)
+    out = tmp_path / "idx" / "items.hnsw"
+    meta = build_index_file(items, "hnsw", out, {"efSearch": 40}, progress=False)
+    assert meta["items_fingerprint"] == table.fingerprint and meta["kind"] == "hnsw"
+    assert meta["params"]["efSearch"] == 40 and meta["n_items"] == len(table)
+    kw = dict(items_fingerprint=table.fingerprint, n_items=len(table), dim=table.dim)
+    idx = load_index(out, kind="hnsw", **kw)
+    assert idx.hnsw.efSearch == 40  # search-time parameters come back from the sidecar
+    q = table.vectors[:20]
+    exact = build_index(table.padded_vectors(), "flat").search(q, 5)[1]
+    assert recall_at_k(idx.search(q, 5)[1], exact) > 0.9  # the loaded index serves these items
+    with pytest.raises(IndexFileError, match="is a hnsw index, the worker is set to --index flat"):
+        load_index(out, kind="flat", **kw)
+    with pytest.raises(IndexFileError, match="was built for items .* rebuild it with `livemb index"):
+        load_index(out, kind="hnsw", **{**kw, "items_fingerprint": "0123456789abcdef"})
+    with pytest.raises(IndexFileError, match="not found"):
+        load_index(tmp_path / "none", kind="hnsw", **kw)
+    (tmp_path / "idx" / "items.hnsw.json").unlink()
+    with pytest.raises(IndexFileError, match="no sidecar"):
+        load_index(out, kind="hnsw", **kw)
+    with pytest.raises(ValueError, match="has no parameter"):
+        build_index_file(items, "hnsw", out, {"nprobe": 3}, progress=False)
+
+
+def test_livemb_index_command(tmp_path, capsys):
+    from tools.cli import main
+
+    table, items = items_file(tmp_path)
+    out = tmp_path / "items.ivfpq"
+    assert main(["index", "--items", str(items), "--index", "ivfpq", "--param", "nprobe=4", "--out", str(out)]) == 0
+    assert f"ivfpq over {len(table)} x {table.dim} items {table.fingerprint}" in capsys.readouterr().out
+    assert out.is_file() and (tmp_path / "items.ivfpq.json").is_file()
+    assert main(["index", "--items", str(items), "--param", "nprobe", "--out", str(out)]) == 2
+    assert "expected NAME=INTEGER" in capsys.readouterr().err
+
+
+def served(tmp_path):
+    from models.checkpoint import save_checkpoint
+
+    table, items = items_file(tmp_path)
+    model = MODEL_REGISTRY["mv"](ModelConfig(name="mv", dim=table.dim, hidden=8), table.padded_vectors())
+    ckpt = tmp_path / "m.pt"
+    save_checkpoint(ckpt, model, table.fingerprint)
+    return table, items, ckpt
+
+
+def test_serving_loads_a_prebuilt_index_and_refuses_a_stale_one(tmp_path):
+    from models.retrieval import IndexFileError, build_index_file
+    from models.serving import Serving
+
+    table, items, ckpt = served(tmp_path)
+    idx = tmp_path / "items.hnsw"
+    build_index_file(items, "hnsw", idx, progress=False)
+    sv = Serving.load(str(ckpt), str(items), index="hnsw", index_path=str(idx))
+    assert sv.retriever.index.ntotal == len(table) and sv.retriever.kind == "hnsw"
+    other, other_items = items_file(tmp_path, seed=1, name="other.npz")
+    build_index_file(other_items, "hnsw", idx, progress=False)  # now built for other items
+    with pytest.raises(IndexFileError, match="was built for items"):
+        Serving.load(str(ckpt), str(items), index="hnsw", index_path=str(idx))
+    sv = Serving.load(str(ckpt), str(items), index="hnsw", index_path=str(idx), stale_index="rebuild")
+    assert sv.retriever.index.ntotal == len(table)  # rebuilt for the served items
+
+
+def test_worker_refuses_a_stale_index_at_start_and_rebuilds_on_hot_swap(tmp_path, caplog):
+    import os
+
+    from core.items import ItemTable
+    from core.settings import Settings
+    from models.retrieval import IndexFileError, build_index_file
+    from stream.processor import ModelProcessor
+
+    table, items, ckpt = served(tmp_path)
+    idx = tmp_path / "items.hnsw"
+    build_index_file(items, "hnsw", idx, progress=False)
+    s = Settings(model_path=str(ckpt), items_path=str(items), index="hnsw", index_path=str(idx))
+    proc = ModelProcessor(s, reload_check_s=0.0)
+    assert proc.serving.retriever.index.ntotal == len(table)
+    with pytest.raises(IndexFileError, match="is a hnsw index, the worker is set to --index flat"):
+        ModelProcessor(Settings(model_path=str(ckpt), items_path=str(items), index_path=str(idx)))
+    # new item vectors (same ids) swapped in while the index file still describes the old ones
+    new = ItemTable(table.ids, table.vectors[::-1].copy())
+    new.save(items)
+    st = os.stat(items)
+    os.utime(items, (st.st_atime, st.st_mtime + 5))
+    with caplog.at_level("WARNING", logger="livemb.serving"):
+        assert proc.maybe_reload()
+    assert proc.serving.table.fingerprint == new.fingerprint
+    assert proc.serving.retriever.index.ntotal == len(new)
+    assert "was built for items" in caplog.text and "building a hnsw index" in caplog.text

@@ -115,8 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-max-wait-ms", type=int)
     p.add_argument("--reload-check-s", type=float, help="seconds between hot-swap checks (SIGHUP: at once)")
     p.add_argument("--standby-replicas", type=int, help="standby copies of other workers' state partitions")
+    p.add_argument("--index-path", help="prebuilt index (livemb index) for --items and --index; unset: built at start")
     p.add_argument("--loglevel", default="info")
     _settings_args(p)
+
+    p = sub.add_parser("index", help="build the faiss index of an item table ahead of time (worker --index-path)")
+    p.add_argument("--items", required=True, help="items.npz")
+    p.add_argument("--index", choices=INDEX_KINDS, default="hnsw")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a tuned parameter, e.g. efSearch=256, M=48, nprobe=64 (repeatable)")
+    p.add_argument("--out", required=True, help="index file; its sidecar goes to OUT.json")
 
     p = sub.add_parser("replay", help="produce an event log into the input topic")
     p.add_argument("log")
@@ -192,6 +200,19 @@ def load_processor(spec: str | None, settings):
     return factory(settings)
 
 
+def _index_params(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        try:
+            out[name] = int(value)
+        except ValueError:
+            raise ValueError(f"--param {pair!r}: expected NAME=INTEGER") from None
+        if not sep or not name:
+            raise ValueError(f"--param {pair!r}: expected NAME=INTEGER")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -206,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         exclude_seen=getattr(args, "exclude_seen", None), index=getattr(args, "index", None),
         session_gap_s=getattr(args, "session_gap_s", None), reload_check_s=getattr(args, "reload_check_s", None),
         standby_replicas=getattr(args, "standby_replicas", None),
+        index_path=getattr(args, "index_path", None),
     )
     for noisy in ("kafka", "aiokafka", "faust", "mode", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -230,6 +252,12 @@ def main(argv: list[str] | None = None) -> int:
             from stream.app import run_worker
 
             run_worker(settings, load_processor(args.processor, settings), args.loglevel)
+        elif args.cmd == "index":
+            from models.retrieval import build_index_file
+
+            meta = build_index_file(args.items, args.index, args.out, _index_params(args.param))
+            print(f"{args.out}: {meta['kind']} over {meta['n_items']} x {meta['dim']} items {meta['items_fingerprint']} "
+                  f"{meta['params']}, built in {meta['build_seconds']:.1f}s")
         elif args.cmd == "replay":
             from stream.kafka_io import replay
             from stream.security import kafka_python_security
