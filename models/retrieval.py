@@ -43,11 +43,23 @@ log = logging.getLogger("livemb.retrieval")
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
-# IVF-PQ: nlist ~ 4 sqrt(N) (capped), 8-bit codes of D/2 sub-vectors (2 dims each: PQ error
-# is what bounds its recall), nprobe scanned lists per query.
+# IVF-PQ: nlist = sqrt(N) lists (capped at 4096), 8-bit PQ codes of D/4 sub-vectors (16 bytes per
+# item at D=64) give the shortlist; alone their recall@20 is PQ-bound (measured 0.60 at 50k with
+# 16 sub-vectors, 0.76 at 1M even with 32): no nprobe fixes that. So the top refine*k of the
+# shortlist are re-ranked on fp16 copies of the vectors (IndexRefine; 128 more bytes per item,
+# still ~0.56x the Flat index); refine=0 keeps the pure PQ index (smallest, lowest recall).
 IVF_NPROBE = 32
+IVF_REFINE = 16
 IVF_TRAIN_MAX = 100_000  # k-means training sample (faiss warns below ~39 points per list)
 ADD_CHUNK = 50_000  # rows per index.add call (progress bar between calls)
+
+
+# read_index flags that map the file instead of copying it, per kind (measured with faiss 1.15:
+# IO_FLAG_MMAP copies a Flat index onto the heap, IO_FLAG_MMAP_IFC maps it; for HNSW IO_FLAG_MMAP
+# leaves only the graph links on the heap; IVF lists are mapped by IO_FLAG_MMAP, and the pair of
+# flags is refused for them). save_index replaces files by rename, so a mapped file is never
+# rewritten under a running worker.
+MMAP_FLAGS = {"flat": faiss.IO_FLAG_MMAP_IFC, "hnsw": faiss.IO_FLAG_MMAP, "ivfpq": faiss.IO_FLAG_MMAP}
 
 
 class IndexFileError(ValueError):
@@ -64,8 +76,8 @@ def index_params(kind: str, n_items: int, dim: int, overrides: dict | None = Non
         p = {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION, "efSearch": HNSW_EF_SEARCH}
     else:
         p = {"nlist": max(1, min(4096, int(np.sqrt(n_items)))),
-             "m": next(m for m in (dim // 2, 16, 8, 4, 2, 1) if m >= 1 and dim % m == 0), "nbits": 8,
-             "nprobe": IVF_NPROBE}
+             "m": next(m for m in (dim // 4, 16, 8, 4, 2, 1) if m >= 1 and dim % m == 0), "nbits": 8,
+             "nprobe": IVF_NPROBE, "refine": IVF_REFINE}
     unknown = set(overrides or {}) - set(p)
     if unknown:
         raise ValueError(f"index {kind} has no parameter(s) {sorted(unknown)}; it takes {sorted(p) or 'none'}")
@@ -73,6 +85,8 @@ def index_params(kind: str, n_items: int, dim: int, overrides: dict | None = Non
     if kind == "ivfpq":
         p["nlist"] = max(1, min(int(p["nlist"]), n_items))
         p["nprobe"] = min(int(p["nprobe"]), p["nlist"])
+        if int(p["refine"]) < 0:
+            raise ValueError(f"ivfpq: refine={p['refine']} must be >= 0 (0: no re-ranking)")
         if dim % p["m"]:
             raise ValueError(f"ivfpq: m={p['m']} must divide the item dim {dim}")
     return p
@@ -83,7 +97,11 @@ def set_search_params(index: faiss.Index, kind: str, params: dict) -> None:
     if kind == "hnsw":
         index.hnsw.efSearch = int(params["efSearch"])
     elif kind == "ivfpq":
-        index.nprobe = int(params["nprobe"])
+        if isinstance(index, faiss.IndexRefine):
+            index.k_factor = float(params["refine"])
+            faiss.extract_index_ivf(index.base_index).nprobe = int(params["nprobe"])
+        else:
+            index.nprobe = int(params["nprobe"])
 
 
 def build_index(vectors: np.ndarray, kind: str = "flat", seed: int = 0, *, params: dict | None = None,
@@ -99,10 +117,14 @@ def build_index(vectors: np.ndarray, kind: str = "flat", seed: int = 0, *, param
         index = faiss.IndexHNSWFlat(D, int(p["M"]), faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = int(p["efConstruction"])
     else:
-        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(D), D, p["nlist"], int(p["m"]), int(p["nbits"]),
-                                 faiss.METRIC_INNER_PRODUCT)
+        ivf = faiss.IndexIVFPQ(faiss.IndexFlatIP(D), D, p["nlist"], int(p["m"]), int(p["nbits"]),
+                               faiss.METRIC_INNER_PRODUCT)
+        ivf.cp.min_points_per_centroid = ivf.pq.cp.min_points_per_centroid = 1  # small tables: no warning per sub-quantizer
+        index = ivf
+        if p["refine"]:
+            fp16 = faiss.IndexScalarQuantizer(D, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+            index = faiss.IndexRefine(ivf, fp16)  # keeps Python references to both (faiss add_ref_in_constructor)
         n_train = min(N, max(IVF_TRAIN_MAX, 39 * p["nlist"]))
-        index.cp.min_points_per_centroid = index.pq.cp.min_points_per_centroid = 1  # small tables: no warning per sub-quantizer
         index.train(x if n_train == N else x[np.random.default_rng(seed).choice(N, n_train, replace=False)])
     set_search_params(index, kind, p)
     with progress_bar(total=N, desc=f"index {kind}", unit="items", disable=not progress) as bar:
@@ -164,7 +186,7 @@ def load_index(path: str | Path, *, items_fingerprint: str, kind: str, n_items: 
             f"index file {path} was built for items {meta['items_fingerprint']}, the items are {items_fingerprint}: "
             f"rebuild it with `livemb index --items ITEMS --index {kind} --out {path}`")
     try:
-        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0)
+        index = faiss.read_index(str(path), MMAP_FLAGS[kind] | faiss.IO_FLAG_READ_ONLY if mmap else 0)
     except RuntimeError as e:
         raise IndexFileError(f"index file {path} is unreadable: {str(e).splitlines()[0][:200]}") from None
     if index.ntotal != n_items or index.d != dim:

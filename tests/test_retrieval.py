@@ -89,6 +89,18 @@ def test_index_file_roundtrip_and_refusals(tmp_path):
         build_index_file(items, "hnsw", out, {"nprobe": 3}, progress=False)
 
 
+@pytest.mark.parametrize("kind", ["flat", "ivfpq"])
+def test_every_kind_loads_memory_mapped(tmp_path, kind):
+    from models.retrieval import build_index_file, load_index
+
+    table, items = items_file(tmp_path, N=600)
+    build_index_file(items, kind, tmp_path / "idx", progress=False)
+    idx = load_index(tmp_path / "idx", items_fingerprint=table.fingerprint, kind=kind, n_items=len(table), dim=table.dim)
+    q = table.vectors[:20]
+    exact = build_index(table.padded_vectors(), "flat").search(q, 5)[1]
+    assert recall_at_k(idx.search(q, 5)[1], exact) >= (1.0 if kind == "flat" else 0.8)
+
+
 def test_livemb_index_command(tmp_path, capsys):
     from tools.cli import main
 

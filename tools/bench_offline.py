@@ -131,10 +131,15 @@ def _qps_batch1(index: faiss.Index, q: np.ndarray, k: int, seconds: float) -> fl
 def bench_retrieval(sizes: Sequence[int] = (50_000, 1_000_000), kinds: Sequence[str] = ("flat", "hnsw", "ivfpq"), *,
                     dim: int = 64, n_queries: int = 1024, k: int = 20, batch: int = 512, threads: int = 1,
                     seed: int = 0, params: dict[str, dict] | None = None, batch1_seconds: float = 3.0,
-                    sweep: bool = True, workdir: str | None = None) -> list[dict]:
+                    sweep: bool = True, workdir: str | None = None,
+                    configs: Sequence[tuple[str, dict]] | None = None, serve_k: int | None = 84) -> list[dict]:
     """Rows per (size, kind): build_s, index_bytes (the saved file), rss_delta_bytes (build),
     load_s (mmap load of the saved file, the `--index-path` path), qps_batch1, qps_batch<batch>,
-    recall@k vs exact; with `sweep`, extra rows (sweep=<param>) over the search-time parameter."""
+    recall@k vs exact; with `sweep`, extra rows (sweep=<param>) over the search-time parameter.
+    `params`: kind -> overrides of the tuned defaults; `configs`: explicit (kind, overrides) pairs
+    instead of `kinds` (the tuning grid). `serve_k`: also queries/s at batch `batch` for the k the
+    worker searches (topk + recent_items: 20 + 64 by default)."""
+    configs = list(configs) if configs is not None else [(kind, (params or {}).get(kind)) for kind in kinds]
     rows: list[dict] = []
     with faiss_threads(threads), tempfile.TemporaryDirectory(dir=workdir, prefix="livemb-bench-") as tmp:
         for n in sizes:
@@ -143,8 +148,8 @@ def bench_retrieval(sizes: Sequence[int] = (50_000, 1_000_000), kinds: Sequence[
             padded = np.concatenate([np.zeros((1, dim), np.float32), x])
             del x
             exact, _ = _search_all(build_index(padded, "flat"), q, k, batch)
-            for kind in kinds:
-                p = index_params(kind, n, dim, (params or {}).get(kind))
+            for kind, overrides in configs:
+                p = index_params(kind, n, dim, overrides)
                 log.info("retrieval: %d items, building %s %s", n, kind, p)
                 rss0, t0 = rss_bytes(), time.perf_counter()
                 built = build_index(padded, kind, seed, params=p, progress=True)
@@ -162,6 +167,8 @@ def bench_retrieval(sizes: Sequence[int] = (50_000, 1_000_000), kinds: Sequence[
                        "rss_delta_bytes": rss_delta, "load_s": round(load_s, 3),
                        "qps_batch1": round(_qps_batch1(index, q, k, batch1_seconds), 1),
                        f"qps_batch{batch}": round(qps_b, 1), f"recall@{k}": round(recall_at_k(ids, exact), 4)}
+                if serve_k:
+                    row[f"qps_batch{batch}_k{serve_k}"] = round(_search_all(index, q, serve_k, batch)[1], 1)
                 rows.append(row)
                 log.info("retrieval: %s", _fmt(row))
                 if sweep and kind in SWEEP:
@@ -169,13 +176,26 @@ def bench_retrieval(sizes: Sequence[int] = (50_000, 1_000_000), kinds: Sequence[
                     for v in values:
                         set_search_params(index, kind, {**p, name: v})
                         ids, qps_b = _search_all(index, q, k, batch)
-                        rows.append({"bench": "retrieval_sweep", "items": n, "kind": kind, "sweep": name, "value": v,
+                        rows.append({"bench": "retrieval_sweep", "items": n, "kind": kind, "params": p, "sweep": name, "value": v,
                                      "threads": threads, f"qps_batch{batch}": round(qps_b, 1),
                                      f"recall@{k}": round(recall_at_k(ids, exact), 4)})
                     log.info("retrieval: %s sweep %s", kind, [(r["value"], r[f"recall@{k}"]) for r in rows[-len(values):]])
                 del index
                 path.unlink()
     return rows
+
+
+TUNE_GRID: tuple[tuple[str, dict], ...] = (
+    ("hnsw", {"M": 16, "efConstruction": 80}), ("hnsw", {"M": 32, "efConstruction": 40}),
+    ("hnsw", {"M": 32, "efConstruction": 80}), ("hnsw", {"M": 32, "efConstruction": 160}),
+    ("hnsw", {"M": 48, "efConstruction": 80}),
+    ("ivfpq", {"refine": 0}), ("ivfpq", {"refine": 8}), ("ivfpq", {"refine": 16}), ("ivfpq", {"m": 8, "refine": 16}),
+)
+
+
+def tune_retrieval(sizes: Sequence[int] = (1_000_000,), grid: Sequence[tuple[str, dict]] = TUNE_GRID, **kw) -> list[dict]:
+    """The grid that chose `build_index`'s defaults: build-time parameters x a search-time sweep."""
+    return bench_retrieval(sizes, configs=grid, **kw)
 
 
 # ---------------------------------------------------------------------------- model
@@ -349,6 +369,7 @@ def run_all(quick: bool = False, *, threads: int = 1, checkpoint: str | None = N
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.bench_offline", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="CI smoke sizes (20k items, 10k users)")
+    ap.add_argument("--tune", action="store_true", help="only the retrieval tuning grid (TUNE_GRID) at --sizes (default 1M)")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--sizes", help="comma-separated catalogue sizes (default 50000,1000000; quick 20000)")
     ap.add_argument("--kinds", default="flat,hnsw,ivfpq")
@@ -359,8 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
-        rows = run_all(args.quick, threads=args.threads, checkpoint=args.model, items=args.items, sizes=sizes,
-                       kinds=args.kinds.split(","))
+        if args.tune:
+            rows = tune_retrieval(sizes or (1_000_000,), threads=args.threads, batch1_seconds=1.0)
+        else:
+            rows = run_all(args.quick, threads=args.threads, checkpoint=args.model, items=args.items, sizes=sizes,
+                           kinds=args.kinds.split(","))
     except ValueError as e:
         print(f"bench_offline: error: {e}")
         return 2
