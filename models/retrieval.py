@@ -35,21 +35,23 @@ from models.base import SeqModel
 
 log = logging.getLogger("livemb.retrieval")
 
-# Defaults tuned on 1M structured unit-norm 64-d items (tools/bench_offline.py; figures in
-# docs/BENCHMARKS.md "Offline components"). HNSW: recall@20 vs exact rises with M and efSearch;
-# efConstruction mainly buys graph quality for build time. The values below are the cheapest
-# measured set that keeps recall@20 >= 0.95 at 1M items, with efSearch also >= k + M (the worker
-# searches topk + recent_items hits).
+# Defaults tuned on 1M structured unit-norm 64-d items, 1 thread (`python -m tools.bench_offline
+# --tune`; figures in docs/BENCHMARKS.md "Offline components"). recall@20 vs exact at 1M:
+#   HNSW M=32: efConstruction 40 -> 0.922, 80 -> 0.962, 160 -> 0.979 (efSearch 128); M=16 0.936,
+#   M=48 0.957 (efConstruction 80). efConstruction is what buys recall here, and it is paid once,
+#   ahead of time (`livemb index`: 182 s at 1M on one core). efSearch 64 gives 0.962 at ~1.8x the
+#   queries/s of 128 (0.979): 128 keeps a margin over 0.95 for catalogues less regular than the
+#   benchmark's, and is above k + M = 84, the hits the worker asks for (faiss uses max(efSearch, k)).
 HNSW_M = 32
-HNSW_EF_CONSTRUCTION = 80
+HNSW_EF_CONSTRUCTION = 160
 HNSW_EF_SEARCH = 128
-# IVF-PQ: nlist = sqrt(N) lists (capped at 4096), 8-bit PQ codes of D/4 sub-vectors (16 bytes per
-# item at D=64) give the shortlist; alone their recall@20 is PQ-bound (measured 0.60 at 50k with
-# 16 sub-vectors, 0.76 at 1M even with 32): no nprobe fixes that. So the top refine*k of the
-# shortlist are re-ranked on fp16 copies of the vectors (IndexRefine; 128 more bytes per item,
-# still ~0.56x the Flat index); refine=0 keeps the pure PQ index (smallest, lowest recall).
-IVF_NPROBE = 32
-IVF_REFINE = 16
+# IVF-PQ: nlist = sqrt(N) lists (capped at 4096) and 8-bit PQ codes of D/2 sub-vectors (32 bytes
+# per item at D=64) give a shortlist whose recall@20 alone is PQ-bound (1M: 0.76 with D/2, 0.40
+# with D/4 sub-vectors, whatever nprobe). The top refine*k of it are re-ranked on fp16 copies of
+# the vectors (IndexRefine, 128 more bytes per item; 0.66x the Flat index): refine 8 -> 0.995 at
+# nprobe 32, 0.992 at nprobe 8 (3x the queries/s). refine=0 keeps the pure PQ index (smallest).
+IVF_NPROBE = 8
+IVF_REFINE = 8
 IVF_TRAIN_MAX = 100_000  # k-means training sample (faiss warns below ~39 points per list)
 ADD_CHUNK = 50_000  # rows per index.add call (progress bar between calls)
 
@@ -76,7 +78,7 @@ def index_params(kind: str, n_items: int, dim: int, overrides: dict | None = Non
         p = {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION, "efSearch": HNSW_EF_SEARCH}
     else:
         p = {"nlist": max(1, min(4096, int(np.sqrt(n_items)))),
-             "m": next(m for m in (dim // 4, 16, 8, 4, 2, 1) if m >= 1 and dim % m == 0), "nbits": 8,
+             "m": next(m for m in (dim // 2, 16, 8, 4, 2, 1) if m >= 1 and dim % m == 0), "nbits": 8,
              "nprobe": IVF_NPROBE, "refine": IVF_REFINE}
     unknown = set(overrides or {}) - set(p)
     if unknown:

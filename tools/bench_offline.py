@@ -51,7 +51,9 @@ def structured_item_vectors(n_items: int, dim: int = 64, seed: int = 0, n_querie
 
     Items: topic centroid (Zipf topic sizes, centroids on a decaying spectrum of `dim` directions)
     + sub-topic offset + item noise, normalised. Queries: a user's 1-4 clicked items, drawn by a
-    Zipf item popularity mostly from one or two topics, mixed with Dirichlet weights + noise."""
+    Zipf item popularity mostly from one or two topics, mixed with Dirichlet weights + noise.
+    Not tools/synth.py's item space: it plants at most dim/3 orthogonal topic rings (at 1M items,
+    50k items per ring and one scale of structure), which is a test of models, not of an ANN index."""
     if n_items < 1 or dim < 2:
         raise ValueError("structured_item_vectors: n_items >= 1 and dim >= 2")
     rng = np.random.default_rng(seed)
@@ -189,7 +191,8 @@ TUNE_GRID: tuple[tuple[str, dict], ...] = (
     ("hnsw", {"M": 16, "efConstruction": 80}), ("hnsw", {"M": 32, "efConstruction": 40}),
     ("hnsw", {"M": 32, "efConstruction": 80}), ("hnsw", {"M": 32, "efConstruction": 160}),
     ("hnsw", {"M": 48, "efConstruction": 80}),
-    ("ivfpq", {"refine": 0}), ("ivfpq", {"refine": 8}), ("ivfpq", {"refine": 16}), ("ivfpq", {"m": 8, "refine": 16}),
+    ("ivfpq", {"m": 16, "refine": 0}), ("ivfpq", {"m": 32, "refine": 0}), ("ivfpq", {"m": 16, "refine": 16}),
+    ("ivfpq", {"m": 16, "refine": 32}), ("ivfpq", {"m": 32, "refine": 8}),
 )
 
 
