@@ -166,3 +166,17 @@ def test_worker_refuses_a_stale_index_at_start_and_rebuilds_on_hot_swap(tmp_path
     assert proc.serving.table.fingerprint == new.fingerprint
     assert proc.serving.retriever.index.ntotal == len(new)
     assert "was built for items" in caplog.text and "building a hnsw index" in caplog.text
+
+
+def test_worker_cli_refuses_a_stale_index_in_one_line(tmp_path, capsys):
+    from models.retrieval import build_index_file
+    from tools.cli import main
+
+    _, items, ckpt = served(tmp_path)
+    _, other_items = items_file(tmp_path, seed=1, name="other.npz")
+    idx = tmp_path / "other.hnsw"
+    build_index_file(other_items, "hnsw", idx, progress=False)
+    rc = main(["worker", "--model", str(ckpt), "--items", str(items), "--index", "hnsw", "--index-path", str(idx),
+               "--data-dir", str(tmp_path / "state")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "was built for items" in err and "Traceback" not in err
