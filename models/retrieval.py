@@ -39,7 +39,7 @@ log = logging.getLogger("livemb.retrieval")
 # --tune`; figures in docs/BENCHMARKS.md "Offline components"). recall@20 vs exact at 1M:
 #   HNSW M=32: efConstruction 40 -> 0.922, 80 -> 0.962, 160 -> 0.979 (efSearch 128); M=16 0.936,
 #   M=48 0.957 (efConstruction 80). efConstruction is what buys recall here, and it is paid once,
-#   ahead of time (`livemb index`: 182 s at 1M on one core). efSearch 64 gives 0.962 at ~1.8x the
+#   ahead of time (`livemb index`: 159-182 s at 1M on one core). efSearch 64 gives 0.962 at ~1.8x the
 #   queries/s of 128 (0.979): 128 keeps a margin over 0.95 for catalogues less regular than the
 #   benchmark's, and is above k + M = 84, the hits the worker asks for (faiss uses max(efSearch, k)).
 HNSW_M = 32
@@ -56,12 +56,12 @@ IVF_TRAIN_MAX = 100_000  # k-means training sample (faiss warns below ~39 points
 ADD_CHUNK = 50_000  # rows per index.add call (progress bar between calls)
 
 
-# read_index flags that map the file instead of copying it, per kind (measured with faiss 1.15:
-# IO_FLAG_MMAP copies a Flat index onto the heap, IO_FLAG_MMAP_IFC maps it; for HNSW IO_FLAG_MMAP
-# leaves only the graph links on the heap; IVF lists are mapped by IO_FLAG_MMAP, and the pair of
-# flags is refused for them). save_index replaces files by rename, so a mapped file is never
-# rewritten under a running worker.
-MMAP_FLAGS = {"flat": faiss.IO_FLAG_MMAP_IFC, "hnsw": faiss.IO_FLAG_MMAP, "ivfpq": faiss.IO_FLAG_MMAP}
+# read_index flag that maps the file instead of copying it onto the heap. Measured with faiss 1.15
+# on the 1M-item files (RssAnon after load): IO_FLAG_MMAP still copies (flat +244 MB, hnsw +504 MB,
+# ivfpq +123 MB); IO_FLAG_MMAP_IFC maps flat and ivfpq entirely (+0-1 MB) and hnsw but for its
+# 12 MB of levels and offsets, with the same search results. Pages come from the page cache, shared by the
+# workers of one host. save_index replaces files by rename, so a mapped file is never rewritten.
+MMAP_FLAG = faiss.IO_FLAG_MMAP_IFC
 
 
 class IndexFileError(ValueError):
@@ -188,7 +188,7 @@ def load_index(path: str | Path, *, items_fingerprint: str, kind: str, n_items: 
             f"index file {path} was built for items {meta['items_fingerprint']}, the items are {items_fingerprint}: "
             f"rebuild it with `livemb index --items ITEMS --index {kind} --out {path}`")
     try:
-        index = faiss.read_index(str(path), MMAP_FLAGS[kind] | faiss.IO_FLAG_READ_ONLY if mmap else 0)
+        index = faiss.read_index(str(path), MMAP_FLAG | faiss.IO_FLAG_READ_ONLY if mmap else 0)
     except RuntimeError as e:
         raise IndexFileError(f"index file {path} is unreadable: {str(e).splitlines()[0][:200]}") from None
     if index.ntotal != n_items or index.d != dim:
