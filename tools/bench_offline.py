@@ -102,12 +102,6 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def heap_bytes() -> int:
-    """RssAnon: resident memory that is not a mapped file (a memory-mapped index does not count)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
-
-
 @contextlib.contextmanager
 def faiss_threads(n: int) -> Iterator[None]:
     before = faiss.omp_get_max_threads()
@@ -142,7 +136,7 @@ def bench_retrieval(sizes: Sequence[int] = (50_000, 1_000_000), kinds: Sequence[
                     sweep: bool = True, workdir: str | None = None,
                     configs: Sequence[tuple[str, dict]] | None = None, serve_k: int | None = 84) -> list[dict]:
     """Rows per (size, kind): build_s, index_bytes (the saved file), rss_delta_bytes (build),
-    load_s and load_heap_bytes (mmap load of the saved file, the `--index-path` path), qps_batch1, qps_batch<batch>,
+    load_s (mmap load of the saved file, the `--index-path` path), qps_batch1, qps_batch<batch>,
     recall@k vs exact; with `sweep`, extra rows (sweep=<param>) over the search-time parameter.
     `params`: kind -> overrides of the tuned defaults; `configs`: explicit (kind, overrides) pairs
     instead of `kinds` (the tuning grid). `serve_k`: also queries/s at batch `batch` for the k the
@@ -165,15 +159,14 @@ def bench_retrieval(sizes: Sequence[int] = (50_000, 1_000_000), kinds: Sequence[
                 path = Path(tmp) / f"{kind}-{n}.faiss"
                 save_index(built, path, items_fingerprint="bench", kind=kind, params=p, build_seconds=build_s)
                 del built
-                heap0, t0 = heap_bytes(), time.perf_counter()
+                t0 = time.perf_counter()
                 index = load_index(path, items_fingerprint="bench", kind=kind, n_items=n, dim=dim)
-                load_s, load_heap = time.perf_counter() - t0, heap_bytes() - heap0
+                load_s = time.perf_counter() - t0
                 index.search(q[:batch], k)  # warm-up: fault the mapped pages in
                 ids, qps_b = _search_all(index, q, k, batch)
                 row = {"bench": "retrieval", "items": n, "dim": dim, "kind": kind, "params": p, "threads": threads,
                        "build_s": round(build_s, 2), "index_bytes": path.stat().st_size,
                        "rss_delta_bytes": rss_delta, "load_s": round(load_s, 3),
-                       "load_heap_bytes": load_heap,
                        "qps_batch1": round(_qps_batch1(index, q, k, batch1_seconds), 1),
                        f"qps_batch{batch}": round(qps_b, 1), f"recall@{k}": round(recall_at_k(ids, exact), 4)}
                 if serve_k:
