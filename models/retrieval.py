@@ -56,14 +56,25 @@ class Retriever:
         """(B, K) item indices (1-based, 0 = no candidate) and scores, best first."""
         M = state["mem_item"].shape[1]
         k = min(self.topk + M, self.n_items)
-        q = np.ascontiguousarray(u.detach().float().cpu().numpy())
-        f_scores, f_ids = self.index.search(q, k)  # (B, k), ids 0-based, -1 when missing
-        f_items = torch.from_numpy(f_ids + 1)  # 1-based; 0 = missing
-        f_scores = torch.from_numpy(f_scores)
+        logz = None
+        if self.kind == "flat":
+            # Exact search as ONE pass over the catalogue that also gives the mixture's log Z
+            # (faiss + a second pass for log Z cost twice the scan), on the model's device.
+            with torch.no_grad():
+                s = u.float() @ model.item_vecs[1:].float().T  # (B, N)
+                f_scores, f_idx = s.topk(k, dim=1)
+                if model.repeat_mode == "mixture":
+                    logz = torch.logsumexp(s, dim=1)
+            f_items, f_scores = (f_idx + 1).cpu(), f_scores.cpu()  # 1-based
+        else:
+            q = np.ascontiguousarray(u.detach().float().cpu().numpy())
+            f_scores, f_ids = self.index.search(q, k)  # (B, k), ids 0-based, -1 when missing
+            f_items = torch.from_numpy(f_ids + 1)  # 1-based; 0 = missing
+            f_scores = torch.from_numpy(f_scores)
 
         mem_item = state["mem_item"].long().cpu()
         with torch.no_grad():  # the one explore+repeat score (models.base.SeqModel.memory_scores)
-            shift, m_scores = model.memory_scores(state, u)
+            shift, m_scores = model.memory_scores(state, u, logz=logz)
         f_scores = f_scores + shift.float().cpu()[:, None]
         m_scores = m_scores.float().cpu().masked_fill(mem_item == 0, -np.inf)
         # drop faiss hits that the memory already scores (with the repeat bonus)
