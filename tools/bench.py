@@ -1,0 +1,184 @@
+"""`livemb bench`: the worker against its ceilings, in one run on the embedded broker (SPEC section 9).
+
+1. data: a synthetic log (4,000 users, 50,000 items, 14 days by default) and HierTCN trained one
+   epoch on its first `--train-events` events (or --model/--items)
+2. the broker; the log preloaded once into `interactions` (4 partitions)
+3. ceiling: the passthrough agent (tools/passthrough.py: same Faust config, batching, topics;
+   one output per input, no state) drains the preloaded log -> events/s
+4. the worker (`livemb worker`, a subprocess) drains the same log under its own group -> events/s
+   and the ratio; it stays up, every user warmed, for
+5. latency: wall-clock-stamped clicks offered at fractions of the worker's measured max; per step
+   event-to-publish from the consumer side (receive time - event_ts of each message) and from the
+   worker's histogram (bucket bounds); `--soak S` adds a long step at `--soak-load`
+6. scale-out: two worker processes in one new group drain the same log -> events/s vs one
+7. offline components (tools/bench_offline.py when present: model batching, retrieval, state bytes)
+8. a JSON report, a Markdown table and a plot (throughput vs offered load, latency CDFs)
+
+Rates are measured from the moment every process of a run answers /readyz (assignment done) to
+the moment their `livemb_events_total` counters reach the log's size, sampled every 0.2 s.
+Everything started is stopped, by PID, also on Ctrl-C / SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from core.settings import Settings
+from tools import bench_load
+
+log = logging.getLogger("livemb.bench")
+
+
+def _prepare(args, work: Path):
+    import pandas as pd
+
+    from core.items import ItemTable
+    from models.checkpoint import save_checkpoint
+    from models.train import TrainConfig, sequences_from_frame, train_model
+    from tools.evaluate import build_model
+    from tools.synth import synth_log, write_log
+
+    if args.model and args.items:
+        return pd.read_csv(args.data, keep_default_na=False), args.model, args.items
+    df, ids, vecs = synth_log(users=args.users, items=args.items_n, days=args.days, seed=0, dim=64)
+    write_log(df, work / "log.csv")
+    table = ItemTable(ids, vecs)
+    items = table.save(work / "items.npz")
+    model = build_model("hiertcn", table.padded_vectors())
+    part = df.iloc[: args.train_events]
+    print(f"training hiertcn 1 epoch on the first {len(part)} of {len(df)} events ({len(ids)} items)", flush=True)
+    train_model(model, list(sequences_from_frame(part, table).values()), TrainConfig(epochs=1), progress=True)
+    ckpt = work / "hiertcn.pt"
+    save_checkpoint(ckpt, model, table.fingerprint)
+    return df, str(ckpt), str(items)
+
+
+def _passthrough(broker_url: str, port: int, work: Path, app_id: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "tools.passthrough", "--broker", broker_url, "--web-port", str(port),
+           "--app-id", app_id, "--data-dir", str(work / app_id)]
+    logf = open(work / f"{app_id}.log", "ab")  # noqa: SIM115 - handed to the child
+    return subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _worker(broker_url: str, model: str, items: str, port: int, work: Path, app_id: str) -> subprocess.Popen:
+    """`livemb worker` (the production entry point) under its own consumer group."""
+    cmd = [sys.executable, "-m", "tools.cli", "worker", "--broker", broker_url, "--data-dir",
+           str(work / f"{app_id}-{port}"), "--web-port", str(port), "--model", model, "--items", items]
+    logf = open(work / f"{app_id}.log", "ab")  # noqa: SIM115 - handed to the child
+    return subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "LIVEMB_APP_ID": app_id})
+
+
+def drain_rate(procs: list[tuple[subprocess.Popen, int]], n: int, label: str, timeout_s: float = 900) -> dict:
+    """Wait until every process is ready, then until their ok counters sum to n: events/s in between."""
+    from tools.demo import wait_ready
+
+    for proc, port in procs:
+        wait_ready(port, proc, 180)
+    ports = [p for _, p in procs]
+    t0, c0 = time.perf_counter(), bench_load.ok_count(ports)
+    last_log, c = t0, c0
+    while c < n:
+        if time.perf_counter() - t0 > timeout_s:
+            raise TimeoutError(f"{label}: {c}/{n} events after {timeout_s:.0f}s")
+        for proc, _ in procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{label}: a process exited with code {proc.returncode}")
+        time.sleep(0.2)
+        c = bench_load.ok_count(ports)
+        if time.perf_counter() - last_log > 5:
+            last_log = time.perf_counter()
+            el = last_log - t0
+            print(f"  {label}: {c}/{n} events, {(c - c0) / el:.0f} events/s, {el:.0f}s", flush=True)
+    dt = time.perf_counter() - t0
+    rate = (c - c0) / dt
+    print(f"{label}: {c - c0} events in {dt:.1f}s = {rate:.0f} events/s", flush=True)
+    return {"events": c - c0, "seconds": round(dt, 2), "events_per_s": round(rate)}
+
+
+def run_bench(args, settings: Settings) -> int:
+    from stream.broker import EmbeddedBroker, free_port
+    from stream.kafka_io import replay
+    from tools.demo import interrupt, stop_process
+    from tools.soak import rss_bytes
+
+    signal.signal(signal.SIGTERM, interrupt)
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    df, model, items = _prepare(args, work)
+    users, item_ids = sorted(map(str, set(df["user_id"]))), sorted(map(str, set(df["item_id"])))
+    report: dict = {"machine": bench_load.machine(), "log": {"events": len(df), "users": len(users)},
+                    "command": " ".join(sys.argv)}
+    tag = str(int(time.time()))
+    procs: list[subprocess.Popen] = []
+    try:
+        with EmbeddedBroker() as broker:
+            broker.create_topics([settings.topic_in, settings.topic_out, "passthrough.out"],
+                                 partitions=settings.partitions)
+            broker.create_topics([settings.topic_dlq], partitions=1)
+            n = replay(df, broker.url, settings.topic_in, progress=True)
+            report["broker_pid"] = broker.pid
+
+            port = free_port()
+            procs.append(pt := _passthrough(broker.url, port, work, f"bench-pt-{tag}"))
+            cpu0 = bench_load.cpu_seconds(broker.pid)
+            report["passthrough"] = drain_rate([(pt, port)], n, "passthrough")
+            report["passthrough"]["broker_cpu_s"] = round(bench_load.cpu_seconds(broker.pid) - cpu0, 1)
+            stop_process(pt)
+
+            wport = free_port()
+            procs.append(w := _worker(broker.url, model, items, wport, work, f"bench-1w-{tag}"))
+            cpu0 = bench_load.cpu_seconds(broker.pid)
+            report["worker"] = drain_rate([(w, wport)], n, "worker (1 process)")
+            report["worker"]["broker_cpu_s"] = round(bench_load.cpu_seconds(broker.pid) - cpu0, 1)
+            report["worker"]["rss_mb"] = round(rss_bytes(w.pid) / 2**20)
+            report["worker"].update(bench_load.batch_figures(wport))
+            report["ratio_worker_passthrough"] = round(
+                report["worker"]["events_per_s"] / report["passthrough"]["events_per_s"], 3)
+            print(f"worker / passthrough = {report['ratio_worker_passthrough']:.2f}", flush=True)
+
+            gen = bench_load.LoadGenerator(broker.bootstrap, settings.topic_in, users, item_ids)
+            mx = report["worker"]["events_per_s"]
+            gen.run(0.1 * mx, 6.0)  # warm-up, not measured: the first live event closes every
+            time.sleep(settings.idle_sweep_s + 1)  # historic session (the idle sweep), once
+            steps = []
+            for f in args.loads:
+                steps.append(bench_load.latency_step(gen, broker.bootstrap, settings.topic_out, wport, f, f * mx,
+                                                     args.step_seconds))
+            if args.soak:
+                soak = bench_load.latency_step(gen, broker.bootstrap, settings.topic_out, wport, args.soak_load,
+                                               args.soak_load * mx, args.soak, rss_pid=w.pid)
+                report["soak"] = soak
+            report["latency"] = steps
+            gen.close()
+            stop_process(w)
+
+            ports = [free_port(), free_port()]
+            pair = [_worker(broker.url, model, items, p, work, f"bench-2w-{tag}") for p in ports]
+            procs += pair
+            report["two_workers"] = drain_rate(list(zip(pair, ports, strict=True)), n, "worker (2 processes)")
+            report["scale_out_ratio"] = round(report["two_workers"]["events_per_s"] / mx, 3)
+            print(f"2 workers / 1 worker = {report['scale_out_ratio']:.2f}", flush=True)
+            for p in pair:
+                stop_process(p)
+    finally:
+        for p in procs:
+            stop_process(p)
+    if not args.skip_offline:
+        report["offline"] = bench_load.offline_components(args.quick)
+    report["seconds"] = round(time.perf_counter() - t_start)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report, indent=1))
+    print(bench_load.markdown(report))
+    bench_load.plot(report, args.plot)
+    print(f"wrote {args.json} and {args.plot}; bench took {report['seconds']}s; everything it started is stopped")
+    return 0
+
