@@ -52,6 +52,17 @@ class Retriever:
         self.n_items = vectors.shape[0] - 1
         self.index = build_index(vectors, kind)
 
+    def estimated_logz(self, model: SeqModel, u: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+        """The mixture's log Z behind an approximate index: scanning the catalogue for the exact Z
+        would cost what the index saves (1M items: 64 MFLOP per user). Live and `livemb embed`
+        share it; the evaluation ranks the full catalogue with the exact Z (docs/MODELS.md)."""
+        sample = getattr(self, "_z_sample", None)
+        if sample is None or sample.device != u.device:
+            sample = self._z_sample = _logz_sample(self.n_items, u.device)
+        with torch.no_grad():
+            s = u.float() @ model.item_vecs[sample].float().T  # (B, S)
+        return estimate_logz(top.float(), s, self.n_items)
+
     def candidates(self, model: SeqModel, state: dict[str, torch.Tensor], u: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(B, K) item indices (1-based, 0 = no candidate) and scores, best first."""
         M = state["mem_item"].shape[1]
@@ -71,6 +82,8 @@ class Retriever:
             f_scores, f_ids = self.index.search(q, k)  # (B, k), ids 0-based, -1 when missing
             f_items = torch.from_numpy(f_ids + 1)  # 1-based; 0 = missing
             f_scores = torch.from_numpy(f_scores)
+            if model.repeat_mode == "mixture":
+                logz = self.estimated_logz(model, u, f_scores.to(u.device).masked_fill(f_items.to(u.device) == 0, -np.inf))
 
         mem_item = state["mem_item"].long().cpu()
         with torch.no_grad():  # the one explore+repeat score (models.base.SeqModel.memory_scores)
@@ -91,6 +104,27 @@ class Retriever:
         top_scores, pos = scores.topk(K, dim=1)
         top_items = items.gather(1, pos).masked_fill(~torch.isfinite(top_scores), 0)
         return top_items.numpy(), top_scores.numpy()
+
+
+Z_SAMPLE = 4096  # items of the log-Z estimate behind an approximate index (a fixed uniform sample)
+
+
+def _logz_sample(n_items: int, device: torch.device) -> torch.Tensor:
+    rng = np.random.default_rng(0)
+    idx = rng.choice(n_items, size=min(Z_SAMPLE, n_items), replace=False) + 1  # 1-based item indices
+    return torch.from_numpy(np.sort(idx)).to(device)
+
+
+def estimate_logz(top: torch.Tensor, sample: torch.Tensor, n_items: int) -> torch.Tensor:
+    """log Z ~ logsumexp(top hits, log((N - k) / S) + logsumexp(uniform sample of S items)).
+
+    The head of the softmax is what the index found, the tail a uniform sample scaled to the items
+    not in the head (a sampled item that is also a hit is counted twice: at most k/N of the tail).
+    (B, k) and (B, S) -> (B,).
+    """
+    k, S = top.shape[1], sample.shape[1]
+    tail = torch.logsumexp(sample, dim=1) + float(np.log(max(n_items - k, 1) / S))
+    return torch.logaddexp(torch.logsumexp(top, dim=1), tail)
 
 
 def recall_vs_exact(vectors: np.ndarray, kind: str, queries: np.ndarray, k: int = 20) -> float:
