@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from core.settings import Settings
 from tools import bench_load
 
@@ -67,13 +69,37 @@ def _passthrough(broker_url: str, port: int, work: Path, app_id: str) -> subproc
     return subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _worker(broker_url: str, model: str, items: str, port: int, work: Path, app_id: str) -> subprocess.Popen:
+def _worker(broker_url: str, model: str, items: str, port: int, work: Path, app_id: str,
+            extra: tuple[str, ...] = ()) -> subprocess.Popen:
     """`livemb worker` (the production entry point) under its own consumer group."""
     cmd = [sys.executable, "-m", "tools.cli", "worker", "--broker", broker_url, "--data-dir",
-           str(work / f"{app_id}-{port}"), "--web-port", str(port), "--model", model, "--items", items]
+           str(work / f"{app_id}-{port}"), "--web-port", str(port), "--model", model, "--items", items, *extra]
     logf = open(work / f"{app_id}.log", "ab")  # noqa: SIM115 - handed to the child
     return subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "LIVEMB_APP_ID": app_id})
+
+
+def _big_catalogue(n_items: int, log_items: list[str], work: Path, kind: str) -> tuple[str, str, str, dict]:
+    """A catalogue of n_items structured vectors that holds every item of the log, HierTCN over it
+    (untrained: the weights do not change the cost of a step), and its index built ahead of time."""
+    from core.items import ItemTable
+    from models.checkpoint import save_checkpoint
+    from models.retrieval import build_index_file
+    from tools.bench_offline import structured_item_vectors
+    from tools.evaluate import build_model
+
+    vecs, _ = structured_item_vectors(n_items, 64, seed=1, n_queries=1)
+    extra = [f"bench-{j}" for j in range(max(0, n_items - len(log_items)))]
+    table = ItemTable(np.array(log_items + extra, dtype=object)[:n_items], vecs)
+    items = str(table.save(work / f"items-{n_items}.npz"))
+    ckpt = work / f"hiertcn-{n_items}.pt"
+    save_checkpoint(ckpt, build_model("hiertcn", table.padded_vectors()), table.fingerprint)
+    index = work / f"items-{n_items}.{kind}.faiss"
+    print(f"building the {kind} index of {n_items} items ahead of time ({index})", flush=True)
+    t0 = time.perf_counter()
+    side = build_index_file(items, kind, index)
+    side["build_seconds_measured"] = round(time.perf_counter() - t0, 1)
+    return str(ckpt), items, str(index), side
 
 
 def drain_rate(procs: list[tuple[subprocess.Popen, int]], n: int, label: str, timeout_s: float = 900) -> dict:
@@ -169,6 +195,17 @@ def run_bench(args, settings: Settings) -> int:
             print(f"2 workers / 1 worker = {report['scale_out_ratio']:.2f}", flush=True)
             for p in pair:
                 stop_process(p)
+
+            if args.big_items:
+                ckpt, big_items, index, side = _big_catalogue(args.big_items, item_ids, work, args.big_index)
+                bport = free_port()
+                procs.append(b := _worker(broker.url, ckpt, big_items, bport, work, f"bench-big-{tag}",
+                                          ("--index", args.big_index, "--index-path", index)))
+                row = drain_rate([(b, bport)], n, f"worker, {args.big_items} items, {args.big_index}")
+                row.update(items=args.big_items, index=args.big_index, index_build=side,
+                           rss_mb=round(rss_bytes(b.pid) / 2**20), **bench_load.batch_figures(bport))
+                report["big_catalogue"] = row
+                stop_process(b)
     finally:
         for p in procs:
             stop_process(p)

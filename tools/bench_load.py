@@ -191,6 +191,10 @@ def markdown(r: dict) -> str:
     for s in r["latency"] + ([r["soak"]] if "soak" in r else []):
         lines.append(f"| {s['load']:.0%} | {s['offered_per_s']} | {s['applied_per_s']} | {s['p50_ms']} | "
                      f"{s['p95_ms']} | {s['p99_ms']} | {s['worker_p99_le_ms']:.0f} |")
+    if "big_catalogue" in r:
+        b = r["big_catalogue"]
+        lines[7:7] = [f"| worker, {b['items']} items, {b['index']} (prebuilt in {b['index_build']['build_seconds_measured']} s) "
+                      f"| {b['events_per_s']} events/s, RSS {b['rss_mb']} MB, top-K {b['topk_ms']} ms per batch |"]
     off = r.get("offline") or {}
     if "table" in off:
         lines += ["", off["table"]]

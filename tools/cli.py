@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step-seconds", type=float, default=15.0)
     p.add_argument("--soak", type=float, default=0.0, metavar="SECONDS", help="add a long step at --soak-load")
     p.add_argument("--soak-load", type=float, default=0.5)
+    p.add_argument("--big-items", type=int, default=0, metavar="N",
+                   help="also run the worker over a catalogue of N items (e.g. 1000000) with --big-index")
+    p.add_argument("--big-index", default="hnsw", choices=["hnsw", "ivfpq"])
     p.add_argument("--quick", action="store_true", help="small offline sizes (CI smoke)")
     p.add_argument("--skip-offline", action="store_true", help="only the live parts")
     p.add_argument("--data", help="with --model/--items: bench this log instead of the synthetic one")
