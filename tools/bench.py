@@ -102,13 +102,16 @@ def _big_catalogue(n_items: int, log_items: list[str], work: Path, kind: str) ->
     return str(ckpt), items, str(index), side
 
 
-def drain_rate(procs: list[tuple[subprocess.Popen, int]], n: int, label: str, timeout_s: float = 900) -> dict:
-    """Wait until every process is ready, then until their ok counters sum to n: events/s in between."""
+def drain_rate(procs: list[tuple[subprocess.Popen, int]], n: int, label: str, broker_pid: int,
+               timeout_s: float = 900) -> dict:
+    """Wait until every process is ready, then until their ok counters sum to n: events/s in between,
+    and the CPU seconds the processes and the broker used meanwhile (CPU-bound or waiting?)."""
     from tools.demo import wait_ready
 
     for proc, port in procs:
         wait_ready(port, proc, 180)
     ports = [p for _, p in procs]
+    cpu0 = [bench_load.cpu_seconds(p.pid) for p, _ in procs] + [bench_load.cpu_seconds(broker_pid)]
     t0, c0 = time.perf_counter(), bench_load.ok_count(ports)
     last_log, c = t0, c0
     while c < n:
@@ -125,8 +128,12 @@ def drain_rate(procs: list[tuple[subprocess.Popen, int]], n: int, label: str, ti
             print(f"  {label}: {c}/{n} events, {(c - c0) / el:.0f} events/s, {el:.0f}s", flush=True)
     dt = time.perf_counter() - t0
     rate = (c - c0) / dt
-    print(f"{label}: {c - c0} events in {dt:.1f}s = {rate:.0f} events/s", flush=True)
-    return {"events": c - c0, "seconds": round(dt, 2), "events_per_s": round(rate)}
+    cpu = [bench_load.cpu_seconds(p.pid) for p, _ in procs] + [bench_load.cpu_seconds(broker_pid)]
+    used = [round((b - a) / dt, 2) for a, b in zip(cpu0, cpu, strict=True)]
+    print(f"{label}: {c - c0} events in {dt:.1f}s = {rate:.0f} events/s; CPU cores used: processes {used[:-1]}, "
+          f"broker {used[-1]}", flush=True)
+    return {"events": c - c0, "seconds": round(dt, 2), "events_per_s": round(rate), "cpu_cores": used[:-1],
+            "broker_cpu_cores": used[-1]}
 
 
 def run_bench(args, settings: Settings) -> int:
@@ -155,16 +162,12 @@ def run_bench(args, settings: Settings) -> int:
 
             port = free_port()
             procs.append(pt := _passthrough(broker.url, port, work, f"bench-pt-{tag}"))
-            cpu0 = bench_load.cpu_seconds(broker.pid)
-            report["passthrough"] = drain_rate([(pt, port)], n, "passthrough")
-            report["passthrough"]["broker_cpu_s"] = round(bench_load.cpu_seconds(broker.pid) - cpu0, 1)
+            report["passthrough"] = drain_rate([(pt, port)], n, "passthrough", broker.pid)
             stop_process(pt)
 
             wport = free_port()
             procs.append(w := _worker(broker.url, model, items, wport, work, f"bench-1w-{tag}"))
-            cpu0 = bench_load.cpu_seconds(broker.pid)
-            report["worker"] = drain_rate([(w, wport)], n, "worker (1 process)")
-            report["worker"]["broker_cpu_s"] = round(bench_load.cpu_seconds(broker.pid) - cpu0, 1)
+            report["worker"] = drain_rate([(w, wport)], n, "worker (1 process)", broker.pid)
             report["worker"]["rss_mb"] = round(rss_bytes(w.pid) / 2**20)
             report["worker"].update(bench_load.batch_figures(wport))
             report["ratio_worker_passthrough"] = round(
@@ -190,7 +193,7 @@ def run_bench(args, settings: Settings) -> int:
             ports = [free_port(), free_port()]
             pair = [_worker(broker.url, model, items, p, work, f"bench-2w-{tag}") for p in ports]
             procs += pair
-            report["two_workers"] = drain_rate(list(zip(pair, ports, strict=True)), n, "worker (2 processes)")
+            report["two_workers"] = drain_rate(list(zip(pair, ports, strict=True)), n, "worker (2 processes)", broker.pid)
             report["scale_out_ratio"] = round(report["two_workers"]["events_per_s"] / mx, 3)
             print(f"2 workers / 1 worker = {report['scale_out_ratio']:.2f}", flush=True)
             for p in pair:
@@ -201,7 +204,8 @@ def run_bench(args, settings: Settings) -> int:
                 bport = free_port()
                 procs.append(b := _worker(broker.url, ckpt, big_items, bport, work, f"bench-big-{tag}",
                                           ("--index", args.big_index, "--index-path", index)))
-                row = drain_rate([(b, bport)], n, f"worker, {args.big_items} items, {args.big_index}")
+                row = drain_rate([(b, bport)], n, f"worker, {args.big_items} items, {args.big_index}",
+                                 broker.pid)
                 row.update(items=args.big_items, index=args.big_index, index_build=side,
                            rss_mb=round(rss_bytes(b.pid) / 2**20), **bench_load.batch_figures(bport))
                 report["big_catalogue"] = row

@@ -179,12 +179,15 @@ def markdown(r: dict) -> str:
         f"machine: {r['machine']['cpu']}, {r['machine']['cores']} cores; log {r['log']['events']} events, "
         f"{r['log']['users']} users", "",
         "| figure | value |", "|---|---|",
-        f"| passthrough (trivial Faust agent) | {pt['events_per_s']} events/s (broker CPU {pt['broker_cpu_s']} s) |",
-        f"| worker, 1 process | {w['events_per_s']} events/s (broker CPU {w['broker_cpu_s']} s), RSS {w['rss_mb']} MB |",
+        f"| passthrough (trivial Faust agent) | {pt['events_per_s']} events/s; CPU cores: agent {pt['cpu_cores'][0]}, "
+        f"broker {pt['broker_cpu_cores']} |",
+        f"| worker, 1 process | {w['events_per_s']} events/s; CPU cores: worker {w['cpu_cores'][0]}, broker "
+        f"{w['broker_cpu_cores']}; RSS {w['rss_mb']} MB |",
         f"| worker / passthrough | {r['ratio_worker_passthrough']:.2f} |",
         f"| worker mean batch / model step / top-K | {w['mean_batch']} events / {w['model_step_ms']} ms / "
         f"{w['topk_ms']} ms |",
-        f"| worker, 2 processes | {r['two_workers']['events_per_s']} events/s |",
+        f"| worker, 2 processes | {r['two_workers']['events_per_s']} events/s; CPU cores: workers "
+        f"{r['two_workers']['cpu_cores']}, broker {r['two_workers']['broker_cpu_cores']} |",
         f"| 2 workers / 1 worker | {r['scale_out_ratio']:.2f} |", "",
         "| load | offered/s | applied/s | p50 ms | p95 ms | p99 ms | worker p99 <= ms |", "|---|---|---|---|---|---|---|",
     ]
