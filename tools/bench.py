@@ -103,16 +103,16 @@ def _big_catalogue(n_items: int, log_items: list[str], work: Path, kind: str) ->
 
 
 def drain_rate(procs: list[tuple[subprocess.Popen, int]], n: int, label: str, broker_pid: int,
-               timeout_s: float = 900) -> dict:
-    """Wait until every process is ready, then until their ok counters sum to n: events/s in between,
-    and the CPU seconds the processes and the broker used meanwhile (CPU-bound or waiting?)."""
+               progress: bench_load.GroupProgress, timeout_s: float = 900) -> dict:
+    """Wait until every process is ready, then until the group has committed all n input offsets:
+    events/s in between (commits every second), and the CPU cores the processes and the broker
+    used meanwhile (CPU-bound or waiting?)."""
     from tools.demo import wait_ready
 
     for proc, port in procs:
         wait_ready(port, proc, 180)
-    ports = [p for _, p in procs]
     cpu0 = [bench_load.cpu_seconds(p.pid) for p, _ in procs] + [bench_load.cpu_seconds(broker_pid)]
-    t0, c0 = time.perf_counter(), bench_load.ok_count(ports)
+    t0, c0 = time.perf_counter(), progress.total()
     last_log, c = t0, c0
     while c < n:
         if time.perf_counter() - t0 > timeout_s:
@@ -121,12 +121,13 @@ def drain_rate(procs: list[tuple[subprocess.Popen, int]], n: int, label: str, br
             if proc.poll() is not None:
                 raise RuntimeError(f"{label}: a process exited with code {proc.returncode}")
         time.sleep(0.2)
-        c = bench_load.ok_count(ports)
+        c = progress.total()
         if time.perf_counter() - last_log > 5:
             last_log = time.perf_counter()
             el = last_log - t0
             print(f"  {label}: {c}/{n} events, {(c - c0) / el:.0f} events/s, {el:.0f}s", flush=True)
     dt = time.perf_counter() - t0
+    progress.close()
     rate = (c - c0) / dt
     cpu = [bench_load.cpu_seconds(p.pid) for p, _ in procs] + [bench_load.cpu_seconds(broker_pid)]
     used = [round((b - a) / dt, 2) for a, b in zip(cpu0, cpu, strict=True)]
@@ -162,12 +163,16 @@ def run_bench(args, settings: Settings) -> int:
 
             port = free_port()
             procs.append(pt := _passthrough(broker.url, port, work, f"bench-pt-{tag}"))
-            report["passthrough"] = drain_rate([(pt, port)], n, "passthrough", broker.pid)
+            def group(app_id: str) -> bench_load.GroupProgress:
+                return bench_load.GroupProgress(broker.bootstrap, app_id, settings.topic_in, settings.partitions)
+
+            report["passthrough"] = drain_rate([(pt, port)], n, "passthrough", broker.pid, group(f"bench-pt-{tag}"))
             stop_process(pt)
 
             wport = free_port()
             procs.append(w := _worker(broker.url, model, items, wport, work, f"bench-1w-{tag}"))
-            report["worker"] = drain_rate([(w, wport)], n, "worker (1 process)", broker.pid)
+            report["worker"] = drain_rate([(w, wport)], n, "worker (1 process)", broker.pid,
+                                         group(f"bench-1w-{tag}"))
             report["worker"]["rss_mb"] = round(rss_bytes(w.pid) / 2**20)
             report["worker"].update(bench_load.batch_figures(wport))
             report["ratio_worker_passthrough"] = round(
@@ -189,11 +194,14 @@ def run_bench(args, settings: Settings) -> int:
             report["latency"] = steps
             gen.close()
             stop_process(w)
+            n += gen.sent  # the live clicks are in the input topic too: later groups drain them as well
+            report["log"]["events_with_live_clicks"] = n
 
             ports = [free_port(), free_port()]
             pair = [_worker(broker.url, model, items, p, work, f"bench-2w-{tag}") for p in ports]
             procs += pair
-            report["two_workers"] = drain_rate(list(zip(pair, ports, strict=True)), n, "worker (2 processes)", broker.pid)
+            report["two_workers"] = drain_rate(list(zip(pair, ports, strict=True)), n, "worker (2 processes)", broker.pid,
+                                              group(f"bench-2w-{tag}"))
             report["scale_out_ratio"] = round(report["two_workers"]["events_per_s"] / mx, 3)
             print(f"2 workers / 1 worker = {report['scale_out_ratio']:.2f}", flush=True)
             for p in pair:
@@ -205,7 +213,7 @@ def run_bench(args, settings: Settings) -> int:
                 procs.append(b := _worker(broker.url, ckpt, big_items, bport, work, f"bench-big-{tag}",
                                           ("--index", args.big_index, "--index-path", index)))
                 row = drain_rate([(b, bport)], n, f"worker, {args.big_items} items, {args.big_index}",
-                                 broker.pid)
+                                 broker.pid, group(f"bench-big-{tag}"))
                 row.update(items=args.big_items, index=args.big_index, index_build=side,
                            rss_mb=round(rss_bytes(b.pid) / 2**20), **bench_load.batch_figures(bport))
                 report["big_catalogue"] = row

@@ -40,6 +40,24 @@ def ok_count(ports: list[int]) -> float:
                if s.name == "livemb_events_total" and s.labels.get("outcome") == "ok")
 
 
+class GroupProgress:
+    """Input events a consumer group has committed (sum over partitions): what a run has done for
+    good. The ok counters would count twice what a rebalance hands from one worker to the other
+    before its commit (at-least-once), so the drain rate is taken from the commits."""
+
+    def __init__(self, bootstrap: str, group: str, topic: str, partitions: int):
+        from stream.gap_repair import GapRepair
+
+        self.repair, self.topic, self.parts = GapRepair(bootstrap, group_id=group), topic, list(range(partitions))
+
+    def total(self) -> int:
+        return sum(self.repair.fetch_committed(self.topic, self.parts).values())
+
+    def close(self) -> None:
+        if self.repair._group_client is not None:
+            self.repair._group_client.close()
+
+
 def cpu_seconds(pid: int) -> float:
     """user + system CPU seconds of a process (/proc/PID/stat)."""
     import os
