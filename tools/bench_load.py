@@ -54,8 +54,7 @@ class GroupProgress:
         return sum(self.repair.fetch_committed(self.topic, self.parts).values())
 
     def close(self) -> None:
-        if self.repair._group_client is not None:
-            self.repair._group_client.close()
+        self.repair.close()
 
 
 def cpu_seconds(pid: int) -> float:
