@@ -223,18 +223,43 @@ class Retriever:
             raise ValueError(f"prebuilt index holds {index.ntotal} x {index.d}, the items are {self.n_items} x "
                              f"{vectors.shape[1]}")
         self.index = index if index is not None else build_index(vectors, kind, progress=self.n_items >= 200_000)
+
+    def estimated_logz(self, model: SeqModel, u: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+        """The mixture's log Z behind an approximate index: scanning the catalogue for the exact Z
+        would cost what the index saves (1M items: 64 MFLOP per user). Live and `livemb embed`
+        share it; the evaluation ranks the full catalogue with the exact Z (docs/MODELS.md)."""
+        sample = getattr(self, "_z_sample", None)
+        if sample is None or sample.device != u.device:
+            sample = self._z_sample = _logz_sample(self.n_items, u.device)
+        with torch.no_grad():
+            s = u.float() @ model.item_vecs[sample].float().T  # (B, S)
+        return estimate_logz(top.float(), s, self.n_items)
+
     def candidates(self, model: SeqModel, state: dict[str, torch.Tensor], u: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(B, K) item indices (1-based, 0 = no candidate) and scores, best first."""
         M = state["mem_item"].shape[1]
         k = min(self.topk + M, self.n_items)
-        q = np.ascontiguousarray(u.detach().float().cpu().numpy())
-        f_scores, f_ids = self.index.search(q, k)  # (B, k), ids 0-based, -1 when missing
-        f_items = torch.from_numpy(f_ids + 1)  # 1-based; 0 = missing
-        f_scores = torch.from_numpy(f_scores)
+        logz = None
+        if self.kind == "flat":
+            # Exact search as ONE pass over the catalogue that also gives the mixture's log Z
+            # (faiss + a second pass for log Z cost twice the scan), on the model's device.
+            with torch.no_grad():
+                s = u.float() @ model.item_vecs[1:].float().T  # (B, N)
+                f_scores, f_idx = s.topk(k, dim=1)
+                if model.repeat_mode == "mixture":
+                    logz = torch.logsumexp(s, dim=1)
+            f_items, f_scores = (f_idx + 1).cpu(), f_scores.cpu()  # 1-based
+        else:
+            q = np.ascontiguousarray(u.detach().float().cpu().numpy())
+            f_scores, f_ids = self.index.search(q, k)  # (B, k), ids 0-based, -1 when missing
+            f_items = torch.from_numpy(f_ids + 1)  # 1-based; 0 = missing
+            f_scores = torch.from_numpy(f_scores)
+            if model.repeat_mode == "mixture":
+                logz = self.estimated_logz(model, u, f_scores.to(u.device).masked_fill(f_items.to(u.device) == 0, -np.inf))
 
         mem_item = state["mem_item"].long().cpu()
         with torch.no_grad():  # the one explore+repeat score (models.base.SeqModel.memory_scores)
-            shift, m_scores = model.memory_scores(state, u)
+            shift, m_scores = model.memory_scores(state, u, logz=logz)
         f_scores = f_scores + shift.float().cpu()[:, None]
         m_scores = m_scores.float().cpu().masked_fill(mem_item == 0, -np.inf)
         # drop faiss hits that the memory already scores (with the repeat bonus)
@@ -257,6 +282,27 @@ def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
     """Mean fraction of each query's exact top-k found in its approximate top-k (ids distinct per row)."""
     hit = (approx_ids[:, :, None] == exact_ids[:, None, :]).any(-1) & (approx_ids >= 0)
     return float(hit.sum() / exact_ids.size)
+
+
+Z_SAMPLE = 4096  # items of the log-Z estimate behind an approximate index (a fixed uniform sample)
+
+
+def _logz_sample(n_items: int, device: torch.device) -> torch.Tensor:
+    rng = np.random.default_rng(0)
+    idx = rng.choice(n_items, size=min(Z_SAMPLE, n_items), replace=False) + 1  # 1-based item indices
+    return torch.from_numpy(np.sort(idx)).to(device)
+
+
+def estimate_logz(top: torch.Tensor, sample: torch.Tensor, n_items: int) -> torch.Tensor:
+    """log Z ~ logsumexp(top hits, log((N - k) / S) + logsumexp(uniform sample of S items)).
+
+    The head of the softmax is what the index found, the tail a uniform sample scaled to the items
+    not in the head (a sampled item that is also a hit is counted twice: at most k/N of the tail).
+    (B, k) and (B, S) -> (B,).
+    """
+    k, S = top.shape[1], sample.shape[1]
+    tail = torch.logsumexp(sample, dim=1) + float(np.log(max(n_items - k, 1) / S))
+    return torch.logaddexp(torch.logsumexp(top, dim=1), tail)
 
 
 def recall_vs_exact(vectors: np.ndarray, kind: str, queries: np.ndarray, k: int = 20, params: dict | None = None) -> float:

@@ -11,7 +11,9 @@ The commit order (docs/STREAMING.md quotes this list; the code marks each step `
      too_late (-> DLQ). A row that
      cannot be read refuses that user's events (-> DLQ) and is kept for inspection.
   5. Process: ONE processor call for the batch's applied events -> a new state and one output
-     per user. A user whose stored state the processor refuses (unreadable, another model's)
+     per user. It runs on the step's compute thread, so the event loop keeps fetching, handing
+     over the next batch's records and sending changelog messages while torch/faiss (which
+     release the GIL) compute; the step itself still waits for it, so the order below holds. A user whose stored state the processor refuses (unreadable, another model's)
      goes to the DLQ alone; a processor failure sends the batch's applied events to the DLQ.
   6. Publish: outputs and DLQ records are sent, and the step waits for the broker's acks.
   7. Write: ONE put per touched user = new state + guard (input offset, dedupe memory, last_ts).
@@ -25,10 +27,12 @@ written rows already hold: they are skipped as redelivered, the rest apply (stat
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from core.events import ValidEvent
@@ -72,6 +76,7 @@ class BatchStep:
         self.continuity = OffsetContinuity()
         self.log_ids: dict[str, int] = {}  # topic -> id of its incarnation, refreshed per assignment
         self.lateness_ms = int(settings.max_lateness_s * 1000)
+        self.compute = ThreadPoolExecutor(1, thread_name_prefix="livemb-compute")  # one batch at a time
 
     def forget(self, partitions: Sequence[Partition]) -> None:
         """Partitions revoked from this worker: their continuity restarts at the next record seen."""
@@ -85,7 +90,7 @@ class BatchStep:
         valid, bad = self.validate(records, report)  # Step 2
         rows, at = self.read_rows(valid, anchor)  # Step 3
         plan = self.guard(valid, rows, bad, report)  # Step 4
-        result = self.process(plan, bad, report)  # Step 5
+        result = await self.process(plan, bad, report)  # Step 5
         published = await self.publish(result, bad)  # Step 6
         self.write_states(plan, result, at, rows, report)  # Step 7
         report.applied = [e for e in plan.to_apply if e.user_id in result.states]
@@ -179,13 +184,14 @@ class BatchStep:
         bad.extend(too_late(e) for e in plan.too_late())
         return plan
 
-    def process(self, plan: BatchPlan, bad: list[Invalid], report: BatchReport) -> StepResult:
-        """Step 5."""
+    async def process(self, plan: BatchPlan, bad: list[Invalid], report: BatchReport) -> StepResult:
+        """Step 5, on the compute thread."""
         if not plan.to_apply:
             return StepResult(states={}, outputs=[])
         states = {e.user_id: plan.inner[e.user_id] for e in plan.to_apply}
         try:
-            result = self.processor.process(plan.to_apply, states)
+            result = await asyncio.get_running_loop().run_in_executor(
+                self.compute, self.processor.process, plan.to_apply, states)
         except Exception:  # noqa: BLE001 - a model bug must not kill the worker or lose events silently
             log.exception("processor failed on a batch of %d events; they go to the DLQ", len(plan.to_apply))
             bad.extend(reject(e, "processing_error") for e in plan.to_apply)

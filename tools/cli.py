@@ -181,6 +181,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="runs/soak")
     _log_args(p)
     _settings_args(p)
+
+    p = sub.add_parser("bench", help="the worker against its ceilings in one run: passthrough, latency vs load, "
+                       "scale-out, offline components (docs/BENCHMARKS.md)")
+    p.add_argument("--users", type=int, default=4000)
+    p.add_argument("--items-n", type=int, default=50_000, help="catalogue size of the synthetic log")
+    p.add_argument("--days", type=float, default=14)
+    p.add_argument("--train-events", type=int, default=20_000, help="HierTCN is trained 1 epoch on this many events")
+    p.add_argument("--loads", type=lambda v: [float(x) for x in v.split(",")], default=[0.1, 0.25, 0.5, 0.75],
+                   help="offered load steps, fractions of the measured max")
+    p.add_argument("--step-seconds", type=float, default=15.0)
+    p.add_argument("--soak", type=float, default=0.0, metavar="SECONDS", help="add a long step at --soak-load")
+    p.add_argument("--soak-load", type=float, default=0.5)
+    p.add_argument("--big-items", type=int, default=0, metavar="N",
+                   help="also run the worker over a catalogue of N items (e.g. 1000000) with --big-index")
+    p.add_argument("--big-index", default="hnsw", choices=["hnsw", "ivfpq"])
+    p.add_argument("--quick", action="store_true", help="small offline sizes (CI smoke)")
+    p.add_argument("--skip-offline", action="store_true", help="only the live parts")
+    p.add_argument("--data", help="with --model/--items: bench this log instead of the synthetic one")
+    p.add_argument("--model")
+    p.add_argument("--items")
+    p.add_argument("--json", default="runs/bench/bench.json")
+    p.add_argument("--plot", default="runs/bench/bench.png")
+    p.add_argument("--workdir", default="runs/bench")
+    _settings_args(p)
     return ap
 
 
@@ -291,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
 
             args.data = None
             return run_soak(args, settings)
+        elif args.cmd == "bench":
+            from tools.bench import run_bench
+
+            return run_bench(args, settings)
     except (ValueError, FileNotFoundError) as e:
         print(f"livemb {args.cmd}: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,42 @@
+"""`livemb bench`: its bucket arithmetic by hand, and one tiny end-to-end run on the embedded broker."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tools.bench_load import bucket_quantile
+
+
+def test_bucket_quantile_of_the_observations_between_two_scrapes() -> None:
+    before = [(0.01, 5), (0.05, 10), (0.1, 10), (math.inf, 10)]
+    after = [(0.01, 5), (0.05, 60), (0.1, 99), (math.inf, 110)]  # cumulative: 0, 50, 89, 100 new ones
+    assert bucket_quantile(before, after, 0.5) == 0.05  # 50 of 100 new observations <= 50 ms
+    assert bucket_quantile(before, after, 0.51) == 0.1
+    assert bucket_quantile(before, after, 0.89) == 0.1
+    assert bucket_quantile(before, after, 0.9) == math.inf  # 11 above the top bound
+    assert math.isnan(bucket_quantile(before, before, 0.5))
+
+
+@pytest.mark.integration
+def test_tiny_bench_run_end_to_end(tmp_path) -> None:
+    from tools.cli import main
+
+    out = tmp_path / "b.json"
+    rc = main(["bench", "--users", "150", "--items-n", "600", "--days", "4", "--train-events", "400",
+               "--loads", "0.3", "--step-seconds", "3", "--skip-offline", "--workdir", str(tmp_path),
+               "--json", str(out), "--plot", str(tmp_path / "b.png")])
+    assert rc == 0
+    r = json.loads(out.read_text())
+    n, n_all = r["log"]["events"], r["log"]["events_with_live_clicks"]
+    assert n_all > n  # the live steps' clicks
+    for run, total in (("passthrough", n), ("worker", n), ("two_workers", n_all)):  # committed: never more
+        assert 0 <= r[run]["events"] <= total and r[run]["events_per_s"] >= 0
+    assert r["worker"]["events_per_s"] > 0 and r["passthrough"]["events_per_s"] > 0
+    assert r["ratio_worker_passthrough"] == round(r["worker"]["events_per_s"] / r["passthrough"]["events_per_s"], 3)
+    (step,) = r["latency"]
+    assert step["sent"] > 0 and step["messages"] > 0  # live clicks came back as recommendations
+    assert 0 < step["p50_ms"] <= step["p99_ms"]
+    assert (tmp_path / "b.png").stat().st_size > 0

@@ -1,0 +1,233 @@
+"""`livemb bench`: the worker against its ceilings, in one run on the embedded broker (SPEC section 9).
+
+1. data: a synthetic log (4,000 users, 50,000 items, 14 days by default) and HierTCN trained one
+   epoch on its first `--train-events` events (or --model/--items)
+2. the broker; the log preloaded once into `interactions` (4 partitions)
+3. ceiling: the passthrough agent (tools/passthrough.py: same Faust config, batching, topics;
+   one output per input, no state) drains the preloaded log -> events/s
+4. the worker (`livemb worker`, a subprocess) drains the same log under its own group -> events/s
+   and the ratio; it stays up, every user warmed, for
+5. latency: wall-clock-stamped clicks offered at fractions of the worker's measured max; per step
+   event-to-publish from the consumer side (receive time - event_ts of each message) and from the
+   worker's histogram (bucket bounds); `--soak S` adds a long step at `--soak-load`
+6. scale-out: two worker processes in one new group drain the same log -> events/s vs one
+7. offline components (tools/bench_offline.py when present: model batching, retrieval, state bytes)
+8. a JSON report, a Markdown table and a plot (throughput vs offered load, latency CDFs)
+
+Rates are measured from the moment every process of a run answers /readyz (assignment done) to
+the moment their `livemb_events_total` counters reach the log's size, sampled every 0.2 s.
+Everything started is stopped, by PID, also on Ctrl-C / SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from core.settings import Settings
+from tools import bench_load
+
+log = logging.getLogger("livemb.bench")
+
+
+def _prepare(args, work: Path):
+    import pandas as pd
+
+    from core.items import ItemTable
+    from models.checkpoint import save_checkpoint
+    from models.train import TrainConfig, sequences_from_frame, train_model
+    from tools.evaluate import build_model
+    from tools.synth import synth_log, write_log
+
+    if args.model and args.items:
+        return pd.read_csv(args.data, keep_default_na=False), args.model, args.items
+    df, ids, vecs = synth_log(users=args.users, items=args.items_n, days=args.days, seed=0, dim=64)
+    write_log(df, work / "log.csv")
+    table = ItemTable(ids, vecs)
+    items = table.save(work / "items.npz")
+    model = build_model("hiertcn", table.padded_vectors())
+    part = df.iloc[: args.train_events]
+    print(f"training hiertcn 1 epoch on the first {len(part)} of {len(df)} events ({len(ids)} items)", flush=True)
+    train_model(model, list(sequences_from_frame(part, table).values()), TrainConfig(epochs=1), progress=True)
+    ckpt = work / "hiertcn.pt"
+    save_checkpoint(ckpt, model, table.fingerprint)
+    return df, str(ckpt), str(items)
+
+
+def _passthrough(broker_url: str, port: int, work: Path, app_id: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "tools.passthrough", "--broker", broker_url, "--web-port", str(port),
+           "--app-id", app_id, "--data-dir", str(work / app_id)]
+    logf = open(work / f"{app_id}.log", "ab")  # noqa: SIM115 - handed to the child
+    return subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _worker(broker_url: str, model: str, items: str, port: int, work: Path, app_id: str,
+            extra: tuple[str, ...] = ()) -> subprocess.Popen:
+    """`livemb worker` (the production entry point) under its own consumer group."""
+    cmd = [sys.executable, "-m", "tools.cli", "worker", "--broker", broker_url, "--data-dir",
+           str(work / f"{app_id}-{port}"), "--web-port", str(port), "--model", model, "--items", items, *extra]
+    logf = open(work / f"{app_id}.log", "ab")  # noqa: SIM115 - handed to the child
+    return subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "LIVEMB_APP_ID": app_id})
+
+
+def _big_catalogue(n_items: int, log_items: list[str], work: Path, kind: str) -> tuple[str, str, str, dict]:
+    """A catalogue of n_items structured vectors that holds every item of the log, HierTCN over it
+    (untrained: the weights do not change the cost of a step), and its index built ahead of time."""
+    from core.items import ItemTable
+    from models.checkpoint import save_checkpoint
+    from models.retrieval import build_index_file
+    from tools.bench_offline import structured_item_vectors
+    from tools.evaluate import build_model
+
+    vecs, _ = structured_item_vectors(n_items, 64, seed=1, n_queries=1)
+    extra = [f"bench-{j}" for j in range(max(0, n_items - len(log_items)))]
+    table = ItemTable(np.array(log_items + extra, dtype=object)[:n_items], vecs)
+    items = str(table.save(work / f"items-{n_items}.npz"))
+    ckpt = work / f"hiertcn-{n_items}.pt"
+    save_checkpoint(ckpt, build_model("hiertcn", table.padded_vectors()), table.fingerprint)
+    index = work / f"items-{n_items}.{kind}.faiss"
+    print(f"building the {kind} index of {n_items} items ahead of time ({index})", flush=True)
+    t0 = time.perf_counter()
+    side = build_index_file(items, kind, index)
+    side["build_seconds_measured"] = round(time.perf_counter() - t0, 1)
+    return str(ckpt), items, str(index), side
+
+
+def drain_rate(procs: list[tuple[subprocess.Popen, int]], n: int, label: str, broker_pid: int,
+               progress: bench_load.GroupProgress, timeout_s: float = 900) -> dict:
+    """Wait until every process is ready, then until the group has committed all n input offsets:
+    events/s in between (commits every second), and the CPU cores the processes and the broker
+    used meanwhile (CPU-bound or waiting?)."""
+    from tools.demo import wait_ready
+
+    for proc, port in procs:
+        wait_ready(port, proc, 180)
+    cpu0 = [bench_load.cpu_seconds(p.pid) for p, _ in procs] + [bench_load.cpu_seconds(broker_pid)]
+    t0, c0 = time.perf_counter(), progress.total()
+    last_log, c = t0, c0
+    while c < n:
+        if time.perf_counter() - t0 > timeout_s:
+            raise TimeoutError(f"{label}: {c}/{n} events after {timeout_s:.0f}s")
+        for proc, _ in procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{label}: a process exited with code {proc.returncode}")
+        time.sleep(0.2)
+        c = progress.total()
+        if time.perf_counter() - last_log > 5:
+            last_log = time.perf_counter()
+            el = last_log - t0
+            print(f"  {label}: {c}/{n} events, {(c - c0) / el:.0f} events/s, {el:.0f}s", flush=True)
+    dt = time.perf_counter() - t0
+    progress.close()
+    rate = (c - c0) / dt
+    cpu = [bench_load.cpu_seconds(p.pid) for p, _ in procs] + [bench_load.cpu_seconds(broker_pid)]
+    used = [round((b - a) / dt, 2) for a, b in zip(cpu0, cpu, strict=True)]
+    print(f"{label}: {c - c0} events in {dt:.1f}s = {rate:.0f} events/s; CPU cores used: processes {used[:-1]}, "
+          f"broker {used[-1]}", flush=True)
+    return {"events": c - c0, "seconds": round(dt, 2), "events_per_s": round(rate), "cpu_cores": used[:-1],
+            "broker_cpu_cores": used[-1]}
+
+
+def run_bench(args, settings: Settings) -> int:
+    from stream.broker import EmbeddedBroker, free_port
+    from stream.kafka_io import replay
+    from tools.demo import interrupt, stop_process
+    from tools.soak import rss_bytes
+
+    signal.signal(signal.SIGTERM, interrupt)
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    df, model, items = _prepare(args, work)
+    users, item_ids = sorted(map(str, set(df["user_id"]))), sorted(map(str, set(df["item_id"])))
+    report: dict = {"machine": bench_load.machine(), "log": {"events": len(df), "users": len(users)},
+                    "command": " ".join(sys.argv)}
+    tag = str(int(time.time()))
+    procs: list[subprocess.Popen] = []
+    try:
+        with EmbeddedBroker() as broker:
+            broker.create_topics([settings.topic_in, settings.topic_out, "passthrough.out"],
+                                 partitions=settings.partitions)
+            broker.create_topics([settings.topic_dlq], partitions=1)
+            n = replay(df, broker.url, settings.topic_in, progress=True)
+            report["broker_pid"] = broker.pid
+
+            port = free_port()
+            procs.append(pt := _passthrough(broker.url, port, work, f"bench-pt-{tag}"))
+            def group(app_id: str) -> bench_load.GroupProgress:
+                return bench_load.GroupProgress(broker.bootstrap, app_id, settings.topic_in, settings.partitions)
+
+            report["passthrough"] = drain_rate([(pt, port)], n, "passthrough", broker.pid, group(f"bench-pt-{tag}"))
+            stop_process(pt)
+
+            wport = free_port()
+            procs.append(w := _worker(broker.url, model, items, wport, work, f"bench-1w-{tag}"))
+            report["worker"] = drain_rate([(w, wport)], n, "worker (1 process)", broker.pid,
+                                         group(f"bench-1w-{tag}"))
+            report["worker"]["rss_mb"] = round(rss_bytes(w.pid) / 2**20)
+            report["worker"].update(bench_load.batch_figures(wport))
+            report["ratio_worker_passthrough"] = round(
+                report["worker"]["events_per_s"] / report["passthrough"]["events_per_s"], 3)
+            print(f"worker / passthrough = {report['ratio_worker_passthrough']:.2f}", flush=True)
+
+            gen = bench_load.LoadGenerator(broker.bootstrap, settings.topic_in, users, item_ids)
+            mx = report["worker"]["events_per_s"]
+            gen.run(0.1 * mx, 6.0)  # warm-up, not measured: the first live event closes every
+            time.sleep(settings.idle_sweep_s + 1)  # historic session (the idle sweep), once
+            steps = []
+            for f in args.loads:
+                steps.append(bench_load.latency_step(gen, broker.bootstrap, settings.topic_out, wport, f, f * mx,
+                                                     args.step_seconds))
+            if args.soak:
+                soak = bench_load.latency_step(gen, broker.bootstrap, settings.topic_out, wport, args.soak_load,
+                                               args.soak_load * mx, args.soak, rss_pid=w.pid)
+                report["soak"] = soak
+            report["latency"] = steps
+            gen.close()
+            stop_process(w)
+            n += gen.sent  # the live clicks are in the input topic too: later groups drain them as well
+            report["log"]["events_with_live_clicks"] = n
+
+            ports = [free_port(), free_port()]
+            pair = [_worker(broker.url, model, items, p, work, f"bench-2w-{tag}") for p in ports]
+            procs += pair
+            report["two_workers"] = drain_rate(list(zip(pair, ports, strict=True)), n, "worker (2 processes)", broker.pid,
+                                              group(f"bench-2w-{tag}"))
+            report["scale_out_ratio"] = round(report["two_workers"]["events_per_s"] / mx, 3)
+            print(f"2 workers / 1 worker = {report['scale_out_ratio']:.2f}", flush=True)
+            for p in pair:
+                stop_process(p)
+
+            if args.big_items:
+                ckpt, big_items, index, side = _big_catalogue(args.big_items, item_ids, work, args.big_index)
+                bport = free_port()
+                procs.append(b := _worker(broker.url, ckpt, big_items, bport, work, f"bench-big-{tag}",
+                                          ("--index", args.big_index, "--index-path", index)))
+                row = drain_rate([(b, bport)], n, f"worker, {args.big_items} items, {args.big_index}",
+                                 broker.pid, group(f"bench-big-{tag}"))
+                row.update(items=args.big_items, index=args.big_index, index_build=side,
+                           rss_mb=round(rss_bytes(b.pid) / 2**20), **bench_load.batch_figures(bport))
+                report["big_catalogue"] = row
+                stop_process(b)
+    finally:
+        for p in procs:
+            stop_process(p)
+    if not args.skip_offline:
+        report["offline"] = bench_load.offline_components(args.quick)
+    report["seconds"] = round(time.perf_counter() - t_start)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report, indent=1))
+    print(bench_load.markdown(report))
+    bench_load.plot(report, args.plot)
+    print(f"wrote {args.json} and {args.plot}; bench took {report['seconds']}s; everything it started is stopped")
+    return 0
+

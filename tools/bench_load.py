@@ -1,0 +1,245 @@
+"""The measuring parts of `livemb bench` (tools/bench.py): counters, offered load, latency, report.
+
+Latency of a step, two views:
+- consumer side: a consumer of `recommendations` (fetch wait 5 ms) takes, for every message of
+  the step, its receive time minus its `event_ts` (the wall-clock stamp of the user's latest
+  event in the batch): what a downstream service sees, including its own fetch;
+- worker side: the difference of `livemb_event_to_publish_seconds` buckets over the step; the
+  quantile is the upper bound of the bucket it falls in.
+"""
+
+from __future__ import annotations
+
+import platform
+import random
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+LAT = "livemb_event_to_publish_seconds"
+
+
+def _metrics(port: int) -> str:
+    from tools.demo import _get
+
+    return _get(f"http://127.0.0.1:{port}/metrics")[1].decode()
+
+
+def _samples(text: str):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for fam in text_string_to_metric_families(text):
+        yield from fam.samples
+
+
+def ok_count(ports: list[int]) -> float:
+    return sum(s.value for p in ports for s in _samples(_metrics(p))
+               if s.name == "livemb_events_total" and s.labels.get("outcome") == "ok")
+
+
+class GroupProgress:
+    """Input events a consumer group has committed (sum over partitions): what a run has done for
+    good. The ok counters would count twice what a rebalance hands from one worker to the other
+    before its commit (at-least-once), so the drain rate is taken from the commits."""
+
+    def __init__(self, bootstrap: str, group: str, topic: str, partitions: int):
+        from stream.gap_repair import GapRepair
+
+        self.repair, self.topic, self.parts = GapRepair(bootstrap, group_id=group), topic, list(range(partitions))
+
+    def total(self) -> int:
+        return sum(self.repair.fetch_committed(self.topic, self.parts).values())
+
+    def close(self) -> None:
+        self.repair.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of a process (/proc/PID/stat)."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine() -> dict:
+    import os
+
+    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                  if ln.startswith("model name")), platform.processor())
+    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version()}
+
+
+def batch_figures(port: int) -> dict:
+    """Mean batch and the mean model-step / top-K seconds per batch, from the worker's histograms."""
+    v = {s.name: s.value for s in _samples(_metrics(port)) if s.name.endswith(("_sum", "_count"))}
+    n = max(v.get("livemb_batch_size_count", 0), 1)
+    steps = max(v.get("livemb_model_step_seconds_count", 0), 1)
+    return {"mean_batch": round(v.get("livemb_batch_size_sum", 0) / n, 1),
+            "model_step_ms": round(1000 * v.get("livemb_model_step_seconds_sum", 0) / steps, 2),
+            "topk_ms": round(1000 * v.get("livemb_topk_seconds_sum", 0) / steps, 2)}
+
+
+def _buckets(port: int) -> list[tuple[float, float]]:
+    return sorted((float(s.labels["le"]), s.value) for s in _samples(_metrics(port)) if s.name == LAT + "_bucket")
+
+
+def bucket_quantile(before: list[tuple[float, float]], after: list[tuple[float, float]], q: float) -> float:
+    """Upper bucket bound of quantile q of the observations between two scrapes (inf: above the top)."""
+    diff = [(le, a - b) for (le, a), (_, b) in zip(after, before, strict=True)]
+    total = diff[-1][1] if diff else 0
+    if total <= 0:
+        return float("nan")
+    return next(le for le, c in diff if c >= q * total)
+
+
+class LoadGenerator:
+    """Wall-clock-stamped clicks from the log's users and items, paced every millisecond."""
+
+    def __init__(self, bootstrap: str, topic: str, users: list[str], items: list[str], seed: int = 0):
+        from kafka import KafkaProducer
+
+        self.producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=1, acks=1)
+        self.topic, self.users, self.items = topic, users, items
+        self.rng, self.sent = random.Random(seed), 0
+
+    def run(self, rate: float, seconds: float) -> int:
+        t0, sent = time.perf_counter(), 0
+        while (el := time.perf_counter() - t0) < seconds:
+            for _ in range(int(el * rate) - sent):
+                u = self.rng.choice(self.users)
+                doc = {"user_id": u, "item_id": self.rng.choice(self.items), "ts": int(time.time() * 1000),
+                       "event_id": f"bench-{self.sent}"}
+                self.producer.send(self.topic, key=u.encode(), value=orjson.dumps(doc))
+                self.sent += 1
+                sent += 1
+            time.sleep(0.001)
+        self.producer.flush()
+        return sent
+
+    def close(self) -> None:
+        self.producer.close()
+
+
+class OutputWatch(threading.Thread):
+    """Consumer-side latency: receive time - event_ts for every message stamped after `since_ms`."""
+
+    def __init__(self, bootstrap: str, topic: str, since_ms: int):
+        super().__init__(daemon=True)
+        from kafka import KafkaConsumer, TopicPartition
+
+        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, fetch_max_wait_ms=5,
+                                      enable_auto_commit=False)
+        parts = [TopicPartition(topic, p) for p in sorted(self.consumer.partitions_for_topic(topic) or [])]
+        self.consumer.assign(parts)
+        self.consumer.seek_to_end(*parts)
+        for tp in parts:
+            self.consumer.position(tp)  # resolve now, before the step's first click
+        self.since_ms, self.lat_ms, self.stop = since_ms, [], threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for recs in self.consumer.poll(timeout_ms=50).values():
+                now = time.time() * 1000
+                for r in recs:
+                    ts = orjson.loads(r.value)["event_ts"]
+                    if ts >= self.since_ms:
+                        self.lat_ms.append(now - ts)
+        self.consumer.close()
+
+
+def latency_step(gen: LoadGenerator, bootstrap: str, topic_out: str, port: int, fraction: float, rate: float,
+                 seconds: float, rss_pid: int | None = None) -> dict:
+    watch = OutputWatch(bootstrap, topic_out, int(time.time() * 1000))
+    watch.start()
+    before = _buckets(port)
+    ok0, t0 = ok_count([port]), time.perf_counter()
+    sent = gen.run(rate, seconds)
+    time.sleep(1.0)  # the last clicks' messages
+    done = ok_count([port]) - ok0
+    el = time.perf_counter() - t0
+    after = _buckets(port)
+    watch.stop.set()
+    watch.join(5)
+    lat = np.asarray(watch.lat_ms)
+    q = (lambda p: round(float(np.percentile(lat, p)), 1)) if len(lat) else (lambda p: float("nan"))
+    row = {"load": fraction, "offered_per_s": round(rate), "sent": sent, "applied_per_s": round(done / el),
+           "messages": len(lat), "p50_ms": q(50), "p95_ms": q(95), "p99_ms": q(99),
+           "worker_p50_le_ms": 1000 * bucket_quantile(before, after, 0.5),
+           "worker_p99_le_ms": 1000 * bucket_quantile(before, after, 0.99),
+           "cdf_ms": [round(float(x), 1) for x in np.percentile(lat, np.arange(0, 101))] if len(lat) else []}
+    if rss_pid is not None:
+        from tools.soak import rss_bytes
+
+        row["rss_mb_end"] = round(rss_bytes(rss_pid) / 2**20)
+    print(f"load {fraction:.0%} ({rate:.0f}/s for {seconds:.0f}s): applied {row['applied_per_s']}/s, "
+          f"event-to-publish p50 {row['p50_ms']} p95 {row['p95_ms']} p99 {row['p99_ms']} ms (consumer side), "
+          f"worker p99 <= {row['worker_p99_le_ms']:.0f} ms", flush=True)
+    return row
+
+
+def offline_components(quick: bool) -> dict:
+    """Model batching, retrieval and state bytes (tools/bench_offline.py), when that module is present."""
+    try:
+        from tools import bench_offline
+    except ImportError:
+        return {"skipped": "tools/bench_offline.py is not in this checkout"}
+    return bench_offline.run_all(quick=quick)
+
+
+def markdown(r: dict) -> str:
+    pt, w = r["passthrough"], r["worker"]
+    lines = [
+        f"machine: {r['machine']['cpu']}, {r['machine']['cores']} cores; log {r['log']['events']} events, "
+        f"{r['log']['users']} users", "",
+        "| figure | value |", "|---|---|",
+        f"| passthrough (trivial Faust agent) | {pt['events_per_s']} events/s; CPU cores: agent {pt['cpu_cores'][0]}, "
+        f"broker {pt['broker_cpu_cores']} |",
+        f"| worker, 1 process | {w['events_per_s']} events/s; CPU cores: worker {w['cpu_cores'][0]}, broker "
+        f"{w['broker_cpu_cores']}; RSS {w['rss_mb']} MB |",
+        f"| worker / passthrough | {r['ratio_worker_passthrough']:.2f} |",
+        f"| worker mean batch / model step / top-K | {w['mean_batch']} events / {w['model_step_ms']} ms / "
+        f"{w['topk_ms']} ms |",
+        f"| worker, 2 processes | {r['two_workers']['events_per_s']} events/s; CPU cores: workers "
+        f"{r['two_workers']['cpu_cores']}, broker {r['two_workers']['broker_cpu_cores']} |",
+        f"| 2 workers / 1 worker | {r['scale_out_ratio']:.2f} |", "",
+        "| load | offered/s | applied/s | p50 ms | p95 ms | p99 ms | worker p99 <= ms |", "|---|---|---|---|---|---|---|",
+    ]
+    for s in r["latency"] + ([r["soak"]] if "soak" in r else []):
+        lines.append(f"| {s['load']:.0%} | {s['offered_per_s']} | {s['applied_per_s']} | {s['p50_ms']} | "
+                     f"{s['p95_ms']} | {s['p99_ms']} | {s['worker_p99_le_ms']:.0f} |")
+    if "big_catalogue" in r:
+        b = r["big_catalogue"]
+        lines[7:7] = [f"| worker, {b['items']} items, {b['index']} (prebuilt in {b['index_build']['build_seconds_measured']} s) "
+                      f"| {b['events_per_s']} events/s, RSS {b['rss_mb']} MB, top-K {b['topk_ms']} ms per batch |"]
+    off = r.get("offline") or {}
+    if "table" in off:
+        lines += ["", off["table"]]
+    return "\n".join(lines)
+
+
+def plot(r: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = r["latency"]
+    a.plot([s["offered_per_s"] for s in steps], [s["applied_per_s"] for s in steps], "o-", label="applied")
+    a.plot([s["offered_per_s"] for s in steps], [s["offered_per_s"] for s in steps], "k:", label="offered")
+    a.axhline(r["worker"]["events_per_s"], color="r", ls="--", label="backfill max")
+    a.set(xlabel="offered events/s", ylabel="events/s", title="throughput vs offered load")
+    a.legend()
+    for s in steps:
+        if s["cdf_ms"]:
+            b.plot(s["cdf_ms"], np.arange(101) / 100, label=f"{s['load']:.0%} load")
+    b.set(xscale="log", xlabel="event-to-publish ms (consumer side)", ylabel="fraction", title="latency CDF")
+    b.axvline(50, color="k", ls=":")
+    b.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
