@@ -181,13 +181,18 @@ def latency_step(gen: LoadGenerator, bootstrap: str, topic_out: str, port: int, 
     return row
 
 
-def offline_components(quick: bool) -> dict:
-    """Model batching, retrieval and state bytes (tools/bench_offline.py), when that module is present."""
-    try:
-        from tools import bench_offline
-    except ImportError:
-        return {"skipped": "tools/bench_offline.py is not in this checkout"}
-    return bench_offline.run_all(quick=quick)
+def offline_components(quick: bool, checkpoint: str | None = None, items: str | None = None) -> dict:
+    """Retrieval at 50k and 1M items, the model step, state bytes (tools/bench_offline.py)."""
+    import contextlib
+    import io
+
+    from tools import bench_offline
+
+    rows = bench_offline.run_all(quick=quick, checkpoint=checkpoint, items=items)
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        bench_offline.print_table(rows)
+    return {"rows": rows, "table": text.getvalue()}
 
 
 def markdown(r: dict) -> str:
