@@ -246,8 +246,9 @@ class Retriever:
             with torch.no_grad():
                 s = u.float() @ model.item_vecs[1:].float().T  # (B, N)
                 f_scores, f_idx = s.topk(k, dim=1)
-                if model.repeat_mode == "mixture":
-                    logz = torch.logsumexp(s, dim=1)
+                if model.repeat_mode == "mixture":  # log Z in place over s (torch.logsumexp allocates
+                    top = f_scores[:, :1]  # three (B, N) temporaries: 3x slower at 500 x 20k)
+                    logz = s.sub_(top).exp_().sum(dim=1).log_() + top[:, 0]
             f_items, f_scores = (f_idx + 1).cpu(), f_scores.cpu()  # 1-based
         else:
             q = np.ascontiguousarray(u.detach().float().cpu().numpy())
