@@ -71,6 +71,10 @@ class Settings(BaseSettings):
         5.0, ge=0, description="seconds between idle-session sweeps (sessions idle past session_gap_s in event "
         "time get a next-session message); 0 turns the sweep off"
     )
+    idle_sweep_max_sessions: int = Field(
+        256, ge=1, description="most idle sessions one sweep closes; more due go on after the next batch (bounds "
+        "how long a sweep holds up the agent when event time jumps)"
+    )
     reload_check_s: float = Field(
         2.0, gt=0, description="seconds between checks of the checkpoint/items mtimes for a hot swap; SIGHUP checks at once"
     )

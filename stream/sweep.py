@@ -64,13 +64,14 @@ class OpenSessions:
             p.last[user] = ts
             heapq.heappush(p.heap, (ts, user))
 
-    def due(self, part: Partition, gap_ms: int) -> list[tuple[str, int]]:
-        """Pop the users whose last event is more than gap_ms before the partition's clock."""
+    def due(self, part: Partition, gap_ms: int, limit: int | None = None) -> list[tuple[str, int]]:
+        """Pop the users whose last event is more than gap_ms before the partition's clock (at most
+        `limit` of them; the rest stay due for the next call)."""
         p = self.parts.get(part)
         if p is None:
             return []
         out: list[tuple[str, int]] = []
-        while p.heap and p.clock - p.heap[0][0] > gap_ms:
+        while p.heap and p.clock - p.heap[0][0] > gap_ms and (limit is None or len(out) < limit):
             ts, user = heapq.heappop(p.heap)
             if p.last.get(user) == ts:  # else a newer event superseded this entry
                 del p.last[user]
@@ -100,6 +101,7 @@ class IdleSweep:
         self.gap_ms = int(settings.session_gap_s * 1000)
         self.clock = clock
         self._next = 0.0
+        self.backlog = False  # the last sweep left due sessions for the next one
         self.enabled = settings.idle_sweep_s > 0
 
     def observe(self, records: Sequence[InputRecord], applied: Sequence[ValidEvent]) -> None:
@@ -120,7 +122,10 @@ class IdleSweep:
             return 0
         self._next = self.clock() + self.settings.idle_sweep_s
         try:
-            return await self.run()
+            n = await self.run()
+            if self.backlog:  # the per-tick cap was hit: go on after the next batch, not in idle_sweep_s
+                self._next = self.clock()
+            return n
         except Exception:  # noqa: BLE001 - the sweep is best effort; it must never stop the agent
             log.exception("idle sweep failed; those users get no close message (their state is unaffected)")
             return 0
@@ -129,11 +134,22 @@ class IdleSweep:
         """One sweep over every indexed partition; returns the number of messages published."""
         rows: dict[str, bytes] = {}
         last_ts: dict[str, int] = {}
+        # Capped per tick: when event time jumps (a backfill hands over to live traffic) thousands of
+        # sessions fall due at once, and closing them in one go blocked the agent for seconds.
+        budget = self.settings.idle_sweep_max_sessions
+        self.backlog = False
         for part in list(self.index.parts):
             at = self.anchor.get(part)
             if at is None:
                 continue
-            for user, ts in self.index.due(part, self.gap_ms):
+            if budget <= 0:
+                self.backlog = True
+                break
+            due = self.index.due(part, self.gap_ms, budget)
+            budget -= len(due)
+            if budget <= 0:
+                self.backlog = True
+            for user, ts in due:
                 row = self.store.get(user, at)
                 if row is None:
                     continue

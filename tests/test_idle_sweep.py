@@ -166,3 +166,20 @@ def test_a_failing_sweep_never_raises_into_the_agent(served, caplog):
 
     assert asyncio.run(drive()) == 0
     assert "idle sweep failed" in caplog.text
+
+
+def test_a_sweep_closes_at_most_its_cap_and_the_rest_after_the_next_batch() -> None:
+    """Event time jumping (backfill -> live) makes thousands of sessions due at once: each sweep
+    closes at most idle_sweep_max_sessions, and the next one runs after the next batch."""
+    from stream.sweep import OpenSessions
+
+    idx = OpenSessions()
+    part = ("interactions", 0)
+    for u in range(10):
+        idx.touch(part, f"u{u}", 1_000 + u)
+    idx.touch(part, "late", 10_000_000)  # moves the partition clock: every other user is due
+    first = idx.due(part, gap_ms=1_000, limit=4)
+    rest = idx.due(part, gap_ms=1_000, limit=100)
+    assert [u for u, _ in first] == ["u0", "u1", "u2", "u3"]  # oldest first
+    assert [u for u, _ in rest] == [f"u{u}" for u in range(4, 10)]
+    assert idx.due(part, gap_ms=1_000) == []
