@@ -145,3 +145,18 @@ def test_ranks_from_explore_equal_ranks_of_the_merged_scores():
     fast = ranks_from_explore(base, target, mem_item, shift, mem, {e: repeat.excluded_slots(st, e) for e in ("session", "history")})
     for e in ("none", "session", "history"):
         assert torch.equal(fast[e], ranks_of(merged, target, repeat.seen_mask(st, N + 1, e))), e
+
+
+def test_count_below_equals_the_bool_sum():
+    from models.metrics import count_below
+
+    g = torch.Generator().manual_seed(2)
+    for B, N in ((1, 1), (3, 2039), (5, 2041), (7, 5000), (2, 12345)):
+        x = torch.randint(0, 7, (B, N), generator=g).float()
+        x[0, 0] = float("nan")
+        x[-1, -1] = -float("inf")
+        thr = torch.randint(0, 7, (B, 1), generator=g).float()
+        thr[0, 0] = float("nan") if B > 2 else thr[0, 0]
+        assert torch.equal(count_below(x, thr), (x < thr).sum(dim=1)), (B, N)
+    x = torch.zeros(2, 300_000)  # every lane at its fullest: 255 words of all-ones bytes
+    assert torch.equal(count_below(x, torch.ones(2, 1)), torch.full((2,), 300_000))

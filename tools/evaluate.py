@@ -137,12 +137,14 @@ def evaluate_model(
                 # shared explore scores per variant, no merged (k, N+1) matrix (models.metrics)
                 slots = {e: repeat.excluded_slots(sk, e)[scored] for e in EXCLUDES if e != "none"}
                 extra = {} if run is None else {"running": run[:k]}
-                base = model.scores(sk, u_eval, "none", **extra)[scored]  # explore only, shared
-                sk_s = {key: v[scored] for key, v in sk.items()}
+                base = model.scores(sk, u_eval, "none", **extra)  # explore only, shared by the variants
+                sk_s = sk
+                if not bool(scored.all()):  # (k, N+1) copy only when some target has no vector
+                    base, sk_s, u_eval = base[scored], {key: v[scored] for key, v in sk.items()}, u_eval[scored]
                 for rep in ("norep", "rep", "rule"):
                     if rep == "rule" and not learned:
                         continue
-                    shift, mem = variant_parts(model, sk_s, u_eval[scored], base, REPEAT_MODE_OF.get(rep))
+                    shift, mem = variant_parts(model, sk_s, u_eval, base, REPEAT_MODE_OF.get(rep))
                     ranks = ranks_from_explore(base, target[scored], sk_s["mem_item"], shift, mem, slots)
                     for excl in EXCLUDES:
                         accs[variant_name(rep, excl)].add(ranks[excl])
