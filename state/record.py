@@ -56,21 +56,42 @@ def _name(n: str) -> bytes:
     return bytes([len(b)]) + b
 
 
-def encode(arrays: Arrays, meta: Meta) -> bytes:
+# The live worker writes and reads thousands of records of ONE layout per second, so the parsed
+# header of a layout is kept (a few layouts at most: one per served model and item table). A
+# cached header is only ever one that a full parse validated; every record still has its own
+# magic, version, flags, length and crc checked.
+_ENCODE_HEADS: dict[tuple, tuple[bytes, int]] = {}
+_DECODE_HEADS: dict[tuple[int, int], tuple[bytes, list[tuple[str, np.dtype, tuple[int, ...], int, int]], Meta]] = {}
+_CACHE_MAX = 64
+
+
+def _head(arrays: Arrays, meta: Meta) -> tuple[bytes, int]:
+    """(header bytes, fingerprint) of a layout, from the cache when this layout was seen."""
+    key = (tuple((n, np.asarray(a).dtype.str, np.shape(a)) for n, a in sorted(arrays.items())),
+           tuple(sorted(meta.items())))
+    hit = _ENCODE_HEADS.get(key)
+    if hit is not None:
+        return hit
     if len(arrays) > 255 or len(meta) > 255:
         raise StateRecordError("too many fields")
     head = [bytes([len(arrays), len(meta)])]
-    bufs: list[bytes] = []
     for n in sorted(arrays):
         a = np.asarray(arrays[n])
-        dt = _norm_dtype(a.dtype)
-        ds = dt.str.encode()
+        ds = _norm_dtype(a.dtype).str.encode()
         head.append(_name(n) + bytes([len(ds)]) + ds + bytes([a.ndim]) + struct.pack(f"<{a.ndim}I", *a.shape))
-        bufs.append(np.ascontiguousarray(a, dtype=dt).tobytes())
     for n in sorted(meta):
         head.append(_name(n) + struct.pack("<q", int(meta[n])))
-    body = b"".join(head) + b"".join(bufs)
-    fp = fingerprint(arrays, meta)
+    out = (b"".join(head), fingerprint(arrays, meta))
+    if len(_ENCODE_HEADS) >= _CACHE_MAX:
+        _ENCODE_HEADS.clear()
+    _ENCODE_HEADS[key] = out
+    return out
+
+
+def encode(arrays: Arrays, meta: Meta) -> bytes:
+    head, fp = _head(arrays, meta)
+    body = head + b"".join(
+        np.ascontiguousarray(a, dtype=_norm_dtype(np.asarray(a).dtype)).tobytes() for _, a in sorted(arrays.items()))
     return _PREFIX.pack(MAGIC, VERSION, 0, fp, zlib.crc32(body), len(body)) + body
 
 
@@ -117,6 +138,11 @@ def decode(blob: bytes, expect_fingerprint: int | None = None) -> tuple[Arrays, 
             f"state record schema {fp:016x} differs from the expected schema {expect_fingerprint:016x}; "
             "it was written by another model/state layout (drop the data dir or migrate)"
         )
+    cached = _DECODE_HEADS.get((fp, body_len))
+    if cached is not None and body.startswith(cached[0]):
+        arrays = {name: np.frombuffer(body, dtype=dt, count=count, offset=off).reshape(shape).copy()
+                  for name, dt, shape, off, count in cached[1]}
+        return arrays, dict(cached[2])
     try:
         r = _Reader(body)
         n_arr, n_meta = r.u8(), r.u8()
@@ -144,4 +170,19 @@ def decode(blob: bytes, expect_fingerprint: int | None = None) -> tuple[Arrays, 
         raise StateRecordError(f"state record has {len(body) - r.i} trailing bytes")
     if fingerprint(arrays, meta) != fp:
         raise StateRecordError("state record fingerprint does not match its own layout (corrupt)")
+    _remember_layout(fp, body, specs, meta)
     return arrays, meta
+
+
+def _remember_layout(fp: int, body: bytes, specs: list[tuple[str, np.dtype, tuple[int, ...]]], meta: Meta) -> None:
+    """Cache a fully validated record's header: the same header bytes mean the same buffers."""
+    data = sum(dt.itemsize * int(np.prod(shape, dtype=np.int64)) for _, dt, shape in specs)
+    head_len = len(body) - data
+    fields, off = [], head_len
+    for name, dt, shape in specs:
+        count = int(np.prod(shape, dtype=np.int64))
+        fields.append((name, dt, shape, off, count))
+        off += dt.itemsize * count
+    if len(_DECODE_HEADS) >= _CACHE_MAX:
+        _DECODE_HEADS.clear()
+    _DECODE_HEADS[(fp, len(body))] = (body[:head_len], fields, dict(meta))

@@ -19,6 +19,7 @@ import faust
 from core.settings import Settings
 from stream import faust_compat
 from stream.batch import BatchStep
+from stream.batching import adaptive_batches
 from stream.gap_repair import GapRepair
 from stream.kafka_io import BrokerUnreachable, bootstrap_of, plain_consumer, wait_for_broker
 from stream.logs import quiet_repeats
@@ -116,7 +117,7 @@ def make_app(settings: Settings, processor: BatchProcessor, metrics: Metrics) ->
     @app.agent(t_in)
     async def interactions(stream: Any) -> None:
         faust_compat.widen_producer_buffer(app, 2 * settings.batch_max_events)
-        async for batch in stream.take_events(settings.batch_max_events, within=settings.batch_max_wait_ms / 1000):
+        async for batch in adaptive_batches(stream, settings.batch_max_events, settings.batch_max_wait_ms / 1000):
             records = [InputRecord(m.topic, m.partition, m.offset, m.key, m.value, ev)
                        for ev in batch for m in (ev.message,)]  # fmt: skip
             report = await step.run(records)

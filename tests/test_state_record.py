@@ -221,3 +221,40 @@ def test_offset_continuity_reports_holes() -> None:
     assert c.observe([("p0", 10), ("p0", 11)]) == []  # a re-delivery is not a hole
     c.forget(["p0"])
     assert c.observe([("p0", 0)]) == []
+
+
+def test_cached_layout_decodes_like_a_full_parse_and_still_checks_each_record() -> None:
+    """The worker's fast path: a layout's header is parsed once, later records of it are sliced.
+    The cache must never accept what a full parse would refuse."""
+    import zlib
+
+    from state import record
+
+    record._DECODE_HEADS.clear()
+    record._ENCODE_HEADS.clear()
+    arrays, meta = sample()
+    first = encode(arrays, meta)
+    assert decode(first)[1] == meta and len(record._DECODE_HEADS) == 1  # parsed and remembered
+    other = {k: (v + 1 if v.dtype.kind == "f" else v) for k, v in arrays.items()}
+    blob = encode(other, {**meta, "session": 8})  # same layout, other values and meta value
+    got, got_meta = decode(blob)
+    assert got_meta == {**meta, "session": 8}
+    for k, v in other.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape and np.array_equal(got[k], v)
+        assert got[k].flags.writeable and got[k].flags.c_contiguous
+    again, _ = decode(blob)
+    again["gru"][0] = 123.0  # decoded arrays are copies, not views of the blob
+    assert decode(blob)[0]["gru"][0] != 123.0
+    # a header forged to claim another dtype, with a matching crc, misses the cache and is refused
+    body = bytearray(blob[22:])
+    i = body.index(b"<f4")
+    body[i + 2] = ord("8")  # 'empty' <f4 -> <f8: the layout no longer matches its fingerprint
+    fp = struct.unpack_from("<Q", blob, 6)[0]
+    forged = struct.pack("<4sBBQII", MAGIC, 1, 0, fp, zlib.crc32(bytes(body)), len(body)) + bytes(body)
+    with pytest.raises(StateRecordError):
+        decode(forged)
+    bad = bytearray(blob)
+    bad[-3] ^= 0x10  # a data byte of a cached layout: the record's own crc still catches it
+    with pytest.raises(StateRecordError, match="corrupt"):
+        decode(bytes(bad))
+    assert encode(other, {**meta, "session": 8}) == blob  # the cached header encodes byte for byte
