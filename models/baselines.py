@@ -98,8 +98,10 @@ def gather_rows(crow: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
 
 def _rescale(s: Tensor) -> Tensor:
     """Divide each row by its max |score| (>0 scale: rankings unchanged) so scores lie in [-1, 1]
-    and the +rep bonus (~1e3) always puts recent items first."""
-    return s / s.abs().amax(dim=1, keepdim=True).clamp(min=1e-30)
+    and the +rep bonus (~1e3) always puts recent items first. In place: `s` must be a fresh tensor
+    (every `explore` returns one); max |s| = max(max s, -min s) saves an |s| copy."""
+    scale = torch.maximum(s.amax(dim=1, keepdim=True), s.amin(dim=1, keepdim=True).neg())
+    return s.div_(scale.clamp(min=1e-30))
 
 
 class _CountingBaseline(SeqModel):

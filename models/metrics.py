@@ -8,6 +8,8 @@ model that scores everything equally gets the worst rank, not the best. NaN scor
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -87,7 +89,7 @@ class RankAccumulator:
         return out
 
 
-__all__ = ["RECALL_KS", "RankAccumulator", "ranks_excluding_memory", "ranks_of"]
+__all__ = ["RECALL_KS", "RankAccumulator", "ranks_excluding_memory", "ranks_from_explore", "ranks_of"]
 
 
 def ranks_excluding_memory(scores: Tensor, target: Tensor, mem_item: Tensor, excluded: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -112,4 +114,60 @@ def ranks_excluding_memory(scores: Tensor, target: Tensor, mem_item: Tensor, exc
         drop = (beats & other & ex).sum(dim=1)
         target_out = (ex & is_target).any(dim=1) | (target <= 0)
         out[name] = torch.where(target_out, torch.full_like(out["none"], N), out["none"] - drop)
+    return out
+
+
+_LANES = 8 * 255  # bytes per int64 word x words summed before a byte lane could overflow
+
+
+def count_below(x: Tensor, thr: Tensor) -> Tensor:
+    """(x < thr).sum(dim=1) for x (B, N) float and thr (B, 1), as int64 (B,), ~10x faster than
+    summing the bool matrix on the CPU: the comparison is written into a zero-padded bool buffer,
+    whose bytes are summed as int64 words (8 byte lanes at once, 255 words at most so no lane
+    overflows) and only then unpacked. NaN compares False (never below), as `<` does."""
+    B, N = x.shape
+    width = -(-N // _LANES) * _LANES
+    buf = torch.zeros(B, width, dtype=torch.bool, device=x.device)
+    torch.lt(x, thr, out=buf[:, :N])
+    lanes = buf.view(torch.int64).view(B, -1, 255).sum(dim=2)  # (B, C), every byte lane <= 255
+    return lanes.view(torch.uint8).view(B, -1).sum(dim=1, dtype=torch.int64)
+
+
+def ranks_from_explore(base: Tensor, target: Tensor, mem_item: Tensor, shift: Tensor, mem: Tensor,
+                       excluded: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The ranks of `ranks_excluding_memory` for the merged score "base + shift outside the memory,
+    `mem` at the memory's slots", without building that (B, N+1) matrix: ONE (B, N) comparison of
+    the shared explore scores `base` against a per-row threshold, corrected on the (B, M) slots.
+
+    base (B, N+1) explore scores (column 0 never competes), target (B,), mem_item (B, M) distinct
+    items (0 = empty), shift (B,), mem (B, M) merged scores of the slots, excluded: name -> (B, M)
+    bool. A non-memory item j beats the target iff base_j + shift >= t, i.e. base_j >= t - shift
+    (the same test up to float rounding of the shift: exact when shift is 0). NaN competes as >=;
+    a NaN target loses to every competitor, as in `ranks_of`."""
+    B, n_cols = base.shape
+    N = n_cols - 1
+    target = target.to(device=base.device, dtype=torch.int64).view(B)
+    mem_item = mem_item.to(device=base.device, dtype=torch.int64)
+    filled = mem_item > 0
+    is_target = filled & (mem_item == target[:, None])
+    in_mem = is_target.any(dim=1)
+    base_t = base.gather(1, target[:, None]).squeeze(1)
+    mem_t = mem.masked_fill(~is_target, -math.inf).amax(dim=1)
+    t = torch.where(in_mem, mem_t, base_t + shift)  # (B,) the target's merged score
+    thr = (t - shift)[:, None]
+    # catalogue items (1..N) whose explore score is not below the threshold: NaN counts
+    n_ge = N - count_below(base[:, 1:], thr)
+    base_mem = base.gather(1, mem_item)
+    mem_ge_base = filled & ~(base_mem < thr)  # the memory items counted in n_ge (by their explore score)
+    target_counted = ~in_mem & ~(base_t < thr.squeeze(1)) & (target > 0)  # the target itself, outside memory
+    outside = n_ge - mem_ge_base.sum(dim=1) - target_counted.long()
+    beats = filled & ~is_target & ~(mem < t[:, None])  # memory competitors by their merged score
+    rank = 1 + outside + beats.sum(dim=1)
+    worst = target <= 0  # a NaN target already counts every other item as a competitor
+    full = torch.full_like(rank, N)
+    out = {"none": torch.where(worst, full, rank)}
+    for name, ex in excluded.items():
+        ex = ex.to(device=base.device, dtype=torch.bool)
+        drop = (beats & ex).sum(dim=1)
+        out[name] = torch.where(worst | (ex & is_target).any(dim=1), full, rank - drop)
     return out

@@ -46,6 +46,11 @@ class TrainConfig:
     max_len: int = 200  # events per training chunk (longer histories are split)
     seed: int = 0
     clip: float = 5.0
+    # mixture NLL: exact log Z over the catalogue up to this many items; above it a sampled estimate
+    # (`sampled_logz`: the target + `logz_samples` uniform items with the logQ correction), training
+    # only: evaluation and serving always use the exact Z (docs/MODELS.md)
+    exact_logz_max_items: int = 20_000
+    logz_samples: int = 2048
 
 
 Sequence = tuple[np.ndarray, np.ndarray, np.ndarray]  # items (1-based, 0 unknown), event types, ts ms
@@ -148,20 +153,43 @@ def _predictions(model: SeqModel, ev: EventBatch) -> tuple[Tensor, Tensor | None
     return pred, gate, sel, target
 
 
-def mixture_loss(model: SeqModel, ev: EventBatch, memory: MemoryCache, rows: Tensor) -> tuple[Tensor, int]:
+def sampled_logz(model: SeqModel, u_t: Tensor, tgt: Tensor, k: int, gen: torch.Generator) -> Tensor:
+    """Sampled estimate of log Z = log sum_i exp <u, x_i> over the catalogue, (n,): the target's term
+    plus k uniform samples (shared by the batch, drawn with replacement), each standing for N/k
+    items (the logQ correction of the sampled softmax; a sample equal to the target is dropped)."""
+    neg_items = torch.randint(1, model.n_items + 1, (k,), generator=gen).to(u_t.device)
+    pos = (u_t * model.item_vecs[tgt]).sum(-1, keepdim=True)  # (n, 1)
+    neg = (u_t @ model.item_vecs[neg_items].T).masked_fill(neg_items[None, :] == tgt[:, None], -math.inf)  # (n, k)
+    return torch.logsumexp(torch.cat([pos, neg + math.log(model.n_items / k)], dim=1), dim=1)
+
+
+def mixture_loss(model: SeqModel, ev: EventBatch, memory: MemoryCache, rows: Tensor,
+                 cfg: TrainConfig | None = None, gen: torch.Generator | None = None) -> tuple[Tensor, int]:
     """Mean NLL of the next item under the repeat/explore mixture, explore softmax over the full
-    catalogue (exact log Z: both paths are calibrated against each other). rows (B, T): MemoryCache rows."""
+    catalogue (exact log Z: both paths are calibrated against each other), or, for catalogues above
+    cfg.exact_logz_max_items, with the sampled estimate of log Z (`sampled_logz`).
+    rows (B, T): MemoryCache rows."""
+    cfg = cfg or TrainConfig()
     pred, gate, sel, target = _predictions(model, ev)
     n = int(sel.sum())
     if n == 0:
         return pred.sum() * 0.0, 0
     u_t, tgt = pred[sel], target[sel]  # (n, D), (n,)
-    s = model.explore_scores(u_t)  # (n, N+1), the full catalogue
-    logz = torch.logsumexp(s[:, 1:], dim=1)
     st = memory.state_at(rows[:, :-1][sel.cpu()], model.device)  # memory after event t, (n, M)
-    shift, mem = model.memory_scores(st, u_t, "mixture", logz, None if gate is None else gate[sel], explore_all=s)
+    gs = None if gate is None else gate[sel]
+    if model.n_items <= cfg.exact_logz_max_items:
+        s = model.explore_scores(u_t)  # (n, N+1), the full catalogue
+        logz = torch.logsumexp(s[:, 1:], dim=1)
+        shift, mem = model.memory_scores(st, u_t, "mixture", logz, gs, explore_all=s)
+        explore_t = s.gather(1, tgt[:, None]).squeeze(1)
+    else:
+        if gen is None:
+            gen = torch.Generator().manual_seed(cfg.seed)
+        logz = sampled_logz(model, u_t, tgt, cfg.logz_samples, gen)
+        shift, mem = model.memory_scores(st, u_t, "mixture", logz, gs)
+        explore_t = (u_t * model.item_vecs[tgt]).sum(-1)
     in_mem = st["mem_item"].long() == tgt[:, None]
-    explore_lp = s.gather(1, tgt[:, None]).squeeze(1) + shift
+    explore_lp = explore_t + shift
     mem_lp = mem.masked_fill(~in_mem, -math.inf).amax(dim=1)
     logp = torch.where(in_mem.any(dim=1), mem_lp, explore_lp)
     return -logp.mean(), n
@@ -229,7 +257,7 @@ def train_model(model: SeqModel, seqs: list[Sequence], cfg: TrainConfig, progres
         for b in bar:
             ev = EventBatch.from_sequences(*zip(*(chunks[i] for i in b), strict=True)).to(model.device)
             if memory is not None:
-                loss, n = mixture_loss(model, ev, memory, memory.rows(b, ev.item.shape[1]))
+                loss, n = mixture_loss(model, ev, memory, memory.rows(b, ev.item.shape[1]), cfg, gen)
             else:
                 loss, n = batch_loss(model, ev, cfg, gen)
             if n == 0:

@@ -114,3 +114,49 @@ def test_ranks_excluding_memory_equal_masked_ranks():
     fast = ranks_excluding_memory(scores, target, mem, {e: repeat.excluded_slots(st, e) for e in ("session", "history")})
     for e in ("none", "session", "history"):
         assert torch.equal(fast[e], ranks_of(scores, target, repeat.seen_mask(st, N + 1, e))), e
+
+
+def test_ranks_from_explore_equal_ranks_of_the_merged_scores():
+    """The evaluation's one-comparison ranks == ranks_of on the merged (B, N+1) matrix (explore +
+    shift outside the memory, the slot scores inside), with ties, NaNs, empty slots and masks.
+    Integer-valued scores and shifts keep the float arithmetic exact, so equality is exact."""
+    from models import repeat
+    from models.metrics import ranks_from_explore
+
+    g = torch.Generator().manual_seed(1)
+    B, N, M = 60, 30, 6
+    base = torch.randint(0, 6, (B, N + 1), generator=g).float()
+    base[:, 0] = -float("inf")
+    base[3, 7] = float("nan")
+    mem_item = torch.stack([torch.randperm(N, generator=g)[:M] + 1 for _ in range(B)])
+    mem_item[::4, -2:] = 0
+    shift = torch.randint(-3, 3, (B,), generator=g).float()
+    shift[::5] = 0.0
+    mem = torch.randint(0, 9, (B, M), generator=g).float().masked_fill(mem_item == 0, -float("inf"))
+    mem[8, 1] = float("nan")
+    st = {"mem_item": mem_item, "mem_sess": torch.randint(0, 2, (B, M), generator=g), "session": torch.ones(B, dtype=torch.long)}
+    target = torch.where(torch.rand(B, generator=g) < 0.5, mem_item[:, 0], torch.randint(1, N + 1, (B,), generator=g))
+    target[5] = 0
+    target[9] = 7
+    base[9, 7] = float("nan")  # a NaN target outside the memory
+    merged = base + shift[:, None]
+    merged.scatter_(1, mem_item, mem)
+    merged[:, 0] = -float("inf")
+    fast = ranks_from_explore(base, target, mem_item, shift, mem, {e: repeat.excluded_slots(st, e) for e in ("session", "history")})
+    for e in ("none", "session", "history"):
+        assert torch.equal(fast[e], ranks_of(merged, target, repeat.seen_mask(st, N + 1, e))), e
+
+
+def test_count_below_equals_the_bool_sum():
+    from models.metrics import count_below
+
+    g = torch.Generator().manual_seed(2)
+    for B, N in ((1, 1), (3, 2039), (5, 2041), (7, 5000), (2, 12345)):
+        x = torch.randint(0, 7, (B, N), generator=g).float()
+        x[0, 0] = float("nan")
+        x[-1, -1] = -float("inf")
+        thr = torch.randint(0, 7, (B, 1), generator=g).float()
+        thr[0, 0] = float("nan") if B > 2 else thr[0, 0]
+        assert torch.equal(count_below(x, thr), (x < thr).sum(dim=1)), (B, N)
+    x = torch.zeros(2, 300_000)  # every lane at its fullest: 255 words of all-ones bytes
+    assert torch.equal(count_below(x, torch.ones(2, 1)), torch.full((2,), 300_000))

@@ -12,6 +12,7 @@ counted.
 from __future__ import annotations
 
 import json
+import math
 import logging
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from core.progress import progress as progress_bar
 from core.settings import EXCLUDE_SEEN
 from models import MODEL_REGISTRY, EventBatch, ModelConfig, SeqModel, repeat
 from models.base import opens_session
-from models.metrics import RankAccumulator, ranks_excluding_memory
+from models.metrics import RankAccumulator, ranks_from_explore
 from models.train import Sequence, TrainConfig, sequences_from_frame, train_model
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,23 @@ def warm_up(model: SeqModel, st: dict[str, torch.Tensor], seqs: list[Sequence]) 
     return {k: v[inv] for k, v in st.items()}, u_sorted[inv]
 
 
+def variant_parts(model: SeqModel, st: dict[str, torch.Tensor], u: torch.Tensor, base: torch.Tensor,
+                  mode: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shift (B,), slot scores (B, M)) of repeat mode `mode` (None: the model's own) on top of the
+    explore scores `base` (B, N+1): what `model.scores(st, u, mode)` would put outside / inside the
+    memory. The learned mixture goes through `memory_scores` (the serving definition); the rule
+    and "none" are the explore score plus the fixed bonus / nothing, for every model."""
+    mode = model.repeat_mode if mode is None else mode
+    mem_item = st["mem_item"].long()
+    if mode == "mixture":
+        logz = torch.logsumexp(base[:, 1:], dim=1)
+        return model.memory_scores(st, u, "mixture", logz, explore_all=base)
+    mem = base.gather(1, mem_item)
+    if mode == "rule":
+        mem = mem + repeat.heuristic_bonus(st).to(mem.dtype)
+    return torch.zeros(base.shape[0], dtype=base.dtype, device=base.device), mem.masked_fill(mem_item <= 0, -math.inf)
+
+
 @torch.no_grad()
 def evaluate_model(
     model: SeqModel, train: dict[str, Sequence], test: dict[str, Sequence], batch_users: int = 256, progress: bool = True
@@ -114,16 +132,20 @@ def evaluate_model(
                 u_next = model.next_session_embedding(sk)
                 # the serving side knows the request time, so a returning user gets the start embedding
                 u_eval = u[:k] if u_next is None else torch.where(opens[:, None], u_next, u[:k])
-                # exclude_seen only removes memory items: one (k, N+1) comparison per repeat
-                # variant, the masked ranks from the (k, M) slots (models.metrics)
+                # exclude_seen only removes memory items and every variant differs from the explore
+                # scores only by a per-row shift and the (k, M) slots: one (k, N) comparison of the
+                # shared explore scores per variant, no merged (k, N+1) matrix (models.metrics)
                 slots = {e: repeat.excluded_slots(sk, e)[scored] for e in EXCLUDES if e != "none"}
                 extra = {} if run is None else {"running": run[:k]}
-                base = model.scores(sk, u_eval, "none", **extra)  # explore only, reused by the others
+                base = model.scores(sk, u_eval, "none", **extra)  # explore only, shared by the variants
+                sk_s = sk
+                if not bool(scored.all()):  # (k, N+1) copy only when some target has no vector
+                    base, sk_s, u_eval = base[scored], {key: v[scored] for key, v in sk.items()}, u_eval[scored]
                 for rep in ("norep", "rep", "rule"):
                     if rep == "rule" and not learned:
                         continue
-                    scores = base if rep == "norep" else model.scores(sk, u_eval, REPEAT_MODE_OF.get(rep), explore=base)
-                    ranks = ranks_excluding_memory(scores[scored], target[scored], sk["mem_item"][scored], slots)
+                    shift, mem = variant_parts(model, sk_s, u_eval, base, REPEAT_MODE_OF.get(rep))
+                    ranks = ranks_from_explore(base, target[scored], sk_s["mem_item"], shift, mem, slots)
                     for excl in EXCLUDES:
                         accs[variant_name(rep, excl)].add(ranks[excl])
                         if rep == "rep" and not learned:
@@ -178,7 +200,8 @@ def run_evaluation(df, table, models: list[str], train_cfg: TrainConfig, test_fr
                    targets_skipped_unknown_item=skipped, session_start=session_start, variants=variants,
                    memory_hit_rate=round(in_memory / max(res["events_scored"], 1), 4))
         results[name] = res
-        log.info("%s: recall@10 %.4f mrr %.4f (train %.1fs)", name, res["recall@10"], res["mrr"], train_seconds)
+        log.info("%s: recall@10 %.4f mrr %.4f (train %.1fs, eval %.1fs)", name, res["recall@10"], res["mrr"],
+                 train_seconds, res["eval_seconds"])
     dataset = {
         "events": int(len(df)), "users": int(df["user_id"].nunique()), "items": int(len(table)),
         "train_events": int(len(train_df)), "test_events": int(len(test_df)),
