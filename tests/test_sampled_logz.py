@@ -5,10 +5,10 @@ import math
 import numpy as np
 import torch
 
+from models import EventBatch
 from models.base import ModelConfig
 from models.flat import FlatGRU
 from models.train import MemoryCache, TrainConfig, make_chunks, mixture_loss, sampled_logz
-from models import EventBatch
 
 
 def test_sampled_logz_is_close_to_the_exact_one():

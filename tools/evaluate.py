@@ -12,8 +12,8 @@ counted.
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 import time
 from pathlib import Path
 
