@@ -13,8 +13,9 @@ The commit order (docs/STREAMING.md quotes this list; the code marks each step `
   5. Process: ONE processor call for the batch's applied events -> a new state and one output
      per user. It runs on the step's compute thread, so the event loop keeps fetching, handing
      over the next batch's records and sending changelog messages while torch/faiss (which
-     release the GIL) compute; the step itself still waits for it, so the order below holds. A user whose stored state the processor refuses (unreadable, another model's)
-     goes to the DLQ alone; a processor failure sends the batch's applied events to the DLQ.
+     release the GIL) compute; the step itself still waits for it, so the order below holds.
+     A user whose stored state the processor refuses (unreadable, another model's) goes to the
+     DLQ alone; a processor failure sends the batch's applied events to the DLQ.
   6. Publish: outputs and DLQ records are sent, and the step waits for the broker's acks.
   7. Write: ONE put per touched user = new state + guard (input offset, dedupe memory, last_ts).
   8. Commit: the caller acks the records; Faust flushes the changelog producer, then commits
