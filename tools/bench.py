@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -48,7 +47,9 @@ def _prepare(args, work: Path):
     from tools.evaluate import build_model
     from tools.synth import synth_log, write_log
 
-    if args.model and args.items:
+    if args.model or args.items or args.data:
+        if not (args.model and args.items and args.data):
+            raise ValueError("--model, --items and --data go together (or none of them: a synthetic log)")
         return pd.read_csv(args.data, keep_default_na=False), args.model, args.items
     df, ids, vecs = synth_log(users=args.users, items=args.items_n, days=args.days, seed=0, dim=64)
     write_log(df, work / "log.csv")
@@ -73,11 +74,10 @@ def _passthrough(broker_url: str, port: int, work: Path, app_id: str) -> subproc
 def _worker(broker_url: str, model: str, items: str, port: int, work: Path, app_id: str,
             extra: tuple[str, ...] = ()) -> subprocess.Popen:
     """`livemb worker` (the production entry point) under its own consumer group."""
-    cmd = [sys.executable, "-m", "tools.cli", "worker", "--broker", broker_url, "--data-dir",
-           str(work / f"{app_id}-{port}"), "--web-port", str(port), "--model", model, "--items", items, *extra]
-    logf = open(work / f"{app_id}.log", "ab")  # noqa: SIM115 - handed to the child
-    return subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "LIVEMB_APP_ID": app_id})
+    from tools.demo import start_worker
+
+    return start_worker(broker_url, model, items, work / f"{app_id}-{port}", port, work / f"{app_id}.log", extra,
+                        env={"LIVEMB_APP_ID": app_id})
 
 
 def _big_catalogue(n_items: int, log_items: list[str], work: Path, kind: str) -> tuple[str, str, str, dict]:

@@ -72,12 +72,14 @@ def wait_ready(port: int, proc: subprocess.Popen, timeout_s: float = 120.0) -> N
 
 
 def start_worker(broker_url: str, model: str, items: str, data_dir: Path, port: int,
-                 log_path: Path, extra: tuple[str, ...] = ()) -> subprocess.Popen:
-    """`livemb worker` as a child process (the production entry point); stop it with stop_process."""
+                 log_path: Path, extra: tuple[str, ...] = (), env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`livemb worker` as a child process (the production entry point); stop it with stop_process.
+    `env`: extra LIVEMB_* settings for the child (e.g. its own LIVEMB_APP_ID)."""
     cmd = [sys.executable, "-m", "tools.cli", "worker", *extra, "--broker", broker_url, "--data-dir", str(data_dir), "--web-port", str(port),
            "--model", model, "--items", items]
     logf = open(log_path, "ab")  # noqa: SIM115 - handed to the child
-    return subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, **env} if env else None)
 
 
 def stop_process(proc: subprocess.Popen, timeout_s: float = 20.0) -> None:
