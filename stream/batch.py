@@ -11,9 +11,8 @@ The commit order (docs/STREAMING.md quotes this list; the code marks each step `
      too_late (-> DLQ). A row that
      cannot be read refuses that user's events (-> DLQ) and is kept for inspection.
   5. Process: ONE processor call for the batch's applied events -> a new state and one output
-     per user. It runs on the step's compute thread, so the event loop keeps fetching, handing
-     over the next batch's records and sending changelog messages while torch/faiss (which
-     release the GIL) compute; the step itself still waits for it, so the order below holds.
+     per user. It runs on the event loop's thread: on a compute thread every torch op had to
+     take the GIL back from the busy loop, which made live batches 3-8x slower (docs/BENCHMARKS.md).
      A user whose stored state the processor refuses (unreadable, another model's) goes to the
      DLQ alone; a processor failure sends the batch's applied events to the DLQ.
   6. Publish: outputs and DLQ records are sent, and the step waits for the broker's acks.
@@ -28,13 +27,12 @@ written rows already hold: they are skipped as redelivered, the rest apply (stat
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 from core.events import ValidEvent
 from core.settings import Settings
@@ -47,6 +45,7 @@ from stream.validate import Invalid, reject, too_late, validate
 log = logging.getLogger("livemb.worker")
 
 Partition = tuple[str, int]  # (topic, partition)
+STEP_NAMES = ("gaps", "validate", "read", "guard", "process", "publish", "write")  # steps 1-7, in order
 
 
 @dataclass
@@ -77,26 +76,32 @@ class BatchStep:
         self.continuity = OffsetContinuity()
         self.log_ids: dict[str, int] = {}  # topic -> id of its incarnation, refreshed per assignment
         self.lateness_ms = int(settings.max_lateness_s * 1000)
-        self.compute = ThreadPoolExecutor(1, thread_name_prefix="livemb-compute")  # one batch at a time
 
     def forget(self, partitions: Sequence[Partition]) -> None:
         """Partitions revoked from this worker: their continuity restarts at the next record seen."""
         self.continuity.forget(partitions)
 
     async def run(self, records: Sequence[InputRecord]) -> BatchReport:
-        t0 = time.perf_counter()
+        marks = [time.perf_counter()]  # after each step: livemb_batch_step_seconds{step}
         report = BatchReport()
         anchor = {(r.topic, r.partition): r for r in records}  # a consumed record per partition
         records = await self.repair_gaps(records, report)  # Step 1
+        marks.append(time.perf_counter())
         valid, bad = self.validate(records, report)  # Step 2
+        marks.append(time.perf_counter())
         rows, at = self.read_rows(valid, anchor)  # Step 3
+        marks.append(time.perf_counter())
         plan = self.guard(valid, rows, bad, report)  # Step 4
+        marks.append(time.perf_counter())
         result = await self.process(plan, bad, report)  # Step 5
+        marks.append(time.perf_counter())
         published = await self.publish(result, bad)  # Step 6
+        marks.append(time.perf_counter())
         self.write_states(plan, result, at, rows, report)  # Step 7
+        marks.append(time.perf_counter())
         report.applied = [e for e in plan.to_apply if e.user_id in result.states]
         # Step 8 is the caller's: ack the records; Faust then commits the offsets.
-        self.observe(records, result, bad, report, {e.user_id: e.ts for e in plan.to_apply}, t0, published)
+        self.observe(records, result, bad, report, {e.user_id: e.ts for e in plan.to_apply}, marks, published)
         return report
 
     # ------------------------------------------------------------------ the steps
@@ -186,13 +191,12 @@ class BatchStep:
         return plan
 
     async def process(self, plan: BatchPlan, bad: list[Invalid], report: BatchReport) -> StepResult:
-        """Step 5, on the compute thread."""
+        """Step 5."""
         if not plan.to_apply:
             return StepResult(states={}, outputs=[])
         states = {e.user_id: plan.inner[e.user_id] for e in plan.to_apply}
         try:
-            result = await asyncio.get_running_loop().run_in_executor(
-                self.compute, self.processor.process, plan.to_apply, states)
+            result = self.processor.process(plan.to_apply, states)
         except Exception:  # noqa: BLE001 - a model bug must not kill the worker or lose events silently
             log.exception("processor failed on a batch of %d events; they go to the DLQ", len(plan.to_apply))
             bad.extend(reject(e, "processing_error") for e in plan.to_apply)
@@ -228,15 +232,18 @@ class BatchStep:
             report.new_users += rows.get(uid) is None
 
     def observe(self, records: Sequence[InputRecord], result: StepResult, bad: Sequence[Invalid],
-                report: BatchReport, last_ts: dict[str, int], t0: float, published: tuple[float, float]) -> None:
+                report: BatchReport, last_ts: dict[str, int], marks: list[float], published: tuple[float, float]
+                ) -> None:
         """Metrics of the batch (after the commit-order steps; nothing here can lose an event)."""
         m = self.metrics
         report.outputs = len(result.outputs)
         report.dlq.update(b.reason for b in bad)
         if m is None:
             return
-        pub_ms, elapsed = published[0], published[1] - t0
+        pub_ms, elapsed = published[0], published[1] - marks[0]
         m.batch_size.observe(len(records))
+        for name, (a, b) in zip(STEP_NAMES, pairwise(marks), strict=True):
+            m.batch_step.labels(name).observe(b - a)
         if result.outputs:
             m.model_step.observe(result.model_step_seconds)
             m.topk.observe(result.topk_seconds)

@@ -57,6 +57,8 @@ class Metrics:
         self.batch_size = Histogram(p + "batch_size", "Events per micro-batch", buckets=BATCH_BUCKETS, registry=r)
         self.model_step = Histogram(p + "model_step_seconds", "Batched model step", buckets=STEP_BUCKETS, registry=r)
         self.topk = Histogram(p + "topk_seconds", "Batched top-K search", buckets=STEP_BUCKETS, registry=r)
+        self.batch_step = Histogram(p + "batch_step_seconds", "Wall time of each step of a micro-batch",
+                                    ["step"], buckets=STEP_BUCKETS, registry=r)
         self.sessions_started = Counter(p + "sessions_started_total", "Session breaks", registry=r)
         self.sessions_closed = Counter(
             p + "sessions_closed_total", "Idle sessions closed by the sweep (next-session message sent)", registry=r

@@ -87,9 +87,8 @@ class StepResult:
 class BatchProcessor(Protocol):
     """The model side of the batch step (stream/processor.py; tests bring their own).
 
-    Threads: `process` runs on the batch step's compute thread (one batch at a time); the other
-    methods run on the event loop, `maybe_reload` possibly while a `process` is running, so it
-    must be safe against that (ModelProcessor takes a lock; `process` reads the served model once).
+    Threads: every method runs on the worker's event loop, one at a time (`process` is not moved
+    to a thread: its many small torch ops would each wait for the GIL, docs/BENCHMARKS.md).
     """
 
     @property

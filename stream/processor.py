@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Sequence
 
@@ -59,8 +58,6 @@ class ModelProcessor:
         self._refused: tuple[float, float] | None = None  # stamps of a refused file set: not retried
         self.reload_counts = {"ok": 0, "refused": 0}  # livemb_model_reloads_total (stream/app.py)
         self.tables: dict[int, ItemTable] = {}  # every item table served so far, for remapping old rows
-        # process() runs on the batch step's compute thread, the reload timer on the event loop
-        self._reload_lock = threading.Lock()
         self.serving, self.stamps = self._load()
 
     @property
@@ -87,14 +84,6 @@ class ModelProcessor:
         self._next_check = 0.0
 
     def maybe_reload(self) -> bool:
-        if not self._reload_lock.acquire(blocking=False):
-            return False  # the other thread is checking (or loading) right now
-        try:
-            return self._maybe_reload()
-        finally:
-            self._reload_lock.release()
-
-    def _maybe_reload(self) -> bool:
         now = time.monotonic()
         if now < self._next_check:
             return False
