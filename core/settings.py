@@ -46,6 +46,13 @@ class Settings(BaseSettings):
     batch_max_wait_ms: int = Field(50, ge=1, description="longest a micro-batch waits to fill up (ms)")
     # faust's own default is 1500 ms; see stream/app.py
     fetch_max_wait_ms: int = Field(50, ge=1, description="longest a consumer fetch waits for data (ms)")
+    # aiokafka's 16 KiB default holds ~6 output messages (2.6 KB each): every further send waited
+    # for a broker round trip, 0.5-0.8 ms per message (docs/BENCHMARKS.md). Kept under the
+    # broker's default message.max.bytes (1 MiB).
+    producer_batch_bytes: int = Field(
+        512 * 1024, ge=16 * 1024, le=1_000_000,
+        description="producer batch per partition (bytes): outputs, changelog and DLQ records"
+    )
 
     # --- event rules (SPEC section 2-3) ------------------------------------------------------
     session_gap_s: float = Field(1800.0, gt=0, description="inactivity (event time) that starts a new session (s)")
@@ -72,7 +79,7 @@ class Settings(BaseSettings):
         "time get a next-session message); 0 turns the sweep off"
     )
     idle_sweep_max_sessions: int = Field(
-        256, ge=1, description="most idle sessions one sweep closes; more due go on after the next batch (bounds "
+        64, ge=1, description="most idle sessions one sweep closes; more due go on after the next batch (bounds "
         "how long a sweep holds up the agent when event time jumps)"
     )
     reload_check_s: float = Field(

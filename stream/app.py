@@ -50,13 +50,18 @@ class TableStore:
 
 
 class TopicSink:
-    """OutputSink over Faust topics: send everything, then wait for every ack."""
+    """OutputSink over the Faust app's producer: send everything, then wait for every ack.
 
-    def __init__(self, topics: dict[str, Any]) -> None:
-        self.topics = topics
+    Straight to `app.producer` (the aiokafka producer, default key partitioner, as `Topic.send`
+    uses) rather than `Topic.send`: Faust's per-message wrapping (FutureMessage, sensors,
+    callbacks) cost ~0.3 ms per output on this machine, more than the model step per user."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
 
     async def publish(self, records: Sequence[OutputRecord]) -> None:
-        futs = [await self.topics[r.topic].send(key=r.key, value=r.value) for r in records]
+        send = self.app.producer.send
+        futs = [await send(r.topic, r.key, r.value, partition=None, timestamp=None, headers=None) for r in records]
         await asyncio.gather(*futs)
 
 
@@ -82,6 +87,7 @@ def faust_config(settings: Settings) -> dict[str, Any]:
         stream_wait_empty=True,
         **({"consumer_group_instance_id": settings.group_instance_id} if settings.group_instance_id else {}),
         producer_linger=0.0,
+        producer_max_batch_size=settings.producer_batch_bytes,
         broker_credentials=faust_credentials(settings),  # TLS / SASL (stream/security.py)
     )
 
@@ -93,8 +99,6 @@ def make_app(settings: Settings, processor: BatchProcessor, metrics: Metrics) ->
     app = faust.App(settings.app_id, **faust_config(settings))
     raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     t_in = app.topic(settings.topic_in, partitions=settings.partitions, **raw)
-    t_out = app.topic(settings.topic_out, partitions=settings.partitions, **raw)
-    t_dlq = app.topic(settings.topic_dlq, partitions=1, **raw)
     schema = faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     table = app.tables.add(
         faust_compat.GuardedTable(
@@ -103,11 +107,11 @@ def make_app(settings: Settings, processor: BatchProcessor, metrics: Metrics) ->
         )  # fmt: skip
     )
     step = BatchStep(
-        settings, processor, TableStore(table), TopicSink({settings.topic_out: t_out, settings.topic_dlq: t_dlq}),
+        settings, processor, TableStore(table), TopicSink(app),
         metrics, GapRepair(bootstrap_of(settings.broker), group_id=settings.app_id, security=security),
     )  # fmt: skip
 
-    sweep = IdleSweep(settings, processor, TableStore(table), TopicSink({settings.topic_out: t_out}), metrics)
+    sweep = IdleSweep(settings, processor, TableStore(table), TopicSink(app), metrics)
 
     @app.on_partitions_revoked.connect
     async def _revoked(_app: Any, revoked: Any, **_: Any) -> None:

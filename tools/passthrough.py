@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     app = faust.App(s.app_id, **faust_config(s))
     raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     t_in = app.topic(a.topic_in, partitions=s.partitions, **raw)
-    sink = TopicSink({a.topic_out: app.topic(a.topic_out, partitions=s.partitions, **raw)})
+    sink = TopicSink(app)  # the worker's publish path
 
     @app.agent(t_in)
     async def passthrough(stream: Any) -> None:
