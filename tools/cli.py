@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--items-out", help="also write the planted item vectors (items.npz)")
+    p.add_argument("--cart-return", type=float, default=0.0, metavar="P",
+                   help="ecommerce: the event after a cart returns to the carted item with probability P "
+                        "(a stronger event-type signal; default 0)")
 
     p = sub.add_parser("item-embeddings", help="item vectors from co-occurrence (PPMI + SVD)")
     p.add_argument("--data", required=True)

@@ -23,7 +23,7 @@ import torch
 from core.progress import progress as progress_bar
 from core.settings import EXCLUDE_SEEN
 from models import MODEL_REGISTRY, EventBatch, ModelConfig, SeqModel, repeat
-from models.base import opens_session
+from models.base import EVENT_TYPES, opens_session
 from models.metrics import RankAccumulator, ranks_from_explore
 from models.train import Sequence, TrainConfig, sequences_from_frame, train_model
 
@@ -107,6 +107,8 @@ def evaluate_model(
     accs = {variant_name(r, e): RankAccumulator() for r, e in VARIANTS}
     # targets that open a new session: where the cross-session state has to earn its keep
     starts = RankAccumulator()
+    # targets by the type of the event just before them (a cart, a purchase, a view): the event-type signal
+    after = {(rep, ty): RankAccumulator() for rep in REPEATS for ty in range(len(EVENT_TYPES))}
     gap = model.cfg.session_gap_ms
     learned = model.repeat_mode == "mixture"  # otherwise "rep" is the fixed rule (or none) already
     skipped = 0
@@ -118,6 +120,8 @@ def evaluate_model(
         group = users[i : i + batch_users]
         st, u = warm_up(model, model.init_state(len(group)), [train.get(x, empty) for x in group])
         run = model.init_running(st) if getattr(model, "incremental", False) else None
+        prev_type = torch.tensor([int(train[g][1][-1]) if g in train and len(train[g][1]) else -1 for g in group],
+                                 dtype=torch.int64, device=model.device)  # (B,) type of the last applied event
         ev = EventBatch.from_sequences(*zip(*(test[g] for g in group), strict=True)).to(model.device)
         n_active = ev.mask.sum(0).tolist()  # users sorted by test length: the active ones are a prefix
         for t in range(ev.item.shape[1]):
@@ -150,17 +154,26 @@ def evaluate_model(
                         accs[variant_name(rep, excl)].add(ranks[excl])
                         if rep == "rep" and not learned:
                             accs[variant_name("rule", excl)].add(ranks[excl])
+                    ty = prev_type[:k][scored]
+                    for r in (rep, "rule") if rep == "rep" and not learned else (rep,):
+                        for j in ty.unique().tolist():
+                            if j >= 0:
+                                after[(r, j)].add(ranks["none"][ty == j])
                     if rep == "rep":
                         starts.add(ranks["none"][(opens & (sk["last_ts"] >= 0))[scored]])
             new, u_new = model.step(sk, EventBatch(*(x[:k, t : t + 1] for x in (ev.item, ev.etype, ev.ts, ev.mask))))
             _put(st, new, k)
             u[:k] = u_new
+            prev_type[:k] = ev.etype[:k, t]
             if run is not None:
                 model.update_running(run[:k], ev.item[:k, t])
             bar.update(k)
     bar.close()
     out = {name: acc.summary(model.n_items) for name, acc in accs.items()}
     out["session_start"] = starts.summary(model.n_items)
+    out["after_event_type"] = {variant_name(rep, "none"): {EVENT_TYPES[ty]: after[(rep, ty)].summary(model.n_items)
+                                                           for ty in range(len(EVENT_TYPES)) if after[(rep, ty)].n}
+                               for rep in REPEATS}
     out["targets_skipped_unknown_item"] = skipped
     out["targets_in_memory"] = in_memory
     return out
@@ -194,10 +207,12 @@ def run_evaluation(df, table, models: list[str], train_cfg: TrainConfig, test_fr
         skipped = variants.pop("targets_skipped_unknown_item")
         in_memory = variants.pop("targets_in_memory")
         session_start = variants.pop("session_start")
+        after_type = variants.pop("after_event_type")
         res = dict(variants[DEFAULT_VARIANT])
         res.update(train_seconds=round(train_seconds, 2), eval_seconds=round(time.perf_counter() - t1, 2),
                    epoch_seconds=[round(s, 2) for s in hist["epoch_seconds"]],
                    targets_skipped_unknown_item=skipped, session_start=session_start, variants=variants,
+                   after_event_type=after_type,
                    memory_hit_rate=round(in_memory / max(res["events_scored"], 1), 4))
         results[name] = res
         log.info("%s: recall@10 %.4f mrr %.4f (train %.1fs, eval %.1fs)", name, res["recall@10"], res["mrr"],
@@ -238,6 +253,18 @@ def session_start_table(report: dict) -> str:
     for name, res in report["results"].items():
         m = res["session_start"]
         rows.append(f"| {name} | {m['recall@10']:.4f} | {m['mrr']:.4f} | {m['events_scored']} |")
+    return "\n".join(rows)
+
+
+def event_type_table(report: dict, metric: str = "recall@10", variant: str = DEFAULT_VARIANT) -> str:
+    """metric (targets) of each model on the targets right after a view / cart / purchase / ... event."""
+    types = [t for t in EVENT_TYPES if any(t in r.get("after_event_type", {}).get(variant, {})
+                                           for r in report["results"].values())]
+    rows = [f"| model ({variant}, {metric}) | " + " | ".join(f"after {t}" for t in types) + " |", "|---" * (len(types) + 1) + "|"]
+    for name, res in report["results"].items():
+        by = res.get("after_event_type", {}).get(variant, {})
+        cells = [f"{by[t][metric]:.4f} ({by[t]['events_scored']})" if t in by else "–" for t in types]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
