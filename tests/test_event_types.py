@@ -51,3 +51,13 @@ def test_evaluation_reports_targets_by_the_previous_event_type(report):
     assert by["cart"]["recall@10"] > by["view"]["recall@10"]
     table = event_type_table(report)
     assert "after cart" in table and "| last |" in table
+
+
+def test_dropping_event_types_keeps_the_grouping_by_the_real_types(report):
+    """`last` + rule reads no event type, so with the types hidden from it the per-type figures
+    must be the same targets and the same ranks."""
+    df, ids, vectors = synth_ecommerce(users=80, items=2000, days=20, seed=4, cart_return=0.7)
+    dropped = run_evaluation(df, ItemTable(ids, vectors), ["last"], TrainConfig(epochs=1), progress=False,
+                             drop_event_types=True)
+    assert dropped["dataset"]["event_types_dropped"]
+    assert dropped["results"]["last"]["after_event_type"] == report["results"]["last"]["after_event_type"]

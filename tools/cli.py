@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot")
     p.add_argument("--test-frac", type=float, default=0.2)
     p.add_argument("--max-users", type=int, help="evaluate on the first N users only (quick runs)")
+    p.add_argument("--drop-event-types", action="store_true",
+                   help="models see every event as a view; targets are still grouped by their real previous type")
     _log_args(p)
     _train_args(p)
     _settings_args(p)

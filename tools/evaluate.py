@@ -94,9 +94,14 @@ def variant_parts(model: SeqModel, st: dict[str, torch.Tensor], u: torch.Tensor,
 
 @torch.no_grad()
 def evaluate_model(
-    model: SeqModel, train: dict[str, Sequence], test: dict[str, Sequence], batch_users: int = 256, progress: bool = True
+    model: SeqModel, train: dict[str, Sequence], test: dict[str, Sequence], batch_users: int = 256, progress: bool = True,
+    group_types: tuple[dict[str, Sequence], dict[str, Sequence]] | None = None,
 ) -> dict:
     """Score every test event of every test user; returns {variant: metrics} plus skip counts.
+
+    `after_event_type` groups the targets by the type of the event before them, read from
+    `group_types` (train, test) when given (the real types while the model sees none), else from
+    train/test themselves.
 
     Users are batched by test length (longest first, as training buckets by length) and, inside a
     batch, the users still active at step t are a prefix: every per-step tensor op runs on those
@@ -120,9 +125,12 @@ def evaluate_model(
         group = users[i : i + batch_users]
         st, u = warm_up(model, model.init_state(len(group)), [train.get(x, empty) for x in group])
         run = model.init_running(st) if getattr(model, "incremental", False) else None
-        prev_type = torch.tensor([int(train[g][1][-1]) if g in train and len(train[g][1]) else -1 for g in group],
+        g_train, g_test = group_types or (train, test)
+        prev_type = torch.tensor([int(g_train[g][1][-1]) if g in g_train and len(g_train[g][1]) else -1 for g in group],
                                  dtype=torch.int64, device=model.device)  # (B,) type of the last applied event
         ev = EventBatch.from_sequences(*zip(*(test[g] for g in group), strict=True)).to(model.device)
+        ev_type = ev.etype if group_types is None else \
+            EventBatch.from_sequences(*zip(*(g_test[g] for g in group), strict=True)).etype.to(model.device)
         n_active = ev.mask.sum(0).tolist()  # users sorted by test length: the active ones are a prefix
         for t in range(ev.item.shape[1]):
             k = n_active[t]
@@ -164,7 +172,7 @@ def evaluate_model(
             new, u_new = model.step(sk, EventBatch(*(x[:k, t : t + 1] for x in (ev.item, ev.etype, ev.ts, ev.mask))))
             _put(st, new, k)
             u[:k] = u_new
-            prev_type[:k] = ev.etype[:k, t]
+            prev_type[:k] = ev_type[:k, t]
             if run is not None:
                 model.update_running(run[:k], ev.item[:k, t])
             bar.update(k)
@@ -186,14 +194,26 @@ def build_model(name: str, vectors: np.ndarray, **cfg_overrides) -> SeqModel:
     return MODEL_REGISTRY[name](cfg, vectors)
 
 
+def _as_views(seqs: dict[str, Sequence]) -> dict[str, Sequence]:
+    view = EVENT_TYPES.index("view")
+    return {u: (it, np.full_like(et, view), ts) for u, (it, et, ts) in seqs.items()}
+
+
 def run_evaluation(df, table, models: list[str], train_cfg: TrainConfig, test_frac: float = 0.2,
-                   device: str = "cpu", model_overrides: dict | None = None, progress: bool = True) -> dict:
-    """Split, train each model, evaluate; returns the SPEC section 9 JSON structure."""
+                   device: str = "cpu", model_overrides: dict | None = None, progress: bool = True,
+                   drop_event_types: bool = False) -> dict:
+    """Split, train each model, evaluate; returns the SPEC section 9 JSON structure.
+    drop_event_types: the models train and run as if every event were a view (what the type signal
+    is worth); `after_event_type` still groups the targets by their real previous type."""
     from tools.eventlog import temporal_split
 
     train_df, test_df = temporal_split(df, test_frac)
     train = sequences_from_frame(train_df, table)
     test = sequences_from_frame(test_df, table)
+    group_types = None
+    if drop_event_types:
+        group_types = (train, test)
+        train, test = _as_views(train), _as_views(test)
     vectors = table.padded_vectors()
     test_items = table.lookup(test_df["item_id"].to_numpy())
     results = {}
@@ -203,7 +223,7 @@ def run_evaluation(df, table, models: list[str], train_cfg: TrainConfig, test_fr
         hist = train_model(model, list(train.values()), train_cfg, progress=progress)
         train_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
-        variants = evaluate_model(model, train, test, progress=progress)
+        variants = evaluate_model(model, train, test, progress=progress, group_types=group_types)
         skipped = variants.pop("targets_skipped_unknown_item")
         in_memory = variants.pop("targets_in_memory")
         session_start = variants.pop("session_start")
@@ -221,7 +241,7 @@ def run_evaluation(df, table, models: list[str], train_cfg: TrainConfig, test_fr
         "events": int(len(df)), "users": int(df["user_id"].nunique()), "items": int(len(table)),
         "train_events": int(len(train_df)), "test_events": int(len(test_df)),
         "test_targets_known": int((test_items > 0).sum()), "test_frac": test_frac,
-        "default_variant": DEFAULT_VARIANT,
+        "default_variant": DEFAULT_VARIANT, "event_types_dropped": drop_event_types,
     }
     return {"dataset": dataset, "results": results}
 

@@ -83,7 +83,8 @@ def cmd_evaluate(args, settings) -> dict:
         raise SystemExit(f"unknown model(s) {unknown}; registered: {', '.join(MODEL_REGISTRY)}")
     cfg = TrainConfig(epochs=args.epochs, loss=args.loss, batch_size=args.batch_size, lr=args.lr)
     report = run_evaluation(df, table, names, cfg, test_frac=args.test_frac, device=settings.resolved_device(),
-                            model_overrides=model_overrides(args, settings))
+                            model_overrides=model_overrides(args, settings),
+                            drop_event_types=getattr(args, "drop_event_types", False))
     report["dataset"]["source"] = str(args.data)
     write_outputs(report, args.json, args.plot)
     print(markdown_table(report))
