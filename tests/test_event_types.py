@@ -61,3 +61,12 @@ def test_dropping_event_types_keeps_the_grouping_by_the_real_types(report):
                              drop_event_types=True)
     assert dropped["dataset"]["event_types_dropped"]
     assert dropped["results"]["last"]["after_event_type"] == report["results"]["last"]["after_event_type"]
+
+
+def test_memory_split_partitions_the_targets(report):
+    res = report["results"]["last"]
+    split = res["by_memory"]["rep+none"]
+    assert split["in_memory"]["events_scored"] + split["not_in_memory"]["events_scored"] == res["events_scored"]
+    assert split["in_memory"]["events_scored"] / res["events_scored"] == pytest.approx(res["memory_hit_rate"], abs=1e-4)
+    # the rule puts every memory item above the catalogue: what it gains, it gains on memory targets
+    assert split["in_memory"]["recall@10"] > split["not_in_memory"]["recall@10"]

@@ -114,6 +114,8 @@ def evaluate_model(
     starts = RankAccumulator()
     # targets by the type of the event just before them (a cart, a purchase, a view): the event-type signal
     after = {(rep, ty): RankAccumulator() for rep in REPEATS for ty in range(len(EVENT_TYPES))}
+    # targets already in the memory (what a repeat path can reach) vs the rest (explore only)
+    by_mem = {(rep, hit): RankAccumulator() for rep in REPEATS for hit in (True, False)}
     gap = model.cfg.session_gap_ms
     learned = model.repeat_mode == "mixture"  # otherwise "rep" is the fixed rule (or none) already
     skipped = 0
@@ -139,7 +141,8 @@ def evaluate_model(
             scored = target > 0
             skipped += int((~scored).sum())
             if scored.any():
-                in_memory += int((sk["mem_item"][scored] == target[scored, None]).any(1).sum())
+                hit = (sk["mem_item"][scored] == target[scored, None]).any(1)  # (k',)
+                in_memory += int(hit.sum())
                 opens = opens_session(ev.ts[:k, t], sk["last_ts"], gap)
                 u_next = model.next_session_embedding(sk)
                 # the serving side knows the request time, so a returning user gets the start embedding
@@ -167,6 +170,8 @@ def evaluate_model(
                         for j in ty.unique().tolist():
                             if j >= 0:
                                 after[(r, j)].add(ranks["none"][ty == j])
+                        by_mem[(r, True)].add(ranks["none"][hit])
+                        by_mem[(r, False)].add(ranks["none"][~hit])
                     if rep == "rep":
                         starts.add(ranks["none"][(opens & (sk["last_ts"] >= 0))[scored]])
             new, u_new = model.step(sk, EventBatch(*(x[:k, t : t + 1] for x in (ev.item, ev.etype, ev.ts, ev.mask))))
@@ -179,6 +184,9 @@ def evaluate_model(
     bar.close()
     out = {name: acc.summary(model.n_items) for name, acc in accs.items()}
     out["session_start"] = starts.summary(model.n_items)
+    out["by_memory"] = {variant_name(rep, "none"): {"in_memory": by_mem[(rep, True)].summary(model.n_items),
+                                                     "not_in_memory": by_mem[(rep, False)].summary(model.n_items)}
+                        for rep in REPEATS}
     out["after_event_type"] = {variant_name(rep, "none"): {EVENT_TYPES[ty]: after[(rep, ty)].summary(model.n_items)
                                                            for ty in range(len(EVENT_TYPES)) if after[(rep, ty)].n}
                                for rep in REPEATS}
@@ -228,11 +236,12 @@ def run_evaluation(df, table, models: list[str], train_cfg: TrainConfig, test_fr
         in_memory = variants.pop("targets_in_memory")
         session_start = variants.pop("session_start")
         after_type = variants.pop("after_event_type")
+        by_memory = variants.pop("by_memory")
         res = dict(variants[DEFAULT_VARIANT])
         res.update(train_seconds=round(train_seconds, 2), eval_seconds=round(time.perf_counter() - t1, 2),
                    epoch_seconds=[round(s, 2) for s in hist["epoch_seconds"]],
                    targets_skipped_unknown_item=skipped, session_start=session_start, variants=variants,
-                   after_event_type=after_type,
+                   after_event_type=after_type, by_memory=by_memory,
                    memory_hit_rate=round(in_memory / max(res["events_scored"], 1), 4))
         results[name] = res
         log.info("%s: recall@10 %.4f mrr %.4f (train %.1fs, eval %.1fs)", name, res["recall@10"], res["mrr"],
@@ -284,6 +293,20 @@ def event_type_table(report: dict, metric: str = "recall@10", variant: str = DEF
     for name, res in report["results"].items():
         by = res.get("after_event_type", {}).get(variant, {})
         cells = [f"{by[t][metric]:.4f} ({by[t]['events_scored']})" if t in by else "–" for t in types]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def memory_split_table(report: dict, metric: str = "recall@10") -> str:
+    """metric of each model's variants on the targets already in the memory vs the others."""
+    rows = [f"| model ({metric}, exclude none) | rep: in memory | rep: not in memory | rule: in memory | rule: not in memory"
+            " | norep: in memory | norep: not in memory |", "|---" * 7 + "|"]
+    for name, res in report["results"].items():
+        by = res.get("by_memory")
+        if not by:
+            continue
+        cells = [f"{by[f'{r}+none'][h][metric]:.4f} ({by[f'{r}+none'][h]['events_scored']})"
+                 for r in REPEATS for h in ("in_memory", "not_in_memory")]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 

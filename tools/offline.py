@@ -18,6 +18,7 @@ from tools.evaluate import (
     build_model,
     event_type_table,
     markdown_table,
+    memory_split_table,
     run_evaluation,
     session_start_table,
     variants_table,
@@ -96,6 +97,8 @@ def cmd_evaluate(args, settings) -> dict:
     print(session_start_table(report))
     print()
     print(event_type_table(report))
+    print()
+    print(memory_split_table(report))
     return report
 
 
