@@ -313,20 +313,24 @@ class SeqModel(nn.Module):
         return s
 
     def memory_scores(self, state: dict[str, Tensor], u: Tensor, mode: str | None = None, logz: Tensor | None = None,
-                      gate_state: Tensor | None = None, explore_all: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                      gate_state: Tensor | None = None, explore_all: Tensor | None = None,
+                      explore_mem: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """THE explore+repeat score, split for a merge with any explore retrieval (full catalogue or faiss):
 
         returns shift (B,) and mem (B, M): an item outside the memory scores <u, x_i> + shift, the
         item of memory slot m scores mem[:, m] (-inf for empty slots). `logz` (B,) is the
         log-sum-exp of the explore scores over the catalogue (computed when None and needed);
         `gate_state` defaults to `gate_state(state)` (training passes the offline one);
-        `explore_all` (B, N+1), when the caller has the catalogue's explore scores, saves the
-        (B, M, D) gather of the memory's vectors.
+        `explore_all` (B, N+1), when the caller has the catalogue's explore scores, or
+        `explore_mem` (B, M), the slots' own explore scores <u, x_m> (training computes them per
+        chunk, models/train.slot_explore), saves the (B, M, D) gather of the memory's vectors.
         """
         mode = self.repeat_mode if mode is None else mode
         mem_item = state["mem_item"].long()
         filled = mem_item > 0
-        if explore_all is None:
+        if explore_mem is not None:
+            explore = explore_mem.masked_fill(~filled, 0.0)
+        elif explore_all is None:
             explore = (self.item_vecs[mem_item] * u[:, None, :]).sum(-1)  # (B, M)
         else:
             explore = explore_all.gather(1, mem_item).masked_fill(~filled, 0.0)

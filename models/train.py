@@ -27,6 +27,7 @@ from core.progress import progress as progress_bar
 from models import repeat
 from models.base import EventBatch, SeqModel, event_type_index, session_flags
 from models.grouping import group_by_user
+from models.logits import explore_logz
 
 log = logging.getLogger(__name__)
 
@@ -153,14 +154,38 @@ def _predictions(model: SeqModel, ev: EventBatch) -> tuple[Tensor, Tensor | None
     return pred, gate, sel, target
 
 
-def sampled_logz(model: SeqModel, u_t: Tensor, tgt: Tensor, k: int, gen: torch.Generator) -> Tensor:
+def sampled_logz(model: SeqModel, u_t: Tensor, tgt: Tensor, k: int, gen: torch.Generator,
+                 pos: Tensor | None = None) -> Tensor:
     """Sampled estimate of log Z = log sum_i exp <u, x_i> over the catalogue, (n,): the target's term
-    plus k uniform samples (shared by the batch, drawn with replacement), each standing for N/k
-    items (the logQ correction of the sampled softmax; a sample equal to the target is dropped)."""
-    neg_items = torch.randint(1, model.n_items + 1, (k,), generator=gen).to(u_t.device)
-    pos = (u_t * model.item_vecs[tgt]).sum(-1, keepdim=True)  # (n, 1)
-    neg = (u_t @ model.item_vecs[neg_items].T).masked_fill(neg_items[None, :] == tgt[:, None], -math.inf)  # (n, k)
-    return torch.logsumexp(torch.cat([pos, neg + math.log(model.n_items / k)], dim=1), dim=1)
+    `pos` (n,) (<u, x_target>, computed when None) plus k items drawn uniformly without replacement
+    (shared by the batch), each standing for N/k items (the logQ correction of the sampled softmax;
+    a sample equal to the target is left out). Fused product and backward: models/logits.py."""
+    N = model.n_items
+    k = min(k, N)
+    dev = u_t.device
+    neg_items = torch.randperm(N, generator=gen)[:k].to(dev) + 1  # (k,)
+    col_of = torch.full((N + 1,), -1, dtype=torch.int64, device=dev)
+    col_of[neg_items] = torch.arange(k, device=dev)
+    col = col_of[tgt]  # (n,) the target's column among the samples, -1 if not drawn
+    rows = (col >= 0).nonzero().squeeze(1)
+    neg_logz, _ = explore_logz(u_t, model.item_vecs[neg_items], log_weight=math.log(N / k), drop=(rows, col[rows]))
+    if pos is None:
+        pos = (u_t * model.item_vecs[tgt]).sum(-1)
+    return torch.logaddexp(pos, neg_logz)
+
+
+def slot_explore(pred: Tensor, items: Tensor, item_vecs: Tensor, sel: Tensor, mem_seq: Tensor) -> tuple[Tensor, Tensor]:
+    """Explore scores <u_t, x> of every memory slot and of every target, from one batched product.
+
+    A training chunk's memory starts empty, so a slot's item is the chunk's own event at the slot's
+    last touch (mem_seq is the position in the chunk): scoring each prediction against the chunk's
+    T item vectors (one (B, T-1, T) bmm) and picking columns replaces the (n, M, D) gather of the
+    memory's vectors, the largest cost of a sampled-Z epoch. Equal up to float rounding (tested).
+    pred (B, T-1, D), items (B, T), sel (B, T-1), mem_seq (n, M) -> slots (n, M), targets (n,)."""
+    B, T = items.shape
+    s = torch.bmm(pred, item_vecs[items].transpose(1, 2))[sel]  # (n, T): against every chunk event
+    pos = torch.arange(1, T, device=items.device).expand(B, T - 1)[sel]  # (n,) the target's position
+    return s.gather(1, mem_seq.long().clamp(min=0)), s.gather(1, pos[:, None]).squeeze(1)
 
 
 def mixture_loss(model: SeqModel, ev: EventBatch, memory: MemoryCache, rows: Tensor,
@@ -175,22 +200,24 @@ def mixture_loss(model: SeqModel, ev: EventBatch, memory: MemoryCache, rows: Ten
     if n == 0:
         return pred.sum() * 0.0, 0
     u_t, tgt = pred[sel], target[sel]  # (n, D), (n,)
-    st = memory.state_at(rows[:, :-1][sel.cpu()], model.device)  # memory after event t, (n, M)
+    # memory after event t, (n, M') with M' = the batch's last filled slot (empty ones add nothing)
+    st = repeat.trim_empty_slots(memory.state_at(rows[:, :-1][sel.cpu()], model.device))
     gs = None if gate is None else gate[sel]
     if model.n_items <= cfg.exact_logz_max_items:
-        s = model.explore_scores(u_t)  # (n, N+1), the full catalogue
-        logz = torch.logsumexp(s[:, 1:], dim=1)
-        shift, mem = model.memory_scores(st, u_t, "mixture", logz, gs, explore_all=s)
-        explore_t = s.gather(1, tgt[:, None]).squeeze(1)
+        # the full catalogue (item i in column i - 1): log Z and the scores of the slots and the target
+        pick = torch.cat([(st["mem_item"].long() - 1).clamp(min=0), (tgt - 1)[:, None]], dim=1)  # (n, M' + 1)
+        logz, picked = explore_logz(u_t, model.item_vecs[1:], pick)
+        explore_mem, explore_t = picked[:, :-1], picked[:, -1]
+        shift, mem = model.memory_scores(st, u_t, "mixture", logz, gs, explore_mem=explore_mem)
     else:
         if gen is None:
             gen = torch.Generator().manual_seed(cfg.seed)
-        logz = sampled_logz(model, u_t, tgt, cfg.logz_samples, gen)
-        shift, mem = model.memory_scores(st, u_t, "mixture", logz, gs)
-        explore_t = (u_t * model.item_vecs[tgt]).sum(-1)
-    in_mem = st["mem_item"].long() == tgt[:, None]
+        explore_mem, explore_t = slot_explore(pred, ev.item, model.item_vecs, sel, st["mem_seq"])
+        logz = sampled_logz(model, u_t, tgt, cfg.logz_samples, gen, pos=explore_t)
+        shift, mem = model.memory_scores(st, u_t, "mixture", logz, gs, explore_mem=explore_mem)
+    in_mem = st["mem_item"].long() == tgt[:, None]  # (n, M'): at most one slot (slots hold distinct items)
     explore_lp = explore_t + shift
-    mem_lp = mem.masked_fill(~in_mem, -math.inf).amax(dim=1)
+    mem_lp = mem.gather(1, in_mem.to(torch.int8).argmax(dim=1, keepdim=True)).squeeze(1)
     logp = torch.where(in_mem.any(dim=1), mem_lp, explore_lp)
     return -logp.mean(), n
 

@@ -23,7 +23,7 @@ def test_sampled_logz_is_close_to_the_exact_one():
     assert torch.isfinite(est).all()
     err = (est - exact).abs()
     print(float(err.mean()), float(err.max()))
-    # measured with this seed: mean 0.044, max 0.38 (heavy-tailed exp terms of the rare top items)
+    # measured with this seed: mean 0.028, max 0.088 (with replacement it was 0.044 / 0.38)
     assert float(err.mean()) < 0.1, float(err.mean())
     assert float(err.max()) < 0.6, float(err.max())
     # a degenerate estimate (no correction) would be off by log(N / k) ~ 2.7
@@ -42,7 +42,7 @@ def test_mixture_loss_switches_to_the_sampled_estimate_above_the_threshold():
     rows = memory.rows(list(range(len(chunks))), ev.item.shape[1])
     torch.manual_seed(0)
     exact, n = mixture_loss(model, ev, memory, rows, TrainConfig())
-    sampled, n2 = mixture_loss(model, ev, memory, rows, TrainConfig(exact_logz_max_items=100, logz_samples=4096),
+    sampled, n2 = mixture_loss(model, ev, memory, rows, TrainConfig(exact_logz_max_items=100, logz_samples=256),
                                torch.Generator().manual_seed(0))
     assert n == n2 > 0
     assert torch.isfinite(sampled)

@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--items-out", help="also write the planted item vectors (items.npz)")
+    p.add_argument("--cart-return", type=float, default=0.0, metavar="P",
+                   help="ecommerce: the event after a cart returns to the carted item with probability P "
+                        "(a stronger event-type signal; default 0)")
 
     p = sub.add_parser("item-embeddings", help="item vectors from co-occurrence (PPMI + SVD)")
     p.add_argument("--data", required=True)
@@ -88,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot")
     p.add_argument("--test-frac", type=float, default=0.2)
     p.add_argument("--max-users", type=int, help="evaluate on the first N users only (quick runs)")
+    p.add_argument("--drop-event-types", action="store_true",
+                   help="models see every event as a view; targets are still grouped by their real previous type")
     _log_args(p)
     _train_args(p)
     _settings_args(p)

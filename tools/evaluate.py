@@ -23,7 +23,7 @@ import torch
 from core.progress import progress as progress_bar
 from core.settings import EXCLUDE_SEEN
 from models import MODEL_REGISTRY, EventBatch, ModelConfig, SeqModel, repeat
-from models.base import opens_session
+from models.base import EVENT_TYPES, opens_session
 from models.metrics import RankAccumulator, ranks_from_explore
 from models.train import Sequence, TrainConfig, sequences_from_frame, train_model
 
@@ -94,9 +94,14 @@ def variant_parts(model: SeqModel, st: dict[str, torch.Tensor], u: torch.Tensor,
 
 @torch.no_grad()
 def evaluate_model(
-    model: SeqModel, train: dict[str, Sequence], test: dict[str, Sequence], batch_users: int = 256, progress: bool = True
+    model: SeqModel, train: dict[str, Sequence], test: dict[str, Sequence], batch_users: int = 256, progress: bool = True,
+    group_types: tuple[dict[str, Sequence], dict[str, Sequence]] | None = None,
 ) -> dict:
     """Score every test event of every test user; returns {variant: metrics} plus skip counts.
+
+    `after_event_type` groups the targets by the type of the event before them, read from
+    `group_types` (train, test) when given (the real types while the model sees none), else from
+    train/test themselves.
 
     Users are batched by test length (longest first, as training buckets by length) and, inside a
     batch, the users still active at step t are a prefix: every per-step tensor op runs on those
@@ -107,6 +112,10 @@ def evaluate_model(
     accs = {variant_name(r, e): RankAccumulator() for r, e in VARIANTS}
     # targets that open a new session: where the cross-session state has to earn its keep
     starts = RankAccumulator()
+    # targets by the type of the event just before them (a cart, a purchase, a view): the event-type signal
+    after = {(rep, ty): RankAccumulator() for rep in REPEATS for ty in range(len(EVENT_TYPES))}
+    # targets already in the memory (what a repeat path can reach) vs the rest (explore only)
+    by_mem = {(rep, hit): RankAccumulator() for rep in REPEATS for hit in (True, False)}
     gap = model.cfg.session_gap_ms
     learned = model.repeat_mode == "mixture"  # otherwise "rep" is the fixed rule (or none) already
     skipped = 0
@@ -118,7 +127,12 @@ def evaluate_model(
         group = users[i : i + batch_users]
         st, u = warm_up(model, model.init_state(len(group)), [train.get(x, empty) for x in group])
         run = model.init_running(st) if getattr(model, "incremental", False) else None
+        g_train, g_test = group_types or (train, test)
+        prev_type = torch.tensor([int(g_train[g][1][-1]) if g in g_train and len(g_train[g][1]) else -1 for g in group],
+                                 dtype=torch.int64, device=model.device)  # (B,) type of the last applied event
         ev = EventBatch.from_sequences(*zip(*(test[g] for g in group), strict=True)).to(model.device)
+        ev_type = ev.etype if group_types is None else \
+            EventBatch.from_sequences(*zip(*(g_test[g] for g in group), strict=True)).etype.to(model.device)
         n_active = ev.mask.sum(0).tolist()  # users sorted by test length: the active ones are a prefix
         for t in range(ev.item.shape[1]):
             k = n_active[t]
@@ -127,7 +141,8 @@ def evaluate_model(
             scored = target > 0
             skipped += int((~scored).sum())
             if scored.any():
-                in_memory += int((sk["mem_item"][scored] == target[scored, None]).any(1).sum())
+                hit = (sk["mem_item"][scored] == target[scored, None]).any(1)  # (k',)
+                in_memory += int(hit.sum())
                 opens = opens_session(ev.ts[:k, t], sk["last_ts"], gap)
                 u_next = model.next_session_embedding(sk)
                 # the serving side knows the request time, so a returning user gets the start embedding
@@ -150,17 +165,31 @@ def evaluate_model(
                         accs[variant_name(rep, excl)].add(ranks[excl])
                         if rep == "rep" and not learned:
                             accs[variant_name("rule", excl)].add(ranks[excl])
+                    ty = prev_type[:k][scored]
+                    for r in (rep, "rule") if rep == "rep" and not learned else (rep,):
+                        for j in ty.unique().tolist():
+                            if j >= 0:
+                                after[(r, j)].add(ranks["none"][ty == j])
+                        by_mem[(r, True)].add(ranks["none"][hit])
+                        by_mem[(r, False)].add(ranks["none"][~hit])
                     if rep == "rep":
                         starts.add(ranks["none"][(opens & (sk["last_ts"] >= 0))[scored]])
             new, u_new = model.step(sk, EventBatch(*(x[:k, t : t + 1] for x in (ev.item, ev.etype, ev.ts, ev.mask))))
             _put(st, new, k)
             u[:k] = u_new
+            prev_type[:k] = ev_type[:k, t]
             if run is not None:
                 model.update_running(run[:k], ev.item[:k, t])
             bar.update(k)
     bar.close()
     out = {name: acc.summary(model.n_items) for name, acc in accs.items()}
     out["session_start"] = starts.summary(model.n_items)
+    out["by_memory"] = {variant_name(rep, "none"): {"in_memory": by_mem[(rep, True)].summary(model.n_items),
+                                                     "not_in_memory": by_mem[(rep, False)].summary(model.n_items)}
+                        for rep in REPEATS}
+    out["after_event_type"] = {variant_name(rep, "none"): {EVENT_TYPES[ty]: after[(rep, ty)].summary(model.n_items)
+                                                           for ty in range(len(EVENT_TYPES)) if after[(rep, ty)].n}
+                               for rep in REPEATS}
     out["targets_skipped_unknown_item"] = skipped
     out["targets_in_memory"] = in_memory
     return out
@@ -173,14 +202,26 @@ def build_model(name: str, vectors: np.ndarray, **cfg_overrides) -> SeqModel:
     return MODEL_REGISTRY[name](cfg, vectors)
 
 
+def _as_views(seqs: dict[str, Sequence]) -> dict[str, Sequence]:
+    view = EVENT_TYPES.index("view")
+    return {u: (it, np.full_like(et, view), ts) for u, (it, et, ts) in seqs.items()}
+
+
 def run_evaluation(df, table, models: list[str], train_cfg: TrainConfig, test_frac: float = 0.2,
-                   device: str = "cpu", model_overrides: dict | None = None, progress: bool = True) -> dict:
-    """Split, train each model, evaluate; returns the SPEC section 9 JSON structure."""
+                   device: str = "cpu", model_overrides: dict | None = None, progress: bool = True,
+                   drop_event_types: bool = False) -> dict:
+    """Split, train each model, evaluate; returns the SPEC section 9 JSON structure.
+    drop_event_types: the models train and run as if every event were a view (what the type signal
+    is worth); `after_event_type` still groups the targets by their real previous type."""
     from tools.eventlog import temporal_split
 
     train_df, test_df = temporal_split(df, test_frac)
     train = sequences_from_frame(train_df, table)
     test = sequences_from_frame(test_df, table)
+    group_types = None
+    if drop_event_types:
+        group_types = (train, test)
+        train, test = _as_views(train), _as_views(test)
     vectors = table.padded_vectors()
     test_items = table.lookup(test_df["item_id"].to_numpy())
     results = {}
@@ -190,14 +231,17 @@ def run_evaluation(df, table, models: list[str], train_cfg: TrainConfig, test_fr
         hist = train_model(model, list(train.values()), train_cfg, progress=progress)
         train_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
-        variants = evaluate_model(model, train, test, progress=progress)
+        variants = evaluate_model(model, train, test, progress=progress, group_types=group_types)
         skipped = variants.pop("targets_skipped_unknown_item")
         in_memory = variants.pop("targets_in_memory")
         session_start = variants.pop("session_start")
+        after_type = variants.pop("after_event_type")
+        by_memory = variants.pop("by_memory")
         res = dict(variants[DEFAULT_VARIANT])
         res.update(train_seconds=round(train_seconds, 2), eval_seconds=round(time.perf_counter() - t1, 2),
                    epoch_seconds=[round(s, 2) for s in hist["epoch_seconds"]],
                    targets_skipped_unknown_item=skipped, session_start=session_start, variants=variants,
+                   after_event_type=after_type, by_memory=by_memory,
                    memory_hit_rate=round(in_memory / max(res["events_scored"], 1), 4))
         results[name] = res
         log.info("%s: recall@10 %.4f mrr %.4f (train %.1fs, eval %.1fs)", name, res["recall@10"], res["mrr"],
@@ -206,7 +250,7 @@ def run_evaluation(df, table, models: list[str], train_cfg: TrainConfig, test_fr
         "events": int(len(df)), "users": int(df["user_id"].nunique()), "items": int(len(table)),
         "train_events": int(len(train_df)), "test_events": int(len(test_df)),
         "test_targets_known": int((test_items > 0).sum()), "test_frac": test_frac,
-        "default_variant": DEFAULT_VARIANT,
+        "default_variant": DEFAULT_VARIANT, "event_types_dropped": drop_event_types,
     }
     return {"dataset": dataset, "results": results}
 
@@ -238,6 +282,32 @@ def session_start_table(report: dict) -> str:
     for name, res in report["results"].items():
         m = res["session_start"]
         rows.append(f"| {name} | {m['recall@10']:.4f} | {m['mrr']:.4f} | {m['events_scored']} |")
+    return "\n".join(rows)
+
+
+def event_type_table(report: dict, metric: str = "recall@10", variant: str = DEFAULT_VARIANT) -> str:
+    """metric (targets) of each model on the targets right after a view / cart / purchase / ... event."""
+    types = [t for t in EVENT_TYPES if any(t in r.get("after_event_type", {}).get(variant, {})
+                                           for r in report["results"].values())]
+    rows = [f"| model ({variant}, {metric}) | " + " | ".join(f"after {t}" for t in types) + " |", "|---" * (len(types) + 1) + "|"]
+    for name, res in report["results"].items():
+        by = res.get("after_event_type", {}).get(variant, {})
+        cells = [f"{by[t][metric]:.4f} ({by[t]['events_scored']})" if t in by else "–" for t in types]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def memory_split_table(report: dict, metric: str = "recall@10") -> str:
+    """metric of each model's variants on the targets already in the memory vs the others."""
+    rows = [f"| model ({metric}, exclude none) | rep: in memory | rep: not in memory | rule: in memory | rule: not in memory"
+            " | norep: in memory | norep: not in memory |", "|---" * 7 + "|"]
+    for name, res in report["results"].items():
+        by = res.get("by_memory")
+        if not by:
+            continue
+        cells = [f"{by[f'{r}+none'][h][metric]:.4f} ({by[f'{r}+none'][h]['events_scored']})"
+                 for r in REPEATS for h in ("in_memory", "not_in_memory")]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 

@@ -16,7 +16,9 @@ from models.serving import Serving
 from models.train import TrainConfig, sequences_from_frame, train_model
 from tools.evaluate import (
     build_model,
+    event_type_table,
     markdown_table,
+    memory_split_table,
     run_evaluation,
     session_start_table,
     variants_table,
@@ -82,7 +84,8 @@ def cmd_evaluate(args, settings) -> dict:
         raise SystemExit(f"unknown model(s) {unknown}; registered: {', '.join(MODEL_REGISTRY)}")
     cfg = TrainConfig(epochs=args.epochs, loss=args.loss, batch_size=args.batch_size, lr=args.lr)
     report = run_evaluation(df, table, names, cfg, test_frac=args.test_frac, device=settings.resolved_device(),
-                            model_overrides=model_overrides(args, settings))
+                            model_overrides=model_overrides(args, settings),
+                            drop_event_types=getattr(args, "drop_event_types", False))
     report["dataset"]["source"] = str(args.data)
     write_outputs(report, args.json, args.plot)
     print(markdown_table(report))
@@ -92,6 +95,10 @@ def cmd_evaluate(args, settings) -> dict:
     print(variants_table(report, "mrr"))
     print()
     print(session_start_table(report))
+    print()
+    print(event_type_table(report))
+    print()
+    print(memory_split_table(report))
     return report
 
 
@@ -129,8 +136,12 @@ def cmd_synth(args, settings) -> None:
     users = args.users or (400 if eco else 300)
     items = args.items or (20000 if eco else 500)
     days = args.days or (30 if eco else 14)
+    cart_return = getattr(args, "cart_return", 0.0) or 0.0
+    if cart_return and not eco:
+        raise SystemExit("livemb synth: --cart-return needs --profile ecommerce")
+    extra = {"cart_return": cart_return} if eco else {}
     make = synth_ecommerce if eco else synth_log
-    df, ids, vectors = make(users=users, items=items, days=days, seed=args.seed, dim=args.dim)
+    df, ids, vectors = make(users=users, items=items, days=days, seed=args.seed, dim=args.dim, **extra)
     path = write_log(df, args.out)
     msg = f"wrote {len(df)} events ({users} users, {items} items) to {path}"
     if args.items_out:

@@ -13,6 +13,10 @@ tests/test_synth.py and docs/RESULTS.md):
   catalogue in the last few days, so most test events are items never seen in training;
 - long-term taste (1-3 topics) and one intent topic per session, as in the default profile; item
   vectors = topic centroid + noise (the planted vectors are written with --items-out).
+- optional, for measuring the event-type signal (`cart_return` > 0, `livemb synth --cart-return P`):
+  the event right after a cart returns to the carted item with probability P (checking it out
+  again, buying it), and every re-touch after a purchase is redrawn as a new item. The default
+  (0) leaves the realistic profile above unchanged.
 Deterministic by seed, vectorised over all events (one pass per redraw round, no per-user loop).
 """
 
@@ -67,10 +71,10 @@ def _distances(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def synth_ecommerce(users: int = 400, items: int = 20000, days: float = 30.0, seed: int = 0, topics: int = 50,
-                    dim: int = 32) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+                    dim: int = 32, cart_return: float = 0.0) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
     """-> (events sorted by ts, item ids (str, N), planted item vectors (float32, N x dim))."""
-    if users < 1 or items < topics or days <= 0:
-        raise ValueError("synth_ecommerce: need users >= 1, items >= topics, days > 0")
+    if users < 1 or items < topics or days <= 0 or not 0.0 <= cart_return <= 1.0:
+        raise ValueError("synth_ecommerce: need users >= 1, items >= topics, days > 0, 0 <= cart_return <= 1")
     rng = np.random.default_rng(seed)
     vec, item_topic, birth_u, stock = _items(rng, items, topics, dim)
     span = int(days * 86_400_000)
@@ -140,10 +144,14 @@ def synth_ecommerce(users: int = 400, items: int = 20000, days: float = 30.0, se
                 return src
             src = nxt
 
+    if cart_return > 0:  # the event after a cart goes back to the carted item (events are in user order)
+        after_cart = (pos > 0) & (etype[np.maximum(np.arange(E) - 1, 0)] == 1) & (rng.random(E) < cart_return)
+        src = np.where(after_cart, np.arange(E) - 1, src)
     item = fresh[resolve(src)]
     # an item whose previous touch was a purchase is rarely touched again: redraw most of those
     prev = pd.DataFrame({"u": ev_user, "i": item, "t": etype}).groupby(["u", "i"], sort=False)["t"].shift(1)
-    redraw = (prev.to_numpy() == 3) & (rng.random(E) < P_REDRAW_AFTER_PURCHASE)
+    p_redraw = 1.0 if cart_return > 0 else P_REDRAW_AFTER_PURCHASE
+    redraw = (prev.to_numpy() == 3) & (rng.random(E) < p_redraw)
     src = np.where(redraw, np.arange(E), src)
     item = fresh[resolve(src)]
 
