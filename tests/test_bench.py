@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from tools.bench_load import bucket_quantile
+from tools.bench_load import bucket_quantile, per_batch
 
 
 def test_bucket_quantile_of_the_observations_between_two_scrapes() -> None:
@@ -18,6 +18,14 @@ def test_bucket_quantile_of_the_observations_between_two_scrapes() -> None:
     assert bucket_quantile(before, after, 0.89) == 0.1
     assert bucket_quantile(before, after, 0.9) == math.inf  # 11 above the top bound
     assert math.isnan(bucket_quantile(before, before, 0.5))
+
+
+def test_per_batch_step_means_between_two_scrapes() -> None:
+    before = {"livemb_batch_size_sum": 100.0, "livemb_batch_size_count": 4.0, "process": 0.2, "publish": 0.04}
+    after = {"livemb_batch_size_sum": 160.0, "livemb_batch_size_count": 10.0, "process": 0.29, "publish": 0.10}
+    # 6 new batches of 60 events: process 90 ms / 6, publish 60 ms / 6
+    assert per_batch(before, after) == {"mean_batch": 10.0, "process_ms": 15.0, "publish_ms": 10.0}
+    assert per_batch(after, after) == {}
 
 
 @pytest.mark.integration

@@ -11,7 +11,7 @@
    event-to-publish from the consumer side (receive time - event_ts of each message) and from the
    worker's histogram (bucket bounds); `--soak S` adds a long step at `--soak-load`
 6. scale-out: two worker processes in one new group drain the same log -> events/s vs one
-7. offline components (tools/bench_offline.py: retrieval at 50k and 1M items, the served model's
+7. offline components (tools/bench_offline.py: retrieval at 50k items (--retrieval-sizes adds 1M), the served model's
    step at batch 1 vs 512 and after 10 vs 10,000 events, state bytes)
 8. a JSON report, a Markdown table and a plot (throughput vs offered load, latency CDFs)
 
@@ -224,7 +224,7 @@ def run_bench(args, settings: Settings) -> int:
             stop_process(p)
     if not args.skip_offline:
         print("offline components: retrieval, the model step alone, state bytes", flush=True)
-        report["offline"] = bench_load.offline_components(args.quick, model, items)
+        report["offline"] = bench_load.offline_components(args.quick, model, items, args.retrieval_sizes)
     report["seconds"] = round(time.perf_counter() - t_start)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=1))

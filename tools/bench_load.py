@@ -83,6 +83,29 @@ def batch_figures(port: int) -> dict:
             "topk_ms": round(1000 * v.get("livemb_topk_seconds_sum", 0) / steps, 2)}
 
 
+def step_sums(port: int) -> dict[str, float]:
+    """Sum and count of the batch size and of every step's seconds (livemb_batch_step_seconds)."""
+    out: dict[str, float] = {}
+    for smp in _samples(_metrics(port)):
+        if smp.name in ("livemb_batch_size_sum", "livemb_batch_size_count"):
+            out[smp.name] = smp.value
+        elif smp.name == "livemb_batch_step_seconds_sum":
+            out[smp.labels["step"]] = smp.value
+    return out
+
+
+def per_batch(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Mean batch and mean ms per step per batch between two `step_sums` scrapes."""
+    n = after.get("livemb_batch_size_count", 0) - before.get("livemb_batch_size_count", 0)
+    if n <= 0:
+        return {}
+    out = {"mean_batch": round((after["livemb_batch_size_sum"] - before.get("livemb_batch_size_sum", 0)) / n, 1)}
+    for k, v in after.items():
+        if not k.startswith("livemb_"):
+            out[f"{k}_ms"] = round(1000 * (v - before.get(k, 0)) / n, 2)
+    return out
+
+
 def _buckets(port: int) -> list[tuple[float, float]]:
     return sorted((float(s.labels["le"]), s.value) for s in _samples(_metrics(port)) if s.name == LAT + "_bucket")
 
@@ -155,13 +178,13 @@ def latency_step(gen: LoadGenerator, bootstrap: str, topic_out: str, port: int, 
                  seconds: float, rss_pid: int | None = None) -> dict:
     watch = OutputWatch(bootstrap, topic_out, int(time.time() * 1000))
     watch.start()
-    before = _buckets(port)
+    before, steps0 = _buckets(port), step_sums(port)
     ok0, t0 = ok_count([port]), time.perf_counter()
     sent = gen.run(rate, seconds)
     time.sleep(1.0)  # the last clicks' messages
     done = ok_count([port]) - ok0
     el = time.perf_counter() - t0
-    after = _buckets(port)
+    after, steps = _buckets(port), per_batch(steps0, step_sums(port))
     watch.stop.set()
     watch.join(5)
     lat = np.asarray(watch.lat_ms)
@@ -170,25 +193,26 @@ def latency_step(gen: LoadGenerator, bootstrap: str, topic_out: str, port: int, 
            "messages": len(lat), "p50_ms": q(50), "p95_ms": q(95), "p99_ms": q(99),
            "worker_p50_le_ms": 1000 * bucket_quantile(before, after, 0.5),
            "worker_p99_le_ms": 1000 * bucket_quantile(before, after, 0.99),
-           "cdf_ms": [round(float(x), 1) for x in np.percentile(lat, np.arange(0, 101))] if len(lat) else []}
+           "per_batch": steps, "cdf_ms": [round(float(x), 1) for x in np.percentile(lat, np.arange(0, 101))] if len(lat) else []}
     if rss_pid is not None:
         from tools.soak import rss_bytes
 
         row["rss_mb_end"] = round(rss_bytes(rss_pid) / 2**20)
     print(f"load {fraction:.0%} ({rate:.0f}/s for {seconds:.0f}s): applied {row['applied_per_s']}/s, "
           f"event-to-publish p50 {row['p50_ms']} p95 {row['p95_ms']} p99 {row['p99_ms']} ms (consumer side), "
-          f"worker p99 <= {row['worker_p99_le_ms']:.0f} ms", flush=True)
+          f"worker p99 <= {row['worker_p99_le_ms']:.0f} ms; per batch {steps}", flush=True)
     return row
 
 
-def offline_components(quick: bool, checkpoint: str | None = None, items: str | None = None) -> dict:
-    """Retrieval at 50k and 1M items, the model step, state bytes (tools/bench_offline.py)."""
+def offline_components(quick: bool, checkpoint: str | None = None, items: str | None = None,
+                       sizes: list[int] | None = None) -> dict:
+    """Retrieval at `sizes` items, the model step, state bytes (tools/bench_offline.py)."""
     import contextlib
     import io
 
     from tools import bench_offline
 
-    rows = bench_offline.run_all(quick=quick, checkpoint=checkpoint, items=items)
+    rows = bench_offline.run_all(quick=quick, checkpoint=checkpoint, items=items, sizes=None if quick else sizes)
     text = io.StringIO()
     with contextlib.redirect_stdout(text):
         bench_offline.print_table(rows)

@@ -202,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run the worker over a catalogue of N items (e.g. 1000000) with --big-index")
     p.add_argument("--big-index", default="hnsw", choices=["hnsw", "ivfpq"])
     p.add_argument("--quick", action="store_true", help="small offline sizes (CI smoke)")
+    p.add_argument("--retrieval-sizes", type=lambda v: [int(x) for x in v.split(",")], default=[50_000],
+                   help="catalogue sizes of the offline retrieval part (add 1000000 for the 1M figures: "
+                   "+5 min for the hnsw and ivfpq builds)")
     p.add_argument("--skip-offline", action="store_true", help="only the live parts")
     p.add_argument("--data", help="with --model/--items: bench this log instead of the synthetic one")
     p.add_argument("--model")
