@@ -71,9 +71,17 @@ def _passthrough(broker_url: str, port: int, work: Path, app_id: str) -> subproc
     return subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def worker_flags(settings: Settings) -> tuple[str, ...]:
+    """The bench's worker options (--index, --topk, ...) as `livemb worker` flags: without them
+    `livemb bench --index hnsw` measured a flat worker."""
+    return ("--index", settings.index, "--topk", str(settings.topk), "--exclude-seen", settings.exclude_seen,
+            "--device", settings.device, "--session-gap-s", str(settings.session_gap_s))
+
+
 def _worker(broker_url: str, model: str, items: str, port: int, work: Path, app_id: str,
             extra: tuple[str, ...] = ()) -> subprocess.Popen:
-    """`livemb worker` (the production entry point) under its own consumer group."""
+    """`livemb worker` (the production entry point) under its own consumer group; in `extra` a
+    later flag overrides an earlier one."""
     from tools.demo import start_worker
 
     return start_worker(broker_url, model, items, work / f"{app_id}-{port}", port, work / f"{app_id}.log", extra,
@@ -153,6 +161,8 @@ def run_bench(args, settings: Settings) -> int:
     report: dict = {"machine": bench_load.machine(), "log": {"events": len(df), "users": len(users)},
                     "command": " ".join(sys.argv)}
     tag = str(int(time.time()))
+    flags = worker_flags(settings)
+    report["worker_flags"] = " ".join(flags)
     procs: list[subprocess.Popen] = []
     try:
         with EmbeddedBroker() as broker:
@@ -171,7 +181,7 @@ def run_bench(args, settings: Settings) -> int:
             stop_process(pt)
 
             wport = free_port()
-            procs.append(w := _worker(broker.url, model, items, wport, work, f"bench-1w-{tag}"))
+            procs.append(w := _worker(broker.url, model, items, wport, work, f"bench-1w-{tag}", flags))
             report["worker"] = drain_rate([(w, wport)], n, "worker (1 process)", broker.pid,
                                          group(f"bench-1w-{tag}"))
             report["worker"]["rss_mb"] = round(rss_bytes(w.pid) / 2**20)
@@ -199,7 +209,7 @@ def run_bench(args, settings: Settings) -> int:
             report["log"]["events_with_live_clicks"] = n
 
             ports = [free_port(), free_port()]
-            pair = [_worker(broker.url, model, items, p, work, f"bench-2w-{tag}") for p in ports]
+            pair = [_worker(broker.url, model, items, p, work, f"bench-2w-{tag}", flags) for p in ports]
             procs += pair
             report["two_workers"] = drain_rate(list(zip(pair, ports, strict=True)), n, "worker (2 processes)", broker.pid,
                                               group(f"bench-2w-{tag}"))
@@ -212,7 +222,7 @@ def run_bench(args, settings: Settings) -> int:
                 ckpt, big_items, index, side = _big_catalogue(args.big_items, item_ids, work, args.big_index)
                 bport = free_port()
                 procs.append(b := _worker(broker.url, ckpt, big_items, bport, work, f"bench-big-{tag}",
-                                          ("--index", args.big_index, "--index-path", index)))
+                                          (*flags, "--index", args.big_index, "--index-path", index)))
                 row = drain_rate([(b, bport)], n, f"worker, {args.big_items} items, {args.big_index}",
                                  broker.pid, group(f"bench-big-{tag}"))
                 row.update(items=args.big_items, index=args.big_index, index_build=side,
