@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from stream.sweep import IdleSweep
 
 log = logging.getLogger("livemb.worker")
 TABLE_NAME = "user_state"
+EXIT_AGENT_FAILED = 70  # EX_SOFTWARE: the agent loop raised; a supervisor should restart the worker
 
 
 class TableStore:
@@ -92,7 +94,10 @@ def faust_config(settings: Settings) -> dict[str, Any]:
     )
 
 
-def make_app(settings: Settings, processor: BatchProcessor, metrics: Metrics) -> faust.App:
+def make_app(settings: Settings, processor: BatchProcessor, metrics: Metrics,
+             on_fatal: Callable[[BaseException], None] | None = None) -> faust.App:
+    """`on_fatal`: called when the agent loop raises (e.g. the broker refused a batch's outputs
+    for good). Faust would only mark the agent crashed and leave the process up doing nothing."""
     faust_compat.tune_fetch_wait(settings.fetch_max_wait_ms)
     security = kafka_python_security(settings)
     faust_compat.install_exact_recovery(lambda: plain_consumer(settings.broker, security))
@@ -121,16 +126,21 @@ def make_app(settings: Settings, processor: BatchProcessor, metrics: Metrics) ->
     @app.agent(t_in)
     async def interactions(stream: Any) -> None:
         faust_compat.widen_producer_buffer(app, 2 * settings.batch_max_events)
-        async for batch in adaptive_batches(stream, settings.batch_max_events, settings.batch_max_wait_ms / 1000):
-            records = [InputRecord(m.topic, m.partition, m.offset, m.key, m.value, ev)
-                       for ev in batch for m in (ev.message,)]  # fmt: skip
-            report = await step.run(records)
-            sweep.observe(records, report.applied)
-            await sweep.maybe_run()  # between batches: idle sessions (stream/sweep.py)
-            for tp, offset in {ev.message.tp: ev.message.offset for ev in batch}.items():
-                hw = app.consumer.highwater(tp)
-                if hw is not None:
-                    metrics.consumer_lag.labels(str(tp.partition)).set(max(0, hw - offset - 1))
+        try:
+            async for batch in adaptive_batches(stream, settings.batch_max_events, settings.batch_max_wait_ms / 1000):
+                records = [InputRecord(m.topic, m.partition, m.offset, m.key, m.value, ev)
+                           for ev in batch for m in (ev.message,)]  # fmt: skip
+                report = await step.run(records)
+                sweep.observe(records, report.applied)
+                await sweep.maybe_run()  # between batches: idle sessions (stream/sweep.py)
+                for tp, offset in {ev.message.tp: ev.message.offset for ev in batch}.items():
+                    hw = app.consumer.highwater(tp)
+                    if hw is not None:
+                        metrics.consumer_lag.labels(str(tp.partition)).set(max(0, hw - offset - 1))
+        except Exception as e:  # the failed batch is not acked (stream/batching.py): a restart replays it
+            if on_fatal is None:
+                raise
+            on_fatal(e)
 
     counted = False
 
@@ -169,7 +179,16 @@ def run_worker(settings: Settings, processor: BatchProcessor, loglevel: str = "i
     except BrokerUnreachable:
         server.shutdown()
         raise
-    app = make_app(settings, processor, metrics)
+    def exit_on_fatal(e: BaseException) -> None:
+        # Not Faust's clean stop: it waits for the failed batch's events to be acked (stream_wait_empty),
+        # which never happens. Exiting now is a crash like SIGKILL, which the commit order is made for:
+        # written rows are in RocksDB's WAL, unacked events replay, state stays exactly-once.
+        log.critical("the agent failed; the worker exits (code %d) so that it is restarted, and the failed batch, "
+                     "never acked, is replayed: %r", EXIT_AGENT_FAILED, e, exc_info=e)
+        logging.shutdown()
+        os._exit(EXIT_AGENT_FAILED)
+
+    app = make_app(settings, processor, metrics, on_fatal=exit_on_fatal)
     install_sighup(processor)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     try:

@@ -53,11 +53,11 @@ class WorkerProc:
     def log_path(self) -> Path:
         return self.log_dir / f"worker-{self.runs}.log"
 
-    def start(self, batch_max_events: int = 256) -> WorkerProc:
+    def start(self, batch_max_events: int = 256, processor: str = "tests.counting:make_processor") -> WorkerProc:
         self.runs += 1
         self.port = free_port()
         cmd = [
-            sys.executable, "-m", "tools.cli", "worker", "--processor", "tests.counting:make_processor",
+            sys.executable, "-m", "tools.cli", "worker", "--processor", processor,
             "--broker", self.broker.url, "--data-dir", str(self.data_dir),
             "--web-port", str(self.port), "--partitions", str(self.partitions),
             "--batch-max-events", str(batch_max_events), "--loglevel", "info",

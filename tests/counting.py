@@ -52,3 +52,17 @@ class CountingProcessor:
 
 def make_processor(_settings: object) -> CountingProcessor:
     return CountingProcessor()
+
+
+class UnpublishableProcessor(CountingProcessor):
+    """The counting processor, except that the output of user "poison" is not bytes: the batch's
+    publish (step 6) raises outside the processor, as a broker refusing a batch for good would."""
+
+    def process(self, events: list[ValidEvent], states: dict[str, bytes | None]) -> StepResult:
+        result = super().process(events, states)
+        result.outputs = [(u, 12345 if u == "poison" else v) for u, v in result.outputs]  # type: ignore[misc]
+        return result
+
+
+def make_unpublishable(_settings: object) -> UnpublishableProcessor:
+    return UnpublishableProcessor()

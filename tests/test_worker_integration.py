@@ -214,6 +214,30 @@ def test_sigkill_mid_replay_and_sigterm_restart(
 
 # ---- metrics/health helpers (no broker) -----------------------------------------------------
 
+@pytest.mark.integration
+def test_a_failing_agent_stops_the_worker_and_the_batch_replays(
+    broker: EmbeddedBroker, worker_factory: Callable[..., WorkerProc]
+) -> None:
+    """Faust alone only marks a crashed agent and keeps the process up, consuming nothing. The
+    worker exits with EXIT_AGENT_FAILED instead, and the batch it failed on was not acked, so a
+    restarted worker applies it (state written once)."""
+    from stream.app import EXIT_AGENT_FAILED
+
+    setup_topics(broker)
+    w = worker_factory("fail").start(processor="tests.counting:make_unpublishable")
+    w.wait_ready()
+    produce(broker.bootstrap, [event("poison", 1, 1_000), event("fine", 2, 1_000)])
+    wait_until(lambda: not w.alive(), 60, f"the worker to exit (log tail:\n{w.log_tail()})")
+    assert w.proc is not None and w.proc.returncode == EXIT_AGENT_FAILED, w.log_tail()
+    assert "the agent failed; the worker exits" in w.log_path.read_text(errors="replace")
+
+    w.start()  # the plain counting processor: the unacked batch is delivered again
+    w.wait_ready()
+    wait_until(lambda: w.metric("livemb_events_total", outcome="ok") >= 2, 60, "the replayed batch")
+    assert w.stop() == 0
+    assert {u: c for u, (_, c, _) in table_counts(w).items()} == {"poison": 1, "fine": 1}
+
+
 def test_latency_summary_from_buckets() -> None:
     m = Metrics()
     assert m.latency_summary()["count"] == 0
