@@ -235,11 +235,14 @@ def markdown(r: dict) -> str:
         f"| worker, 2 processes | {r['two_workers']['events_per_s']} events/s; CPU cores: workers "
         f"{r['two_workers']['cpu_cores']}, broker {r['two_workers']['broker_cpu_cores']} |",
         f"| 2 workers / 1 worker | {r['scale_out_ratio']:.2f} |", "",
-        "| load | offered/s | applied/s | p50 ms | p95 ms | p99 ms | worker p99 <= ms |", "|---|---|---|---|---|---|---|",
+        "| load | offered/s | applied/s | p50 ms | p95 ms | p99 ms | worker p99 <= ms | mean batch | process / publish "
+        "ms per batch |", "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in r["latency"] + ([r["soak"]] if "soak" in r else []):
+        pb = s.get("per_batch") or {}
         lines.append(f"| {s['load']:.0%} | {s['offered_per_s']} | {s['applied_per_s']} | {s['p50_ms']} | "
-                     f"{s['p95_ms']} | {s['p99_ms']} | {s['worker_p99_le_ms']:.0f} |")
+                     f"{s['p95_ms']} | {s['p99_ms']} | {s['worker_p99_le_ms']:.0f} | {pb.get('mean_batch', '-')} | "
+                     f"{pb.get('process_ms', '-')} / {pb.get('publish_ms', '-')} |")
     if "big_catalogue" in r:
         b = r["big_catalogue"]
         lines[7:7] = [f"| worker, {b['items']} items, {b['index']} (prebuilt in {b['index_build']['build_seconds_measured']} s) "
