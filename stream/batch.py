@@ -93,7 +93,7 @@ class BatchStep:
         marks.append(time.perf_counter())
         plan = self.guard(valid, rows, bad, report)  # Step 4
         marks.append(time.perf_counter())
-        result = await self.process(plan, bad, report)  # Step 5
+        result = self.process(plan, bad, report)  # Step 5
         marks.append(time.perf_counter())
         published = await self.publish(result, bad)  # Step 6
         marks.append(time.perf_counter())
@@ -190,7 +190,7 @@ class BatchStep:
         bad.extend(too_late(e) for e in plan.too_late())
         return plan
 
-    async def process(self, plan: BatchPlan, bad: list[Invalid], report: BatchReport) -> StepResult:
+    def process(self, plan: BatchPlan, bad: list[Invalid], report: BatchReport) -> StepResult:
         """Step 5."""
         if not plan.to_apply:
             return StepResult(states={}, outputs=[])
