@@ -214,7 +214,7 @@ def build_index_file(items_path: str | Path, kind: str, out: str | Path, params:
 class Retriever:
     def __init__(self, vectors: np.ndarray, kind: str = "flat", topk: int = 20, exclude_seen: str = "none",
                  index: faiss.Index | None = None):
-        """`index`: a prebuilt index over vectors[1:] (`load_index`); None builds one here."""
+        """`index`: a prebuilt index over vectors[1:] (`load_index`); None builds one here (hnsw, ivfpq)."""
         if exclude_seen not in EXCLUDE_SEEN:
             raise ValueError(f"exclude_seen must be one of {', '.join(EXCLUDE_SEEN)}, got {exclude_seen!r}")
         self.kind, self.topk, self.exclude_seen = kind, topk, exclude_seen
@@ -222,7 +222,10 @@ class Retriever:
         if index is not None and (index.ntotal != self.n_items or index.d != vectors.shape[1]):
             raise ValueError(f"prebuilt index holds {index.ntotal} x {index.d}, the items are {self.n_items} x "
                              f"{vectors.shape[1]}")
-        self.index = index if index is not None else build_index(vectors, kind, progress=self.n_items >= 200_000)
+        # flat searches with one torch pass over the model's item vectors (candidates): a faiss copy
+        # of the catalogue would only cost memory (256 MB at 1M items) and start-up time
+        self.index = index if index is not None or kind == "flat" else build_index(
+            vectors, kind, progress=self.n_items >= 200_000)
 
     def estimated_logz(self, model: SeqModel, u: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
         """The mixture's log Z behind an approximate index: scanning the catalogue for the exact Z
