@@ -82,10 +82,12 @@ def build_messages(
     model_tag: str,
     emitted_at: int,
     next_emb: torch.Tensor | None = None,
+    extra: dict | None = None,
 ) -> Iterator[tuple[str, bytes]]:
     """Yield (user_id, JSON bytes). One device->host copy per batch; a Python loop per user only
     to assemble each user's JSON (never per dimension). `next_emb` (B, D): each user's
-    `next_session_embedding` (SPEC section 5; null for models without a session hierarchy)."""
+    `next_session_embedding` (SPEC section 5; null for models without a session hierarchy);
+    `extra`: fields added to every message (the idle sweep's `session_closed`)."""
     emb = u.detach().float().cpu().numpy()
     nxt = next_emb.detach().float().cpu().numpy() if next_emb is not None else None
     sessions = state["session"].cpu().numpy()
@@ -104,6 +106,7 @@ def build_messages(
                 "model": model_tag,
                 "items_version": table.fingerprint,
                 "next_session_embedding": nxt[b] if nxt is not None else None,
+                **(extra or {}),
             },
             option=orjson.OPT_SERIALIZE_NUMPY,
         )

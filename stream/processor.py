@@ -19,7 +19,6 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
-import orjson
 import torch
 
 from core.events import ValidEvent
@@ -199,9 +198,9 @@ class ModelProcessor:
             return []
         items, scores = sv.retriever.candidates(sv.model, st, nxt)
         event_ts = np.array([last_ts[u] for u in users], np.int64)
-        msgs = build_messages(users, nxt, st, items, scores, sv.table, event_ts, sv.tag, int(time.time() * 1000), nxt)
         # marked, so a consumer keeping "the user's last in-session embedding" can tell them apart
-        return [(u, orjson.dumps({**orjson.loads(m), "session_closed": True})) for u, m in msgs]
+        return list(build_messages(users, nxt, st, items, scores, sv.table, event_ts, sv.tag, int(time.time() * 1000),
+                                   nxt, extra={"session_closed": True}))
 
     @staticmethod
     def _sequences(events: Sequence[ValidEvent], table: ItemTable):
