@@ -1,8 +1,9 @@
 """Top-K candidates: faiss over the catalogue (explore path) merged with the user's recent items.
 
-One faiss search per batch of users (never one per user), then a vectorized merge:
+One search per batch of users (never one per user), then a vectorized merge:
 
-    explore hits    (B, k+M)  <u, x_i> from faiss
+    explore hits    (B, k+M)  <u, x_i> from faiss (hnsw, ivfpq); flat: (B, k) exact hits outside
+                              the memory, from one torch pass that also gives the exact log Z
     repeat entries  (B, M)    the repeat path's score of the user's memory items, and a shift
                               for the explore hits (SeqModel.memory_scores: mixture or rule)
     merged          top-K over both, a memory item's faiss hit dropped in favour of its entry
@@ -227,6 +228,52 @@ class Retriever:
         self.index = index if index is not None or kind == "flat" else build_index(
             vectors, kind, progress=self.n_items >= 200_000)
 
+    def flat_search(self, model: SeqModel, u: torch.Tensor, mem_item: torch.Tensor, want_logz: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Exact explore hits: the top `topk` items outside each user's memory (the memory path
+        scores those), as (B, k) scores and 1-based items, and the mixture's exact log Z over the
+        whole catalogue, from ONE pass of scores per chunk of users.
+
+        Why not `s.topk(topk + M)` over (B, N) scores: that selection cost as much as the product
+        (~1.7 ns per score). Memory items are masked first, so only `topk` hits are needed, and
+        they are picked from the blocks of 64 items with the highest maxima (the top k items lie
+        in the k best blocks): one cheap max per block, then a top-k over k * 64 scores.
+        The scores go into a reused buffer (a fresh (B, N) tensor per batch cost page faults)."""
+        vecs = model.item_vecs  # (N+1, D), row 0 = padding item
+        B, N1 = u.shape[0], vecs.shape[0]
+        Np = -(-N1 // SCORE_BLOCK) * SCORE_BLOCK
+        rows = max(1, min(B, SCORE_BUFFER_FLOATS // Np))
+        buf = self._score_buffer(rows, Np, u.device)
+        k = min(self.topk, self.n_items)
+        top_s = torch.empty(B, k, device=u.device)
+        top_i = torch.empty(B, k, dtype=torch.long, device=u.device)
+        logz = torch.empty(B, device=u.device) if want_logz else None
+        neg = float("-inf")
+        with torch.no_grad():
+            for a in range(0, B, rows):  # chunks of users, not events: one pass at batch <= rows
+                b = min(B, a + rows)
+                full = buf[: b - a]  # (C, Np); columns N1.. are padding
+                s = full[:, :N1]  # column j = item j
+                torch.mm(u[a:b].float(), vecs.float().T, out=s)
+                full[:, N1:] = neg
+                s[:, 0] = neg
+                mem = mem_item[a:b]  # (C, M), 0 = empty slot
+                saved = s.gather(1, mem)
+                s.scatter_(1, mem, neg)
+                top_s[a:b], top_i[a:b] = block_topk(full, k, SCORE_BLOCK)
+                if logz is not None:  # log Z over every item: put the memory items' scores back
+                    s.scatter_(1, mem, saved)
+                    ref = torch.maximum(top_s[a:b, :1], saved.amax(dim=1, keepdim=True))  # the row's max
+                    logz[a:b] = s.sub_(ref).exp_().sum(dim=1).log_() + ref[:, 0]
+        top_i = top_i.masked_fill(~torch.isfinite(top_s), 0)  # fewer than k items outside the memory
+        return top_s, top_i, logz
+
+    def _score_buffer(self, rows: int, cols: int, device: torch.device) -> torch.Tensor:
+        buf = getattr(self, "_scores", None)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols or buf.device != device:
+            buf = self._scores = torch.empty(rows, cols, device=device)
+        return buf
+
     def estimated_logz(self, model: SeqModel, u: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
         """The mixture's log Z behind an approximate index: scanning the catalogue for the exact Z
         would cost what the index saves (1M items: 64 MFLOP per user). Live and `livemb embed`
@@ -244,15 +291,9 @@ class Retriever:
         k = min(self.topk + M, self.n_items)
         logz = None
         if self.kind == "flat":
-            # Exact search as ONE pass over the catalogue that also gives the mixture's log Z
-            # (faiss + a second pass for log Z cost twice the scan), on the model's device.
-            with torch.no_grad():
-                s = u.float() @ model.item_vecs[1:].float().T  # (B, N)
-                f_scores, f_idx = s.topk(k, dim=1)
-                if model.repeat_mode == "mixture":  # log Z in place over s (torch.logsumexp allocates
-                    top = f_scores[:, :1]  # three (B, N) temporaries: 3x slower at 500 x 20k)
-                    logz = s.sub_(top).exp_().sum(dim=1).log_() + top[:, 0]
-            f_items, f_scores = (f_idx + 1).cpu(), f_scores.cpu()  # 1-based
+            f_scores, f_items, logz = self.flat_search(model, u, state["mem_item"].long(),
+                                                       model.repeat_mode == "mixture")
+            f_items, f_scores = f_items.cpu(), f_scores.cpu()
         else:
             q = np.ascontiguousarray(u.detach().float().cpu().numpy())
             f_scores, f_ids = self.index.search(q, k)  # (B, k), ids 0-based, -1 when missing
@@ -280,6 +321,27 @@ class Retriever:
         top_scores, pos = scores.topk(K, dim=1)
         top_items = items.gather(1, pos).masked_fill(~torch.isfinite(top_scores), 0)
         return top_items.numpy(), top_scores.numpy()
+
+
+SCORE_BLOCK = 64  # items per block of the exact top-k's first pass
+SCORE_BUFFER_FLOATS = 1 << 23  # 32 MB of float32 scores per chunk of users (163 users at 50k items)
+
+
+def block_topk(s: torch.Tensor, k: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(s, k, dim=1) for s of shape (B, nb * block): the top k values of a row lie in
+    the k blocks with the largest maxima, so one max per block, a top-k over the nb maxima and
+    one over the k * block scores of the chosen blocks replace the selection over all columns.
+    Values are exactly torch.topk's; among equal scores the order may differ (ties are
+    arbitrary in both)."""
+    B, n = s.shape
+    nb = n // block
+    blocks = s.view(B, nb, block)
+    kb = min(k, nb)
+    _, best = blocks.amax(dim=2).topk(kb, dim=1, sorted=False)  # (B, kb)
+    rows = torch.arange(B, device=s.device)[:, None]
+    cand = blocks[rows, best].reshape(B, kb * block)  # (B, kb * block)
+    vals, j = cand.topk(k, dim=1)
+    return vals, best.gather(1, j // block) * block + j % block
 
 
 def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from models import MODEL_REGISTRY, EventBatch, ModelConfig
-from models.retrieval import Retriever, build_index, recall_at_k, recall_vs_exact
+from models import MODEL_REGISTRY, EventBatch, ModelConfig, retrieval
+from models.retrieval import Retriever, block_topk, build_index, recall_at_k, recall_vs_exact
 
 
 def setup(exclude="none", topk=5, name="mv"):
@@ -41,6 +41,43 @@ def test_exclude_seen_removes_memory_items(mode):
     model, vecs, st, u, r = setup(mode)
     items, _ = r.candidates(model, st, u)
     assert not ({3, 7} & set(items[0].tolist()))
+
+
+@pytest.mark.parametrize(("B", "nb", "k"), [(1, 1, 5), (3, 2, 20), (7, 40, 20), (5, 10, 84), (2, 300, 3)])
+def test_block_topk_gives_torch_topk_values(B, nb, k):
+    s = torch.randn(B, nb * 16, generator=torch.Generator().manual_seed(nb))
+    s[0, :5] = float("-inf")  # masked entries, as the flat search makes them
+    k = min(k, s.shape[1])
+    vals, idx = block_topk(s, k, 16)
+    want = s.topk(k, dim=1)
+    assert torch.equal(vals, want.values)
+    assert torch.equal(s.gather(1, idx), vals)  # the indices point at those values
+    assert all(len(set(row.tolist())) == k for row in idx)
+
+
+def test_flat_search_is_exact_across_user_chunks(monkeypatch):
+    """Hits outside each user's memory and the exact log Z over every item, equal to a dense
+    reference, when the users are split over several chunks of the score buffer."""
+    rng = np.random.default_rng(3)
+    D, N, B, M = 8, 997, 9, 6  # N + 1 not a multiple of the block: padded columns must never win
+    vecs = np.concatenate([np.zeros((1, D)), rng.normal(size=(N, D))]).astype(np.float32)
+    model = MODEL_REGISTRY["gru"](ModelConfig(name="gru", dim=D, hidden=8), vecs).eval()
+    u = torch.from_numpy(rng.normal(size=(B, D)).astype(np.float32))
+    mem = torch.from_numpy(rng.integers(1, N + 1, size=(B, M)))
+    mem[0, 3:] = 0  # empty slots
+    mem[1, 1] = mem[1, 0]  # a repeated item
+    monkeypatch.setattr(retrieval, "SCORE_BUFFER_FLOATS", 4 * 1024)  # 4 users per chunk
+    r = Retriever(vecs, "flat", topk=10)
+    top_s, top_i, logz = r.flat_search(model, u, mem, want_logz=True)
+    dense = u @ torch.from_numpy(vecs[1:]).T  # (B, N), column j = item j + 1
+    torch.testing.assert_close(logz, torch.logsumexp(dense, dim=1))
+    masked = dense.scatter(1, (mem - 1).clamp(min=0), float("-inf"))
+    masked[0, :] = dense[0, :]
+    masked[0].scatter_(0, mem[0, :3] - 1, float("-inf"))  # row 0: only its three filled slots
+    want = masked.topk(10, dim=1)
+    torch.testing.assert_close(top_s, want.values)
+    assert torch.equal(top_i, want.indices + 1)
+    assert not (top_i[:, :, None] == mem[:, None, :]).any()
 
 
 def test_approximate_indexes_report_recall():
