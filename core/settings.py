@@ -85,6 +85,11 @@ class Settings(BaseSettings):
         64, ge=1, description="most idle sessions one sweep closes; more due go on after the next batch (bounds "
         "how long a sweep holds up the agent when event time jumps)"
     )
+    idle_sweep_max_defer_s: float = Field(
+        60.0, ge=0, description="while the worker is behind (consumer lag above one full batch) sweeps wait for it "
+        "to catch up, at most this long (s): fresh events first, and a user who comes back in the backlog needs "
+        "no close message"
+    )
     reload_check_s: float = Field(
         2.0, gt=0, description="seconds between checks of the checkpoint/items mtimes for a hot swap; SIGHUP checks at once"
     )

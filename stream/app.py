@@ -132,11 +132,14 @@ def make_app(settings: Settings, processor: BatchProcessor, metrics: Metrics,
                            for ev in batch for m in (ev.message,)]  # fmt: skip
                 report = await step.run(records)
                 sweep.observe(records, report.applied)
-                await sweep.maybe_run()  # between batches: idle sessions (stream/sweep.py)
+                lag = 0
                 for tp, offset in {ev.message.tp: ev.message.offset for ev in batch}.items():
                     hw = app.consumer.highwater(tp)
                     if hw is not None:
-                        metrics.consumer_lag.labels(str(tp.partition)).set(max(0, hw - offset - 1))
+                        behind = max(0, hw - offset - 1)
+                        lag += behind
+                        metrics.consumer_lag.labels(str(tp.partition)).set(behind)
+                await sweep.maybe_run(lag)  # between batches: idle sessions (stream/sweep.py)
         except Exception as e:  # the failed batch is not acked (stream/batching.py): a restart replays it
             if on_fatal is None:
                 raise

@@ -22,6 +22,13 @@ its result is enough. The sweep therefore has nothing to write: it reads rows th
 `StateStore` and publishes through the same `OutputSink` (and waits for the acks) as a batch, and
 runs between batches on the agent's task, so it never interleaves with a batch's commit order.
 Outputs are at-least-once, like the batch's.
+
+Behind (a consumer lag of more than one full batch: a backfill, a restart, a burst) the sweep
+waits until the worker has caught up, at most `idle_sweep_max_defer_s`: fresh events go first,
+and a due user whose next event is in the backlog needs no close message (their entry is
+superseded and dropped, as when they come back before the sweep). Users who do not come back
+are closed once the worker catches up. Measured on a 60k-event backfill: closing sessions took
+~20 % of the worker's time (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -101,6 +108,7 @@ class IdleSweep:
         self.gap_ms = int(settings.session_gap_s * 1000)
         self.clock = clock
         self._next = 0.0
+        self._last_run = clock()
         self.backlog = False  # the last sweep left due sessions for the next one
         self.enabled = settings.idle_sweep_s > 0
 
@@ -117,10 +125,17 @@ class IdleSweep:
         for p in parts:
             self.anchor.pop(p, None)
 
-    async def maybe_run(self) -> int:
-        if not self.enabled or self.clock() < self._next:
+    async def maybe_run(self, lag: int = 0) -> int:
+        """`lag`: the consumer lag of the partitions of the batch just processed (events)."""
+        if not self.enabled:
             return 0
-        self._next = self.clock() + self.settings.idle_sweep_s
+        now = self.clock()
+        if lag > self.settings.batch_max_events and now - self._last_run < self.settings.idle_sweep_max_defer_s:
+            return 0  # behind: fresh events first (the module docstring)
+        if now < self._next:
+            return 0
+        self._next = now + self.settings.idle_sweep_s
+        self._last_run = now
         try:
             n = await self.run()
             if self.backlog:  # the per-tick cap was hit: go on after the next batch, not in idle_sweep_s

@@ -183,3 +183,34 @@ def test_a_sweep_closes_at_most_its_cap_and_the_rest_after_the_next_batch() -> N
     assert [u for u, _ in first] == ["u0", "u1", "u2", "u3"]  # oldest first
     assert [u for u, _ in rest] == [f"u{u}" for u in range(4, 10)]
     assert idx.due(part, gap_ms=1_000) == []
+
+
+def test_a_worker_behind_defers_the_sweep_until_it_catches_up_or_the_deferral_ends(served) -> None:
+    """Lag above one full batch: no sweep (fresh events first); lag back under it: the due users
+    are closed; still behind after idle_sweep_max_defer_s: the sweep runs anyway."""
+    settings, _, _ = served
+    s = settings.model_copy(update={"batch_max_events": 10, "idle_sweep_max_defer_s": 30.0})
+    now = [100.0]
+    journal: list = []
+    store, sink = MemoryStore(journal), MemorySink(journal)
+    proc = ModelProcessor(s)
+    step = BatchStep(s, proc, store, sink)
+    sweep = IdleSweep(s, proc, store, sink, clock=lambda: now[0])
+    recs = [record("a", "i1", T0, 0), record("b", "i2", T0 + 120 * MIN, 1)]  # a is idle by b's event
+
+    async def drive() -> list[int]:
+        report = await step.run(recs)
+        sweep.observe(recs, report.applied)
+        got = [await sweep.maybe_run(lag=11)]  # behind: deferred
+        now[0] += 10
+        got.append(await sweep.maybe_run(lag=10))  # caught up (one batch left): a is closed
+        later = [record("c", "i3", T0 + 240 * MIN, 2)]  # b is idle now
+        report = await step.run(later)
+        sweep.observe(later, report.applied)
+        now[0] += 10
+        got.append(await sweep.maybe_run(lag=500))  # behind, 10 s after the last sweep: deferred
+        now[0] += 25
+        got.append(await sweep.maybe_run(lag=500))  # behind for 35 s > 30 s: runs anyway
+        return got
+
+    assert asyncio.run(drive()) == [0, 1, 0, 1]
