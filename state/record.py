@@ -16,6 +16,9 @@ from __future__ import annotations
 import hashlib
 import struct
 import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 
@@ -56,43 +59,105 @@ def _name(n: str) -> bytes:
     return bytes([len(b)]) + b
 
 
-# The live worker writes and reads thousands of records of ONE layout per second, so the parsed
-# header of a layout is kept (a few layouts at most: one per served model and item table). A
-# cached header is only ever one that a full parse validated; every record still has its own
-# magic, version, flags, length and crc checked.
-_ENCODE_HEADS: dict[tuple, tuple[bytes, int]] = {}
-_DECODE_HEADS: dict[tuple[int, int], tuple[bytes, list[tuple[str, np.dtype, tuple[int, ...], int, int]], Meta]] = {}
+# The live worker writes and reads thousands of records of ONE layout per second, so a parsed
+# layout (array specs + meta names; meta VALUES vary per record and are packed with a cached
+# struct) is kept: a few layouts at most, one per served model and item table, plus the guard
+# envelope. A cached layout is only ever one that a full parse (or `_layout`) validated; every
+# record still has its own magic, version, flags, length and crc checked.
+@dataclass(frozen=True)
+class _Layout:
+    head: bytes  # n_arrays, n_meta and the array specs: the body up to the meta entries
+    meta_names: tuple[str, ...]  # sorted
+    meta_tags: tuple[bytes, ...]  # each meta name as stored (length-prefixed)
+    meta_struct: struct.Struct  # the meta entries: (tag, int64 value) per name
+    fields: tuple[tuple[str, np.dtype, tuple[int, ...], int, int], ...]  # name, dtype, shape, body offset, count
+    fp: int
+    body_len: int
+
+    def pack_meta(self, meta: Meta) -> bytes:
+        return self.meta_struct.pack(*chain.from_iterable(zip(self.meta_tags, (int(meta[n]) for n in self.meta_names),
+                                                                strict=True)))
+
+    def read(self, body: bytes) -> tuple[Arrays, Meta] | None:
+        """The record's arrays and meta if `body` is of this layout, else None (full parse)."""
+        if not body.startswith(self.head):
+            return None
+        vals = self.meta_struct.unpack_from(body, len(self.head))
+        if vals[0::2] != self.meta_tags:
+            return None
+        arrays = {name: np.frombuffer(body, dtype=dt, count=count, offset=off).reshape(shape).copy()
+                  for name, dt, shape, off, count in self.fields}
+        return arrays, dict(zip(self.meta_names, vals[1::2], strict=True))
+
+
+_ENCODE_LAYOUTS: dict[tuple, _Layout] = {}
+_DECODE_LAYOUTS: dict[tuple[int, int], _Layout] = {}
 _CACHE_MAX = 64
 
 
-def _head(arrays: Arrays, meta: Meta) -> tuple[bytes, int]:
-    """(header bytes, fingerprint) of a layout, from the cache when this layout was seen."""
-    key = (tuple((n, np.asarray(a).dtype.str, np.shape(a)) for n, a in sorted(arrays.items())),
-           tuple(sorted(meta.items())))
-    hit = _ENCODE_HEADS.get(key)
-    if hit is not None:
-        return hit
-    if len(arrays) > 255 or len(meta) > 255:
+def _layout(specs: Sequence[tuple[str, np.dtype, tuple[int, ...]]], meta_names: Sequence[str]) -> _Layout:
+    """specs: (name, normalized dtype, shape) sorted by name; meta_names sorted."""
+    if len(specs) > 255 or len(meta_names) > 255:
         raise StateRecordError("too many fields")
-    head = [bytes([len(arrays), len(meta)])]
-    for n in sorted(arrays):
-        a = np.asarray(arrays[n])
-        ds = _norm_dtype(a.dtype).str.encode()
-        head.append(_name(n) + bytes([len(ds)]) + ds + bytes([a.ndim]) + struct.pack(f"<{a.ndim}I", *a.shape))
-    for n in sorted(meta):
-        head.append(_name(n) + struct.pack("<q", int(meta[n])))
-    out = (b"".join(head), fingerprint(arrays, meta))
-    if len(_ENCODE_HEADS) >= _CACHE_MAX:
-        _ENCODE_HEADS.clear()
-    _ENCODE_HEADS[key] = out
-    return out
+    head = [bytes([len(specs), len(meta_names)])]
+    for n, dt, shape in specs:
+        ds = dt.str.encode()
+        head.append(_name(n) + bytes([len(ds)]) + ds + bytes([len(shape)]) + struct.pack(f"<{len(shape)}I", *shape))
+    tags = tuple(_name(n) for n in meta_names)
+    meta_struct = struct.Struct("<" + "".join(f"{len(t)}sq" for t in tags))
+    head_b = b"".join(head)
+    fields, off = [], len(head_b) + meta_struct.size
+    for n, dt, shape in specs:
+        count = int(np.prod(shape, dtype=np.int64))
+        fields.append((n, dt, tuple(shape), off, count))
+        off += dt.itemsize * count
+    fp = int.from_bytes(hashlib.blake2b(
+        (";".join(f"{n}:{dt.str}:{tuple(shape)}" for n, dt, shape in specs) + "|" + ",".join(meta_names)).encode(),
+        digest_size=8).digest(), "little")
+    return _Layout(head_b, tuple(meta_names), tags, meta_struct, tuple(fields), fp, off)
+
+
+def _encode_layout(arrays: dict[str, np.ndarray], meta: Meta, batched: bool = False) -> _Layout:
+    """The layout of a record of these arrays (row shapes: a leading batch axis is dropped)."""
+    key = (tuple((n, a.dtype.str, a.shape[1:] if batched else a.shape) for n, a in sorted(arrays.items())),
+           tuple(sorted(meta)))
+    lay = _ENCODE_LAYOUTS.get(key)
+    if lay is None:
+        lay = _layout([(n, _norm_dtype(arrays[n].dtype), shape) for n, _, shape in key[0]], key[1])
+        if len(_ENCODE_LAYOUTS) >= _CACHE_MAX:
+            _ENCODE_LAYOUTS.clear()
+        _ENCODE_LAYOUTS[key] = lay
+    return lay
 
 
 def encode(arrays: Arrays, meta: Meta) -> bytes:
-    head, fp = _head(arrays, meta)
-    body = head + b"".join(
-        np.ascontiguousarray(a, dtype=_norm_dtype(np.asarray(a).dtype)).tobytes() for _, a in sorted(arrays.items()))
-    return _PREFIX.pack(MAGIC, VERSION, 0, fp, zlib.crc32(body), len(body)) + body
+    arrs = {n: np.asarray(a) for n, a in arrays.items()}
+    lay = _encode_layout(arrs, meta)
+    body = b"".join([lay.head, lay.pack_meta(meta),
+                     *(np.ascontiguousarray(arrs[n], dtype=dt).tobytes() for n, dt, _, _, _ in lay.fields)])
+    return _PREFIX.pack(MAGIC, VERSION, 0, lay.fp, zlib.crc32(body), len(body)) + body
+
+
+def encode_rows(arrays: Arrays, meta: Meta) -> list[bytes]:
+    """[encode({k: v[b] for k, v in arrays.items()}, meta) for b in range(B)], byte for byte, for
+    arrays with a leading batch axis B: one byte matrix for the batch instead of one tobytes()
+    per field and user (the worker writes one record per user of every batch)."""
+    arrs = {n: np.asarray(a) for n, a in arrays.items()}
+    sizes = {a.shape[0] for a in arrs.values() if a.ndim}
+    if len(sizes) != 1 or any(a.ndim == 0 for a in arrs.values()):
+        raise StateRecordError("encode_rows needs arrays with one common leading batch axis")
+    B = sizes.pop()
+    lay = _encode_layout(arrs, meta, batched=True)
+    data = np.concatenate([np.ascontiguousarray(arrs[n], dtype=dt).reshape(B, -1).view(np.uint8)
+                           for n, dt, _, _, _ in lay.fields], axis=1) if lay.fields else np.zeros((B, 0), np.uint8)
+    head = lay.head + lay.pack_meta(meta)
+    head_crc = zlib.crc32(head)
+    out = []
+    for row in data:  # one bytes object per user is the output itself
+        tail = row.tobytes()
+        out.append(b"".join((_PREFIX.pack(MAGIC, VERSION, 0, lay.fp, zlib.crc32(tail, head_crc), len(head) + len(tail)),
+                             head, tail)))
+    return out
 
 
 class _Reader:
@@ -138,11 +203,11 @@ def decode(blob: bytes, expect_fingerprint: int | None = None) -> tuple[Arrays, 
             f"state record schema {fp:016x} differs from the expected schema {expect_fingerprint:016x}; "
             "it was written by another model/state layout (drop the data dir or migrate)"
         )
-    cached = _DECODE_HEADS.get((fp, body_len))
-    if cached is not None and body.startswith(cached[0]):
-        arrays = {name: np.frombuffer(body, dtype=dt, count=count, offset=off).reshape(shape).copy()
-                  for name, dt, shape, off, count in cached[1]}
-        return arrays, dict(cached[2])
+    lay = _DECODE_LAYOUTS.get((fp, body_len))
+    if lay is not None:
+        hit = lay.read(body)
+        if hit is not None:
+            return hit
     try:
         r = _Reader(body)
         n_arr, n_meta = r.u8(), r.u8()
@@ -170,19 +235,52 @@ def decode(blob: bytes, expect_fingerprint: int | None = None) -> tuple[Arrays, 
         raise StateRecordError(f"state record has {len(body) - r.i} trailing bytes")
     if fingerprint(arrays, meta) != fp:
         raise StateRecordError("state record fingerprint does not match its own layout (corrupt)")
-    _remember_layout(fp, body, specs, meta)
+    lay = _layout([(n, _norm_dtype(dt), tuple(shape)) for n, dt, shape in specs], list(meta))
+    if lay.fp == fp and lay.body_len == body_len and lay.read(body) is not None:  # remember a layout only
+        if len(_DECODE_LAYOUTS) >= _CACHE_MAX:  # when it reads this very record back
+            _DECODE_LAYOUTS.clear()
+        _DECODE_LAYOUTS[(fp, body_len)] = lay
     return arrays, meta
 
 
-def _remember_layout(fp: int, body: bytes, specs: list[tuple[str, np.dtype, tuple[int, ...]]], meta: Meta) -> None:
-    """Cache a fully validated record's header: the same header bytes mean the same buffers."""
-    data = sum(dt.itemsize * int(np.prod(shape, dtype=np.int64)) for _, dt, shape in specs)
-    head_len = len(body) - data
-    fields, off = [], head_len
-    for name, dt, shape in specs:
-        count = int(np.prod(shape, dtype=np.int64))
-        fields.append((name, dt, shape, off, count))
-        off += dt.itemsize * count
-    if len(_DECODE_HEADS) >= _CACHE_MAX:
-        _DECODE_HEADS.clear()
-    _DECODE_HEADS[(fp, len(body))] = (body[:head_len], fields, dict(meta))
+def decode_rows(blobs: Sequence[bytes]) -> tuple[list[int], Arrays, list[Meta]]:
+    """Vectorized `decode` of the records of the most common cached layout among `blobs`:
+    (positions decoded, arrays stacked along a new leading axis in that order, their metas).
+    Every record is still checked (magic, version, flags, length, crc, header); the others (other
+    layouts, unseen layouts, bad records) are left to `decode`, which raises the precise error."""
+    keys: list[tuple[int, int] | None] = []
+    for blob in blobs:
+        if isinstance(blob, bytes) and len(blob) >= _PREFIX.size:
+            magic, version, flags, fp, _, body_len = _PREFIX.unpack_from(blob)
+            ok = magic == MAGIC and version == VERSION and flags == 0 and len(blob) - _PREFIX.size == body_len
+            keys.append((fp, body_len) if ok and (fp, body_len) in _DECODE_LAYOUTS else None)
+        else:
+            keys.append(None)
+    counts: dict[tuple[int, int], int] = {}
+    for k in keys:
+        if k is not None:
+            counts[k] = counts.get(k, 0) + 1
+    if not counts:
+        return [], {}, []
+    key = max(counts, key=counts.__getitem__)
+    lay = _DECODE_LAYOUTS[key]
+    n_head = len(lay.head)
+    pos, bodies, metas = [], [], []
+    for i, (k, blob) in enumerate(zip(keys, blobs, strict=True)):
+        if k != key:
+            continue
+        body = memoryview(blob)[_PREFIX.size :]
+        if zlib.crc32(body) != _PREFIX.unpack_from(blob)[4] or body[:n_head] != lay.head:
+            continue
+        vals = lay.meta_struct.unpack_from(body, n_head)
+        if vals[0::2] != lay.meta_tags:
+            continue
+        pos.append(i)
+        bodies.append(body)
+        metas.append(dict(zip(lay.meta_names, vals[1::2], strict=True)))
+    if not pos:
+        return [], {}, []
+    data = np.frombuffer(b"".join(bodies), np.uint8).reshape(len(pos), lay.body_len)
+    arrays = {name: data[:, off : off + dt.itemsize * count].copy().view(dt).reshape((len(pos), *shape))
+              for name, dt, shape, off, count in lay.fields}
+    return pos, arrays, metas

@@ -27,11 +27,12 @@ from core.settings import Settings
 from models.base import EventBatch, event_type_index
 from models.grouping import group_by_user
 from models.serving import Serving, build_messages
-from state.record import StateRecordError, decode, encode
+from state.record import StateRecordError, decode, decode_rows, encode_rows
 from stream.ports import ModelInfo, StepResult
 
 log = logging.getLogger("livemb.processor")
 
+Decoded = tuple[list[str], dict[str, np.ndarray]]  # users, their stored states stacked per field
 INDEX_FIELDS = ("mem_item", "win_item")  # state tensors that hold item indices (remapped on swap)
 
 
@@ -121,40 +122,74 @@ class ModelProcessor:
             self._remap(arrays, meta.get("items"), sv.table)
         return arrays
 
-    def _gather(self, decoded: dict[str, dict[str, np.ndarray]], users: Sequence[str], sv: Serving
-                ) -> dict[str, torch.Tensor]:
-        """Stack the users' stored states per field into (B, ...) tensors; new users keep init_state."""
+    def _decode_all(self, blobs: dict[str, bytes], sv: Serving) -> tuple[list[Decoded], dict[str, str]]:
+        """The stored states of a batch: the rows of the common layout in one vectorized pass
+        (`decode_rows`), any other row one by one (another layout, or an error isolated to its
+        user). Returns groups of (users, stacked arrays) and the refused users with the reason."""
+        users = list(blobs)
+        pos, arrays, metas = decode_rows([blobs[u] for u in users])
+        groups: list[Decoded] = []
+        rejected: dict[str, str] = {}
+        if pos:
+            spec = sv.model.state_spec()
+            if set(arrays) == set(spec):
+                here = items_key(sv.table)
+                for old in {m.get("items") for m in metas} - {here}:  # rows written under another item table
+                    rows = np.array([j for j, m in enumerate(metas) if m.get("items") == old])
+                    part = {k: v[rows] for k, v in arrays.items()}
+                    self._remap(part, old, sv.table)
+                    for k in INDEX_FIELDS:
+                        if k in arrays:
+                            arrays[k][rows] = part[k]
+                groups.append(([users[j] for j in pos], arrays))
+            else:
+                why = f"stored state was written by another model (fields {sorted(arrays)[:4]}...)"
+                rejected.update({users[j]: why for j in pos})
+        done = set(pos)
+        for j, user in enumerate(users):
+            if j in done:
+                continue
+            try:
+                one = self._decode(user, blobs[user], sv)
+            except (StateRecordError, ForeignState) as e:  # isolated to this user
+                rejected[user] = str(e)
+                continue
+            groups.append(([user], {k: v[None] for k, v in one.items()}))
+        return groups, rejected
+
+    def _gather(self, groups: list[Decoded], users: Sequence[str], sv: Serving) -> dict[str, torch.Tensor]:
+        """The users' stored states as (B, ...) tensors, one copy per field and group (in the
+        steady state one group); new users keep init_state."""
         st = sv.model.init_state(len(users))
-        rows = [b for b, u in enumerate(users) if u in decoded]
-        if rows:
-            idx = torch.tensor(rows, device=self.device)
+        at = {u: b for b, u in enumerate(users)}
+        for names, arrays in groups:
+            keep = [j for j, u in enumerate(names) if u in at]
+            if not keep:
+                continue
+            idx = torch.tensor([at[names[j]] for j in keep], device=self.device)
+            sel = keep if len(keep) < len(names) else slice(None)
             for k in sv.model.state_spec():
-                st[k][idx] = torch.from_numpy(np.stack([decoded[users[b]][k] for b in rows])).to(self.device)
+                st[k][idx] = torch.from_numpy(np.ascontiguousarray(arrays[k][sel])).to(self.device)
         return st
 
     def _remap(self, arrays: dict[str, np.ndarray], old_key: int | None, table: ItemTable) -> None:
         old = self.tables.get(old_key) if old_key is not None else None
         for k in INDEX_FIELDS:
             if k in arrays:
-                arrays[k] = table.lookup(old.id_of(arrays[k])) if old is not None else np.zeros_like(arrays[k])
+                a = arrays[k]  # any shape: (M,) for one user, (n, M) for a group
+                arrays[k] = (table.lookup(old.id_of(a.ravel())).reshape(a.shape).astype(a.dtype) if old is not None
+                             else np.zeros_like(a))
 
     def _scatter(self, users: Sequence[str], st: dict[str, torch.Tensor], sv: Serving) -> dict[str, bytes]:
         host = {k: v.cpu().numpy() for k, v in st.items()}  # one copy per field for the whole batch
         meta = {"items": items_key(sv.table)}
-        return {u: encode({k: v[b] for k, v in host.items()}, meta) for b, u in enumerate(users)}
+        return dict(zip(users, encode_rows(host, meta), strict=True))  # one byte matrix for the batch
 
     # ------------------------------------------------------------------ the batch
     def process(self, events: list[ValidEvent], states: dict[str, bytes | None]) -> StepResult:
         self.maybe_reload()
         sv = self.serving
-        decoded: dict[str, dict[str, np.ndarray]] = {}
-        rejected: dict[str, str] = {}
-        for user, blob in states.items():
-            if blob is not None:
-                try:
-                    decoded[user] = self._decode(user, blob, sv)
-                except (StateRecordError, ForeignState) as e:  # isolated to this user
-                    rejected[user] = str(e)
+        decoded, rejected = self._decode_all({u: b for u, b in states.items() if b is not None}, sv)
         if rejected:
             events = [e for e in events if e.user_id not in rejected]
         if not events:
@@ -182,13 +217,10 @@ class ModelProcessor:
         """The idle-session sweep (stream/sweep.py): for each user, a message whose embedding is the
         model's next-session embedding (the open session folded in). [] for models without sessions."""
         sv = self.serving
-        decoded: dict[str, dict[str, np.ndarray]] = {}
-        for user, blob in states.items():
-            try:
-                decoded[user] = self._decode(user, blob, sv)
-            except (StateRecordError, ForeignState) as e:
-                log.warning("idle sweep skips user %r: %s", user, e)
-        users = list(decoded)
+        decoded, rejected = self._decode_all(states, sv)
+        for user, why in rejected.items():
+            log.warning("idle sweep skips user %r: %s", user, why)
+        users = [u for u in states if u not in rejected]
         if not users:
             return []
         st = self._gather(decoded, users, sv)

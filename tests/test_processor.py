@@ -79,7 +79,12 @@ def test_hot_swap_of_items_remaps_state(served, tmp_path):
     s = settings.model_copy(update={"items_path": str(items_path)})
     proc = ModelProcessor(s, reload_check_s=0.0)
     e1 = ValidEvent("u1", table.ids[5], 1_700_000_000_000, "click", "a", 0, 0)
-    new = proc.process([e1], {"u1": None}).states
+    e0 = ValidEvent("u0", table.ids[2], 1_700_000_000_000, "click", "z", 0, 2)
+    new = proc.process([e0, e1], {"u0": None, "u1": None}).states
+    from state.record import decode, decode_rows
+
+    decode(new["u1"])  # the layout is known: the rows go through the batch decoder (decode_rows)
+    assert decode_rows([new["u0"], new["u1"]])[0] == [0, 1]
     # reversed catalogue order: same ids and vectors, different indices and fingerprint
     swapped = ItemTable(table.ids[::-1].copy(), table.vectors[::-1].copy())
     swapped.save(items_path)
@@ -87,14 +92,13 @@ def test_hot_swap_of_items_remaps_state(served, tmp_path):
 
     os.utime(items_path, (1e9, 2e9))
     e2 = ValidEvent("u1", table.ids[6], 1_700_000_010_000, "click", "b", 0, 1)
-    res = proc.process([e2], new)
+    e3 = ValidEvent("u0", table.ids[3], 1_700_000_010_000, "click", "y", 0, 3)
+    res = proc.process([e2, e3], new)
     new2, outs = res.states, res.outputs
     assert proc.serving.table.fingerprint == swapped.fingerprint
-    from state.record import decode
-
-    mem = decode(new2["u1"])[0]["mem_item"]
-    held = set(swapped.id_of(mem[mem > 0]).tolist())
-    assert held == {table.ids[5], table.ids[6]}  # the old item survived the swap by id
+    for user, want in (("u1", {table.ids[5], table.ids[6]}), ("u0", {table.ids[2], table.ids[3]})):
+        mem = decode(new2[user])[0]["mem_item"]
+        assert set(swapped.id_of(mem[mem > 0]).tolist()) == want  # the old item survived the swap by id
     assert orjson.loads(outs[0][1])["items_version"] == swapped.fingerprint
     assert torch.get_num_threads() == settings.torch_threads
 

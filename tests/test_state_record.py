@@ -9,7 +9,7 @@ import pytest
 
 from core.events import ValidEvent
 from state.guard import Decision, GuardState, keep_newer, plan_batch, position, unwrap, wrap
-from state.record import MAGIC, StateRecordError, decode, encode, fingerprint
+from state.record import MAGIC, StateRecordError, decode, encode, encode_rows, fingerprint
 from stream.gap_repair import OffsetContinuity
 
 
@@ -230,11 +230,11 @@ def test_cached_layout_decodes_like_a_full_parse_and_still_checks_each_record() 
 
     from state import record
 
-    record._DECODE_HEADS.clear()
-    record._ENCODE_HEADS.clear()
+    record._DECODE_LAYOUTS.clear()
+    record._ENCODE_LAYOUTS.clear()
     arrays, meta = sample()
     first = encode(arrays, meta)
-    assert decode(first)[1] == meta and len(record._DECODE_HEADS) == 1  # parsed and remembered
+    assert decode(first)[1] == meta and len(record._DECODE_LAYOUTS) == 1  # parsed and remembered
     other = {k: (v + 1 if v.dtype.kind == "f" else v) for k, v in arrays.items()}
     blob = encode(other, {**meta, "session": 8})  # same layout, other values and meta value
     got, got_meta = decode(blob)
@@ -258,3 +258,51 @@ def test_cached_layout_decodes_like_a_full_parse_and_still_checks_each_record() 
     with pytest.raises(StateRecordError, match="corrupt"):
         decode(bytes(bad))
     assert encode(other, {**meta, "session": 8}) == blob  # the cached header encodes byte for byte
+
+
+def test_encode_rows_equals_one_encode_per_row() -> None:
+    """The worker's batch writer: the same bytes as encoding each user's slice on its own, for a
+    layout seen before and one that is new, with scalars, big-endian and non-contiguous fields."""
+    from state.record import encode_rows
+
+    rng = np.random.default_rng(5)
+    B = 7
+    rows = {
+        "h": rng.normal(size=(B, 12)).astype(np.float32),
+        "mem": rng.integers(0, 99, size=(B, 4, 3)).astype(">i8"),  # big-endian: stored little-endian
+        "n": rng.integers(0, 9, size=B),  # a scalar per user
+        "t": np.asfortranarray(rng.normal(size=(B, 5))),  # not C-contiguous
+    }
+    meta = {"items": 42, "a": -3}
+    got = encode_rows(rows, meta)
+    want = [encode({k: v[b] for k, v in rows.items()}, meta) for b in range(B)]
+    assert got == want
+    for b in (0, B - 1):
+        arrays, m = decode(got[b])
+        assert m == meta and all(np.array_equal(arrays[k], rows[k][b]) for k in rows)
+    with pytest.raises(StateRecordError, match="leading batch axis"):
+        encode_rows({"a": np.zeros((2, 3)), "b": np.zeros((3, 3))}, meta)
+
+
+def test_decode_rows_stacks_what_decode_reads_and_leaves_the_rest() -> None:
+    """The worker's batch reader: records of the cached layout are decoded into stacked arrays equal
+    to one decode each; a corrupt record, another layout and a non-record are left out (the
+    caller decodes those one by one and gets the precise error)."""
+    from state.record import decode_rows
+
+    rng = np.random.default_rng(6)
+    rows = {"h": rng.normal(size=(5, 6)).astype(np.float32), "n": np.arange(5)}
+    blobs = encode_rows(rows, {"items": 9})
+    decode(blobs[0])  # a full parse remembers the layout
+    corrupt = bytearray(blobs[2])
+    corrupt[-1] ^= 1
+    other = encode({"h": np.zeros(3, np.float32)}, {"items": 9})
+    mixed = [blobs[0], blobs[1], bytes(corrupt), other, b"junk", blobs[3], blobs[4]]
+    pos, arrays, metas = decode_rows(mixed)
+    assert pos == [0, 1, 5, 6]
+    for j, b in enumerate([0, 1, 3, 4]):
+        one, meta = decode(blobs[b])
+        assert metas[j] == meta
+        assert all(np.array_equal(arrays[k][j], one[k]) and arrays[k].dtype == one[k].dtype for k in one)
+    assert arrays["h"].flags.c_contiguous and arrays["h"].flags.writeable
+    assert decode_rows([other, b"junk"]) == ([], {}, [])  # no cached layout among them
