@@ -6,11 +6,14 @@
 3. ceiling: the passthrough agent (tools/passthrough.py: same Faust config, batching, topics;
    one output per input, no state) drains the preloaded log -> events/s
 4. the worker (`livemb worker`, a subprocess) drains the same log under its own group -> events/s
-   and the ratio; it stays up, every user warmed, for
-5. latency: wall-clock-stamped clicks offered at fractions of the worker's measured max; per step
-   event-to-publish from the consumer side (receive time - event_ts of each message) and from the
-   worker's histogram (bucket bounds); `--soak S` adds a long step at `--soak-load`
-6. scale-out: two worker processes in one new group drain the same log -> events/s vs one
+   and the ratio
+5. scale-out: two worker processes in one new group drain the same log -> events/s vs one (and
+   `--big-items N`: one worker over an N-item catalogue, its index built ahead of time)
+6. latency, last (its clicks land in the input topic; every rate above drains the same preloaded
+   log): the worker of step 4 again, on its data dir, every user warm; wall-clock-stamped clicks
+   offered at fractions of its measured max; per step event-to-publish from the consumer side
+   (receive time - event_ts of each message) and from the worker's histogram (bucket bounds);
+   `--soak S` adds a long step at `--soak-load`
 7. offline components (tools/bench_offline.py: retrieval at 50k items (--retrieval-sizes adds 1M), the served model's
    step at batch 1 vs 512 and after 10 vs 10,000 events, state bytes)
 8. a JSON report, a Markdown table and a plot (throughput vs offered load, latency CDFs)
@@ -190,23 +193,8 @@ def run_bench(args, settings: Settings) -> int:
                 report["worker"]["events_per_s"] / report["passthrough"]["events_per_s"], 3)
             print(f"worker / passthrough = {report['ratio_worker_passthrough']:.2f}", flush=True)
 
-            gen = bench_load.LoadGenerator(broker.bootstrap, settings.topic_in, users, item_ids)
             mx = report["worker"]["events_per_s"]
-            gen.run(0.1 * mx, 6.0)  # warm-up, not measured: the first live event closes every
-            time.sleep(settings.idle_sweep_s + 1)  # historic session (the idle sweep), once
-            steps = []
-            for f in args.loads:
-                steps.append(bench_load.latency_step(gen, broker.bootstrap, settings.topic_out, wport, f, f * mx,
-                                                     args.step_seconds))
-            if args.soak:
-                soak = bench_load.latency_step(gen, broker.bootstrap, settings.topic_out, wport, args.soak_load,
-                                               args.soak_load * mx, args.soak, rss_pid=w.pid)
-                report["soak"] = soak
-            report["latency"] = steps
-            gen.close()
             stop_process(w)
-            n += gen.sent  # the live clicks are in the input topic too: later groups drain them as well
-            report["log"]["events_with_live_clicks"] = n
 
             ports = [free_port(), free_port()]
             pair = [_worker(broker.url, model, items, p, work, f"bench-2w-{tag}", flags) for p in ports]
@@ -229,6 +217,29 @@ def run_bench(args, settings: Settings) -> int:
                            rss_mb=round(rss_bytes(b.pid) / 2**20), **bench_load.batch_figures(bport))
                 report["big_catalogue"] = row
                 stop_process(b)
+
+            # Latency last: its live clicks land in the input topic, and every throughput figure above
+            # must drain the same preloaded log (live clicks of random users cost ~3x a backfill event).
+            # The 1-worker process comes back on its own data dir and group: every user still warm.
+            procs.append(w := _worker(broker.url, model, items, wport, work, f"bench-1w-{tag}", flags))
+            from tools.demo import wait_ready
+
+            wait_ready(wport, w, 180)
+            gen = bench_load.LoadGenerator(broker.bootstrap, settings.topic_in, users, item_ids)
+            gen.run(0.1 * mx, 6.0)  # warm-up, not measured: the first live event closes every
+            time.sleep(settings.idle_sweep_s + 1)  # historic session (the idle sweep), once
+            steps = []
+            for f in args.loads:
+                steps.append(bench_load.latency_step(gen, broker.bootstrap, settings.topic_out, wport, f, f * mx,
+                                                     args.step_seconds))
+            if args.soak:
+                soak = bench_load.latency_step(gen, broker.bootstrap, settings.topic_out, wport, args.soak_load,
+                                               args.soak_load * mx, args.soak, rss_pid=w.pid)
+                report["soak"] = soak
+            report["latency"] = steps
+            gen.close()
+            report["log"]["live_clicks"] = gen.sent
+            stop_process(w)
     finally:
         for p in procs:
             stop_process(p)
