@@ -240,12 +240,13 @@ def run_evaluation(df, table, models: list[str], train_cfg: TrainConfig, test_fr
         res = dict(variants[DEFAULT_VARIANT])
         res.update(train_seconds=round(train_seconds, 2), eval_seconds=round(time.perf_counter() - t1, 2),
                    epoch_seconds=[round(s, 2) for s in hist["epoch_seconds"]],
+                   chosen_epoch=hist.get("chosen_epoch"), early_stopping=hist.get("early_stopping"),
                    targets_skipped_unknown_item=skipped, session_start=session_start, variants=variants,
                    after_event_type=after_type, by_memory=by_memory,
                    memory_hit_rate=round(in_memory / max(res["events_scored"], 1), 4))
         results[name] = res
-        log.info("%s: recall@10 %.4f mrr %.4f (train %.1fs, eval %.1fs)", name, res["recall@10"], res["mrr"],
-                 train_seconds, res["eval_seconds"])
+        log.info("%s: recall@10 %.4f mrr %.4f (train %.1fs, %s epochs, eval %.1fs)", name, res["recall@10"], res["mrr"],
+                 train_seconds, res["chosen_epoch"], res["eval_seconds"])
     dataset = {
         "events": int(len(df)), "users": int(df["user_id"].nunique()), "items": int(len(table)),
         "train_events": int(len(train_df)), "test_events": int(len(test_df)),

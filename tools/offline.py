@@ -52,13 +52,21 @@ def cmd_train(args, settings) -> Path:
     device = settings.resolved_device()
     model.to(device)
     seqs = list(sequences_from_frame(df, table).values())
-    cfg = TrainConfig(epochs=args.epochs, loss=args.loss, batch_size=args.batch_size, lr=args.lr)
+    cfg = train_config(args)
     hist = train_model(model, seqs, cfg)
     save_checkpoint(args.out, model, table.fingerprint, extra={"history": hist})
     per_epoch = np.mean(hist["epoch_seconds"]) if hist["epoch_seconds"] else 0.0
-    print(f"saved {args.out} ({model.name}, device {device}, {per_epoch:.2f} s/epoch, final loss "
-          f"{hist['loss'][-1] if hist['loss'] else float('nan'):.4f})")
+    print(f"saved {args.out} ({model.name}, device {device}, {hist.get('chosen_epoch')} epochs, {per_epoch:.2f} s/epoch, "
+          f"final loss {hist['loss'][-1] if hist['loss'] else float('nan'):.4f})")
     return Path(args.out)
+
+
+def train_config(args) -> TrainConfig:
+    """TrainConfig from the shared training flags (tools/cli._train_args)."""
+    d = TrainConfig()  # callers that build their own namespace (tools/demo.py) get the defaults
+    return TrainConfig(epochs=args.epochs, loss=args.loss, batch_size=args.batch_size, lr=args.lr,
+                       **{f: getattr(args, f, getattr(d, f)) for f in ("valid_fraction", "patience", "valid_metric",
+                                                                       "refit")})
 
 
 def model_overrides(args, settings) -> dict:
@@ -82,7 +90,7 @@ def cmd_evaluate(args, settings) -> dict:
     unknown = [n for n in names if n not in MODEL_REGISTRY]
     if unknown:
         raise SystemExit(f"unknown model(s) {unknown}; registered: {', '.join(MODEL_REGISTRY)}")
-    cfg = TrainConfig(epochs=args.epochs, loss=args.loss, batch_size=args.batch_size, lr=args.lr)
+    cfg = train_config(args)
     report = run_evaluation(df, table, names, cfg, test_frac=args.test_frac, device=settings.resolved_device(),
                             model_overrides=model_overrides(args, settings),
                             drop_event_types=getattr(args, "drop_event_types", False))
