@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 DENSE_MAX_ITEMS = 5000  # up to here the PPMI matrix is held dense (<= 100 MB float32)
 OVERSAMPLE = 10
 POWER_ITERS = 4
-KINDS = ("symmetric", "directed")
+KINDS = ("symmetric", "directed", "symmetric+pop")
 
 
 def _cooccurrence_pairs(
@@ -119,6 +119,8 @@ def build_item_vectors(
         raise ValueError("build_item_vectors: no interactions")
     if dim < 1 or window < 1 or min_count < 1:
         raise ValueError("build_item_vectors: dim, window and min_count must be >= 1")
+    if kind == "symmetric+pop" and dim < 2:
+        raise ValueError("build_item_vectors: symmetric+pop needs dim >= 2 (one coordinate is popularity)")
     if kind == "directed" and dim % 2:
         raise ValueError(f"build_item_vectors: directed vectors need an even dim (two halves), got {dim}")
 
@@ -135,6 +137,7 @@ def build_item_vectors(
              int((counts < min_count).sum()))
 
     directed = kind == "directed"
+    pop = kind == "symmetric+pop"
     a, b, c = _cooccurrence_pairs(users, items, window, ordered=directed)
     if len(a) == 0:
         raise ValueError("build_item_vectors: no two distinct items co-occur within any user's window")
@@ -158,7 +161,7 @@ def build_item_vectors(
              n, len(item_ids), len(vals), dim, kind)
 
     rng = np.random.default_rng(seed)
-    k = dim // 2 if directed else dim
+    k = dim // 2 if directed else dim - 1 if pop else dim
     u, s, v = _randomized_svd(*_matmul_factory(rows, cols, vals, n), n, k, rng)
     # Deterministic signs: the largest-magnitude entry of each column of U is positive (V follows).
     signs = np.sign(u[np.abs(u).argmax(axis=0), np.arange(u.shape[1])])
@@ -171,5 +174,11 @@ def build_item_vectors(
         log.warning("item-embeddings: %d items got a zero vector and are left out", int((~ok).sum()))
     vec = vec[ok] / norms[ok, None]
     ids = np.asarray(item_ids, dtype=str)[present][ok]
+    if pop:
+        # last coordinate: standardised log training count, so <u, x_i> can carry an additive
+        # popularity term (u's last coordinate, learned per context); PPMI removes popularity
+        logc = np.log(counts.loc[np.asarray(item_ids)[present][ok]].to_numpy(np.float64))
+        z = (logc - logc.mean()) / max(logc.std(), 1e-9)
+        vec = np.concatenate([vec, z[:, None]], axis=1)
     log.info("item-embeddings: %d vectors of dim %d", len(ids), dim)
     return ItemTable(ids, vec.astype(np.float32))

@@ -16,6 +16,7 @@ from models.serving import Serving
 from models.train import TrainConfig, sequences_from_frame, train_model
 from tools.evaluate import (
     build_model,
+    early_stopping_table,
     event_type_table,
     markdown_table,
     memory_split_table,
@@ -107,6 +108,8 @@ def cmd_evaluate(args, settings) -> dict:
     print(event_type_table(report))
     print()
     print(memory_split_table(report))
+    print()
+    print(early_stopping_table(report))
     return report
 
 
