@@ -29,8 +29,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patience", type=int, default=d.patience, help="early stopping: epochs without improvement")
     p.add_argument("--valid-metric", choices=list(VALID_METRICS), default=d.valid_metric)
     p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=d.refit,
-                   help="after choosing the epoch count, retrain on the whole train period (default: keep the "
-                        "best epoch's weights)")
+                   help="early stopping: after choosing the epoch count, retrain on the whole train period "
+                        "(--no-refit: keep the best epoch's weights, trained without the held-out tail)")
     p.add_argument("--loss", choices=list(LOSSES), default=d.loss)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
