@@ -118,3 +118,14 @@ def test_yoochoose_sample() -> None:
     assert len(table) > 0.9 * df["item_id"].nunique()
     co, rand = _consecutive_vs_random(df, table)
     assert co > rand + 0.2
+
+
+def test_popularity_coordinate(split) -> None:
+    """symmetric+pop: the symmetric vectors of dim-1 plus the standardised log training count."""
+    train, _ = split
+    sym = build_item_vectors(train, dim=15, seed=0)
+    pop = build_item_vectors(train, dim=16, seed=0, kind="symmetric+pop")
+    assert list(pop.ids) == list(sym.ids) and pop.dim == 16
+    np.testing.assert_allclose(pop.vectors[:, :15], sym.vectors, atol=1e-6)
+    logc = np.log(train["item_id"].value_counts().loc[pop.ids].to_numpy(np.float64))
+    np.testing.assert_allclose(pop.vectors[:, 15], (logc - logc.mean()) / logc.std(), atol=1e-5)

@@ -96,6 +96,7 @@ def cmd_evaluate(args, settings) -> dict:
                             model_overrides=model_overrides(args, settings),
                             drop_event_types=getattr(args, "drop_event_types", False))
     report["dataset"]["source"] = str(args.data)
+    report["dataset"]["items_source"] = str(args.items) if args.items else f"built from the train part ({args.item_vectors})"
     write_outputs(report, args.json, args.plot)
     print(markdown_table(report))
     print()

@@ -1,6 +1,8 @@
 """The learned repeat mixture against the best fixed rule, from `livemb evaluate --json` reports.
 
-    python -m tools.versus_rule runs/i8d/eco-all.json runs/i8d/eco-refit.json ...
+    python -m tools.versus_rule runs/i8d/eco-all.json runs/i8d/eco-refit.json "runs/i8d/yc-pop.json=pop vectors" ...
+
+(`PATH=NOTE` adds NOTE to that report's rows.)
 
 Reports of the same log (dataset.source and size) are pooled: the best fixed rule of a log is the
 best `rule+none` of any model in any of its reports (the counting baselines' `rep` is the rule),
@@ -22,10 +24,10 @@ def _key(report: dict) -> str:
     return f"{Path(d.get('source', '?')).name} ({d['events']} events, {d['items']} items)"
 
 
-def versus_rule_table(reports: list[dict]) -> str:
+def versus_rule_table(reports: list[dict], notes: list[str] | None = None) -> str:
     logs: dict[str, list[dict]] = {}
-    for r in reports:
-        logs.setdefault(_key(r), []).append(r)
+    for r, note in zip(reports, notes or [""] * len(reports), strict=True):
+        logs.setdefault(_key(r), []).append({**r, "note": note})
     rows = ["| log | model (chosen epoch) | mixture recall@10 / MRR | same model + rule | best fixed rule recall@10 / MRR "
             "(model) | mixture >= best rule? recall@10 / MRR |", "|---|---|---|---|---|---|"]
     for log, reps in logs.items():
@@ -36,7 +38,7 @@ def versus_rule_table(reports: list[dict]) -> str:
                 if not res.get("early_stopping") and not res.get("epoch_seconds"):
                     continue  # not trained: a counting model, its rep is the rule
                 es = res.get("early_stopping") or {}
-                label = f"{name} ({res.get('chosen_epoch')}{', refit' if es.get('refit') else ''})"
+                label = f"{name} ({res.get('chosen_epoch')}{', refit' if es.get('refit') else ''}{', ' + r['note'] if r['note'] else ''})"
                 mix, rule = res["variants"]["rep+none"], res["variants"]["rule+none"]
                 ok = ["yes" if mix[m] >= best[m][1][m] else f"no ({mix[m] - best[m][1][m]:+.4f})" for m in METRICS]
                 rows.append(f"| {log} | {label} | {mix['recall@10']:.4f} / {mix['mrr']:.4f} | "
@@ -50,7 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("reports", nargs="+")
     args = ap.parse_args(argv)
-    print(versus_rule_table([json.loads(Path(p).read_text()) for p in args.reports]))
+    paths, notes = zip(*((a.partition("=")[0], a.partition("=")[2]) for a in args.reports), strict=True)
+    print(versus_rule_table([json.loads(Path(p).read_text()) for p in paths], list(notes)))
 
 
 if __name__ == "__main__":
