@@ -123,7 +123,7 @@ def test_yoochoose_sample() -> None:
 def test_popularity_coordinate(split) -> None:
     """symmetric+pop: the symmetric vectors of dim-1 plus the standardised log training count."""
     train, _ = split
-    sym = build_item_vectors(train, dim=15, seed=0)
+    sym = build_item_vectors(train, dim=15, seed=0, kind="symmetric")
     pop = build_item_vectors(train, dim=16, seed=0, kind="symmetric+pop")
     assert list(pop.ids) == list(sym.ids) and pop.dim == 16
     np.testing.assert_allclose(pop.vectors[:, :15], sym.vectors, atol=1e-6)

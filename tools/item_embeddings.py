@@ -4,9 +4,15 @@ Items co-occur when they are within `window` positions of each other in a user's
 sequence. The count matrix is turned into PPMI and factorised with a truncated SVD (Levy & Goldberg
 2014: this approximates skip-gram).
 
-Two kinds:
-- "symmetric" (default): unordered pairs; vectors = U * sqrt(S), L2-normalised. <x_a, x_b> is "a and b appear
+Three kinds:
+- "symmetric": unordered pairs; vectors = U * sqrt(S), L2-normalised. <x_a, x_b> is "a and b appear
   together".
+- "symmetric+pop" (default): the symmetric vectors of dim - 1 plus one coordinate, the item's
+  standardised log training count. PPMI divides popularity out, and with unit-norm vectors
+  <u, x_i> cannot rank a popular item above a rare one in the same direction; the extra coordinate
+  gives the explore score an additive popularity term whose weight (u's last coordinate) each
+  model learns per context. Measured (docs/RESULTS.md, "Issue 8, fourth pass"): YooChoose-100k
+  recall@10 hiertcn +0.025, gru +0.011, hgru +0.004; ML-100K hiertcn +0.006.
 - "directed": ordered pairs (a before b) give a non-symmetric PPMI M ~ U S V^T; vectors =
   [U sqrt(S) ; V sqrt(S)] (dim/2 each, the "source" and "target" halves, as word2vec's input and
   output vectors), L2-normalised. <x_a, x_b> still measures similarity, and a linear map that
@@ -33,7 +39,8 @@ log = logging.getLogger(__name__)
 DENSE_MAX_ITEMS = 5000  # up to here the PPMI matrix is held dense (<= 100 MB float32)
 OVERSAMPLE = 10
 POWER_ITERS = 4
-KINDS = ("symmetric", "directed", "symmetric+pop")
+KINDS = ("symmetric+pop", "symmetric", "directed")
+DEFAULT_KIND = KINDS[0]
 
 
 def _cooccurrence_pairs(
@@ -107,7 +114,7 @@ def _randomized_svd(matmul, rmatmul, n: int, k: int, rng: np.random.Generator):
 
 def build_item_vectors(
     train_df: pd.DataFrame, dim: int = 64, window: int = 5, seed: int = 0, min_count: int = 1,
-    kind: str = "symmetric",
+    kind: str = DEFAULT_KIND,
 ) -> ItemTable:
     """PPMI-SVD item vectors from the interactions in `train_df` (user_id, item_id, ts)."""
     if kind not in KINDS:

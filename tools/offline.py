@@ -26,7 +26,7 @@ from tools.evaluate import (
     write_outputs,
 )
 from tools.eventlog import parse_columns, read_log, temporal_split
-from tools.item_embeddings import build_item_vectors
+from tools.item_embeddings import DEFAULT_KIND, build_item_vectors
 
 log = logging.getLogger("livemb")
 
@@ -35,7 +35,7 @@ def load_log(path: str, columns: str | None, ts_unit: str):
     return read_log(path, columns=parse_columns(columns) if columns else None, ts_unit=ts_unit)
 
 
-def items_for(df, items_path: str | None, dim: int, train_only: bool = True, kind: str = "symmetric") -> ItemTable:
+def items_for(df, items_path: str | None, dim: int, train_only: bool = True, kind: str = DEFAULT_KIND) -> ItemTable:
     """The given item table, or vectors built from the train part of `df` only (no test leakage)."""
     if items_path:
         return ItemTable.load(items_path)
