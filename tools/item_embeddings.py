@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 DENSE_MAX_ITEMS = 5000  # up to here the PPMI matrix is held dense (<= 100 MB float32)
 OVERSAMPLE = 10
 POWER_ITERS = 4
-KINDS = ("symmetric+pop", "symmetric", "directed")
+KINDS = ("symmetric+pop", "symmetric", "directed", "symmetric+pop+recent")
+RECENT_FRACTION = 0.1  # symmetric+pop+recent: "recent" = the last 10 % of the given frame's time range
 DEFAULT_KIND = KINDS[0]
 
 
@@ -126,8 +127,9 @@ def build_item_vectors(
         raise ValueError("build_item_vectors: no interactions")
     if dim < 1 or window < 1 or min_count < 1:
         raise ValueError("build_item_vectors: dim, window and min_count must be >= 1")
-    if kind == "symmetric+pop" and dim < 2:
-        raise ValueError("build_item_vectors: symmetric+pop needs dim >= 2 (one coordinate is popularity)")
+    n_pop = {"symmetric+pop": 1, "symmetric+pop+recent": 2}.get(kind, 0)
+    if n_pop and dim <= n_pop:
+        raise ValueError(f"build_item_vectors: {kind} needs dim > {n_pop} ({n_pop} coordinate(s) are popularity)")
     if kind == "directed" and dim % 2:
         raise ValueError(f"build_item_vectors: directed vectors need an even dim (two halves), got {dim}")
 
@@ -144,7 +146,6 @@ def build_item_vectors(
              int((counts < min_count).sum()))
 
     directed = kind == "directed"
-    pop = kind == "symmetric+pop"
     a, b, c = _cooccurrence_pairs(users, items, window, ordered=directed)
     if len(a) == 0:
         raise ValueError("build_item_vectors: no two distinct items co-occur within any user's window")
@@ -168,7 +169,7 @@ def build_item_vectors(
              n, len(item_ids), len(vals), dim, kind)
 
     rng = np.random.default_rng(seed)
-    k = dim // 2 if directed else dim - 1 if pop else dim
+    k = dim // 2 if directed else dim - n_pop
     u, s, v = _randomized_svd(*_matmul_factory(rows, cols, vals, n), n, k, rng)
     # Deterministic signs: the largest-magnitude entry of each column of U is positive (V follows).
     signs = np.sign(u[np.abs(u).argmax(axis=0), np.arange(u.shape[1])])
@@ -181,11 +182,17 @@ def build_item_vectors(
         log.warning("item-embeddings: %d items got a zero vector and are left out", int((~ok).sum()))
     vec = vec[ok] / norms[ok, None]
     ids = np.asarray(item_ids, dtype=str)[present][ok]
-    if pop:
+    if n_pop:
         # last coordinate: standardised log training count, so <u, x_i> can carry an additive
         # popularity term (u's last coordinate, learned per context); PPMI removes popularity
         logc = np.log(counts.loc[np.asarray(item_ids)[present][ok]].to_numpy(np.float64))
         z = (logc - logc.mean()) / max(logc.std(), 1e-9)
         vec = np.concatenate([vec, z[:, None]], axis=1)
+    if n_pop == 2:  # + the standardised log(1 + count) in the frame's most recent stretch (trend)
+        ts = df["ts"].to_numpy()
+        cut = ts.min() + (1.0 - RECENT_FRACTION) * (ts.max() - ts.min())
+        recent = df.loc[ts >= cut, "item_id"].value_counts()
+        r = np.log1p(recent.reindex(np.asarray(item_ids)[present][ok]).fillna(0).to_numpy(np.float64))
+        vec = np.concatenate([vec, ((r - r.mean()) / max(r.std(), 1e-9))[:, None]], axis=1)
     log.info("item-embeddings: %d vectors of dim %d", len(ids), dim)
     return ItemTable(ids, vec.astype(np.float32))

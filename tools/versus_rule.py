@@ -2,7 +2,7 @@
 
     python -m tools.versus_rule runs/i8d/eco-all.json runs/i8d/eco-refit.json "runs/i8d/yc-pop.json=pop vectors" ...
 
-(`PATH=NOTE` adds NOTE to that report's rows.)
+(`PATH=NOTE` adds NOTE to that report's rows; `PATH=rules-only` pools its rules, prints none of its rows.)
 
 Reports of the same log (dataset.source and size) are pooled: the best fixed rule of a log is the
 best `rule+none` of any model in any of its reports (the counting baselines' `rep` is the rule),
@@ -34,6 +34,8 @@ def versus_rule_table(reports: list[dict], notes: list[str] | None = None) -> st
         rules = [(name, res["variants"]["rule+none"]) for r in reps for name, res in r["results"].items()]
         best = {m: max(rules, key=lambda x, m=m: x[1][m]) for m in METRICS}
         for r in reps:
+            if r["note"] == "rules-only":
+                continue
             for name, res in r["results"].items():
                 if not res.get("early_stopping") and not res.get("epoch_seconds"):
                     continue  # not trained: a counting model, its rep is the rule
