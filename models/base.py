@@ -62,9 +62,6 @@ class ModelConfig:
     dilations: tuple[int, ...] = (1, 2, 4)
     # -- hierarchy: hiertcn, hiergru --------------------------------------------------------
     agg: str = "items"  # session aggregate: "items" (mean item vector) or "outputs"
-    # what the repeat gate reads: "h" = the long-term state before the open session, "open" = the
-    # long-term GRU applied to the open session's aggregate so far (h with the session folded in)
-    gate: str = "h"
     # -- hrnn -----------------------------------------------------------------------------
     dt_buckets: int = 16  # log2 time-delta levels
     version: str = "2"

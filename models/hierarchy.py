@@ -31,8 +31,6 @@ class HierarchicalModel(SeqModel):
         super().__init__(cfg, item_vectors)
         if cfg.agg not in ("items", "outputs"):
             raise ValueError(f"agg must be 'items' or 'outputs', got {cfg.agg!r}")
-        if cfg.gate not in ("h", "open"):
-            raise ValueError(f"gate must be 'h' or 'open', got {cfg.gate!r}")
         self.in_dim = cfg.dim + cfg.etype_dim
         self.agg_dim = cfg.dim if cfg.agg == "items" else cfg.channels
         self.h0 = nn.Parameter(torch.zeros(cfg.hidden))
@@ -128,34 +126,7 @@ class HierarchicalModel(SeqModel):
         w = self.out.weight  # (D, C + H)
         u = F.linear(o, w[:, : self.cfg.channels]) + F.linear(cond, w[:, self.cfg.channels :], self.out.bias)[b_idx, sess]
         # query-time session start: u for "a new session begins" = W[0 ; h before that session]
-        gate = cond_t if self.cfg.gate == "h" else self._open_gate(inp, item, o, mask, new_session, cond_t)
-        return SeqOut(u, starts=self._start_embedding(cond)[b_idx, sess], gate=gate)
-
-    def _open_gate(self, inp: Tensor, item: Tensor, o: Tensor, mask: Tensor, new_session: Tensor, cond_t: Tensor) -> Tensor:
-        """(B, T, H): after each event, the long-term GRU applied to the open session's aggregate so
-        far (what `gate_state` computes from the streaming state). Cumulative sums in float64 so
-        that long sequences keep the running sums' precision."""
-        a, n = self._agg_input(inp, o, item)
-        a, n = (a * mask[..., None]).double().cumsum(1), (n * mask).double().cumsum(1)
-        B, T = mask.shape
-        t = torch.arange(T, device=mask.device).expand(B, T)
-        start = torch.where(new_session, t, torch.zeros_like(t)).cummax(dim=1).values  # session's first event
-        prev = (start - 1).clamp(min=0)
-        before = (start > 0)
-        a = a - torch.where(before[..., None], a.gather(1, prev[..., None].expand_as(a)), torch.zeros_like(a))
-        n = n - torch.where(before, n.gather(1, prev), torch.zeros_like(n))
-        agg = (a / n.clamp(min=1.0)[..., None]).to(inp.dtype)
-        h = self.long_gru(agg.reshape(B * T, 1, -1), cond_t.reshape(1, B * T, -1).contiguous())[1][0]
-        return h.view(B, T, -1)
-
-    def gate_state(self, st: dict[str, Tensor]) -> Tensor:
-        return st["h"] if self.cfg.gate == "h" else self._fold_open_session(st)
-
-    def _fold_open_session(self, st: dict[str, Tensor]) -> Tensor:
-        """(B, H): h with the open session's aggregate folded in (h itself before any event)."""
-        agg = st["agg_sum"] / st["agg_n"].clamp(min=1.0)[:, None]
-        h_closed = self.long_gru(agg[:, None, :], st["h"][None].contiguous())[1][0]
-        return torch.where((st["session"] >= 0)[:, None], h_closed, st["h"])
+        return SeqOut(u, starts=self._start_embedding(cond)[b_idx, sess], gate=cond_t)
 
     def _start_embedding(self, h: Tensor) -> Tensor:
         return self.out(torch.cat([h.new_zeros((*h.shape[:-1], self.cfg.channels)), h], dim=-1))
@@ -164,4 +135,7 @@ class HierarchicalModel(SeqModel):
         """(B, D): the embedding if the user's next event opens a new session (the open session is
         folded into h first). Lets the hierarchy act at a session's first target, which the
         in-session embedding cannot know is coming (seed 003's query-time control)."""
-        return self._start_embedding(self._fold_open_session(st))
+        agg = st["agg_sum"] / st["agg_n"].clamp(min=1.0)[:, None]
+        h_closed = self.long_gru(agg[:, None, :], st["h"][None].contiguous())[1][0]
+        h = torch.where((st["session"] >= 0)[:, None], h_closed, st["h"])
+        return self._start_embedding(h)
