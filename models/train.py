@@ -68,7 +68,7 @@ class TrainConfig:
     valid_min_targets: int = 200
     # after choosing the epoch: True = retrain from the same initial weights on the whole train
     # period for that many epochs (the held-out tail is the most recent data: YooChoose recall@10
-    # +0.010..0.013 over keeping, docs/RESULTS.md "Issue 8, fourth pass"); False = keep the best
+    # +0.010..0.014 over keeping, docs/RESULTS.md "Issue 8, fourth pass"); False = keep the best
     # epoch's weights (trained without the tail; cheaper)
     refit: bool = True
 
