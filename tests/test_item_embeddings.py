@@ -118,3 +118,26 @@ def test_yoochoose_sample() -> None:
     assert len(table) > 0.9 * df["item_id"].nunique()
     co, rand = _consecutive_vs_random(df, table)
     assert co > rand + 0.2
+
+
+def test_popularity_coordinate(split) -> None:
+    """symmetric+pop: the symmetric vectors of dim-1 plus the standardised log training count."""
+    train, _ = split
+    sym = build_item_vectors(train, dim=15, seed=0, kind="symmetric")
+    pop = build_item_vectors(train, dim=16, seed=0, kind="symmetric+pop")
+    assert list(pop.ids) == list(sym.ids) and pop.dim == 16
+    np.testing.assert_allclose(pop.vectors[:, :15], sym.vectors, atol=1e-6)
+    logc = np.log(train["item_id"].value_counts().loc[pop.ids].to_numpy(np.float64))
+    np.testing.assert_allclose(pop.vectors[:, 15], (logc - logc.mean()) / logc.std(), atol=1e-5)
+
+
+def test_recent_popularity_coordinate(split) -> None:
+    """symmetric+pop+recent: + the standardised log(1 + count) over the last 10 % of the time range."""
+    train, _ = split
+    pop = build_item_vectors(train, dim=15, seed=0, kind="symmetric+pop")
+    both = build_item_vectors(train, dim=16, seed=0, kind="symmetric+pop+recent")
+    np.testing.assert_allclose(both.vectors[:, :15], pop.vectors, atol=1e-6)
+    ts = train["ts"].to_numpy()
+    late = train[ts >= ts.min() + 0.9 * (ts.max() - ts.min())]
+    r = np.log1p(late["item_id"].value_counts().reindex(both.ids).fillna(0).to_numpy(np.float64))
+    np.testing.assert_allclose(both.vectors[:, 15], (r - r.mean()) / r.std(), atol=1e-5)

@@ -10,7 +10,7 @@ import sys
 from core.settings import EXCLUDE_SEEN, INDEX_KINDS, load_settings
 from models.base import ModelConfig
 from models.repeat import REPEAT_MODES
-from models.train import LOSSES, TrainConfig
+from models.train import LOSSES, VALID_METRICS, TrainConfig
 from stream.kafka_io import BrokerUnreachable
 from tools.item_embeddings import KINDS as ITEM_VECTOR_KINDS
 
@@ -22,7 +22,15 @@ def _log_args(p: argparse.ArgumentParser) -> None:
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()  # the defaults live in one place
-    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--epochs", type=int, default=d.epochs, help="the maximum with early stopping, else the count")
+    p.add_argument("--valid-fraction", type=float, default=d.valid_fraction,
+                   help="early stopping: hold out this last fraction of the train period's time range (0: off, "
+                        "a fixed --epochs)")
+    p.add_argument("--patience", type=int, default=d.patience, help="early stopping: epochs without improvement")
+    p.add_argument("--valid-metric", choices=list(VALID_METRICS), default=d.valid_metric)
+    p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=d.refit,
+                   help="early stopping: after choosing the epoch count, retrain on the whole train period "
+                        "(--no-refit: keep the best epoch's weights, trained without the held-out tail)")
     p.add_argument("--loss", choices=list(LOSSES), default=d.loss)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)

@@ -226,6 +226,7 @@ def run_evaluation(df, table, models: list[str], train_cfg: TrainConfig, test_fr
     test_items = table.lookup(test_df["item_id"].to_numpy())
     results = {}
     for name in models:
+        torch.manual_seed(train_cfg.seed)  # the initial weights depend on the seed only, not on the models before
         model = build_model(name, vectors, **(model_overrides or {})).to(device)
         t0 = time.perf_counter()
         hist = train_model(model, list(train.values()), train_cfg, progress=progress)
@@ -240,12 +241,14 @@ def run_evaluation(df, table, models: list[str], train_cfg: TrainConfig, test_fr
         res = dict(variants[DEFAULT_VARIANT])
         res.update(train_seconds=round(train_seconds, 2), eval_seconds=round(time.perf_counter() - t1, 2),
                    epoch_seconds=[round(s, 2) for s in hist["epoch_seconds"]],
+                   chosen_epoch=hist.get("chosen_epoch"), early_stopping=hist.get("early_stopping"),
+                   fit_epoch_seconds=[round(s, 2) for s in hist.get("fit_epoch_seconds", [])],
                    targets_skipped_unknown_item=skipped, session_start=session_start, variants=variants,
                    after_event_type=after_type, by_memory=by_memory,
                    memory_hit_rate=round(in_memory / max(res["events_scored"], 1), 4))
         results[name] = res
-        log.info("%s: recall@10 %.4f mrr %.4f (train %.1fs, eval %.1fs)", name, res["recall@10"], res["mrr"],
-                 train_seconds, res["eval_seconds"])
+        log.info("%s: recall@10 %.4f mrr %.4f (train %.1fs, %s epochs, eval %.1fs)", name, res["recall@10"], res["mrr"],
+                 train_seconds, res["chosen_epoch"], res["eval_seconds"])
     dataset = {
         "events": int(len(df)), "users": int(df["user_id"].nunique()), "items": int(len(table)),
         "train_events": int(len(train_df)), "test_events": int(len(test_df)),
@@ -308,6 +311,24 @@ def memory_split_table(report: dict, metric: str = "recall@10") -> str:
         cells = [f"{by[f'{r}+none'][h][metric]:.4f} ({by[f'{r}+none'][h]['events_scored']})"
                  for r in REPEATS for h in ("in_memory", "not_in_memory")]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def early_stopping_table(report: dict) -> str:
+    """Per trained model: the chosen epoch, the epochs run and the validation curve (or why it was off)."""
+    rows = ["| model | chosen epoch | epochs run | valid targets | valid recall@10 by epoch (best in bold) | refit |",
+            "|---|---|---|---|---|---|"]
+    for name, res in report["results"].items():
+        es = res.get("early_stopping")
+        if not es:
+            continue
+        if not es.get("used"):
+            rows.append(f"| {name} | {res.get('chosen_epoch')} (fixed) | {len(res['epoch_seconds'])} | – | off: {es['reason']} | – |")
+            continue
+        curve = ", ".join(f"**{v['recall@10']:.4f}**" if v["epoch"] == res["chosen_epoch"] else f"{v['recall@10']:.4f}"
+                          for v in es["valid"])
+        rows.append(f"| {name} | {res['chosen_epoch']} | {es['epochs_run']} | {es['valid_targets']} | {curve} | "
+                    f"{'yes' if es['refit'] else 'no'} |")
     return "\n".join(rows)
 
 

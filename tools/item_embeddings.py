@@ -4,9 +4,15 @@ Items co-occur when they are within `window` positions of each other in a user's
 sequence. The count matrix is turned into PPMI and factorised with a truncated SVD (Levy & Goldberg
 2014: this approximates skip-gram).
 
-Two kinds:
-- "symmetric" (default): unordered pairs; vectors = U * sqrt(S), L2-normalised. <x_a, x_b> is "a and b appear
+Three kinds:
+- "symmetric": unordered pairs; vectors = U * sqrt(S), L2-normalised. <x_a, x_b> is "a and b appear
   together".
+- "symmetric+pop" (default): the symmetric vectors of dim - 1 plus one coordinate, the item's
+  standardised log training count. PPMI divides popularity out, and with unit-norm vectors
+  <u, x_i> cannot rank a popular item above a rare one in the same direction; the extra coordinate
+  gives the explore score an additive popularity term whose weight (u's last coordinate) each
+  model learns per context. Measured (docs/RESULTS.md, "Issue 8, fourth pass"): YooChoose-100k
+  recall@10 hiertcn +0.025, gru +0.011, hgru +0.004; ML-100K hiertcn +0.006.
 - "directed": ordered pairs (a before b) give a non-symmetric PPMI M ~ U S V^T; vectors =
   [U sqrt(S) ; V sqrt(S)] (dim/2 each, the "source" and "target" halves, as word2vec's input and
   output vectors), L2-normalised. <x_a, x_b> still measures similarity, and a linear map that
@@ -33,7 +39,9 @@ log = logging.getLogger(__name__)
 DENSE_MAX_ITEMS = 5000  # up to here the PPMI matrix is held dense (<= 100 MB float32)
 OVERSAMPLE = 10
 POWER_ITERS = 4
-KINDS = ("symmetric", "directed")
+KINDS = ("symmetric+pop", "symmetric", "directed", "symmetric+pop+recent")
+RECENT_FRACTION = 0.1  # symmetric+pop+recent: "recent" = the last 10 % of the given frame's time range
+DEFAULT_KIND = KINDS[0]
 
 
 def _cooccurrence_pairs(
@@ -107,7 +115,7 @@ def _randomized_svd(matmul, rmatmul, n: int, k: int, rng: np.random.Generator):
 
 def build_item_vectors(
     train_df: pd.DataFrame, dim: int = 64, window: int = 5, seed: int = 0, min_count: int = 1,
-    kind: str = "symmetric",
+    kind: str = DEFAULT_KIND,
 ) -> ItemTable:
     """PPMI-SVD item vectors from the interactions in `train_df` (user_id, item_id, ts)."""
     if kind not in KINDS:
@@ -119,6 +127,9 @@ def build_item_vectors(
         raise ValueError("build_item_vectors: no interactions")
     if dim < 1 or window < 1 or min_count < 1:
         raise ValueError("build_item_vectors: dim, window and min_count must be >= 1")
+    n_pop = {"symmetric+pop": 1, "symmetric+pop+recent": 2}.get(kind, 0)
+    if n_pop and dim <= n_pop:
+        raise ValueError(f"build_item_vectors: {kind} needs dim > {n_pop} ({n_pop} coordinate(s) are popularity)")
     if kind == "directed" and dim % 2:
         raise ValueError(f"build_item_vectors: directed vectors need an even dim (two halves), got {dim}")
 
@@ -158,7 +169,7 @@ def build_item_vectors(
              n, len(item_ids), len(vals), dim, kind)
 
     rng = np.random.default_rng(seed)
-    k = dim // 2 if directed else dim
+    k = dim // 2 if directed else dim - n_pop
     u, s, v = _randomized_svd(*_matmul_factory(rows, cols, vals, n), n, k, rng)
     # Deterministic signs: the largest-magnitude entry of each column of U is positive (V follows).
     signs = np.sign(u[np.abs(u).argmax(axis=0), np.arange(u.shape[1])])
@@ -171,5 +182,17 @@ def build_item_vectors(
         log.warning("item-embeddings: %d items got a zero vector and are left out", int((~ok).sum()))
     vec = vec[ok] / norms[ok, None]
     ids = np.asarray(item_ids, dtype=str)[present][ok]
+    if n_pop:
+        # last coordinate: standardised log training count, so <u, x_i> can carry an additive
+        # popularity term (u's last coordinate, learned per context); PPMI removes popularity
+        logc = np.log(counts.loc[np.asarray(item_ids)[present][ok]].to_numpy(np.float64))
+        z = (logc - logc.mean()) / max(logc.std(), 1e-9)
+        vec = np.concatenate([vec, z[:, None]], axis=1)
+    if n_pop == 2:  # + the standardised log(1 + count) in the frame's most recent stretch (trend)
+        ts = df["ts"].to_numpy()
+        cut = ts.min() + (1.0 - RECENT_FRACTION) * (ts.max() - ts.min())
+        recent = df.loc[ts >= cut, "item_id"].value_counts()
+        r = np.log1p(recent.reindex(np.asarray(item_ids)[present][ok]).fillna(0).to_numpy(np.float64))
+        vec = np.concatenate([vec, ((r - r.mean()) / max(r.std(), 1e-9))[:, None]], axis=1)
     log.info("item-embeddings: %d vectors of dim %d", len(ids), dim)
     return ItemTable(ids, vec.astype(np.float32))

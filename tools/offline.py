@@ -16,6 +16,7 @@ from models.serving import Serving
 from models.train import TrainConfig, sequences_from_frame, train_model
 from tools.evaluate import (
     build_model,
+    early_stopping_table,
     event_type_table,
     markdown_table,
     memory_split_table,
@@ -25,7 +26,7 @@ from tools.evaluate import (
     write_outputs,
 )
 from tools.eventlog import parse_columns, read_log, temporal_split
-from tools.item_embeddings import build_item_vectors
+from tools.item_embeddings import DEFAULT_KIND, build_item_vectors
 
 log = logging.getLogger("livemb")
 
@@ -34,7 +35,7 @@ def load_log(path: str, columns: str | None, ts_unit: str):
     return read_log(path, columns=parse_columns(columns) if columns else None, ts_unit=ts_unit)
 
 
-def items_for(df, items_path: str | None, dim: int, train_only: bool = True, kind: str = "symmetric") -> ItemTable:
+def items_for(df, items_path: str | None, dim: int, train_only: bool = True, kind: str = DEFAULT_KIND) -> ItemTable:
     """The given item table, or vectors built from the train part of `df` only (no test leakage)."""
     if items_path:
         return ItemTable.load(items_path)
@@ -52,13 +53,21 @@ def cmd_train(args, settings) -> Path:
     device = settings.resolved_device()
     model.to(device)
     seqs = list(sequences_from_frame(df, table).values())
-    cfg = TrainConfig(epochs=args.epochs, loss=args.loss, batch_size=args.batch_size, lr=args.lr)
+    cfg = train_config(args)
     hist = train_model(model, seqs, cfg)
     save_checkpoint(args.out, model, table.fingerprint, extra={"history": hist})
     per_epoch = np.mean(hist["epoch_seconds"]) if hist["epoch_seconds"] else 0.0
-    print(f"saved {args.out} ({model.name}, device {device}, {per_epoch:.2f} s/epoch, final loss "
-          f"{hist['loss'][-1] if hist['loss'] else float('nan'):.4f})")
+    print(f"saved {args.out} ({model.name}, device {device}, {hist.get('chosen_epoch')} epochs, {per_epoch:.2f} s/epoch, "
+          f"final loss {hist['loss'][-1] if hist['loss'] else float('nan'):.4f})")
     return Path(args.out)
+
+
+def train_config(args) -> TrainConfig:
+    """TrainConfig from the shared training flags (tools/cli._train_args)."""
+    d = TrainConfig()  # callers that build their own namespace (tools/demo.py) get the defaults
+    return TrainConfig(epochs=args.epochs, loss=args.loss, batch_size=args.batch_size, lr=args.lr,
+                       **{f: getattr(args, f, getattr(d, f)) for f in ("valid_fraction", "patience", "valid_metric",
+                                                                       "refit")})
 
 
 def model_overrides(args, settings) -> dict:
@@ -82,11 +91,12 @@ def cmd_evaluate(args, settings) -> dict:
     unknown = [n for n in names if n not in MODEL_REGISTRY]
     if unknown:
         raise SystemExit(f"unknown model(s) {unknown}; registered: {', '.join(MODEL_REGISTRY)}")
-    cfg = TrainConfig(epochs=args.epochs, loss=args.loss, batch_size=args.batch_size, lr=args.lr)
+    cfg = train_config(args)
     report = run_evaluation(df, table, names, cfg, test_frac=args.test_frac, device=settings.resolved_device(),
                             model_overrides=model_overrides(args, settings),
                             drop_event_types=getattr(args, "drop_event_types", False))
     report["dataset"]["source"] = str(args.data)
+    report["dataset"]["items_source"] = str(args.items) if args.items else f"built from the train part ({args.item_vectors})"
     write_outputs(report, args.json, args.plot)
     print(markdown_table(report))
     print()
@@ -99,6 +109,8 @@ def cmd_evaluate(args, settings) -> dict:
     print(event_type_table(report))
     print()
     print(memory_split_table(report))
+    print()
+    print(early_stopping_table(report))
     return report
 
 

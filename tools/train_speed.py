@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = items_for(df, args.items, 64, train_only=True)
     train_df, _ = temporal_split(df, 0.2)
     seqs = list(sequences_from_frame(train_df, table).values())
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, loss=args.loss)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, loss=args.loss, valid_fraction=0.0)  # fixed epochs
     out = {}
     names = args.models.split(",")
     for k, name in enumerate(names):

@@ -1,0 +1,120 @@
+"""Early stopping: choose the epoch count on a held-out tail of the TRAIN period (never the test).
+
+`split_validation` cuts the training histories by time, as the evaluation's temporal split does
+(events with ts >= lo + (1 - valid_fraction) * (hi - lo) are validation events), and keeps up to
+`valid_max_targets` validation targets (whole users, a fixed random order). `Validator` scores them
+after each epoch with the model's own repeat path, exclude_seen none, against the full catalogue:
+the same scoring as tools/evaluate.py (`memory_scores` + `metrics.ranks_from_explore`, pessimistic
+ties), but teacher-forced through the offline forward over each user's fit + validation events in
+one pass, which the parity tests make equal to stepping the streaming state through them. Left out:
+a user's very first event (nothing to predict it from).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from models.base import EventBatch, SeqModel
+from models.metrics import RankAccumulator, ranks_from_explore
+
+Sequence = tuple[np.ndarray, np.ndarray, np.ndarray]  # items (1-based, 0 unknown), event types, ts ms
+
+
+@dataclass
+class ValidationSplit:
+    fit: list[Sequence]  # every history cut to its events before the cut (empty ones dropped)
+    valid: list[Sequence]  # the kept users' fit events followed by their validation events
+    starts: list[int]  # per kept user: index of the first validation event in `valid`
+    targets: int  # known validation targets kept (positions >= start >= 1)
+    targets_total: int  # before the cap
+    cut_ms: int
+
+
+def split_validation(seqs: list[Sequence], fraction: float, max_targets: int, seed: int) -> ValidationSplit:
+    """Split by time; the kept validation users are a seeded random subset up to `max_targets` targets."""
+    ts_all = [s[2] for s in seqs if len(s[2])]
+    lo = min(int(t.min()) for t in ts_all)
+    hi = max(int(t.max()) for t in ts_all)
+    cut = int(np.ceil(lo + (1.0 - fraction) * (hi - lo)))
+    fit, cand, starts, counts = [], [], [], []
+    for it, et, ts in seqs:
+        late = ts >= cut
+        head = (it[~late], et[~late], ts[~late])
+        if len(head[0]):
+            fit.append(head)
+        if late.any():
+            full = tuple(np.concatenate([a[~late], a[late]]) for a in (it, et, ts))
+            start = max(int((~late).sum()), 1)  # the first event of a new user has no prediction
+            n = int((full[0][start:] > 0).sum())
+            if n:
+                cand.append(full)
+                starts.append(start)
+                counts.append(n)
+    order = np.random.default_rng(seed).permutation(len(cand))
+    cum = np.cumsum(np.asarray(counts, np.int64)[order]) if cand else np.zeros(0, np.int64)
+    keep = order[: int(np.searchsorted(cum, max_targets, side="left")) + 1] if cand else order
+    keep = np.sort(keep)
+    return ValidationSplit(fit=fit, valid=[cand[i] for i in keep], starts=[starts[i] for i in keep],
+                           targets=int(sum(counts[i] for i in keep)), targets_total=int(sum(counts)), cut_ms=cut)
+
+
+class Validator:
+    """Ranks of the validation targets under the model's current weights (no gradients).
+
+    The memory after every validation-sequence event is replayed once (models/train.MemoryCache
+    over whole sequences, so it equals the streaming memory); each call runs the offline forward
+    over the kept users in length-sorted batches and scores only the validation positions."""
+
+    def __init__(self, model: SeqModel, split: ValidationSplit, batch_events: int = 65_536):
+        from models.train import MemoryCache  # train imports this module
+
+        self.split = split
+        self.memory = MemoryCache(model, split.valid)
+        lengths = np.fromiter((len(s[0]) for s in split.valid), np.int64, len(split.valid))
+        order = np.argsort(-lengths, kind="stable")
+        self.batches: list[list[int]] = []
+        cur: list[int] = []
+        for i in order.tolist():  # longest first: a batch's padded size is its first row's length
+            if cur and (len(cur) + 1) * lengths[cur[0]] > batch_events:
+                self.batches.append(cur)
+                cur = []
+            cur.append(i)
+        if cur:
+            self.batches.append(cur)
+
+    @torch.no_grad()
+    def __call__(self, model: SeqModel) -> dict:
+        from models.train import _predictions
+
+        was_training = model.training
+        model.eval()
+        acc = RankAccumulator()
+        block = max(1, (1 << 24) // (model.n_items + 1))  # rows per (rows, N+1) score block: 64 MB
+        for b in self.batches:
+            ev = EventBatch.from_sequences(*zip(*(self.split.valid[i] for i in b), strict=True)).to(model.device)
+            pred, gate, sel, target = _predictions(model, ev)
+            T = ev.item.shape[1]
+            start = torch.tensor([self.split.starts[i] for i in b], device=model.device)
+            # prediction at position t is for the event at t + 1: keep targets in the validation part
+            sel = sel & (torch.arange(1, T, device=model.device)[None, :] >= start[:, None])
+            rows = self.memory.rows(b, T)[:, :-1][sel.cpu()]
+            u, tgt = pred[sel], target[sel]
+            gs = None if gate is None else gate[sel]
+            for r0 in range(0, len(tgt), block):
+                r = slice(r0, r0 + block)
+                acc.add(self._ranks(model, self.memory.state_at(rows[r], model.device), u[r], tgt[r],
+                                    None if gs is None else gs[r]))
+        model.train(was_training)
+        return acc.summary(model.n_items)
+
+    @staticmethod
+    def _ranks(model: SeqModel, st: dict[str, Tensor], u: Tensor, tgt: Tensor, gs: Tensor | None) -> Tensor:
+        """The evaluation's rank of each target (tools/evaluate.variant_parts for the model's own mode)."""
+        base = model.explore_scores(u)  # (n, N+1), column 0 -inf
+        logz = torch.logsumexp(base[:, 1:], dim=1) if model.repeat_mode == "mixture" else None
+        shift, mem = model.memory_scores(st, u, None, logz, gs, explore_all=base)
+        return ranks_from_explore(base, tgt, st["mem_item"], shift, mem, {})["none"]

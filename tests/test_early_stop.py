@@ -1,0 +1,108 @@
+"""Early stopping (models/early_stop.py): the chosen epoch is the validation argmax, the weights kept
+are that epoch's, refit = a fixed run of that many epochs, the validation metric is the
+evaluation's, and a train period too small to split falls back to fixed epochs. Small, seconds."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from core.items import ItemTable
+from models.early_stop import Validator, split_validation
+from models.train import TrainConfig, sequences_from_frame, train_model
+from tools.evaluate import build_model, evaluate_model
+from tools.synth_ecommerce import synth_ecommerce
+
+# a high lr so that the validation curve is not monotone (epoch 3 of 6 is the best here)
+CFG = TrainConfig(epochs=6, patience=6, lr=3e-2, valid_fraction=0.2, valid_min_targets=50, refit=False)
+
+
+@pytest.fixture(scope="module")
+def data():
+    df, ids, vectors = synth_ecommerce(users=60, items=2000, days=20, seed=3)
+    table = ItemTable(ids, vectors)
+    return table.padded_vectors(), list(sequences_from_frame(df, table).values())
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _fixed(vectors, seqs, epochs, name="gru"):
+    torch.manual_seed(0)
+    model = build_model(name, vectors)
+    train_model(model, seqs, TrainConfig(epochs=epochs, lr=CFG.lr, valid_fraction=0.0), progress=False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def stopped(data):
+    vectors, seqs = data
+    torch.manual_seed(0)
+    model = build_model("gru", vectors)
+    hist = train_model(model, seqs, CFG, progress=False)
+    return model, hist
+
+
+def test_chosen_epoch_is_the_validation_argmax(stopped):
+    _, hist = stopped
+    es = hist["early_stopping"]
+    values = [v[CFG.valid_metric] for v in es["valid"]]
+    assert es["used"] and len(values) == CFG.epochs  # patience = epochs: every epoch ran
+    assert hist["chosen_epoch"] == int(np.argmax(values)) + 1  # first maximum: a tie keeps the earlier epoch
+    assert hist["chosen_epoch"] < CFG.epochs  # else the restore below would prove nothing
+
+
+def test_kept_weights_are_the_chosen_epochs(data, stopped):
+    vectors, seqs = data
+    model, hist = stopped
+    split = split_validation(seqs, CFG.valid_fraction, CFG.valid_max_targets, CFG.seed)
+    same = _fixed(vectors, split.fit, hist["chosen_epoch"])  # the same seeds, stopped at the chosen epoch
+    last = _fixed(vectors, split.fit, CFG.epochs)
+    kept = _weights(model)
+    assert all(torch.equal(kept[k], v) for k, v in same.state_dict().items())
+    assert not all(torch.equal(kept[k], v) for k, v in last.state_dict().items())
+    recorded = hist["early_stopping"]["valid"][hist["chosen_epoch"] - 1]
+    assert Validator(model, split)(model)["recall@10"] == pytest.approx(recorded["recall@10"], abs=1e-12)
+
+
+def test_patience_stops_and_refit_retrains_from_the_start(data):
+    vectors, seqs = data
+    torch.manual_seed(0)
+    model = build_model("gru", vectors)
+    hist = train_model(model, seqs, TrainConfig(**{**CFG.__dict__, "patience": 1, "refit": True}), progress=False)
+    es = hist["early_stopping"]
+    values = [v[CFG.valid_metric] for v in es["valid"]]
+    assert es["epochs_run"] == hist["chosen_epoch"] + 1 < CFG.epochs  # stopped at the first epoch without a gain
+    assert values[-1] <= max(values[:-1])
+    ref = _fixed(vectors, seqs, hist["chosen_epoch"])  # refit = a fixed run of the chosen count on everything
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ref.state_dict().items())
+
+
+@pytest.mark.parametrize("name", ["gru", "hiertcn"])
+def test_validation_metric_is_the_evaluations(data, name):
+    """Teacher-forced validation == the streaming protocol on (events before start, events after)."""
+    vectors, seqs = data
+    torch.manual_seed(0)
+    model = build_model(name, vectors)
+    train_model(model, seqs, TrainConfig(epochs=1), progress=False)
+    split = split_validation(seqs, 0.2, 400, 0)
+    assert 0 < split.targets < split.targets_total  # the cap keeps a subset
+    got = Validator(model, split)(model)
+    train = {str(i): tuple(a[:s] for a in v) for i, (v, s) in enumerate(zip(split.valid, split.starts, strict=True))}
+    test = {str(i): tuple(a[s:] for a in v) for i, (v, s) in enumerate(zip(split.valid, split.starts, strict=True))}
+    ref = evaluate_model(model, train, test, progress=False)["rep+none"]
+    assert got["events_scored"] == ref["events_scored"] == split.targets
+    for k in ("recall@1", "recall@10", "mrr"):
+        assert got[k] == pytest.approx(ref[k], abs=1e-9), k
+
+
+def test_too_small_a_train_period_falls_back_to_fixed_epochs(data, caplog):
+    vectors, seqs = data
+    model = build_model("gru", vectors)
+    with caplog.at_level(logging.INFO, logger="models.train"):
+        hist = train_model(model, seqs, TrainConfig(epochs=2, valid_min_targets=10**9), progress=False)
+    assert hist["chosen_epoch"] == 2 and len(hist["epoch_seconds"]) == 2
+    assert not hist["early_stopping"]["used"]
+    assert "early stopping off" in caplog.text and "fixed 2 epochs" in caplog.text

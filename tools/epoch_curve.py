@@ -1,0 +1,66 @@
+"""Test metrics after every epoch of a fixed-epoch run (a diagnostic for early stopping).
+
+    python -m tools.epoch_curve --data LOG [--items ITEMS] --models gru,hiertcn --epochs 8 --json OUT
+
+Trains each model on the whole train period (the evaluation's temporal split) for --epochs with
+the same seeds as `livemb evaluate --valid-fraction 0`, and after each epoch runs the evaluation
+protocol on the test period (`rep+none`, exclude_seen none). Epoch k's figures are what a refit for
+k epochs gives, so the curve shows whether the epoch chosen on the held-out train tail is near
+the test's best. It reads the test period, so it is for checking the method, never for choosing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from models.train import TrainConfig, _run_epochs, make_chunks, sequences_from_frame
+from tools.evaluate import build_model, evaluate_model
+from tools.eventlog import temporal_split
+from tools.offline import items_for, load_log
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--items")
+    ap.add_argument("--columns")
+    ap.add_argument("--ts-unit", choices=["s", "ms"], default="ms")
+    ap.add_argument("--models", default="gru,hiertcn")
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    df = load_log(args.data, args.columns, args.ts_unit)
+    table = items_for(df, args.items, 64, train_only=True)
+    train_df, test_df = temporal_split(df, 0.2)
+    train, test = sequences_from_frame(train_df, table), sequences_from_frame(test_df, table)
+    cfg = TrainConfig(epochs=args.epochs, valid_fraction=0.0)
+    out: dict = {"source": args.data, "epochs": args.epochs, "models": {}}
+    for name in args.models.split(","):
+        torch.manual_seed(cfg.seed)  # the same initial weights as `livemb evaluate` (tools/evaluate.run_evaluation)
+        model = build_model(name, table.padded_vectors())
+        curve = []
+
+        def on_epoch(epoch: int, model=model, curve=curve, name=name) -> bool:
+            m = evaluate_model(model, train, test, progress=False)["rep+none"]
+            model.train()
+            curve.append({"epoch": epoch, "recall@10": m["recall@10"], "mrr": m["mrr"]})
+            logging.info("%s epoch %d test recall@10 %.4f mrr %.4f", name, epoch, m["recall@10"], m["mrr"])
+            return False
+
+        hist = {"epoch_seconds": [], "loss": [], "targets": 0, "progress": False}
+        _run_epochs(model, make_chunks(list(train.values()), cfg.max_len), cfg, cfg.epochs, hist, on_epoch)
+        out["models"][name] = curve
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()
