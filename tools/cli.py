@@ -12,12 +12,8 @@ from models.base import ModelConfig
 from models.repeat import REPEAT_MODES
 from models.train import LOSSES, VALID_METRICS, TrainConfig
 from stream.kafka_io import BrokerUnreachable
+from tools.eventlog import add_log_args
 from tools.item_embeddings import KINDS as ITEM_VECTOR_KINDS
-
-
-def _log_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--columns", help="column mapping, e.g. user=SessionId,item=ItemId,ts=Time")
-    p.add_argument("--ts-unit", choices=["s", "ms"], default="ms")
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -80,14 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", type=int, default=64)
     _item_kind_arg(p)
     p.add_argument("--out", required=True)
-    _log_args(p)
+    add_log_args(p)
 
     p = sub.add_parser("train", help="train one model")
     p.add_argument("--data", required=True)
     p.add_argument("--model", default="hiertcn")
     p.add_argument("--items", help="items.npz (default: built from the log and saved next to --out)")
     p.add_argument("--out", required=True)
-    _log_args(p)
+    add_log_args(p)
     _train_args(p)
     _settings_args(p)
 
@@ -101,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-users", type=int, help="evaluate on the first N users only (quick runs)")
     p.add_argument("--drop-event-types", action="store_true",
                    help="models see every event as a view; targets are still grouped by their real previous type")
-    _log_args(p)
+    add_log_args(p)
     _train_args(p)
     _settings_args(p)
 
@@ -110,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--items", required=True)
     p.add_argument("--out", required=True)
-    _log_args(p)
+    add_log_args(p)
     _settings_args(p)
 
     p = sub.add_parser("broker", help="run the embedded Kafka-protocol broker (Tansu) in the foreground")
@@ -142,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("replay", help="produce an event log into the input topic")
     p.add_argument("log")
     p.add_argument("--rate", default="max", help="events/s or 'max'")
-    _log_args(p)
+    add_log_args(p)
     _settings_args(p)
 
     p = sub.add_parser("tail", help="print recommendations as they arrive")
@@ -180,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--dashboard", metavar="PNG", help="also run a local Prometheus (1 s scrapes) and render "
                    "the dashboard panels from it at the end (livemb dashboard)")
-    _log_args(p)
+    add_log_args(p)
     _settings_args(p)
 
     p = sub.add_parser("soak", help="the worker at a fraction of its max rate for a long time: RSS, lag, errors")
@@ -192,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--items")
     p.add_argument("--json", help="write the report here")
     p.add_argument("--workdir", default="runs/soak")
-    _log_args(p)
+    add_log_args(p)
     _settings_args(p)
 
     p = sub.add_parser("bench", help="the worker against its ceilings in one run: passthrough, latency vs load, "

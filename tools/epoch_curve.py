@@ -20,7 +20,7 @@ import torch
 
 from models.train import TrainConfig, _run_epochs, make_chunks, sequences_from_frame
 from tools.evaluate import build_model, evaluate_model
-from tools.eventlog import temporal_split
+from tools.eventlog import add_log_args, temporal_split
 from tools.offline import items_for, load_log
 
 
@@ -28,8 +28,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True)
     ap.add_argument("--items")
-    ap.add_argument("--columns")
-    ap.add_argument("--ts-unit", choices=["s", "ms"], default="ms")
+    add_log_args(ap)
     ap.add_argument("--models", default="gru,hiertcn")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--json")

@@ -20,15 +20,14 @@ import torch
 
 from models.train import TrainConfig, sequences_from_frame, train_model
 from tools.evaluate import build_model
-from tools.eventlog import temporal_split
+from tools.eventlog import add_log_args, temporal_split
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True)
     ap.add_argument("--items")
-    ap.add_argument("--columns")
-    ap.add_argument("--ts-unit", choices=["s", "ms"], default="ms")
+    add_log_args(ap)
     ap.add_argument("--models", default="gru,hiertcn")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
