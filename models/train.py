@@ -276,7 +276,7 @@ def batch_loss(model: SeqModel, ev: EventBatch, cfg: TrainConfig, gen: torch.Gen
 
 
 def _run_epochs(model: SeqModel, chunks: list[Sequence], cfg: TrainConfig, epochs: int, history: dict,
-                on_epoch=None, tag: str = "") -> None:
+                on_epoch=None, tag: str = "", progress: bool = False) -> None:
     """Train `epochs` epochs from cfg.seed's random streams; on_epoch(epoch) -> True stops early."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -290,7 +290,7 @@ def _run_epochs(model: SeqModel, chunks: list[Sequence], cfg: TrainConfig, epoch
         t0 = time.perf_counter()
         total, count = 0.0, 0
         batches = bucketed_batches(chunks, cfg.batch_size, rng)
-        bar = progress_bar(batches, desc=f"{model.name}{tag} epoch {epoch + 1}/{epochs}", disable=not history["progress"],
+        bar = progress_bar(batches, desc=f"{model.name}{tag} epoch {epoch + 1}/{epochs}", disable=not progress,
                            leave=False)
         for b in bar:
             ev = EventBatch.from_sequences(*zip(*(chunks[i] for i in b), strict=True)).to(model.device)
@@ -342,11 +342,10 @@ def train_model(model: SeqModel, seqs: list[Sequence], cfg: TrainConfig, progres
         raise ValueError(f"unknown loss {cfg.loss!r}; choose from {LOSSES}")
     if cfg.valid_metric not in VALID_METRICS:
         raise ValueError(f"unknown valid_metric {cfg.valid_metric!r}; choose from {VALID_METRICS}")
-    history: dict = {"epoch_seconds": [], "loss": [], "targets": 0, "progress": progress}
+    history: dict = {"epoch_seconds": [], "loss": [], "targets": 0}
     if not model.trainable:
         if hasattr(model, "fit"):
             model.fit(seqs)
-        history.pop("progress")
         return history
     chunks = make_chunks(seqs, cfg.max_len)
     if not chunks:
@@ -355,17 +354,17 @@ def train_model(model: SeqModel, seqs: list[Sequence], cfg: TrainConfig, progres
     if split is None:
         if cfg.valid_fraction > 0:
             log.info("%s: early stopping off (%s); training a fixed %d epochs", model.name, reason, cfg.epochs)
-        _run_epochs(model, chunks, cfg, cfg.epochs, history)
+        _run_epochs(model, chunks, cfg, cfg.epochs, history, progress=progress)
         history["chosen_epoch"] = cfg.epochs
         history["early_stopping"] = {"used": False, "reason": reason}
     else:
-        _early_stopped(model, chunks, split, cfg, history)
-    history.pop("progress")
+        _early_stopped(model, chunks, split, cfg, history, progress)
     model.eval()
     return history
 
 
-def _early_stopped(model: SeqModel, chunks: list[Sequence], split, cfg: TrainConfig, history: dict) -> None:
+def _early_stopped(model: SeqModel, chunks: list[Sequence], split, cfg: TrainConfig, history: dict,
+                   progress: bool) -> None:
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
     t0 = time.perf_counter()
     validator = Validator(model, split)
@@ -391,7 +390,7 @@ def _early_stopped(model: SeqModel, chunks: list[Sequence], split, cfg: TrainCon
         return epoch - best["epoch"] >= cfg.patience
 
     fit_chunks = make_chunks(split.fit, cfg.max_len)
-    _run_epochs(model, fit_chunks, cfg, cfg.epochs, history, on_epoch)
+    _run_epochs(model, fit_chunks, cfg, cfg.epochs, history, on_epoch, progress=progress)
     es["epochs_run"] = len(es["valid"])
     es["best_value"] = best["value"]
     history["chosen_epoch"] = best["epoch"]
@@ -399,7 +398,7 @@ def _early_stopped(model: SeqModel, chunks: list[Sequence], split, cfg: TrainCon
         model.load_state_dict(init)
         history["fit_epoch_seconds"] = history["epoch_seconds"]
         history["epoch_seconds"] = []
-        _run_epochs(model, chunks, cfg, best["epoch"], history, tag=" refit")
+        _run_epochs(model, chunks, cfg, best["epoch"], history, tag=" refit", progress=progress)
         log.info("%s: refit on the whole train period for the chosen %d epochs", model.name, best["epoch"])
     else:
         model.load_state_dict(best["weights"])

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
             logging.info("%s epoch %d test recall@10 %.4f mrr %.4f", name, epoch, m["recall@10"], m["mrr"])
             return False
 
-        hist = {"epoch_seconds": [], "loss": [], "targets": 0, "progress": False}
+        hist = {"epoch_seconds": [], "loss": [], "targets": 0}
         _run_epochs(model, make_chunks(list(train.values()), cfg.max_len), cfg, cfg.epochs, hist, on_epoch)
         out["models"][name] = curve
     if args.json:
