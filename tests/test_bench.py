@@ -40,8 +40,8 @@ def test_tiny_bench_run_end_to_end(tmp_path) -> None:
     r = json.loads(out.read_text())
     n = r["log"]["events"]
     assert r["log"]["live_clicks"] > 0  # sent after every throughput run: each of those drained the same n
-    for run in ("passthrough", "worker", "two_workers"):
-        assert r[run]["events"] == n and r[run]["events_per_s"] > 0
+    for run in ("passthrough", "worker", "two_workers"):  # committed after /readyz: at most the log, never the clicks
+        assert 0 < r[run]["events"] <= n and r[run]["events_per_s"] > 0
     assert r["worker"]["events_per_s"] > 0 and r["passthrough"]["events_per_s"] > 0
     assert r["ratio_worker_passthrough"] == round(r["worker"]["events_per_s"] / r["passthrough"]["events_per_s"], 3)
     (step,) = r["latency"]
