@@ -3,7 +3,7 @@
 The commit order (docs/STREAMING.md quotes this list; the code marks each step `# Step N`):
 
   1. Continuity: input offsets the consumer skipped inside a partition are re-read from the
-     broker and put before the batch (stream/gap_repair.py).
+     broker and put right before the record that revealed the hole (stream/gap_repair.py).
   2. Validate: each record becomes a `ValidEvent` or an `Invalid` (-> DLQ with its reason).
   3. Read: each touched user's row, once, under that user's own partition.
   4. Guard: every event is decided against the row's input offset (of the same topic incarnation),
@@ -106,8 +106,10 @@ class BatchStep:
 
     # ------------------------------------------------------------------ the steps
     async def repair_gaps(self, records: Sequence[InputRecord], report: BatchReport) -> list[InputRecord]:
-        """Step 1. A hole precedes the offsets after it, and a user lives in one partition, so the
-        re-read records go first. A partition's first batch since its assignment is checked against
+        """Step 1. The re-read records of a hole go right before the record that revealed it, so
+        every partition stays in offset order: put before the whole batch, they would overtake the
+        same partition's earlier records in it, which the offset guard then takes for redeliveries
+        (tests/test_batch_step.py). A partition's first batch since its assignment is checked against
         the group's committed offset (Faust 0.15.3 can drop the very first records it fetched), and
         the topic's incarnation id is refreshed: offsets of a re-created topic (a broker that lost
         its log) are not comparable with the stored ones."""
@@ -116,14 +118,16 @@ class BatchStep:
             await self.refresh_log_ids(records)
             await self.seed_from_commits(self.continuity.unseen(keys))
         holes = self.continuity.observe([(k, r.offset) for k, r in zip(keys, records, strict=True)])
-        repaired: list[InputRecord] = []
-        for (topic, partition), first, end in holes:
+        if not holes:
+            return list(records)
+        before: dict[int, list[InputRecord]] = {}  # record index -> the hole's records to put before it
+        for (topic, partition), first, end, at in holes:
             log.warning("input %s[%d]: offsets %d..%d were skipped by the consumer; re-reading them",
                         topic, partition, first, end - 1)
             report.gap_records += end - first
             if self.gaps is not None:
-                repaired += await self.gaps.read(topic, partition, first, end)
-        return [*repaired, *records]
+                before.setdefault(at, []).extend(await self.gaps.read(topic, partition, first, end))
+        return [x for i, r in enumerate(records) for x in (*before.get(i, ()), r)]
 
     async def refresh_log_ids(self, records: Sequence[InputRecord]) -> None:
         """Part of step 1: ask for the topic's incarnation id when a partition is new since the

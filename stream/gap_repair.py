@@ -15,11 +15,18 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from stream.ports import InputRecord
 
 log = logging.getLogger("livemb.worker")
+
+
+class Hole(NamedTuple):
+    tp: Any  # (topic, partition)
+    first: int  # the first missing offset
+    end: int  # the next offset seen (exclusive end of the hole)
+    at: int  # index, in the observed items, of the record at `end`
 
 
 class OffsetContinuity:
@@ -45,13 +52,14 @@ class OffsetContinuity:
         offset of a newly assigned partition, so a hole in its very first records is seen too."""
         self.expected.setdefault(tp, committed)
 
-    def observe(self, items: Sequence[tuple[Any, int]]) -> list[tuple[Any, int, int]]:
-        """items: (tp, offset) in arrival order. Returns holes as (tp, first missing, next seen)."""
-        holes: list[tuple[Any, int, int]] = []
-        for tp, off in items:
+    def observe(self, items: Sequence[tuple[Any, int]]) -> list[Hole]:
+        """items: (tp, offset) in arrival order. Returns the holes, each with the index of the item
+        that revealed it: the missing records belong right before that item."""
+        holes: list[Hole] = []
+        for at, (tp, off) in enumerate(items):
             exp = self.expected.get(tp)
             if exp is not None and off > exp:
-                holes.append((tp, exp, off))
+                holes.append(Hole(tp, exp, off, at))
             if exp is None or off >= exp:
                 self.expected[tp] = off + 1
         return holes

@@ -42,6 +42,17 @@ def stream_of(n_users: int = 4, per_user: int = 6):
     return recs
 
 
+class OrderProcessor(CountingProcessor):
+    """The counting processor, and the input offsets of the events it applied, in order."""
+
+    def __init__(self) -> None:
+        self.offsets: list[int] = []
+
+    def process(self, events, states):
+        self.offsets += [e.offset for e in events]
+        return super().process(events, states)
+
+
 def count_of(store: MemoryStore, user: str, partition: int = 0) -> int:
     _, inner = unwrap(store.rows[(partition, user)], SETTINGS.dedupe_memory)
     return int(decode(inner)[1]["count"])
@@ -199,6 +210,23 @@ def test_a_hole_inside_a_partition_is_re_read() -> None:
     run(step, recs[:3])
     run(step, recs[5:])  # 3 and 4 were dropped by the consumer
     assert log.reads == [(0, 3, 5)]
+    assert count_of(store, "u0") == count_of(store, "u1") == 5
+
+
+def test_a_hole_in_the_middle_of_a_batch_is_applied_in_offset_order() -> None:
+    """A batch that holds offsets 2-3, then (after a hole 4-5) 6-9 of one partition: the re-read
+    records go where they belong, between 3 and 6. Put before the whole batch, 4-5 would be
+    applied first and 2-3 taken for redeliveries (seen once during a rebalance under load)."""
+    recs = stream_of(2, 5)
+    log = MemoryLog(recs)
+    journal: list = []
+    store = MemoryStore(journal)
+    order = OrderProcessor()
+    step = BatchStep(SETTINGS, order, store, MemorySink(journal), None, log)
+    run(step, recs[:2])
+    report = run(step, recs[2:4] + recs[6:])
+    assert log.reads == [(0, 4, 6)] and report.counts["redelivered"] == 0
+    assert order.offsets == list(range(10))  # every event once, in offset order
     assert count_of(store, "u0") == count_of(store, "u1") == 5
 
 

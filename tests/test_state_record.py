@@ -217,7 +217,7 @@ def test_plan_batch_unreadable_row_is_isolated() -> None:
 def test_offset_continuity_reports_holes() -> None:
     c = OffsetContinuity()
     assert c.observe([("p0", 5), ("p0", 6), ("p1", 0)]) == []
-    assert c.observe([("p0", 9), ("p1", 1), ("p0", 10)]) == [("p0", 7, 9)]
+    assert c.observe([("p0", 9), ("p1", 1), ("p0", 10)]) == [("p0", 7, 9, 0)]  # before item 0
     assert c.observe([("p0", 10), ("p0", 11)]) == []  # a re-delivery is not a hole
     c.forget(["p0"])
     assert c.observe([("p0", 0)]) == []
