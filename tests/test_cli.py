@@ -65,3 +65,36 @@ def test_demo_prepares_log_items_and_model(tmp_path):
     table = ItemTable.load(items_path)
     model = load_checkpoint(model_path, table.padded_vectors(), table.fingerprint)
     assert model.name == "hiertcn"
+
+
+def test_seed_decides_the_trained_weights(tmp_path):
+    """`--seed` fixes initial weights, batch order and negatives: the same seed gives the same
+    checkpoint, another seed another one (what a spread over seeds is measured with)."""
+    import torch
+
+    from models.checkpoint import read_checkpoint
+
+    log, items = tmp_path / "log.csv", tmp_path / "items.npz"
+    assert main(["synth", "--users", "20", "--items", "40", "--days", "3", "--out", str(log)]) == 0
+    assert main(["item-embeddings", "--data", str(log), "--dim", "8", "--out", str(items)]) == 0
+
+    def weights(seed: int, name: str) -> dict:
+        ckpt = tmp_path / f"{name}.pt"
+        assert main(["train", "--data", str(log), "--items", str(items), "--model", "gru", "--out", str(ckpt),
+                     "--epochs", "1", "--valid-fraction", "0", "--seed", str(seed)]) == 0
+        return read_checkpoint(ckpt)["state_dict"]
+
+    a, again, other = weights(3, "a"), weights(3, "again"), weights(4, "other")
+    assert all(torch.equal(a[k], again[k]) for k in a)
+    assert not all(torch.equal(a[k], other[k]) for k in a)
+
+
+def test_training_summary_names_what_was_trained():
+    from tools.evaluate import _training_summary
+
+    assert _training_summary({"epoch_seconds": [], "loss": []}, 0.1) == "no training"
+    fixed = {"epoch_seconds": [1.0, 1.0], "chosen_epoch": 2, "early_stopping": {"used": False}}
+    assert _training_summary(fixed, 2.04) == "train 2.0s, 2 epochs"
+    refit = {"fit_epoch_seconds": [1.0, 1.0, 1.0], "epoch_seconds": [1.2], "chosen_epoch": 1,
+             "early_stopping": {"used": True, "epochs_run": 3}}
+    assert _training_summary(refit, 4.5) == "train 4.5s, 4 epochs (early stopping chose 1 of 3, refit)"

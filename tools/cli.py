@@ -30,6 +30,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss", choices=list(LOSSES), default=d.loss)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="initial weights, batch order, negatives and the validation subset (rerun with others to "
+                        "see the spread)")
     p.add_argument("--dim", type=int, default=64, help="item-vector size when they are built from the log")
     m = ModelConfig()
     p.add_argument("--repeat", choices=list(REPEAT_MODES), default=m.repeat,

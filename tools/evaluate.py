@@ -247,8 +247,8 @@ def run_evaluation(df, table, models: list[str], train_cfg: TrainConfig, test_fr
                    after_event_type=after_type, by_memory=by_memory,
                    memory_hit_rate=round(in_memory / max(res["events_scored"], 1), 4))
         results[name] = res
-        log.info("%s: recall@10 %.4f mrr %.4f (train %.1fs, %s epochs, eval %.1fs)", name, res["recall@10"], res["mrr"],
-                 train_seconds, res["chosen_epoch"], res["eval_seconds"])
+        log.info("%s: recall@10 %.4f mrr %.4f (%s, eval %.1fs)", name, res["recall@10"], res["mrr"],
+                 _training_summary(hist, train_seconds), res["eval_seconds"])
     dataset = {
         "events": int(len(df)), "users": int(df["user_id"].nunique()), "items": int(len(table)),
         "train_events": int(len(train_df)), "test_events": int(len(test_df)),
@@ -256,6 +256,18 @@ def run_evaluation(df, table, models: list[str], train_cfg: TrainConfig, test_fr
         "default_variant": DEFAULT_VARIANT, "event_types_dropped": drop_event_types,
     }
     return {"dataset": dataset, "results": results}
+
+
+def _training_summary(hist: dict, seconds: float) -> str:
+    """'train 12.3s, 4 epochs (early stopping chose 1 of 3, refit)' or 'no training' (counting models)."""
+    fit, final = hist.get("fit_epoch_seconds", []), hist["epoch_seconds"]
+    if not fit and not final:
+        return "no training"
+    es = hist.get("early_stopping") or {}
+    text = f"train {seconds:.1f}s, {len(fit) + len(final)} epochs"
+    if es.get("used"):
+        text += f" (early stopping chose {hist['chosen_epoch']} of {es['epochs_run']}{', refit' if fit else ''})"
+    return text
 
 
 METRIC_COLUMNS = ["recall@1", "recall@5", "recall@10", "recall@20", "mrr", "mrp"]

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from core.items import ItemTable
 from core.progress import progress as progress_bar
@@ -49,11 +50,12 @@ def cmd_train(args, settings) -> Path:
     table = items_for(df, args.items, args.dim, train_only=False, kind=args.item_vectors)
     if not args.items:
         table.save(Path(args.out).with_suffix(".items.npz"))
+    cfg = train_config(args)
+    torch.manual_seed(cfg.seed)  # initial weights from --seed, as `livemb evaluate` does
     model = build_model(args.model, table.padded_vectors(), **model_overrides(args, settings))
     device = settings.resolved_device()
     model.to(device)
     seqs = list(sequences_from_frame(df, table).values())
-    cfg = train_config(args)
     hist = train_model(model, seqs, cfg)
     save_checkpoint(args.out, model, table.fingerprint, extra={"history": hist})
     per_epoch = np.mean(hist["epoch_seconds"]) if hist["epoch_seconds"] else 0.0
@@ -67,7 +69,7 @@ def train_config(args) -> TrainConfig:
     d = TrainConfig()  # callers that build their own namespace (tools/demo.py) get the defaults
     return TrainConfig(epochs=args.epochs, loss=args.loss, batch_size=args.batch_size, lr=args.lr,
                        **{f: getattr(args, f, getattr(d, f)) for f in ("valid_fraction", "patience", "valid_metric",
-                                                                       "refit")})
+                                                                       "refit", "seed")})
 
 
 def model_overrides(args, settings) -> dict:
