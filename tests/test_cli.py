@@ -35,6 +35,13 @@ def test_offline_pipeline(tmp_path, capsys):
         assert res["events_scored"] > 0
     assert png.stat().st_size > 1000
     assert "| mv |" in capsys.readouterr().out
+    from tools.results_doc import render
+
+    doc = render(str(js), report).splitlines()
+    assert sum(line.startswith("| gru | rep+none |") for line in doc) == 1
+    assert sum(line.startswith(("| mv | ", "| sr | ", "| gru | ")) for line in doc) == 3 + 3 * 9  # summary + variants
+    [mv] = [line for line in doc if line.startswith("| mv | ") and "|---" not in line][:1]
+    assert mv.split(" | ")[7:9] == ["-", "-"]  # a counting model: no epochs, no s/epoch
 
 
 def test_bad_inputs_give_clear_errors(tmp_path, capsys):

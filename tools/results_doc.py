@@ -1,0 +1,89 @@
+"""Full result tables from `livemb evaluate --json` reports: `python -m tools.results_doc REPORT...`.
+
+For each report: the dataset line, a summary row per model (the default variant's metrics, the
+training it got, seconds per epoch and of the evaluation) and the full table (every model x every
+repeat variant x exclude_seen, recall@1/5/10/20, MRR, MRP). docs/RESULTS_FULL.md is this output.
+
+    python -m tools.results_doc runs/s16/ml100k.json runs/s16/yc.json --out docs/RESULTS_FULL.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tools.evaluate import METRIC_COLUMNS, VARIANTS, variant_name
+
+
+def training_cells(res: dict) -> tuple[str, str]:
+    """(epochs, s/epoch): e.g. ('1 of 3 + refit 1', '61.2') or ('-', '-') for a counting model."""
+    fit, final = res.get("fit_epoch_seconds") or [], res.get("epoch_seconds") or []
+    if not fit and not final:
+        return "-", "-"
+    es = res.get("early_stopping") or {}
+    if es.get("used"):
+        epochs = f"{res['chosen_epoch']} of {es['epochs_run']}" + (f" + refit {len(final)}" if fit else "")
+    else:
+        epochs = f"{len(final)} (fixed)"
+    per = final or fit
+    return epochs, f"{sum(per) / len(per):.1f}"
+
+
+def summary_table(report: dict) -> str:
+    v = report["dataset"]["default_variant"]
+    head = ["model", *METRIC_COLUMNS, "epochs (early stopping)", "s/epoch", "train s", "eval s", "targets"]
+    rows = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for name, res in report["results"].items():
+        m = res["variants"][v]
+        epochs, per = training_cells(res)
+        rows.append(f"| {name} | " + " | ".join(f"{m[c]:.4f}" for c in METRIC_COLUMNS)
+                    + f" | {epochs} | {per} | {res['train_seconds']:.0f} | {res['eval_seconds']:.0f} | {m['events_scored']} |")
+    return "\n".join(rows)
+
+
+def full_table(report: dict) -> str:
+    head = ["model", "variant", *METRIC_COLUMNS]
+    rows = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for name, res in report["results"].items():
+        for r, e in VARIANTS:
+            var = variant_name(r, e)
+            m = res["variants"][var]
+            rows.append(f"| {name} | {var} | " + " | ".join(f"{m[c]:.4f}" for c in METRIC_COLUMNS) + " |")
+    return "\n".join(rows)
+
+
+def render(path: str, report: dict) -> str:
+    d = report["dataset"]
+    return "\n\n".join([
+        f"## `{path}`",
+        f"{d['events']:,} events, {d['users']:,} users, {d['items']:,} items; {d['test_events']:,} test events "
+        f"({d['test_targets_known']:,} with a known item), test fraction {d['test_frac']}; default variant "
+        f"`{d['default_variant']}`.",
+        "Summary (default variant; train s includes early stopping's validation and the refit):",
+        summary_table(report),
+        "Every variant (`rep` = the model's own repeat path, learned mixture for the neural models and the "
+        "rule for the counting ones; `rule` = the fixed recent-first rule; `norep` = explore only; then "
+        "exclude_seen none / session / history):",
+        full_table(report),
+    ])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("reports", nargs="+")
+    ap.add_argument("--out", help="write the markdown here (default: print it)")
+    ap.add_argument("--title", default="# Full result tables")
+    args = ap.parse_args(argv)
+    parts = [args.title]
+    for p in args.reports:
+        parts.append(render(p, json.loads(Path(p).read_text())))
+    text = "\n\n".join(parts) + "\n"
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        print(text, end="")
+
+
+if __name__ == "__main__":
+    main()
