@@ -331,8 +331,10 @@ class MaxItem(_CountingBaseline):
         mem = torch.where(mem > 0, mem, self.last_item(state)[:, None])
         X = self.item_vecs
         best = X[mem[:, 0]] @ X.T
-        for m in range(1, mem.shape[1]):  # one (B, N+1) product per slot, never (B, M, N+1) at once
-            torch.maximum(best, X[mem[:, m]] @ X.T, out=best)
+        tmp = torch.empty_like(best)  # one (B, N+1) product per slot into one buffer, never (B, M, N+1)
+        for m in range(1, mem.shape[1]):
+            torch.matmul(X[mem[:, m]], X.T, out=tmp)
+            torch.maximum(best, tmp, out=best)
         return best
 
     def explore(self, state):
@@ -345,8 +347,8 @@ class MaxItem(_CountingBaseline):
 
     def update_running(self, run: Tensor, item: Tensor) -> None:
         """Fold the applied event's item (B,) into the running max in place (unknown items: no-op)."""
-        x = self.item_vecs[item] @ self.item_vecs.T
-        run.copy_(torch.where((item > 0)[:, None], torch.maximum(run, x), run))
+        x = (self.item_vecs[item] @ self.item_vecs.T).masked_fill_((item <= 0)[:, None], -math.inf)
+        torch.maximum(run, x, out=run)  # in place: no (B, N+1) temporaries beyond the product
 
     def scores(self, state, u=None, repeat_mode=None, explore=None, running: Tensor | None = None):
         if running is None or explore is not None:

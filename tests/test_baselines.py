@@ -212,6 +212,26 @@ def test_maxitem_nearest_neighbour_of_past_item():
     assert model.scores(st, u)[1].argsort(descending=True)[:3].tolist() == [3, 1, 2]
 
 
+def test_maxitem_running_max_equals_the_max_over_the_memory():
+    """The evaluation's running max (init from the warm-up memory, one product per applied event)
+    gives the scores the state alone gives, while every item still fits in the memory; an unknown
+    item (0) changes nothing."""
+    model = make("maxitem", TRAIN)
+    warm = [seq([1, 2]), seq([0]), seq([3])]
+    later = [[4, 0, 2], [5, 5, 0], [0, 0, 0]]
+    st, u = run(model, warm)
+    running = model.init_running(st)
+    assert bool(torch.isneginf(running[1]).all())  # nothing in memory yet
+    for t in range(3):
+        item = torch.tensor([row[t] for row in later])
+        st, u = model.step(st, EventBatch.from_sequences(*zip(*(seq([i], t0=(t + 5) * MIN) for i in item.tolist()),
+                                                             strict=True)))
+        model.update_running(running, item)
+    want = model.scores(st, u, repeat_mode="none")
+    got = model.scores(st, u, repeat_mode="none", running=running)
+    assert torch.allclose(got, want, atol=1e-6)
+
+
 def test_repeat_disabled_by_config():
     model = MODEL_REGISTRY["pop"](ModelConfig(name="pop", dim=D, repeat="none"), item_vectors()).fit(TRAIN)
     st, u = run(model, [seq([1])])
