@@ -12,6 +12,7 @@ a user's very first event (nothing to predict it from).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,6 +61,15 @@ def split_validation(seqs: list[Sequence], fraction: float, max_targets: int, se
     keep = np.sort(keep)
     return ValidationSplit(fit=fit, valid=[cand[i] for i in keep], starts=[starts[i] for i in keep],
                            targets=int(sum(counts[i] for i in keep)), targets_total=int(sum(counts)), cut_ms=cut)
+
+
+def min_gain(best: float, n: int, se_units: float) -> float:
+    """How much an epoch must beat `best` by to count as better: `se_units` standard errors of a
+    per-target metric in [0, 1] with mean `best` over n targets, sqrt(best (1 - best) / n) (the
+    binomial SE of a recall, an upper bound for MRR's). 0 before the first epoch or with se_units 0."""
+    if se_units <= 0 or not math.isfinite(best):
+        return 0.0
+    return se_units * math.sqrt(max(best * (1.0 - best), 0.0) / max(n, 1))
 
 
 class Validator:

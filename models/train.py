@@ -26,7 +26,7 @@ from torch import Tensor
 from core.progress import progress as progress_bar
 from models import repeat
 from models.base import EventBatch, SeqModel, event_type_index, session_flags
-from models.early_stop import Validator, split_validation
+from models.early_stop import Validator, min_gain, split_validation
 from models.grouping import group_by_user
 from models.logits import explore_logz
 
@@ -59,13 +59,17 @@ class TrainConfig:
     logz_samples: int = 2048
     # early stopping (models/early_stop.py): the last valid_fraction of the TRAIN period's time range
     # is held out, `valid_metric` of the model's own ranking on it after each epoch, stop after
-    # `patience` epochs without a strict improvement. 0 = a fixed `epochs` (the former behaviour).
+    # `patience` epochs without an improvement. 0 = a fixed `epochs` (the former behaviour).
     # Off (fixed epochs, logged) when epochs <= 1 or the held-out part has < valid_min_targets.
     valid_fraction: float = 0.1
     patience: int = 2
     valid_metric: str = "recall@10"
     valid_max_targets: int = 5000  # a seeded random subset of the held-out users, whole users
     valid_min_targets: int = 200
+    # an epoch improves on the best only by more than this many standard errors of the metric
+    # (early_stop.min_gain): on a flat curve a +0.001 of 5,000 targets is noise, and chasing it
+    # cost the 1M-event log 6 fit + 4 refit epochs for gru where 3 + 1 do (docs/MODELS.md). 0 = any gain.
+    valid_min_gain_se: float = 1.0
     # after choosing the epoch: True = retrain from the same initial weights on the whole train
     # period for that many epochs (the held-out tail is the most recent data: YooChoose recall@10
     # +0.010..0.014 over keeping, docs/RESULTS.md "Issue 8, fourth pass"); False = keep the best
@@ -373,6 +377,7 @@ def _early_stopped(model: SeqModel, chunks: list[Sequence], split, cfg: TrainCon
              cfg.valid_metric, cfg.patience, cfg.epochs)
     es = {"used": True, "metric": cfg.valid_metric, "valid_fraction": cfg.valid_fraction, "patience": cfg.patience,
           "valid_targets": split.targets, "valid_targets_total": split.targets_total, "refit": cfg.refit,
+          "min_gain_se": cfg.valid_min_gain_se,
           "valid": [], "valid_seconds": 0.0, "setup_seconds": time.perf_counter() - t0}
     best = {"value": -math.inf, "epoch": 0, "weights": None}
 
@@ -381,12 +386,13 @@ def _early_stopped(model: SeqModel, chunks: list[Sequence], split, cfg: TrainCon
         m = validator(model)
         es["valid_seconds"] += time.perf_counter() - t1
         es["valid"].append({"epoch": epoch, "recall@10": m["recall@10"], "mrr": m["mrr"]})
-        improved = m[cfg.valid_metric] > best["value"]  # strict: a tie keeps the earlier epoch
+        need = min_gain(best["value"], m["events_scored"], cfg.valid_min_gain_se)
+        improved = m[cfg.valid_metric] > best["value"] + need  # strict: a tie keeps the earlier epoch
         if improved:
             best.update(value=m[cfg.valid_metric], epoch=epoch,
                         weights={k: v.detach().clone() for k, v in model.state_dict().items()})
-        log.info("%s epoch %d valid recall@10 %.4f mrr %.4f%s", model.name, epoch, m["recall@10"], m["mrr"],
-                 " (best)" if improved else "")
+        note = " (best)" if improved else (f" (not above the best {best['value']:.4f} + {need:.4f})" if need else "")
+        log.info("%s epoch %d valid recall@10 %.4f mrr %.4f%s", model.name, epoch, m["recall@10"], m["mrr"], note)
         return epoch - best["epoch"] >= cfg.patience
 
     fit_chunks = make_chunks(split.fit, cfg.max_len)

@@ -9,13 +9,15 @@ import pytest
 import torch
 
 from core.items import ItemTable
-from models.early_stop import Validator, split_validation
+from models.early_stop import Validator, min_gain, split_validation
 from models.train import TrainConfig, sequences_from_frame, train_model
 from tools.evaluate import build_model, evaluate_model
 from tools.synth_ecommerce import synth_ecommerce
 
 # a high lr so that the validation curve is not monotone (epoch 3 of 6 is the best here)
-CFG = TrainConfig(epochs=6, patience=6, lr=3e-2, valid_fraction=0.2, valid_min_targets=50, refit=False)
+# valid_min_gain_se = 0: any gain counts, so the choice is the argmax (the SE rule has its own test)
+CFG = TrainConfig(epochs=6, patience=6, lr=3e-2, valid_fraction=0.2, valid_min_targets=50, refit=False,
+                  valid_min_gain_se=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +54,32 @@ def test_chosen_epoch_is_the_validation_argmax(stopped):
     assert es["used"] and len(values) == CFG.epochs  # patience = epochs: every epoch ran
     assert hist["chosen_epoch"] == int(np.argmax(values)) + 1  # first maximum: a tie keeps the earlier epoch
     assert hist["chosen_epoch"] < CFG.epochs  # else the restore below would prove nothing
+
+
+def test_min_gain_is_the_metrics_standard_error():
+    assert min_gain(0.1, 900, 1.0) == pytest.approx(0.01)  # sqrt(0.1 * 0.9 / 900)
+    assert min_gain(0.5, 10_000, 2.0) == pytest.approx(0.01)
+    assert min_gain(float("-inf"), 900, 1.0) == 0.0  # the first epoch always counts
+    assert min_gain(0.1, 900, 0.0) == 0.0
+
+
+def test_a_gain_within_the_standard_error_is_not_an_improvement(data):
+    """With the default rule (1 SE) the chosen epoch is the last one that beat the best so far by
+    more than one standard error, read off the recorded curve; later epochs count as no gain."""
+    vectors, seqs = data
+    torch.manual_seed(0)
+    model = build_model("gru", vectors)
+    cfg = TrainConfig(**{**CFG.__dict__, "valid_min_gain_se": 1.0})
+    hist = train_model(model, seqs, cfg, progress=False)
+    es = hist["early_stopping"]
+    n = es["valid_targets"]
+    best, chosen = -np.inf, 0
+    for v in es["valid"]:
+        if v[cfg.valid_metric] > best + min_gain(best, n, 1.0):
+            best, chosen = v[cfg.valid_metric], v["epoch"]
+    assert hist["chosen_epoch"] == chosen and es["min_gain_se"] == 1.0
+    argmax = int(np.argmax([v[cfg.valid_metric] for v in es["valid"]])) + 1
+    assert chosen < argmax  # on this curve the rule matters: epoch 3 is +0.0015 over epoch 1, SE 0.013
 
 
 def test_kept_weights_are_the_chosen_epochs(data, stopped):

@@ -24,6 +24,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                         "a fixed --epochs)")
     p.add_argument("--patience", type=int, default=d.patience, help="early stopping: epochs without improvement")
     p.add_argument("--valid-metric", choices=list(VALID_METRICS), default=d.valid_metric)
+    p.add_argument("--valid-min-gain-se", type=float, default=d.valid_min_gain_se,
+                   help="early stopping: an epoch is better only by more than this many standard errors of the "
+                        "metric (0: any gain)")
     p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=d.refit,
                    help="early stopping: after choosing the epoch count, retrain on the whole train period "
                         "(--no-refit: keep the best epoch's weights, trained without the held-out tail)")

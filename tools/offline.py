@@ -69,7 +69,7 @@ def train_config(args) -> TrainConfig:
     d = TrainConfig()  # callers that build their own namespace (tools/demo.py) get the defaults
     return TrainConfig(epochs=args.epochs, loss=args.loss, batch_size=args.batch_size, lr=args.lr,
                        **{f: getattr(args, f, getattr(d, f)) for f in ("valid_fraction", "patience", "valid_metric",
-                                                                       "refit", "seed")})
+                                                                       "valid_min_gain_se", "refit", "seed")})
 
 
 def model_overrides(args, settings) -> dict:
