@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from models.base import SeqModel, SeqOut, register
-from models.layers import session_layout
+from models.layers import session_layout, session_runs
 
 
 @register
@@ -43,31 +43,26 @@ class HGRU(SeqModel):
 
     def forward_seq(self, inp, item, new_session, level, mask):
         B, T, _ = inp.shape
-        sess, pos, S, _ = session_layout(new_session, mask)
-        b_idx = torch.arange(B, device=inp.device)[:, None].expand(B, T)
-        first = mask & (pos == 0)
-        start = torch.zeros(B, S, dtype=torch.long, device=inp.device)  # (B, S) flat index of each session's first event
-        start[b_idx[first], sess[first]] = torch.arange(T, device=inp.device).expand(B, T)[first]
-        length = torch.zeros(B, S, dtype=torch.long, device=inp.device).index_put_(
-            (b_idx[mask], sess[mask]), torch.ones_like(sess[mask]), accumulate=True)  # (B, S)
+        sess, _, S, _ = session_layout(new_session, mask)
+        idx, keep, lengths, owner = session_runs(sess, mask, S)
+        k_of, user_of = owner % S, torch.div(owner, S, rounding_mode="floor")
         flat_inp = inp.reshape(B * T, -1)
         s = inp.new_zeros(B, self.cfg.hidden)
         conds, outs, where = [], [], []
         for k in range(S):
             conds.append(s)
             # only the users that have a k-th session, packed: no step runs on padding
-            rows = (length[:, k] > 0).nonzero().squeeze(1)
-            n_k = length[rows, k]
-            steps = torch.arange(int(n_k.max()), device=inp.device)
-            valid = steps[None, :] < n_k[:, None]  # (R, L_k)
-            idx = rows[:, None] * T + start[rows, k][:, None] + steps[None, :]  # (R, L_k) flat positions
-            x_k = flat_inp[idx.masked_fill(~valid, 0)]  # (R, L_k, in), padding rows repeat event 0 (skipped)
+            runs = (k_of == k).nonzero().squeeze(1)
+            rows, n_k = user_of[runs], lengths[runs]
+            L_k = int(n_k.max())
+            x_k = flat_inp[idx[runs, :L_k]]  # (R, L_k, in); padding repeats event 0 and is skipped
             g0 = torch.tanh(self.init_inner(s[rows]))
             packed = pack_padded_sequence(x_k, n_k.cpu(), batch_first=True, enforce_sorted=False)
             o, last = self.inner(packed, g0[None].contiguous())  # last: hidden after each session's last event
-            outs.append(pad_packed_sequence(o, batch_first=True)[0][valid])
-            where.append(idx[valid])
+            real = keep[runs, :L_k]
+            outs.append(pad_packed_sequence(o, batch_first=True)[0][real])
+            where.append(idx[runs, :L_k][real])
             s = s.index_copy(0, rows, self.session_gru(last[0][:, None], s[rows][None].contiguous())[1][0])
         g = inp.new_zeros(B * T, self.cfg.channels).index_copy(0, torch.cat(where), torch.cat(outs)).view(B, T, -1)
-        gate = torch.stack(conds, 1)[b_idx, sess]  # (B, T, H)
+        gate = torch.stack(conds, 1)[torch.arange(B, device=inp.device)[:, None], sess]  # (B, T, H)
         return SeqOut(self.out(g), gate=gate)

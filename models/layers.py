@@ -65,6 +65,27 @@ def session_layout(new_session: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, i
     return sess, pos, S, L
 
 
+def session_runs(segment: Tensor, valid: Tensor, S: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The sessions of a flat (B, T) layout as padded runs, for packed recurrences (no padding steps).
+
+    segment (B, T) session index per event, valid (B, T). Returns, for the R sessions that have
+    events (ordered by user, then session): idx (R, L) flat positions b * T + t (0 at padding),
+    keep (R, L) the real positions, lengths (R,) and owner (R,) = b * S + session."""
+    B, T = segment.shape
+    t = torch.arange(T, device=segment.device).expand(B, T)
+    owner_all = (torch.arange(B, device=segment.device)[:, None] * S + segment)[valid]  # (E,)
+    length = torch.zeros(B * S, dtype=torch.long, device=segment.device).index_add_(
+        0, owner_all, torch.ones_like(owner_all))
+    start = torch.zeros(B * S, dtype=torch.long, device=segment.device).scatter_reduce_(
+        0, owner_all, t[valid], "amin", include_self=False)  # a session's events are contiguous in t
+    owner = length.nonzero().squeeze(1)
+    lengths = length[owner]
+    steps = torch.arange(int(lengths.max()) if len(lengths) else 1, device=segment.device)
+    keep = steps[None, :] < lengths[:, None]
+    idx = (torch.div(owner, S, rounding_mode="floor") * T + start[owner])[:, None] + steps[None, :]
+    return idx.masked_fill(~keep, 0), keep, lengths, owner
+
+
 def to_grid(x: Tensor, sess: Tensor, pos: Tensor, mask: Tensor, S: int, L: int) -> Tensor:
     """Scatter flat (B, T, ...) values into a zero (B, S, L, ...) grid."""
     B = x.shape[0]

@@ -106,3 +106,17 @@ def test_state_fits_budget(name):
     record = encode({k: v[0].numpy() for k, v in st.items()}, {"items": 1})
     row = wrap(GuardState(size=16), record)  # what the RocksDB table stores for one user
     assert len(row) <= 4096, f"{name}: {len(row)} bytes per user"
+
+
+def test_session_runs_of_a_flat_layout():
+    """Two users, T = 5: user 0 has sessions [0, 1] [2, 3, 4], user 1 has [0] [1, 2] and a pad."""
+    from models.layers import session_layout, session_runs
+
+    new_session = torch.tensor([[1, 0, 1, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    sess, _, S, _ = session_layout(new_session, mask)
+    idx, keep, lengths, owner = session_runs(sess, mask, S)
+    assert S == 2 and owner.tolist() == [0, 1, 2, 3]  # b * S + session
+    assert lengths.tolist() == [2, 3, 1, 2]
+    assert idx[keep].tolist() == [0, 1, 2, 3, 4, 5, 6, 7]  # every real event once, flat b * T + t
+    assert keep.sum(1).tolist() == lengths.tolist() and int(idx[~keep].max()) == 0
