@@ -258,16 +258,23 @@ def run_evaluation(df, table, models: list[str], train_cfg: TrainConfig, test_fr
     return {"dataset": dataset, "results": results}
 
 
+def epochs_text(res: dict) -> str | None:
+    """'4 epochs (early stopping chose 1 of 3, refit)', '2 epochs', or None for a model that does not
+    train; `res` is a training history or an evaluation result (the same keys)."""
+    fit, final = res.get("fit_epoch_seconds") or [], res.get("epoch_seconds") or []
+    if not fit and not final:
+        return None
+    es = res.get("early_stopping") or {}
+    text = f"{len(fit) + len(final)} epochs"
+    if es.get("used"):
+        text += f" (early stopping chose {res['chosen_epoch']} of {es['epochs_run']}{', refit' if fit else ''})"
+    return text
+
+
 def _training_summary(hist: dict, seconds: float) -> str:
     """'train 12.3s, 4 epochs (early stopping chose 1 of 3, refit)' or 'no training' (counting models)."""
-    fit, final = hist.get("fit_epoch_seconds", []), hist["epoch_seconds"]
-    if not fit and not final:
-        return "no training"
-    es = hist.get("early_stopping") or {}
-    text = f"train {seconds:.1f}s, {len(fit) + len(final)} epochs"
-    if es.get("used"):
-        text += f" (early stopping chose {hist['chosen_epoch']} of {es['epochs_run']}{', refit' if fit else ''})"
-    return text
+    epochs = epochs_text(hist)
+    return "no training" if epochs is None else f"train {seconds:.1f}s, {epochs}"
 
 
 METRIC_COLUMNS = ["recall@1", "recall@5", "recall@10", "recall@20", "mrr", "mrp"]

@@ -13,26 +13,21 @@ import argparse
 import json
 from pathlib import Path
 
-from tools.evaluate import METRIC_COLUMNS, VARIANTS, variant_name
+from tools.evaluate import METRIC_COLUMNS, VARIANTS, epochs_text, variant_name
 
 
 def training_cells(res: dict) -> tuple[str, str]:
-    """(epochs, s/epoch): e.g. ('1 of 3 + refit 1', '61.2') or ('-', '-') for a counting model."""
-    fit, final = res.get("fit_epoch_seconds") or [], res.get("epoch_seconds") or []
-    if not fit and not final:
+    """(epochs, s/epoch) of one model, ('-', '-') for a counting model; s/epoch of the final run."""
+    epochs = epochs_text(res)
+    if epochs is None:
         return "-", "-"
-    es = res.get("early_stopping") or {}
-    if es.get("used"):
-        epochs = f"{res['chosen_epoch']} of {es['epochs_run']}" + (f" + refit {len(final)}" if fit else "")
-    else:
-        epochs = f"{len(final)} (fixed)"
-    per = final or fit
+    per = res.get("epoch_seconds") or res["fit_epoch_seconds"]
     return epochs, f"{sum(per) / len(per):.1f}"
 
 
 def summary_table(report: dict) -> str:
     v = report["dataset"]["default_variant"]
-    head = ["model", *METRIC_COLUMNS, "epochs (early stopping)", "s/epoch", "train s", "eval s", "targets"]
+    head = ["model", *METRIC_COLUMNS, "epochs", "s/epoch", "train s", "eval s", "targets"]
     rows = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for name, res in report["results"].items():
         m = res["variants"][v]
