@@ -122,14 +122,16 @@ class HierarchicalModel(SeqModel):
                 h = self.long_gru(agg[:, None], h[None].contiguous())[1][0]
             o, cond = from_grid(torch.stack(outs, 1), sess, pos), torch.stack(conds, 1)
             cond_t = cond[b_idx, sess]
-        # out([o ; h]) = W_o o + (W_h h + b), the h part projected once per session
+        # out([o ; h]) = W_o o + (W_h h + b), the h part projected once per session (B, S, D) and
+        # gathered once: it is also the query-time session start, out([0 ; h before that session])
         w = self.out.weight  # (D, C + H)
-        u = F.linear(o, w[:, : self.cfg.channels]) + F.linear(cond, w[:, self.cfg.channels :], self.out.bias)[b_idx, sess]
-        # query-time session start: u for "a new session begins" = W[0 ; h before that session]
-        return SeqOut(u, starts=self._start_embedding(cond)[b_idx, sess], gate=cond_t)
+        start = F.linear(cond, w[:, self.cfg.channels :], self.out.bias)[b_idx, sess]  # (B, T, D)
+        u = F.linear(o, w[:, : self.cfg.channels]) + start
+        return SeqOut(u, starts=start, gate=cond_t)
 
     def _start_embedding(self, h: Tensor) -> Tensor:
-        return self.out(torch.cat([h.new_zeros((*h.shape[:-1], self.cfg.channels)), h], dim=-1))
+        """out([0 ; h]) = W_h h + b: the embedding before a session's first event."""
+        return F.linear(h, self.out.weight[:, self.cfg.channels :], self.out.bias)
 
     def next_session_embedding(self, st: dict[str, Tensor]) -> Tensor:
         """(B, D): the embedding if the user's next event opens a new session (the open session is
