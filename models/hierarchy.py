@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.base import ModelConfig, SeqModel, SeqOut
-from models.layers import from_grid, session_layout, to_grid
+from models.layers import from_grid, per_event, session_layout, to_grid
 
 
 class HierarchicalModel(SeqModel):
@@ -102,7 +102,7 @@ class HierarchicalModel(SeqModel):
             agg = (tot / cnt.clamp(min=1)[:, None]).view(B, S, -1)
             h_after, _ = self.long_gru(agg, h0[None].contiguous())  # (B, S, H): after session s
             cond = torch.cat([h0[:, None], h_after[:, :-1]], dim=1)  # (B, S, H): before session s
-            cond_t = cond[b_idx, sess]  # (B, T, H)
+            cond_t = per_event(cond, sess)  # (B, T, H)
             o = self.encode_flat(inp, cond, mask, sess)
             if o is None:
                 x = to_grid(inp, sess, pos, mask, S, L)  # (B, S, L, in_dim)
@@ -121,11 +121,11 @@ class HierarchicalModel(SeqModel):
                 agg = (o_s * v).sum(1) / v.sum(1).clamp(min=1)
                 h = self.long_gru(agg[:, None], h[None].contiguous())[1][0]
             o, cond = from_grid(torch.stack(outs, 1), sess, pos), torch.stack(conds, 1)
-            cond_t = cond[b_idx, sess]
+            cond_t = per_event(cond, sess)
         # out([o ; h]) = W_o o + (W_h h + b), the h part projected once per session (B, S, D) and
         # gathered once: it is also the query-time session start, out([0 ; h before that session])
         w = self.out.weight  # (D, C + H)
-        start = F.linear(cond, w[:, self.cfg.channels :], self.out.bias)[b_idx, sess]  # (B, T, D)
+        start = per_event(F.linear(cond, w[:, self.cfg.channels :], self.out.bias), sess)  # (B, T, D)
         u = F.linear(o, w[:, : self.cfg.channels]) + start
         return SeqOut(u, starts=start, gate=cond_t)
 

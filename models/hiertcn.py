@@ -28,7 +28,7 @@ from torch import Tensor
 
 from models.base import register
 from models.hierarchy import HierarchicalModel
-from models.layers import CausalTCN
+from models.layers import CausalTCN, per_event
 
 
 @register
@@ -52,8 +52,7 @@ class HierTCN(HierarchicalModel):
         # session (cond is (B, S, H) here) and gather it per event
         w = self.tcn.inp.weight  # (C, in_dim + H)
         h_part = F.linear(cond, w[:, self.in_dim :], self.tcn.inp.bias)  # (B, S, C)
-        b = torch.arange(x.shape[0], device=x.device)[:, None]
-        proj = F.linear(x, w[:, : self.in_dim]) + h_part[b, segment]
+        proj = F.linear(x, w[:, : self.in_dim]) + per_event(h_part, segment)
         return self.tcn.body(proj, valid, segment)
 
     def encode_step(self, st, inp, item, etype, h, new_session):

@@ -86,6 +86,16 @@ def session_runs(segment: Tensor, valid: Tensor, S: int) -> tuple[Tensor, Tensor
     return idx.masked_fill(~keep, 0), keep, lengths, owner
 
 
+def per_event(x: Tensor, segment: Tensor) -> Tensor:
+    """Gather per-session values x (B, S, F) to every event of its session: (B, T, F).
+
+    One index_select on the flattened (B * S, F) rows: its backward is an index_add, much cheaper
+    on CPU than the sorting index_put that x[b, segment] backpropagates through."""
+    B, S, _ = x.shape
+    rows = (torch.arange(B, device=x.device)[:, None] * S + segment).reshape(-1)  # (B * T,)
+    return x.reshape(B * S, -1).index_select(0, rows).view(*segment.shape, -1)
+
+
 def to_grid(x: Tensor, sess: Tensor, pos: Tensor, mask: Tensor, S: int, L: int) -> Tensor:
     """Scatter flat (B, T, ...) values into a zero (B, S, L, ...) grid."""
     B = x.shape[0]

@@ -120,3 +120,16 @@ def test_session_runs_of_a_flat_layout():
     assert lengths.tolist() == [2, 3, 1, 2]
     assert idx[keep].tolist() == [0, 1, 2, 3, 4, 5, 6, 7]  # every real event once, flat b * T + t
     assert keep.sum(1).tolist() == lengths.tolist() and int(idx[~keep].max()) == 0
+
+
+def test_per_event_gathers_each_events_session_row_and_its_gradient():
+    """x (B=2, S=2, F=1) = [[10, 20], [30, 40]]; events of user 0 in sessions 0 0 1, user 1 in 1 1 0."""
+    from models.layers import per_event
+
+    x = torch.tensor([[[10.0], [20.0]], [[30.0], [40.0]]], requires_grad=True)
+    segment = torch.tensor([[0, 0, 1], [1, 1, 0]])
+    out = per_event(x, segment)
+    assert out.shape == (2, 3, 1)
+    assert out[..., 0].tolist() == [[10, 10, 20], [40, 40, 30]]
+    out.sum().backward()
+    assert x.grad[..., 0].tolist() == [[2, 1], [1, 2]]  # how many events read each session
