@@ -224,12 +224,6 @@ class SeqModel(nn.Module):
     def n_items(self) -> int:
         return self.item_vecs.shape[0] - 1
 
-    def set_item_vectors(self, item_vectors: Tensor | np.ndarray) -> None:
-        vecs = torch.as_tensor(np.asarray(item_vectors, dtype=np.float32), device=self.device)
-        if vecs.shape[1] != self.cfg.dim:
-            raise ValueError(f"new item vectors have dim {vecs.shape[1]}, model expects {self.cfg.dim}")
-        self.item_vecs = vecs
-
     def state_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         M = self.cfg.recent_items
         spec = {
@@ -312,6 +306,19 @@ class SeqModel(nn.Module):
         s[:, 0] = -math.inf
         return s
 
+    @staticmethod
+    def log_partition(explore: Tensor) -> Tensor:
+        """THE mixture's log Z: log-sum-exp of the explore scores (B, N+1) over the catalogue (B,)."""
+        return torch.logsumexp(explore[:, 1:], dim=1)
+
+    # evaluation hooks: a model may keep a running cache over the applied events (MaxItem's running
+    # max) that `scores(..., running=)` reads instead of recomputing from the state; None: no cache
+    def init_running(self, state: dict[str, Tensor]) -> Tensor | None:
+        return None
+
+    def update_running(self, run: Tensor, item: Tensor) -> None:
+        """Fold the applied events' items (B,) into the cache in place."""
+
     def memory_scores(self, state: dict[str, Tensor], u: Tensor, mode: str | None = None, logz: Tensor | None = None,
                       gate_state: Tensor | None = None, explore_all: Tensor | None = None,
                       explore_mem: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -341,7 +348,7 @@ class SeqModel(nn.Module):
             mem = explore + repeat.heuristic_bonus(state)
         else:
             if logz is None:
-                logz = torch.logsumexp(self.explore_scores(u)[:, 1:], dim=1)
+                logz = self.log_partition(self.explore_scores(u))
             feats = repeat.memory_features(state, len(EVENT_TYPES))
             gs = self.gate_state(state) if gate_state is None else gate_state
             rep_logp, a = self.repeat_head(feats, explore, explore - logz[:, None], filled, u, gs)
@@ -350,14 +357,15 @@ class SeqModel(nn.Module):
         return shift, mem.masked_fill(~filled, -math.inf)
 
     def scores(self, state: dict[str, Tensor], u: Tensor, repeat_mode: str | None = None,
-               explore: Tensor | None = None) -> Tensor:
+               explore: Tensor | None = None, running: Tensor | None = None) -> Tensor:
         """Full-catalogue scores (B, N+1) for ranking: explore path merged with the repeat path.
-        `explore`: this model's repeat_mode="none" scores of the same users, if already computed."""
+        `explore`: this model's repeat_mode="none" scores of the same users, if already computed;
+        `running`: the cache of `init_running` (unused here)."""
         s = self.explore_scores(u) if explore is None else explore
         mode = self.repeat_mode if repeat_mode is None else repeat_mode
         if mode == "none":
             return s
-        logz = torch.logsumexp(s[:, 1:], dim=1) if mode == "mixture" else None
+        logz = self.log_partition(s) if mode == "mixture" else None
         shift, mem = self.memory_scores(state, u, mode, logz, explore_all=s)
         out = s + shift[:, None]
         out.scatter_(1, state["mem_item"].long(), mem)  # slots hold distinct items; empty slots hit column 0

@@ -139,7 +139,7 @@ class _CountingBaseline(SeqModel):
         raise NotImplementedError
 
     def scores(self, state: dict[str, Tensor], u: Tensor | None = None, repeat_mode: str | None = None,
-               explore: Tensor | None = None) -> Tensor:
+               explore: Tensor | None = None, running: Tensor | None = None) -> Tensor:
         if explore is None:
             s = _rescale(self.explore(state).float())
             s[:, 0] = -math.inf
@@ -317,12 +317,11 @@ class MaxItem(_CountingBaseline):
     """MaxItem (HierTCN paper): score(i) = max over the user's past items p of <x_p, x_i>.
 
     From the state alone the max runs over the memory (users with an empty memory score every
-    item 0). The evaluation keeps a running max instead (`incremental`): initialised from the
+    item 0). The evaluation keeps a running max instead (`init_running`): initialised from the
     memory after the warm-up, then one (B, N+1) product per applied event, never M of them per
     scored event."""
 
     name = "maxitem"
-    incremental = True
 
     def _memory_max(self, state):
         mem = state["mem_item"].long()

@@ -4,8 +4,8 @@
 (events with ts >= lo + (1 - valid_fraction) * (hi - lo) are validation events), and keeps up to
 `valid_max_targets` validation targets (whole users, a fixed random order). `Validator` scores them
 after each epoch with the model's own repeat path, exclude_seen none, against the full catalogue:
-the same scoring as tools/evaluate.py (`memory_scores` + `metrics.ranks_from_explore`, pessimistic
-ties), but teacher-forced through the offline forward over each user's fit + validation events in
+the same ranking as `livemb evaluate` (models/evaluation.variant_ranks, pessimistic ties), but
+teacher-forced through the offline forward over each user's fit + validation events in
 one pass, which the parity tests make equal to stepping the streaming state through them. Left out:
 a user's very first event (nothing to predict it from).
 """
@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 
 from models.base import EventBatch, SeqModel
-from models.metrics import RankAccumulator, ranks_from_explore
-
-Sequence = tuple[np.ndarray, np.ndarray, np.ndarray]  # items (1-based, 0 unknown), event types, ts ms
+from models.evaluation import variant_ranks
+from models.metrics import RankAccumulator
+from models.replay import MemoryCache, Sequence, next_item_predictions
 
 
 @dataclass
@@ -75,13 +75,11 @@ def min_gain(best: float, n: int, se_units: float) -> float:
 class Validator:
     """Ranks of the validation targets under the model's current weights (no gradients).
 
-    The memory after every validation-sequence event is replayed once (models/train.MemoryCache
+    The memory after every validation-sequence event is replayed once (models.replay.MemoryCache
     over whole sequences, so it equals the streaming memory); each call runs the offline forward
     over the kept users in length-sorted batches and scores only the validation positions."""
 
     def __init__(self, model: SeqModel, split: ValidationSplit, batch_events: int = 65_536):
-        from models.train import MemoryCache  # train imports this module
-
         self.split = split
         self.memory = MemoryCache(model, split.valid)
         lengths = np.fromiter((len(s[0]) for s in split.valid), np.int64, len(split.valid))
@@ -98,15 +96,13 @@ class Validator:
 
     @torch.no_grad()
     def __call__(self, model: SeqModel) -> dict:
-        from models.train import _predictions
-
         was_training = model.training
         model.eval()
         acc = RankAccumulator()
         block = max(1, (1 << 24) // (model.n_items + 1))  # rows per (rows, N+1) score block: 64 MB
         for b in self.batches:
             ev = EventBatch.from_sequences(*zip(*(self.split.valid[i] for i in b), strict=True)).to(model.device)
-            pred, gate, sel, target = _predictions(model, ev)
+            pred, gate, sel, target = next_item_predictions(model, ev)
             T = ev.item.shape[1]
             start = torch.tensor([self.split.starts[i] for i in b], device=model.device)
             # prediction at position t is for the event at t + 1: keep targets in the validation part
@@ -123,8 +119,5 @@ class Validator:
 
     @staticmethod
     def _ranks(model: SeqModel, st: dict[str, Tensor], u: Tensor, tgt: Tensor, gs: Tensor | None) -> Tensor:
-        """The evaluation's rank of each target (tools/evaluate.variant_parts for the model's own mode)."""
-        base = model.explore_scores(u)  # (n, N+1), column 0 -inf
-        logz = torch.logsumexp(base[:, 1:], dim=1) if model.repeat_mode == "mixture" else None
-        shift, mem = model.memory_scores(st, u, None, logz, gs, explore_all=base)
-        return ranks_from_explore(base, tgt, st["mem_item"], shift, mem, {})["none"]
+        """The evaluation's rank of each target under the model's own repeat path, nothing excluded."""
+        return variant_ranks(model, st, u, model.explore_scores(u), tgt, ("rep",), gs)["rep"]["none"]

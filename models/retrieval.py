@@ -29,6 +29,7 @@ import faiss
 import numpy as np
 import torch
 
+from core.items import ItemTable
 from core.progress import progress as progress_bar
 from core.settings import EXCLUDE_SEEN, INDEX_KINDS
 from models import repeat
@@ -201,8 +202,6 @@ def load_index(path: str | Path, *, items_fingerprint: str, kind: str, n_items: 
 def build_index_file(items_path: str | Path, kind: str, out: str | Path, params: dict | None = None,
                      progress: bool = True) -> dict:
     """`livemb index`: build ahead of time and save; returns the sidecar."""
-    from core.items import ItemTable
-
     table = ItemTable.load(items_path)
     p = index_params(kind, len(table), table.dim, params)
     t0 = time.perf_counter()

@@ -25,10 +25,11 @@ from torch import Tensor
 
 from core.progress import progress as progress_bar
 from models import repeat
-from models.base import EventBatch, SeqModel, event_type_index, session_flags
+from models.base import EventBatch, SeqModel, event_type_index
 from models.early_stop import Validator, min_gain, split_validation
 from models.grouping import group_by_user
 from models.logits import explore_logz
+from models.replay import MemoryCache, Sequence, next_item_predictions
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,6 @@ class TrainConfig:
     refit: bool = True
 
 
-Sequence = tuple[np.ndarray, np.ndarray, np.ndarray]  # items (1-based, 0 unknown), event types, ts ms
 
 
 def sequences_from_frame(df, table) -> dict[str, Sequence]:
@@ -112,69 +112,6 @@ def bucketed_batches(chunks: list[Sequence], batch_size: int, rng: np.random.Gen
     batches = [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
     rng.shuffle(batches)
     return batches
-
-
-class MemoryCache:
-    """The recent-items memory after every event of every training chunk, replayed ONCE.
-
-    The memory depends on the data only (not on parameters), so it is computed by the streaming
-    update (repeat.update_memory, hence exactly the features serving computes) for all chunks at
-    once before the first epoch, in groups of similar length, and each batch gathers its rows.
-    Storage: one (E, M) tensor per memory field in its compact dtype (24 bytes a slot), E = events.
-    """
-
-    def __init__(self, model: SeqModel, chunks: list[Sequence], group: int = 4096):
-        lengths = np.fromiter((len(c[0]) for c in chunks), np.int64, len(chunks))
-        self.offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        E = int(lengths.sum())
-        M = model.cfg.recent_items
-        self.fields = {k: torch.zeros((E, *shape), dtype=dt) for k, (shape, dt) in repeat.memory_spec(M).items()}
-        self.common = {k: torch.zeros(E, dtype=torch.int64) for k in ("n_events", "last_ts", "session")}
-        gap = model.cfg.session_gap_ms
-        order = np.argsort(lengths, kind="stable")
-        for g0 in range(0, len(order), group):
-            ids = order[g0 : g0 + group]
-            ev = EventBatch.from_sequences(*zip(*(chunks[i] for i in ids), strict=True))
-            B, T = ev.item.shape
-            last = torch.full((B,), -1, dtype=torch.int64)
-            session = session_flags(ev.ts, ev.mask, last, gap, model.cfg.dt_buckets)[0].long().cumsum(1) - 1
-            flat = torch.from_numpy(self.offsets[ids])[:, None] + torch.arange(T)[None, :]  # (B, T)
-            self.common["n_events"][flat[ev.mask]] = (torch.arange(T) + 1).expand(B, T)[ev.mask]
-            self.common["last_ts"][flat[ev.mask]] = ev.ts.cummax(1).values[ev.mask]
-            self.common["session"][flat[ev.mask]] = session[ev.mask]
-            mem = repeat.init_memory(B, M, torch.device("cpu"))
-            for t in range(T):
-                m = ev.mask[:, t]
-                upd = repeat.update_memory(mem, ev.item[:, t], ev.ts[:, t], ev.etype[:, t], session[:, t], torch.full_like(last, t))
-                mem = {k: torch.where(m[:, None], upd[k], mem[k]) for k in mem}
-                rows = flat[m, t]
-                for k in mem:
-                    self.fields[k][rows] = mem[k][m]
-
-    def rows(self, chunk_ids: list[int], T: int) -> Tensor:
-        """(B, T) flat row index of each (chunk, position); positions past a chunk's end are junk, mask them."""
-        off = torch.from_numpy(self.offsets[np.asarray(chunk_ids)])
-        return (off[:, None] + torch.arange(T)[None, :]).clamp(max=len(self.common["n_events"]) - 1)
-
-    def state_at(self, rows: Tensor, device: torch.device) -> dict[str, Tensor]:
-        """The memory state (n, M) and its clocks (n,) after the events at flat `rows` (n,)."""
-        out = {k: v[rows].to(device) for k, v in self.fields.items()}
-        out.update({k: v[rows].to(device) for k, v in self.common.items()})
-        return out
-
-
-def _predictions(model: SeqModel, ev: EventBatch) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
-    """Prediction for each next event: (pred (B, T-1, D), gate (B, T-1, G) or None, sel (B, T-1), target)."""
-    out = model.forward_full(ev)
-    target = ev.item[:, 1:]
-    sel = ev.mask[:, 1:] & (target > 0)  # positions with a known next item
-    pred = out.u[:, :-1]
-    if out.starts is not None:  # a target that opens a session is predicted by the session-start embedding
-        last = torch.full((ev.item.shape[0],), -1, dtype=torch.int64, device=ev.item.device)
-        opens = session_flags(ev.ts, ev.mask, last, model.cfg.session_gap_ms, model.cfg.dt_buckets)[0][:, 1:]
-        pred = torch.where(opens[..., None], out.starts[:, 1:], pred)
-    gate = None if out.gate is None else out.gate[:, :-1]
-    return pred, gate, sel, target
 
 
 def sampled_logz(model: SeqModel, u_t: Tensor, tgt: Tensor, k: int, gen: torch.Generator,
@@ -218,7 +155,7 @@ def mixture_loss(model: SeqModel, ev: EventBatch, memory: MemoryCache, rows: Ten
     cfg.exact_logz_max_items, with the sampled estimate of log Z (`sampled_logz`).
     rows (B, T): MemoryCache rows."""
     cfg = cfg or TrainConfig()
-    pred, gate, sel, target = _predictions(model, ev)
+    pred, gate, sel, target = next_item_predictions(model, ev)
     n = int(sel.sum())
     if n == 0:
         return pred.sum() * 0.0, 0
@@ -247,7 +184,7 @@ def mixture_loss(model: SeqModel, ev: EventBatch, memory: MemoryCache, rows: Ten
 
 def batch_loss(model: SeqModel, ev: EventBatch, cfg: TrainConfig, gen: torch.Generator) -> tuple[Tensor, int]:
     """Sampled-negative loss of the explore path (repeat modes "rule"/"none": nothing to learn there)."""
-    pred, _, sel, target = _predictions(model, ev)
+    pred, _, sel, target = next_item_predictions(model, ev)
     n = int(sel.sum())
     if n == 0:
         return pred.sum() * 0.0, 0

@@ -10,8 +10,8 @@ import torch
 
 from core.items import ItemTable
 from models.early_stop import Validator, min_gain, split_validation
+from models.evaluation import build_model, evaluate_model
 from models.train import TrainConfig, sequences_from_frame, train_model
-from tools.evaluate import build_model, evaluate_model
 from tools.synth_ecommerce import synth_ecommerce
 
 # a high lr so that the validation curve is not monotone (epoch 3 of 6 is the best here)

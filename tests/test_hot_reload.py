@@ -23,12 +23,12 @@ from kafka import KafkaConsumer, TopicPartition
 
 from core.items import ItemTable
 from models.checkpoint import model_version, save_checkpoint
+from models.evaluation import build_model
 from models.train import TrainConfig, sequences_from_frame, train_model
 from stream.broker import free_port
 from stream.kafka_io import replay
 from tests.conftest import wait_until
 from tools.demo import start_worker, stop_process, wait_ready
-from tools.evaluate import build_model
 from tools.synth import synth_log
 
 PARTITIONS = 2

@@ -13,12 +13,12 @@ import pytest
 from core.items import ItemTable
 from core.settings import Settings
 from models.checkpoint import save_checkpoint
+from models.evaluation import build_model
 from models.serving import Serving
 from stream.batch import BatchStep
 from stream.processor import ModelProcessor
 from stream.sweep import IdleSweep, OpenSessions
 from tests.inmemory import MemorySink, MemoryStore, record
-from tools.evaluate import build_model
 from tools.offline import embed_users
 
 MIN = 60_000

@@ -44,3 +44,28 @@ def test_the_check_sees_an_upward_import(tmp_path: Path) -> None:
         if pkg != "state":
             (tmp_path / pkg).mkdir()
     assert upward_imports(tmp_path) == ["state/x.py:2 imports stream (a layer above state)"]
+
+
+def function_level_imports(pkg: str, root: Path = ROOT) -> list[str]:
+    """Project imports inside a function body: the sign of an import circle worked around."""
+    bad = []
+    for path in sorted((root / pkg).rglob("*.py")):
+        for fn in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for node in ast.walk(fn):
+                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+                bad += [f"{path.relative_to(root)}:{node.lineno} imports {m} inside {fn.name}"
+                        for m in mods if m.split(".")[0] in LAYERS]
+    return bad
+
+
+def test_models_import_the_project_at_module_level_only() -> None:
+    assert function_level_imports("models") == []
+
+
+def test_the_check_sees_a_function_level_import(tmp_path: Path) -> None:
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "x.py").write_text("import math\n\ndef f():\n    import numpy\n    from models.train import g\n")
+    assert function_level_imports("models", tmp_path) == ["models/x.py:5 imports models.train inside f"]

@@ -16,6 +16,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from core.items import ItemTable
 from models.checkpoint import save_checkpoint
+from models.evaluation import build_model
 from models.retrieval import Retriever
 from models.serving import Serving
 from models.train import TrainConfig, sequences_from_frame, train_model
@@ -23,7 +24,6 @@ from stream.broker import free_port
 from stream.kafka_io import replay
 from tests.conftest import wait_until
 from tools.demo import start_worker, stop_process, wait_ready
-from tools.evaluate import build_model
 from tools.offline import embed_users
 from tools.synth import synth_log
 

@@ -11,7 +11,8 @@ from models import EventBatch, repeat
 from models.base import ModelConfig
 from models.hiertcn import HierTCN
 from models.logits import explore_logz
-from models.train import MemoryCache, TrainConfig, _predictions, make_chunks, mixture_loss, slot_explore
+from models.replay import MemoryCache, next_item_predictions
+from models.train import TrainConfig, make_chunks, mixture_loss, slot_explore
 
 
 def _setup(N=300, D=8, users=6, T=40, seed=0):
@@ -33,7 +34,7 @@ def _setup(N=300, D=8, users=6, T=40, seed=0):
 
 def _reference_loss(model, ev, memory, rows):
     """The plain formulation: full memory, gathered slot vectors, autograd log-sum-exp."""
-    pred, gate, sel, target = _predictions(model, ev)
+    pred, gate, sel, target = next_item_predictions(model, ev)
     u_t, tgt = pred[sel], target[sel]
     st = memory.state_at(rows[:, :-1][sel], model.device)
     s = model.explore_scores(u_t)
@@ -47,7 +48,7 @@ def _reference_loss(model, ev, memory, rows):
 
 def test_slot_explore_equals_the_gather_of_the_memory_vectors():
     model, memory, ev, rows = _setup()
-    pred, _, sel, target = _predictions(model, ev)
+    pred, _, sel, target = next_item_predictions(model, ev)
     st = memory.state_at(rows[:, :-1][sel], model.device)
     slots, tgt_score = slot_explore(pred, ev.item, model.item_vecs, sel, st["mem_seq"])
     u_t = pred[sel]

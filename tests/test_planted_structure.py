@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from core.items import ItemTable
+from models.evaluation import DEFAULT_VARIANT
 from models.train import TrainConfig
-from tools.evaluate import DEFAULT_VARIANT, run_evaluation
+from tools.evaluate import run_evaluation
 from tools.synth import synth_log
 
 pytestmark = pytest.mark.slow

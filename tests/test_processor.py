@@ -8,10 +8,10 @@ import torch
 from core.items import ItemTable
 from core.settings import Settings
 from models.checkpoint import save_checkpoint
+from models.evaluation import build_model
 from models.train import TrainConfig, sequences_from_frame, train_model
 from stream.processor import ModelProcessor
 from stream.validate import ValidEvent
-from tools.evaluate import build_model
 from tools.offline import embed_users
 from tools.synth import synth_log
 

@@ -8,7 +8,8 @@ import torch
 from models import EventBatch
 from models.base import ModelConfig
 from models.flat import FlatGRU
-from models.train import MemoryCache, TrainConfig, make_chunks, mixture_loss, sampled_logz
+from models.replay import MemoryCache
+from models.train import TrainConfig, make_chunks, mixture_loss, sampled_logz
 
 
 def test_sampled_logz_is_close_to_the_exact_one():

@@ -46,8 +46,8 @@ def _prepare(args, work: Path):
 
     from core.items import ItemTable
     from models.checkpoint import save_checkpoint
+    from models.evaluation import build_model
     from models.train import TrainConfig, sequences_from_frame, train_model
-    from tools.evaluate import build_model
     from tools.synth import synth_log, write_log
 
     if args.model or args.items or args.data:
@@ -96,9 +96,9 @@ def _big_catalogue(n_items: int, log_items: list[str], work: Path, kind: str) ->
     (untrained: the weights do not change the cost of a step), and its index built ahead of time."""
     from core.items import ItemTable
     from models.checkpoint import save_checkpoint
+    from models.evaluation import build_model
     from models.retrieval import build_index_file
     from tools.bench_offline import structured_item_vectors
-    from tools.evaluate import build_model
 
     vecs, _ = structured_item_vectors(n_items, 64, seed=1, n_queries=1)
     extra = [f"bench-{j}" for j in range(max(0, n_items - len(log_items)))]

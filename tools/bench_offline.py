@@ -211,7 +211,7 @@ def _model(checkpoint: str | None, items: str | None, dim: int, hidden: int, n_i
             raise ValueError("bench_model: a checkpoint needs its items file")
         table = ItemTable.load(items)
         return load_checkpoint(checkpoint, table.padded_vectors(), table.fingerprint).eval()
-    from tools.evaluate import build_model
+    from models.evaluation import build_model
 
     torch.manual_seed(seed)
     x, _ = structured_item_vectors(n_items, dim, seed, 1)

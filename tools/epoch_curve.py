@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
+from models.evaluation import build_model, evaluate_model
 from models.train import TrainConfig, _run_epochs, make_chunks, sequences_from_frame
-from tools.evaluate import build_model, evaluate_model
 from tools.eventlog import add_log_args, temporal_split
 from tools.offline import items_for, load_log
 

@@ -13,10 +13,10 @@ from core.items import ItemTable
 from core.progress import progress as progress_bar
 from models import EventBatch
 from models.checkpoint import save_checkpoint
+from models.evaluation import build_model
 from models.serving import Serving
 from models.train import TrainConfig, sequences_from_frame, train_model
 from tools.evaluate import (
-    build_model,
     early_stopping_table,
     event_type_table,
     markdown_table,

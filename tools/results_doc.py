@@ -13,7 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
-from tools.evaluate import METRIC_COLUMNS, VARIANTS, epochs_text, variant_name
+from models.evaluation import VARIANTS, variant_name
+from tools.evaluate import METRIC_COLUMNS, epochs_text
 
 
 def training_cells(res: dict) -> tuple[str, str]:

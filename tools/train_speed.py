@@ -18,8 +18,8 @@ import time
 
 import torch
 
+from models.evaluation import build_model
 from models.train import TrainConfig, sequences_from_frame, train_model
-from tools.evaluate import build_model
 from tools.eventlog import add_log_args, temporal_split
 
 

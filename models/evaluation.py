@@ -1,0 +1,206 @@
+"""The evaluation protocol of SPEC section 4, shared by `livemb evaluate` and the early-stopping
+validation: one ranking of targets for every model and every served variant.
+
+At test time each user's state is warmed on their train history through the streaming `step`,
+then every test event is scored against the full catalogue BEFORE it is applied, exactly as the
+live service would. One pass scores every variant: repeat path (the model's own = "rep", the fixed
+recent-first rule = "rule", none = "norep") x exclude_seen (none/session/history).
+Ties are pessimistic (models/metrics.ranks_of); targets without an item vector are skipped and
+counted.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from core.progress import progress as progress_bar
+from core.settings import EXCLUDE_SEEN
+from models import repeat
+from models.base import EVENT_TYPES, MODEL_REGISTRY, EventBatch, ModelConfig, SeqModel, opens_session
+from models.metrics import RankAccumulator, ranks_from_explore
+from models.replay import Sequence
+
+REPEATS = ("rep", "rule", "norep")  # the model's own repeat path, the fixed rule, none
+REPEAT_MODE_OF = {"rule": "rule", "norep": "none"}  # "rep": the model's configured mode
+EXCLUDES = EXCLUDE_SEEN
+VARIANTS = [(rep, excl) for rep in REPEATS for excl in EXCLUDES]
+DEFAULT_VARIANT = "rep+none"
+
+
+def variant_name(rep: str, excl: str) -> str:
+    return f"{rep}+{excl}"
+
+
+def _take(st: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    return {key: v[:k] for key, v in st.items()}
+
+
+def _put(st: dict[str, torch.Tensor], new: dict[str, torch.Tensor], k: int) -> None:
+    for key, v in new.items():
+        st[key][:k] = v
+
+
+def warm_up(model: SeqModel, st: dict[str, torch.Tensor], seqs: list[Sequence]) -> tuple[dict, torch.Tensor]:
+    """Step B users through their histories; per-step work is proportional to the users still
+    active (rows are processed longest-first, so the active ones are a prefix)."""
+    B = len(seqs)
+    u = torch.zeros(B, model.cfg.dim, device=model.device)
+    lengths = np.fromiter((len(s[0]) for s in seqs), np.int64, B)
+    if not lengths.sum():
+        return st, u
+    order = np.argsort(-lengths, kind="stable")
+    perm = torch.from_numpy(order).to(model.device)
+    st = {k: v[perm] for k, v in st.items()}
+    ev = EventBatch.from_sequences(*zip(*(seqs[i] for i in order), strict=True)).to(model.device)
+    active = np.searchsorted(-lengths[order], -np.arange(ev.item.shape[1]), side="left")  # users with len > t
+    u_sorted = torch.zeros_like(u)
+    step = 32  # events per call: fewer Python round trips, still close to the active count
+    for t0 in range(0, ev.item.shape[1], step):
+        k = int(active[t0])
+        sub = EventBatch(*(x[:k, t0 : t0 + step] for x in (ev.item, ev.etype, ev.ts, ev.mask)))
+        new, u_k = model.step(_take(st, k), sub)
+        _put(st, new, k)
+        u_sorted[:k] = torch.where(sub.mask.any(1)[:, None], u_k, u_sorted[:k])
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(B, device=model.device)
+    return {k: v[inv] for k, v in st.items()}, u_sorted[inv]
+
+
+def repeat_parts(model: SeqModel, st: dict[str, Tensor], u: Tensor, base: Tensor, mode: str | None,
+                 gate_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(shift (B,), slot scores (B, M)) of repeat mode `mode` (None: the model's own) on top of the
+    explore scores `base` (B, N+1): what `model.scores(st, u, mode)` would put outside / inside the
+    memory. The learned mixture goes through `memory_scores` (the serving definition); the rule
+    and "none" are the explore score plus the fixed bonus / nothing, for every model.
+    `gate_state`: the mixture gate's long-term state when `st` lacks it (the validation's replay)."""
+    mode = model.repeat_mode if mode is None else mode
+    mem_item = st["mem_item"].long()
+    if mode == "mixture":
+        return model.memory_scores(st, u, "mixture", model.log_partition(base), gate_state, explore_all=base)
+    mem = base.gather(1, mem_item)
+    if mode == "rule":
+        mem = mem + repeat.heuristic_bonus(st).to(mem.dtype)
+    return torch.zeros(base.shape[0], dtype=base.dtype, device=base.device), mem.masked_fill(mem_item <= 0, -math.inf)
+
+
+def variant_ranks(model: SeqModel, st: dict[str, Tensor], u: Tensor, base: Tensor, target: Tensor,
+                  reps: tuple[str, ...] = REPEATS, gate_state: Tensor | None = None) -> dict[str, dict[str, Tensor]]:
+    """THE ranking of targets, shared by `evaluate_model` and the early-stopping validation:
+    {rep: {exclude_seen: ranks (B,)}} of each repeat variant in `reps` on top of the explore
+    scores `base` (B, N+1), for every exclude_seen. Variants that are the same repeat mode (a
+    counting model's own path is the rule) share one computation."""
+    slots = {e: repeat.excluded_slots(st, e) for e in EXCLUDES if e != "none"}
+    own = model.repeat_mode
+    out: dict[str, dict[str, Tensor]] = {}
+    done: dict[str, dict[str, Tensor]] = {}  # repeat mode -> ranks
+    for rep in reps:
+        mode = REPEAT_MODE_OF.get(rep, own)
+        if mode not in done:
+            shift, mem = repeat_parts(model, st, u, base, mode, gate_state)
+            done[mode] = ranks_from_explore(base, target, st["mem_item"], shift, mem, slots)
+        out[rep] = done[mode]
+    return out
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: SeqModel, train: dict[str, Sequence], test: dict[str, Sequence], batch_users: int = 256, progress: bool = True,
+    group_types: tuple[dict[str, Sequence], dict[str, Sequence]] | None = None,
+) -> dict:
+    """Score every test event of every test user; returns {variant: metrics} plus skip counts.
+
+    `after_event_type` groups the targets by the type of the event before them, read from
+    `group_types` (train, test) when given (the real types while the model sees none), else from
+    train/test themselves.
+
+    Users are batched by test length (longest first, as training buckets by length) and, inside a
+    batch, the users still active at step t are a prefix: every per-step tensor op runs on those
+    rows only, so the work is proportional to the events, not to batch x longest history.
+    """
+    model.eval()
+    users = sorted(test, key=lambda x: (-len(test[x][0]), x))
+    accs = {variant_name(r, e): RankAccumulator() for r, e in VARIANTS}
+    # targets that open a new session: where the cross-session state has to earn its keep
+    starts = RankAccumulator()
+    # targets by the type of the event just before them (a cart, a purchase, a view): the event-type signal
+    after = {(rep, ty): RankAccumulator() for rep in REPEATS for ty in range(len(EVENT_TYPES))}
+    # targets already in the memory (what a repeat path can reach) vs the rest (explore only)
+    by_mem = {(rep, hit): RankAccumulator() for rep in REPEATS for hit in (True, False)}
+    gap = model.cfg.session_gap_ms
+    skipped = 0
+    in_memory = 0  # scored targets already in the recent-items memory (what a repeat path can reach)
+    empty = (np.zeros(0, np.int64),) * 3
+    total = sum(len(test[x][0]) for x in users)
+    bar = progress_bar(total=total, desc=f"eval {model.name}", unit="ev", disable=not progress, leave=False)
+    for i in range(0, len(users), batch_users):
+        group = users[i : i + batch_users]
+        st, u = warm_up(model, model.init_state(len(group)), [train.get(x, empty) for x in group])
+        run = model.init_running(st)  # a model's own evaluation cache (MaxItem's running max) or None
+        g_train, g_test = group_types or (train, test)
+        prev_type = torch.tensor([int(g_train[g][1][-1]) if g in g_train and len(g_train[g][1]) else -1 for g in group],
+                                 dtype=torch.int64, device=model.device)  # (B,) type of the last applied event
+        ev = EventBatch.from_sequences(*zip(*(test[g] for g in group), strict=True)).to(model.device)
+        ev_type = ev.etype if group_types is None else \
+            EventBatch.from_sequences(*zip(*(g_test[g] for g in group), strict=True)).etype.to(model.device)
+        n_active = ev.mask.sum(0).tolist()  # users sorted by test length: the active ones are a prefix
+        for t in range(ev.item.shape[1]):
+            k = n_active[t]
+            sk = _take(st, k)
+            target = ev.item[:k, t]
+            scored = target > 0
+            skipped += int((~scored).sum())
+            if scored.any():
+                hit = (sk["mem_item"][scored] == target[scored, None]).any(1)  # (k',)
+                in_memory += int(hit.sum())
+                opens = opens_session(ev.ts[:k, t], sk["last_ts"], gap)
+                u_next = model.next_session_embedding(sk)
+                # the serving side knows the request time, so a returning user gets the start embedding
+                u_eval = u[:k] if u_next is None else torch.where(opens[:, None], u_next, u[:k])
+                # every variant differs from the explore scores only by a per-row shift and the
+                # (k, M) slots: one (k, N) comparison of the shared explore scores per variant, no
+                # merged (k, N+1) matrix (models.metrics.ranks_from_explore)
+                base = model.scores(sk, u_eval, "none", running=None if run is None else run[:k])
+                sk_s = sk
+                if not bool(scored.all()):  # (k, N+1) copy only when some target has no vector
+                    base, sk_s, u_eval = base[scored], {key: v[scored] for key, v in sk.items()}, u_eval[scored]
+                ranks = variant_ranks(model, sk_s, u_eval, base, target[scored])
+                ty = prev_type[:k][scored]
+                for rep in REPEATS:
+                    for excl in EXCLUDES:
+                        accs[variant_name(rep, excl)].add(ranks[rep][excl])
+                    for j in ty.unique().tolist():
+                        if j >= 0:
+                            after[(rep, j)].add(ranks[rep]["none"][ty == j])
+                    by_mem[(rep, True)].add(ranks[rep]["none"][hit])
+                    by_mem[(rep, False)].add(ranks[rep]["none"][~hit])
+                starts.add(ranks["rep"]["none"][(opens & (sk["last_ts"] >= 0))[scored]])
+            new, u_new = model.step(sk, EventBatch(*(x[:k, t : t + 1] for x in (ev.item, ev.etype, ev.ts, ev.mask))))
+            _put(st, new, k)
+            u[:k] = u_new
+            prev_type[:k] = ev_type[:k, t]
+            if run is not None:
+                model.update_running(run[:k], ev.item[:k, t])
+            bar.update(k)
+    bar.close()
+    out = {name: acc.summary(model.n_items) for name, acc in accs.items()}
+    out["session_start"] = starts.summary(model.n_items)
+    out["by_memory"] = {variant_name(rep, "none"): {"in_memory": by_mem[(rep, True)].summary(model.n_items),
+                                                     "not_in_memory": by_mem[(rep, False)].summary(model.n_items)}
+                        for rep in REPEATS}
+    out["after_event_type"] = {variant_name(rep, "none"): {EVENT_TYPES[ty]: after[(rep, ty)].summary(model.n_items)
+                                                           for ty in range(len(EVENT_TYPES)) if after[(rep, ty)].n}
+                               for rep in REPEATS}
+    out["targets_skipped_unknown_item"] = skipped
+    out["targets_in_memory"] = in_memory
+    return out
+
+
+def build_model(name: str, vectors: np.ndarray, **cfg_overrides) -> SeqModel:
+    if name not in MODEL_REGISTRY:
+        raise ValueError(f"unknown model {name!r}; registered: {', '.join(MODEL_REGISTRY)}")
+    cfg = ModelConfig(name=name, dim=vectors.shape[1], **cfg_overrides)
+    return MODEL_REGISTRY[name](cfg, vectors)
