@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # The choices of a setting, defined once: the CLI, the retriever and evaluation read them from here.
 ExcludeSeen = Literal["none", "session", "history"]
 EXCLUDE_SEEN: tuple[str, ...] = get_args(ExcludeSeen)
+RepeatPath = Literal["rep", "rule", "norep"]
 IndexKind = Literal["flat", "hnsw", "ivfpq"]
 INDEX_KINDS: tuple[str, ...] = get_args(IndexKind)
 
@@ -68,7 +69,12 @@ class Settings(BaseSettings):
     model_path: str | None = Field(None, description="checkpoint served by the worker (livemb train); --model")
     items_path: str | None = Field(None, description="items.npz the checkpoint was trained with; --items")
     topk: int = Field(20, ge=1, description="candidates per output message")
-    exclude_seen: ExcludeSeen = Field("none", description="remove seen items from the candidates: none, session or history")
+    # unset: what the checkpoint chose on the held-out tail of its training data (models/early_stop.py)
+    exclude_seen: ExcludeSeen | None = Field(
+        None, description="remove seen items from the candidates: none, session or history (unset: the checkpoint's choice)")
+    repeat_path: RepeatPath | None = Field(
+        None, description="served repeat path: rep (the model's own), rule (recent items first) or norep (unset: the "
+        "checkpoint's choice)")
     index: IndexKind = Field("flat", description="faiss index of the explore path: flat (exact), hnsw or ivfpq")
     index_path: str | None = Field(
         None, description="prebuilt faiss index (livemb index) loaded at start instead of building one; it must match "

@@ -53,6 +53,8 @@ class ModelConfig:
     # -- repeat path (models/repeat.py) ---------------------------------------------------
     recent_items: int = 64  # M, slots in the recent-items memory (64 x 24 bytes; docs/MODELS.md)
     repeat: str = "mixture"  # "mixture" (learned), "rule" (fixed recent-first) or "none"
+    # the slot scorer also reads each slot's explore score and log-prob (False: behaviour features only)
+    slot_explore: bool = True
     # -- recurrent state: hiertcn, hiergru, hgru (long-term GRU), gru, hrnn ---------------
     hidden: int = 128  # H
     # -- in-session encoder: hiertcn, tcn (TCN channels), hiergru, hgru (in-session GRU) --
@@ -176,9 +178,10 @@ class SeqModel(nn.Module):
         # fixed inputs, not parameters; not saved in checkpoints (they carry a fingerprint instead)
         self.register_buffer("item_vecs", vecs, persistent=False)
         self.etype_emb = nn.Embedding(len(EVENT_TYPES), cfg.etype_dim)
+        self.served = repeat.Variant()  # the served repeat path and mask (checkpoints carry the chosen one)
         self.repeat_head = None
         if self.repeat_mode == "mixture":
-            self.repeat_head = repeat.MixtureHead(len(EVENT_TYPES), cfg.dim, self.gate_dim())
+            self.repeat_head = repeat.MixtureHead(len(EVENT_TYPES), cfg.dim, self.gate_dim(), explore=cfg.slot_explore)
 
     @property
     def repeat_mode(self) -> str:
@@ -186,6 +189,11 @@ class SeqModel(nn.Module):
         if self.cfg.repeat == "mixture" and not self.trainable:
             return "rule"
         return self.cfg.repeat
+
+    @property
+    def served_mode(self) -> str:
+        """The repeat mode the served variant scores with (the live worker's and `embed`'s)."""
+        return self.served.mode(self.repeat_mode)
 
     def gate_dim(self) -> int:
         """Size of the gate's long-term state: every gate_field is an H-sized recurrent state."""

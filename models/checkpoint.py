@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from models.base import MODEL_REGISTRY, ModelConfig, SeqModel
+from models.repeat import Variant
 
 FORMAT = 2  # 2: repeat mixture head, compact memory dtypes, ModelConfig.repeat is a mode
 
@@ -27,6 +28,7 @@ def save_checkpoint(path: str | Path, model: SeqModel, items_fingerprint: str, e
         "config": model.cfg.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "items_fingerprint": items_fingerprint,
+        "served": model.served.name,  # the variant chosen from the training data (models.repeat.Variant)
         "extra": extra or {},
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -76,6 +78,10 @@ def load_checkpoint(path: str | Path, item_vectors, items_fingerprint: str, allo
         model.load_state_dict(blob["state_dict"])
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {path} does not match model {cfg.name}: {e}") from e
+    try:
+        model.served = Variant.parse(blob.get("served", Variant().name))
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path}: {e}") from e
     model.eval()
     return model
 

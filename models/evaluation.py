@@ -18,17 +18,14 @@ import torch
 from torch import Tensor
 
 from core.progress import progress as progress_bar
-from core.settings import EXCLUDE_SEEN
 from models import repeat
 from models.base import EVENT_TYPES, MODEL_REGISTRY, EventBatch, ModelConfig, SeqModel, opens_session
-from models.metrics import RankAccumulator, ranks_from_explore
+from models.metrics import RankAccumulator, over_all_events, ranks_from_explore
 from models.replay import Sequence
 
-REPEATS = ("rep", "rule", "norep")  # the model's own repeat path, the fixed rule, none
-REPEAT_MODE_OF = {"rule": "rule", "norep": "none"}  # "rep": the model's configured mode
-EXCLUDES = EXCLUDE_SEEN
+REPEATS, EXCLUDES = repeat.REPEATS, repeat.EXCLUDES
 VARIANTS = [(rep, excl) for rep in REPEATS for excl in EXCLUDES]
-DEFAULT_VARIANT = "rep+none"
+DEFAULT_VARIANT = repeat.Variant().name  # served when nothing was chosen from the data
 
 
 def variant_name(rep: str, excl: str) -> str:
@@ -98,7 +95,7 @@ def variant_ranks(model: SeqModel, st: dict[str, Tensor], u: Tensor, base: Tenso
     out: dict[str, dict[str, Tensor]] = {}
     done: dict[str, dict[str, Tensor]] = {}  # repeat mode -> ranks
     for rep in reps:
-        mode = REPEAT_MODE_OF.get(rep, own)
+        mode = repeat.Variant(rep).mode(own)
         if mode not in done:
             shift, mem = repeat_parts(model, st, u, base, mode, gate_state)
             done[mode] = ranks_from_explore(base, target, st["mem_item"], shift, mem, slots)
@@ -187,6 +184,8 @@ def evaluate_model(
             bar.update(k)
     bar.close()
     out = {name: acc.summary(model.n_items) for name, acc in accs.items()}
+    for summary in out.values():  # what a live deployment counts: an unknown item is a miss
+        summary["all_events"] = over_all_events(summary, skipped)
     out["session_start"] = starts.summary(model.n_items)
     out["by_memory"] = {variant_name(rep, "none"): {"in_memory": by_mem[(rep, True)].summary(model.n_items),
                                                      "not_in_memory": by_mem[(rep, False)].summary(model.n_items)}

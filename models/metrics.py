@@ -89,7 +89,17 @@ class RankAccumulator:
         return out
 
 
-__all__ = ["RECALL_KS", "RankAccumulator", "ranks_excluding_memory", "ranks_from_explore", "ranks_of"]
+def over_all_events(summary: dict, unscored: int) -> dict:
+    """recall@K and MRR of `summary` over every target, the `unscored` ones (an item the model
+    cannot rank: unknown to the catalogue) counted as misses: what a live deployment sees."""
+    n = summary["events_scored"]
+    share = n / (n + unscored) if n + unscored else 0.0
+    out = {k: v * share for k, v in summary.items() if k.startswith("recall@") or k == "mrr"}
+    out["events"] = n + unscored
+    return out
+
+
+__all__ = ["RECALL_KS", "RankAccumulator", "over_all_events", "ranks_excluding_memory", "ranks_from_explore", "ranks_of"]
 
 
 def ranks_excluding_memory(scores: Tensor, target: Tensor, mem_item: Tensor, excluded: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -28,10 +28,42 @@ evaluation, the training loss and the live `Retriever` share ONE definition:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+REPEATS = ("rep", "rule", "norep")  # served repeat paths: the model's own, the fixed rule, none
+EXCLUDES = ("none", "session", "history")  # exclude_seen: which memory items a ranking removes
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What a model serves: its repeat path ("rep" = its own mode, "rule", "norep") and the
+    exclude_seen mask. Chosen from the training data (models/early_stop.py), carried by the
+    checkpoint, named "<repeat>+<exclude_seen>" as in the evaluation report."""
+
+    repeat: str = "rep"
+    exclude_seen: str = "none"
+
+    def __post_init__(self):
+        if self.repeat not in REPEATS or self.exclude_seen not in EXCLUDES:
+            raise ValueError(f"a variant is <{'|'.join(REPEATS)}>+<{'|'.join(EXCLUDES)}>, got {self.name!r}")
+
+    @property
+    def name(self) -> str:
+        return f"{self.repeat}+{self.exclude_seen}"
+
+    @classmethod
+    def parse(cls, name: str) -> Variant:
+        rep, _, excl = name.partition("+")
+        return cls(rep, excl or "none")
+
+    def mode(self, own: str) -> str:
+        """The repeat mode (REPEAT_MODES) this variant scores with, for a model whose own mode is `own`."""
+        return {"rep": own, "rule": "rule", "norep": "none"}[self.repeat]
+
 
 MEMORY_FIELDS = ("mem_item", "mem_count", "mem_seq", "mem_ts", "mem_sess", "mem_etype", "mem_seen")
 REPEAT_MODES = ("mixture", "rule", "none")
@@ -143,9 +175,10 @@ class MixtureHead(nn.Module):
     gate:     [u ; long-term state ; max-pooled slot hidden ; log fill] -> repeat-vs-explore logit
     """
 
-    def __init__(self, n_types: int, dim: int, state_dim: int, hidden: int = 32):
+    def __init__(self, n_types: int, dim: int, state_dim: int, hidden: int = 32, explore: bool = True):
         super().__init__()
-        self.slot = nn.Sequential(nn.Linear(n_features(n_types) + 2, hidden), nn.ReLU())
+        self.explore = explore
+        self.slot = nn.Sequential(nn.Linear(n_features(n_types) + (2 if explore else 0), hidden), nn.ReLU())
         self.slot_out = nn.Linear(hidden, 1)
         self.gate = nn.Sequential(nn.Linear(dim + state_dim + hidden + 1, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
@@ -153,7 +186,8 @@ class MixtureHead(nn.Module):
                 gate_state: Tensor | None) -> tuple[Tensor, Tensor]:
         """feats (B, M, F), explore/explore_logp/filled (B, M), u (B, D), gate_state (B, G) or None
         -> (repeat log-probs over slots (B, M), -inf at empty slots; gate logit (B,))."""
-        z = self.slot(torch.cat([feats, explore[..., None], explore_logp[..., None]], dim=-1))  # (B, M, hid)
+        z = self.slot(torch.cat([feats, explore[..., None], explore_logp[..., None]], dim=-1) if self.explore
+                      else feats)  # (B, M, hid)
         logits = self.slot_out(z).squeeze(-1).masked_fill(~filled, -math.inf)
         any_filled = filled.any(dim=1, keepdim=True)
         rep_logp = torch.where(any_filled, torch.log_softmax(logits.masked_fill(~any_filled, 0.0), dim=1), logits)

@@ -212,10 +212,11 @@ def build_index_file(items_path: str | Path, kind: str, out: str | Path, params:
 
 
 class Retriever:
-    def __init__(self, vectors: np.ndarray, kind: str = "flat", topk: int = 20, exclude_seen: str = "none",
+    def __init__(self, vectors: np.ndarray, kind: str = "flat", topk: int = 20, exclude_seen: str | None = None,
                  index: faiss.Index | None = None):
-        """`index`: a prebuilt index over vectors[1:] (`load_index`); None builds one here (hnsw, ivfpq)."""
-        if exclude_seen not in EXCLUDE_SEEN:
+        """`index`: a prebuilt index over vectors[1:] (`load_index`); None builds one here (hnsw, ivfpq).
+        `exclude_seen` None: the served model's own choice (`SeqModel.served`)."""
+        if exclude_seen is not None and exclude_seen not in EXCLUDE_SEEN:
             raise ValueError(f"exclude_seen must be one of {', '.join(EXCLUDE_SEEN)}, got {exclude_seen!r}")
         self.kind, self.topk, self.exclude_seen = kind, topk, exclude_seen
         self.n_items = vectors.shape[0] - 1
@@ -289,28 +290,29 @@ class Retriever:
         M = state["mem_item"].shape[1]
         k = min(self.topk + M, self.n_items)
         logz = None
+        mode = model.served_mode  # the served variant's repeat path (models.repeat.Variant)
+        exclude_seen = self.exclude_seen or model.served.exclude_seen
         if self.kind == "flat":
-            f_scores, f_items, logz = self.flat_search(model, u, state["mem_item"].long(),
-                                                       model.repeat_mode == "mixture")
+            f_scores, f_items, logz = self.flat_search(model, u, state["mem_item"].long(), mode == "mixture")
             f_items, f_scores = f_items.cpu(), f_scores.cpu()
         else:
             q = np.ascontiguousarray(u.detach().float().cpu().numpy())
             f_scores, f_ids = self.index.search(q, k)  # (B, k), ids 0-based, -1 when missing
             f_items = torch.from_numpy(f_ids + 1)  # 1-based; 0 = missing
             f_scores = torch.from_numpy(f_scores)
-            if model.repeat_mode == "mixture":
+            if mode == "mixture":
                 logz = self.estimated_logz(model, u, f_scores.to(u.device).masked_fill(f_items.to(u.device) == 0, -np.inf))
 
         mem_item = state["mem_item"].long().cpu()
         with torch.no_grad():  # the one explore+repeat score (models.base.SeqModel.memory_scores)
-            shift, m_scores = model.memory_scores(state, u, logz=logz)
+            shift, m_scores = model.memory_scores(state, u, mode, logz=logz)
         f_scores = f_scores + shift.float().cpu()[:, None]
         m_scores = m_scores.float().cpu().masked_fill(mem_item == 0, -np.inf)
         # drop faiss hits that the memory already scores (with the repeat bonus)
         dup = (f_items[:, :, None] == mem_item[:, None, :]).any(-1) | (f_items == 0)
         f_scores = f_scores.masked_fill(dup, -np.inf)
         seen_fields = ("mem_item", "mem_sess", "session")
-        excluded = repeat.seen_mask({k: state[k].cpu() for k in seen_fields}, self.n_items + 1, self.exclude_seen)
+        excluded = repeat.seen_mask({k: state[k].cpu() for k in seen_fields}, self.n_items + 1, exclude_seen)
         if excluded is not None:
             f_scores = f_scores.masked_fill(excluded.gather(1, f_items), -np.inf)
             m_scores = m_scores.masked_fill(excluded.gather(1, mem_item), -np.inf)

@@ -17,9 +17,10 @@ import orjson
 import torch
 
 from core.items import ItemTable
-from core.settings import ExcludeSeen, IndexKind
+from core.settings import ExcludeSeen, IndexKind, RepeatPath
 from models.base import EventBatch, SeqModel
 from models.checkpoint import load_checkpoint, model_version
+from models.repeat import Variant
 from models.retrieval import IndexFileError, Retriever, load_index
 
 log = logging.getLogger("livemb.serving")
@@ -34,9 +35,11 @@ class Serving:
 
     @classmethod
     def load(cls, model_path: str, items_path: str, *, index: IndexKind = "flat", topk: int = 20,
-             exclude_seen: ExcludeSeen = "none", device: str = "cpu", allow_new_items: bool = False,
+             exclude_seen: ExcludeSeen | None = None, repeat_path: RepeatPath | None = None, device: str = "cpu",
+             allow_new_items: bool = False,
              index_path: str | None = None, stale_index: Literal["refuse", "rebuild"] = "refuse") -> Serving:
-        """`index_path`: a prebuilt index (`livemb index`) loaded instead of building one; one that
+        """`exclude_seen`, `repeat_path`: override the variant the checkpoint chose (None keeps it).
+        `index_path`: a prebuilt index (`livemb index`) loaded instead of building one; one that
         does not match the items/kind raises IndexFileError (`stale_index="refuse"`, start-up) or
         is replaced by an index built here with a warning (`"rebuild"`, a hot swap of the items)."""
         table = ItemTable.load(items_path)
@@ -44,6 +47,7 @@ class Serving:
         if not model.embeds:
             raise ValueError(f"model {model.name} has no user embedding; only embedding models can be served")
         model.to(device).eval()
+        model.served = Variant(repeat_path or model.served.repeat, exclude_seen or model.served.exclude_seen)
         vectors = table.padded_vectors()
         prebuilt = None
         if index_path is not None:
@@ -54,7 +58,7 @@ class Serving:
                 if stale_index != "rebuild":
                     raise
                 log.warning("%s; building a %s index for items %s instead", e, index, table.fingerprint)
-        retriever = Retriever(vectors, index, topk, exclude_seen, index=prebuilt)
+        retriever = Retriever(vectors, index, topk, index=prebuilt)
         return cls(model, table, retriever, f"{model.name}@{model_version(model_path)}")
 
     def advance(self, state: dict[str, torch.Tensor], ev: EventBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

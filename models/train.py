@@ -27,9 +27,11 @@ from core.progress import progress as progress_bar
 from models import repeat
 from models.base import EventBatch, SeqModel, event_type_index
 from models.early_stop import Validator, min_gain, split_validation
+from models.evaluation import DEFAULT_VARIANT
 from models.grouping import group_by_user
 from models.logits import explore_logz
-from models.replay import MemoryCache, Sequence, next_item_predictions
+from models.repeat import Variant
+from models.replay import MemoryCache, Sequence, first_seen_ms, next_item_predictions
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ class TrainConfig:
     # Off (fixed epochs, logged) when epochs <= 1 or the held-out part has < valid_min_targets.
     valid_fraction: float = 0.1
     patience: int = 2
+    patience_ratio: float = 0.5  # ... or this fraction of the best epoch's count when more (`patience`)
     valid_metric: str = "recall@10"
     valid_max_targets: int = 5000  # a seeded random subset of the held-out users, whole users
     valid_min_targets: int = 200
@@ -76,6 +79,9 @@ class TrainConfig:
     # +0.010..0.014 over keeping, docs/RESULTS.md "Issue 8, fourth pass"); False = keep the best
     # epoch's weights (trained without the tail; cheaper)
     refit: bool = True
+    # "skip": a target whose item never occurred earlier in the training log is left out of the
+    # loss, as the test and the live stream never score one (replay.first_seen_ms); "keep": every target
+    cold_targets: str = "skip"
 
 
 
@@ -149,13 +155,14 @@ def slot_explore(pred: Tensor, items: Tensor, item_vecs: Tensor, sel: Tensor, me
 
 
 def mixture_loss(model: SeqModel, ev: EventBatch, memory: MemoryCache, rows: Tensor,
-                 cfg: TrainConfig | None = None, gen: torch.Generator | None = None) -> tuple[Tensor, int]:
+                 cfg: TrainConfig | None = None, gen: torch.Generator | None = None,
+                 first_seen: Tensor | None = None) -> tuple[Tensor, int]:
     """Mean NLL of the next item under the repeat/explore mixture, explore softmax over the full
     catalogue (exact log Z: both paths are calibrated against each other), or, for catalogues above
     cfg.exact_logz_max_items, with the sampled estimate of log Z (`sampled_logz`).
-    rows (B, T): MemoryCache rows."""
+    rows (B, T): MemoryCache rows; first_seen: see `replay.next_item_predictions`."""
     cfg = cfg or TrainConfig()
-    pred, gate, sel, target = next_item_predictions(model, ev)
+    pred, gate, sel, target = next_item_predictions(model, ev, first_seen)
     n = int(sel.sum())
     if n == 0:
         return pred.sum() * 0.0, 0
@@ -182,9 +189,10 @@ def mixture_loss(model: SeqModel, ev: EventBatch, memory: MemoryCache, rows: Ten
     return -logp.mean(), n
 
 
-def batch_loss(model: SeqModel, ev: EventBatch, cfg: TrainConfig, gen: torch.Generator) -> tuple[Tensor, int]:
+def batch_loss(model: SeqModel, ev: EventBatch, cfg: TrainConfig, gen: torch.Generator,
+               first_seen: Tensor | None = None) -> tuple[Tensor, int]:
     """Sampled-negative loss of the explore path (repeat modes "rule"/"none": nothing to learn there)."""
-    pred, _, sel, target = next_item_predictions(model, ev)
+    pred, _, sel, target = next_item_predictions(model, ev, first_seen)
     n = int(sel.sum())
     if n == 0:
         return pred.sum() * 0.0, 0
@@ -225,6 +233,8 @@ def _run_epochs(model: SeqModel, chunks: list[Sequence], cfg: TrainConfig, epoch
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     t_mem = time.perf_counter()
     memory = MemoryCache(model, chunks) if model.repeat_mode == "mixture" else None
+    # the scored targets of the test and the stream are catalogue items: leave cold ones out
+    first_seen = first_seen_ms(chunks, model.n_items).to(model.device) if cfg.cold_targets == "skip" else None
     history["memory_seconds"] = history.get("memory_seconds", 0.0) + time.perf_counter() - t_mem  # one-off replay
     model.train()
     for epoch in range(epochs):
@@ -236,9 +246,9 @@ def _run_epochs(model: SeqModel, chunks: list[Sequence], cfg: TrainConfig, epoch
         for b in bar:
             ev = EventBatch.from_sequences(*zip(*(chunks[i] for i in b), strict=True)).to(model.device)
             if memory is not None:
-                loss, n = mixture_loss(model, ev, memory, memory.rows(b, ev.item.shape[1]), cfg, gen)
+                loss, n = mixture_loss(model, ev, memory, memory.rows(b, ev.item.shape[1]), cfg, gen, first_seen)
             else:
-                loss, n = batch_loss(model, ev, cfg, gen)
+                loss, n = batch_loss(model, ev, cfg, gen, first_seen)
             if n == 0:
                 continue
             if not torch.isfinite(loss):
@@ -300,8 +310,17 @@ def train_model(model: SeqModel, seqs: list[Sequence], cfg: TrainConfig, progres
         history["early_stopping"] = {"used": False, "reason": reason}
     else:
         _early_stopped(model, chunks, split, cfg, history, progress)
+        model.served = Variant.parse(history["served_variant"])
+        log.info("%s: serves %s (the best variant on the held-out tail at the chosen epoch)", model.name,
+                 model.served.name)
     model.eval()
     return history
+
+
+def patience(best_epoch: int, cfg: TrainConfig) -> int:
+    """Epochs without a better one before training stops: cfg.patience, or half the best epoch's
+    count when that is more (a curve still rising after 6 epochs gets 3 more to show it)."""
+    return max(cfg.patience, math.ceil(cfg.patience_ratio * best_epoch))
 
 
 def _early_stopped(model: SeqModel, chunks: list[Sequence], split, cfg: TrainConfig, history: dict,
@@ -316,27 +335,33 @@ def _early_stopped(model: SeqModel, chunks: list[Sequence], split, cfg: TrainCon
           "valid_targets": split.targets, "valid_targets_total": split.targets_total, "refit": cfg.refit,
           "min_gain_se": cfg.valid_min_gain_se,
           "valid": [], "valid_seconds": 0.0, "setup_seconds": time.perf_counter() - t0}
-    best = {"value": -math.inf, "epoch": 0, "weights": None}
+    best = {"value": -math.inf, "epoch": 0, "weights": None, "variant": DEFAULT_VARIANT}
 
     def on_epoch(epoch: int) -> bool:
         t1 = time.perf_counter()
-        m = validator(model)
+        by_variant = validator(model)
         es["valid_seconds"] += time.perf_counter() - t1
-        es["valid"].append({"epoch": epoch, "recall@10": m["recall@10"], "mrr": m["mrr"]})
+        # an epoch is worth its best served variant (the one a checkpoint of it would serve)
+        variant = max(by_variant, key=lambda v: (by_variant[v][cfg.valid_metric], v == DEFAULT_VARIANT))
+        m = by_variant[variant]
+        es["valid"].append({"epoch": epoch, "recall@10": m["recall@10"], "mrr": m["mrr"], "variant": variant,
+                            "variants": {v: {"recall@10": x["recall@10"], "mrr": x["mrr"]} for v, x in by_variant.items()}})
         need = min_gain(best["value"], m["events_scored"], cfg.valid_min_gain_se)
         improved = m[cfg.valid_metric] > best["value"] + need  # strict: a tie keeps the earlier epoch
         if improved:
-            best.update(value=m[cfg.valid_metric], epoch=epoch,
+            best.update(value=m[cfg.valid_metric], epoch=epoch, variant=variant,
                         weights={k: v.detach().clone() for k, v in model.state_dict().items()})
         note = " (best)" if improved else (f" (not above the best {best['value']:.4f} + {need:.4f})" if need else "")
-        log.info("%s epoch %d valid recall@10 %.4f mrr %.4f%s", model.name, epoch, m["recall@10"], m["mrr"], note)
-        return epoch - best["epoch"] >= cfg.patience
+        log.info("%s epoch %d valid recall@10 %.4f mrr %.4f as %s%s", model.name, epoch, m["recall@10"], m["mrr"],
+                 variant, note)
+        return epoch - best["epoch"] >= patience(best["epoch"], cfg)
 
     fit_chunks = make_chunks(split.fit, cfg.max_len)
     _run_epochs(model, fit_chunks, cfg, cfg.epochs, history, on_epoch, progress=progress)
     es["epochs_run"] = len(es["valid"])
     es["best_value"] = best["value"]
     history["chosen_epoch"] = best["epoch"]
+    history["served_variant"] = best["variant"]
     if cfg.refit:
         model.load_state_dict(init)
         history["fit_epoch_seconds"] = history["epoch_seconds"]

@@ -71,7 +71,7 @@ class ModelProcessor:
     def _load(self) -> tuple[Serving, tuple[float, float]]:
         s = self.settings
         stamps = self._stamps()
-        sv = Serving.load(s.model_path, s.items_path, index=s.index, topk=s.topk, exclude_seen=s.exclude_seen,
+        sv = Serving.load(s.model_path, s.items_path, index=s.index, topk=s.topk, exclude_seen=s.exclude_seen, repeat_path=s.repeat_path,
                           device=str(self.device), allow_new_items=True,
                           index_path=s.index_path, stale_index="rebuild" if hasattr(self, "serving") else "refuse")
         self.tables[items_key(sv.table)] = sv.table

@@ -92,14 +92,17 @@ def test_kept_weights_are_the_chosen_epochs(data, stopped):
     assert all(torch.equal(kept[k], v) for k, v in same.state_dict().items())
     assert not all(torch.equal(kept[k], v) for k, v in last.state_dict().items())
     recorded = hist["early_stopping"]["valid"][hist["chosen_epoch"] - 1]
-    assert Validator(model, split)(model)["recall@10"] == pytest.approx(recorded["recall@10"], abs=1e-12)
+    assert recorded["variant"] == hist["served_variant"] == model.served.name
+    got = Validator(model, split)(model)[recorded["variant"]]["recall@10"]
+    assert got == pytest.approx(recorded["recall@10"], abs=1e-12)
 
 
 def test_patience_stops_and_refit_retrains_from_the_start(data):
     vectors, seqs = data
     torch.manual_seed(0)
     model = build_model("gru", vectors)
-    hist = train_model(model, seqs, TrainConfig(**{**CFG.__dict__, "patience": 1, "refit": True}), progress=False)
+    cfg = TrainConfig(**{**CFG.__dict__, "patience": 1, "patience_ratio": 0.0, "refit": True})
+    hist = train_model(model, seqs, cfg, progress=False)
     es = hist["early_stopping"]
     values = [v[CFG.valid_metric] for v in es["valid"]]
     assert es["epochs_run"] == hist["chosen_epoch"] + 1 < CFG.epochs  # stopped at the first epoch without a gain
@@ -120,10 +123,12 @@ def test_validation_metric_is_the_evaluations(data, name):
     got = Validator(model, split)(model)
     train = {str(i): tuple(a[:s] for a in v) for i, (v, s) in enumerate(zip(split.valid, split.starts, strict=True))}
     test = {str(i): tuple(a[s:] for a in v) for i, (v, s) in enumerate(zip(split.valid, split.starts, strict=True))}
-    ref = evaluate_model(model, train, test, progress=False)["rep+none"]
-    assert got["events_scored"] == ref["events_scored"] == split.targets
-    for k in ("recall@1", "recall@10", "mrr"):
-        assert got[k] == pytest.approx(ref[k], abs=1e-9), k
+    ref = evaluate_model(model, train, test, progress=False)
+    assert set(got) == {v for v in ref if "+" in v}  # every served variant
+    for v, m in got.items():
+        assert m["events_scored"] == ref[v]["events_scored"] == split.targets
+        for k in ("recall@1", "recall@10", "mrr"):
+            assert m[k] == pytest.approx(ref[v][k], abs=1e-9), (v, k)
 
 
 def test_too_small_a_train_period_falls_back_to_fixed_epochs(data, caplog):

@@ -132,7 +132,7 @@ def embed_users(serving: Serving, df, batch_users: int = 512):
 def cmd_embed(args, settings) -> None:
     df = load_log(args.data, args.columns, args.ts_unit)
     serving = Serving.load(args.model, args.items, index=settings.index, topk=settings.topk,
-                           exclude_seen=settings.exclude_seen)
+                           exclude_seen=settings.exclude_seen, repeat_path=settings.repeat_path)
     n = 0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "wb") as f:

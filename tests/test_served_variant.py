@@ -1,0 +1,139 @@
+"""The served variant (repeat path x exclude_seen) is chosen from the training data, follows the test
+protocol on the held-out tail, travels in the checkpoint and is what the worker and `evaluate` use;
+flags override it. Also: cold targets, the relative patience and the all-events metrics."""
+
+import numpy as np
+import pytest
+import torch
+
+from core.items import ItemTable
+from models.checkpoint import load_checkpoint, save_checkpoint
+from models.early_stop import split_validation
+from models.evaluation import build_model
+from models.metrics import over_all_events
+from models.repeat import Variant
+from models.replay import first_seen_ms, next_item_predictions
+from models.serving import Serving
+from models.train import TrainConfig, patience, sequences_from_frame, train_model
+from tools.synth_ecommerce import synth_ecommerce
+
+CFG = TrainConfig(epochs=4, valid_fraction=0.2, valid_min_targets=50, refit=False)
+
+
+@pytest.fixture(scope="module")
+def logs():
+    """A repeat-heavy shopping log and the same log with every repeat removed (a ratings-like log)."""
+    df, ids, vectors = synth_ecommerce(users=200, items=2000, days=20, seed=3)
+    table = ItemTable(ids, vectors)
+    once = df.drop_duplicates(["user_id", "item_id"], keep="first").reset_index(drop=True)
+    few = df[df["user_id"].isin(df["user_id"].unique()[:60])].reset_index(drop=True)
+    return table, few, once
+
+
+def _trained(table, df, name="gru"):
+    torch.manual_seed(0)
+    model = build_model(name, table.padded_vectors())
+    hist = train_model(model, list(sequences_from_frame(df, table).values()), CFG, progress=False)
+    return model, hist
+
+
+def test_a_repeat_heavy_log_serves_a_repeat_path_without_a_mask(logs):
+    table, df, _ = logs
+    model, hist = _trained(table, df)
+    assert model.served == Variant.parse(hist["served_variant"])
+    assert model.served.repeat in ("rep", "rule") and model.served.exclude_seen == "none", model.served
+    chosen = hist["early_stopping"]["valid"][hist["chosen_epoch"] - 1]["variants"]
+    assert chosen[model.served.name]["recall@10"] == max(v["recall@10"] for v in chosen.values())
+    assert chosen[model.served.name]["recall@10"] > chosen["norep+history"]["recall@10"]
+
+
+def test_a_log_without_repeats_serves_the_history_mask(logs):
+    table, _, once = logs
+    model, hist = _trained(table, once)
+    assert model.served.exclude_seen == "history", model.served
+    chosen = hist["early_stopping"]["valid"][hist["chosen_epoch"] - 1]["variants"]
+    assert chosen[model.served.name]["recall@10"] > chosen["rep+none"]["recall@10"]
+
+
+def test_the_checkpoint_carries_the_variant_and_flags_override_it(logs, tmp_path):
+    table, _, _ = logs
+    model = build_model("gru", table.padded_vectors())
+    model.served = Variant("rule", "history")
+    table.save(tmp_path / "items.npz")
+    save_checkpoint(tmp_path / "m.pt", model, table.fingerprint)
+    loaded = load_checkpoint(tmp_path / "m.pt", table.padded_vectors(), table.fingerprint)
+    assert loaded.served == Variant("rule", "history")
+    sv = Serving.load(str(tmp_path / "m.pt"), str(tmp_path / "items.npz"))
+    assert sv.model.served == Variant("rule", "history") and sv.model.served_mode == "rule"
+    sv = Serving.load(str(tmp_path / "m.pt"), str(tmp_path / "items.npz"), exclude_seen="none", repeat_path="rep")
+    assert sv.model.served == Variant("rep", "none") and sv.model.served_mode == "mixture"
+
+
+def test_the_served_mask_removes_seen_items_from_live_candidates(logs, tmp_path):
+    table, df, _ = logs
+    model = build_model("gru", table.padded_vectors()).eval()
+    seqs = list(sequences_from_frame(df, table).values())[:8]
+    from models.evaluation import warm_up
+
+    st, u = warm_up(model, model.init_state(len(seqs)), seqs)
+    table.save(tmp_path / "items.npz")
+    for variant in (Variant("rep", "none"), Variant("rep", "history")):
+        model.served = variant
+        save_checkpoint(tmp_path / "m.pt", model, table.fingerprint)
+        sv = Serving.load(str(tmp_path / "m.pt"), str(tmp_path / "items.npz"), topk=50)
+        items, _ = sv.retriever.candidates(sv.model, st, u)
+        mem = st["mem_item"].numpy()
+        shown = [np.isin(items[b][items[b] > 0], mem[b][mem[b] > 0]).any() for b in range(len(seqs))]
+        assert any(shown) if variant.exclude_seen == "none" else not any(shown)
+
+
+def test_variant_names_parse_and_refuse_nonsense():
+    assert Variant.parse("norep+history") == Variant("norep", "history")
+    assert Variant.parse("rule").name == "rule+none"
+    assert Variant("rep").mode("mixture") == "mixture" and Variant("norep").mode("mixture") == "none"
+    with pytest.raises(ValueError, match="variant"):
+        Variant.parse("rep+everything")
+
+
+def test_validation_items_new_in_its_window_are_unknown_there():
+    """The validation's catalogue is what came before its window, as the test's is the train period's."""
+    ts = np.arange(10, dtype=np.int64) * 1000
+    a = (np.array([1, 2, 1, 3, 2, 1, 4, 1, 5, 4]), np.zeros(10, np.int64), ts)  # 4, 5 first occur late
+    b = (np.array([2, 3, 2, 3, 2, 3, 2, 3, 2, 6]), np.zeros(10, np.int64), ts)  # 6 first occurs late
+    split = split_validation([a, b], 0.4, 100, 0)  # cut at 5.4 s: events 6..9 are validation events
+    assert split.cut_ms == 5400
+    assert [v[0].tolist() for v in split.valid] == [[1, 2, 1, 3, 2, 1, 0, 1, 0, 0], [2, 3, 2, 3, 2, 3, 2, 3, 2, 0]]
+    assert split.targets == 1 + 3  # known validation targets: a's item 1, b's 2, 3, 2
+    assert [f[0].tolist() for f in split.fit] == [[1, 2, 1, 3, 2, 1], [2, 3, 2, 3, 2, 3]]
+
+
+def test_cold_targets_are_left_out_of_the_loss():
+    """A target that is its item's first occurrence in the log is not selected (`first_seen`)."""
+    seqs = [(np.array([1, 2, 1, 3]), np.zeros(4, np.int64), np.array([0, 10, 20, 30])),
+            (np.array([2, 3, 4, 2]), np.zeros(4, np.int64), np.array([5, 15, 25, 35]))]
+    first = first_seen_ms(seqs, 5)
+    never = np.iinfo(np.int64).max
+    assert first.tolist() == [never, 0, 5, 15, 25, never]  # item 0 (unknown) and item 5 never occur
+    model = build_model("gru", np.random.default_rng(0).normal(size=(6, 64)).astype(np.float32))
+    from models.base import EventBatch
+
+    ev = EventBatch.from_sequences(*zip(*seqs, strict=True))
+    _, _, sel_all, _ = next_item_predictions(model, ev)
+    _, _, sel, _ = next_item_predictions(model, ev, first)
+    assert sel_all.tolist() == [[True, True, True], [True, True, True]]
+    # row 0 targets 2 (t=10, first at 5), 1 (t=20, first at 0), 3 (t=30, first at 15); row 1: 3 at 15 is
+    # its first occurrence, 4 at 25 too, 2 at 35 is not
+    assert sel.tolist() == [[True, True, True], [False, False, True]]
+
+
+def test_patience_grows_with_the_best_epoch():
+    cfg = TrainConfig(patience=2, patience_ratio=0.5)
+    assert [patience(e, cfg) for e in (0, 1, 4, 5, 6, 9)] == [2, 2, 2, 3, 3, 5]
+    assert patience(9, TrainConfig(patience=2, patience_ratio=0.0)) == 2
+
+
+def test_all_events_metrics_count_unknown_items_as_misses():
+    s = {"recall@1": 0.5, "recall@10": 0.75, "mrr": 0.6, "mrp": 0.1, "events_scored": 4}
+    out = over_all_events(s, 4)  # 4 scored (2 hits at rank 1, 3 in the top 10), 4 unknown
+    assert out == {"recall@1": 0.25, "recall@10": 0.375, "mrr": 0.3, "events": 8}
+    assert over_all_events({**s, "events_scored": 0}, 0)["recall@10"] == 0.0
