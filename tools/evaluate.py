@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.errors import ConfigError
 from core.progress import progress as progress_bar
 from core.settings import EXCLUDE_SEEN
 from models import MODEL_REGISTRY, EventBatch, ModelConfig, SeqModel, repeat
@@ -197,7 +198,7 @@ def evaluate_model(
 
 def build_model(name: str, vectors: np.ndarray, **cfg_overrides) -> SeqModel:
     if name not in MODEL_REGISTRY:
-        raise ValueError(f"unknown model {name!r}; registered: {', '.join(MODEL_REGISTRY)}")
+        raise ConfigError(f"unknown model {name!r}; registered: {', '.join(MODEL_REGISTRY)}")
     cfg = ModelConfig(name=name, dim=vectors.shape[1], **cfg_overrides)
     return MODEL_REGISTRY[name](cfg, vectors)
 
