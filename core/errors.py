@@ -1,6 +1,6 @@
 """The project's exceptions: one tree, and the command line's exit code for each branch.
 
-`exit_code` is set here and only here (tests/test_errors.py checks that no subclass elsewhere
+`exit_code` is set here and only here (tests/test_cli.py checks that no subclass elsewhere
 overrides it), so `livemb` maps every failure it expects to a code in one place:
 
   LivembError   1  the command failed while running (a process it started died, a deadline passed)
