@@ -12,16 +12,17 @@ import enum
 
 
 class Outcome(enum.StrEnum):
+    # in the order /metrics has always listed them (stream/metrics.py exports every one from 0)
     OK = "ok"  # applied
-    LATE = "late"  # applied, but older than the user's last_ts
-    DUPLICATE = "duplicate"  # event_id seen recently: skipped
-    REDELIVERED = "redelivered"  # offset already applied (at-least-once redelivery): skipped
-    TOO_LATE = "too_late"  # older than last_ts - max_lateness: DLQ
     INVALID = "invalid"  # failed validation (SPEC section 2): DLQ
-    ERROR = "error"  # unreadable state or a processing failure: DLQ (instead of ok / late)
+    DUPLICATE = "duplicate"  # event_id seen recently: skipped
+    LATE = "late"  # applied, but older than the user's last_ts
+    TOO_LATE = "too_late"  # older than last_ts - max_lateness: DLQ
     # Not a decision but a tag: an applied event whose item is not in the item table is counted
     # here *and* as ok / late (SPEC section 2, docs/STREAMING.md).
     UNKNOWN_ITEM = "unknown_item"
+    REDELIVERED = "redelivered"  # offset already applied (at-least-once redelivery): skipped
+    ERROR = "error"  # unreadable state or a processing failure: DLQ (instead of ok / late)
 
 
 class DlqReason(enum.StrEnum):
