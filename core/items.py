@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from core.errors import DataError
+
 
 def _ids_to_str(ids: np.ndarray) -> np.ndarray:
     """Ids as a numpy str array; integer ids (or integral floats) become their decimal string."""
@@ -24,10 +26,10 @@ def _ids_to_str(ids: np.ndarray) -> np.ndarray:
         return ids.astype(str)
     if ids.dtype.kind == "f":
         if not np.all(np.isfinite(ids)) or not np.all(ids == np.round(ids)):
-            raise ValueError("item ids are non-integer floats; store them as strings or integers")
+            raise DataError("item ids are non-integer floats; store them as strings or integers")
         return ids.astype(np.int64).astype(str)
     if ids.dtype.kind == "b":
-        raise ValueError("item ids are booleans; store them as strings or integers")
+        raise DataError("item ids are booleans; store them as strings or integers")
     return ids.astype(str)
 
 
@@ -35,21 +37,21 @@ def _validate(ids: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndar
     ids = np.asarray(ids)
     vectors = np.asarray(vectors)
     if ids.ndim != 1:
-        raise ValueError(f"ids must be 1-D, got shape {ids.shape}")
+        raise DataError(f"ids must be 1-D, got shape {ids.shape}")
     if vectors.ndim != 2:
-        raise ValueError(f"vectors must be 2-D (N x D), got shape {vectors.shape}")
+        raise DataError(f"vectors must be 2-D (N x D), got shape {vectors.shape}")
     if len(ids) == 0 or vectors.shape[0] == 0:
-        raise ValueError("empty item table (no items)")
+        raise DataError("empty item table (no items)")
     if vectors.shape[1] == 0:
-        raise ValueError("vectors have 0 columns (D = 0)")
+        raise DataError("vectors have 0 columns (D = 0)")
     if len(ids) != vectors.shape[0]:
-        raise ValueError(f"length mismatch: {len(ids)} ids but {vectors.shape[0]} vector rows")
+        raise DataError(f"length mismatch: {len(ids)} ids but {vectors.shape[0]} vector rows")
     if vectors.dtype.kind != "f":
-        raise ValueError(f"vectors must be floating point (float32), got dtype {vectors.dtype}")
+        raise DataError(f"vectors must be floating point (float32), got dtype {vectors.dtype}")
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)  # float64/16 -> float32
     bad_rows = ~np.isfinite(vectors).all(axis=1)
     if bad_rows.any():
-        raise ValueError(
+        raise DataError(
             f"vectors contain non-finite values (NaN/inf) in {int(bad_rows.sum())} rows "
             f"(first rows: {np.flatnonzero(bad_rows)[:5].tolist()})"
         )
@@ -57,7 +59,7 @@ def _validate(ids: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndar
     uniq, counts = np.unique(ids, return_counts=True)
     if len(uniq) != len(ids):
         dups = uniq[counts > 1]
-        raise ValueError(f"{len(dups)} duplicate ids, e.g. {dups[:5].tolist()}")
+        raise DataError(f"{len(dups)} duplicate ids, e.g. {dups[:5].tolist()}")
     return ids, vectors
 
 
@@ -79,29 +81,29 @@ class ItemTable:
     def load(cls, path: str | Path) -> ItemTable:
         path = Path(path)
         if not path.is_file():
-            raise ValueError(f"{path}: item table not found")
+            raise DataError(f"{path}: item table not found")
         with open(path, "rb") as f:
             if f.read(2) != b"PK":  # .npz is a zip archive; anything else would hit np.load's pickle path
-                raise ValueError(f"{path}: not a readable .npz file (expected a zip archive with 'ids' and 'vectors')")
+                raise DataError(f"{path}: not a readable .npz file (expected a zip archive with 'ids' and 'vectors')")
         try:
             # No pickle: an items file is data, never code.
             with np.load(path, allow_pickle=False) as z:
                 missing = [k for k in ("ids", "vectors") if k not in z.files]
                 if missing:
-                    raise ValueError(
+                    raise DataError(
                         f"missing key(s) {missing}; the file has {z.files} (expected 'ids' and 'vectors')"
                     )
                 ids, vectors = z["ids"], z["vectors"]
         except ValueError as e:
             if "allow_pickle" in str(e):
                 e = ValueError("ids are stored as an object array; save them as a numpy str array")
-            raise ValueError(f"{path}: {e}") from None
+            raise DataError(f"{path}: {e}") from None
         except (OSError, EOFError) as e:
-            raise ValueError(f"{path}: not a readable .npz file ({e})") from None
+            raise DataError(f"{path}: not a readable .npz file ({e})") from None
         try:
             return cls(ids, vectors)
         except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+            raise DataError(f"{path}: {e}") from None
 
     def save(self, path: str | Path) -> Path:
         """Write `.npz` (numpy appends the suffix when missing; the real path is returned)."""

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.errors import DataError
 from models import repeat
 
 EVENT_TYPES: tuple[str, ...] = ("click", "view", "cart", "purchase", "other")
@@ -78,7 +79,7 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"checkpoint config has unknown fields {sorted(unknown)}")
+            raise DataError(f"checkpoint config has unknown fields {sorted(unknown)}")
         d = dict(d)
         if "dilations" in d:
             d["dilations"] = tuple(d["dilations"])

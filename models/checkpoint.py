@@ -11,14 +11,15 @@ from pathlib import Path
 
 import torch
 
+from core.errors import DataError
 from models.base import MODEL_REGISTRY, ModelConfig, SeqModel
 from models.repeat import Variant
 
 FORMAT = 2  # 2: repeat mixture head, compact memory dtypes, ModelConfig.repeat is a mode
 
 
-class CheckpointError(ValueError):
-    pass
+class CheckpointError(DataError):
+    """A checkpoint that cannot be read or does not fit the given items."""
 
 
 def save_checkpoint(path: str | Path, model: SeqModel, items_fingerprint: str, extra: dict | None = None) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from core.errors import ConfigError
 from core.progress import progress as progress_bar
 from models import repeat
 from models.base import EVENT_TYPES, MODEL_REGISTRY, EventBatch, ModelConfig, SeqModel, opens_session
@@ -200,6 +201,6 @@ def evaluate_model(
 
 def build_model(name: str, vectors: np.ndarray, **cfg_overrides) -> SeqModel:
     if name not in MODEL_REGISTRY:
-        raise ValueError(f"unknown model {name!r}; registered: {', '.join(MODEL_REGISTRY)}")
+        raise ConfigError(f"unknown model {name!r}; registered: {', '.join(MODEL_REGISTRY)}")
     cfg = ModelConfig(name=name, dim=vectors.shape[1], **cfg_overrides)
     return MODEL_REGISTRY[name](cfg, vectors)

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.errors import ConfigError
+
 REPEATS = ("rep", "rule", "norep")  # served repeat paths: the model's own, the fixed rule, none
 EXCLUDES = ("none", "session", "history")  # exclude_seen: which memory items a ranking removes
 
@@ -49,7 +51,7 @@ class Variant:
 
     def __post_init__(self):
         if self.repeat not in REPEATS or self.exclude_seen not in EXCLUDES:
-            raise ValueError(f"a variant is <{'|'.join(REPEATS)}>+<{'|'.join(EXCLUDES)}>, got {self.name!r}")
+            raise ConfigError(f"a variant is <{'|'.join(REPEATS)}>+<{'|'.join(EXCLUDES)}>, got {self.name!r}")
 
     @property
     def name(self) -> str:

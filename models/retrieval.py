@@ -29,6 +29,7 @@ import faiss
 import numpy as np
 import torch
 
+from core.errors import ConfigError, DataError
 from core.items import ItemTable
 from core.progress import progress as progress_bar
 from core.settings import EXCLUDE_SEEN, INDEX_KINDS
@@ -66,14 +67,14 @@ ADD_CHUNK = 50_000  # rows per index.add call (progress bar between calls)
 MMAP_FLAG = faiss.IO_FLAG_MMAP_IFC
 
 
-class IndexFileError(ValueError):
+class IndexFileError(DataError):
     """A prebuilt index file that does not fit the served items (or cannot be read)."""
 
 
 def index_params(kind: str, n_items: int, dim: int, overrides: dict | None = None) -> dict:
     """The parameters `build_index` uses for `kind` over n_items x dim (defaults above + overrides)."""
     if kind not in INDEX_KINDS:
-        raise ValueError(f"index must be one of {', '.join(INDEX_KINDS)}, got {kind!r}")
+        raise ConfigError(f"index must be one of {', '.join(INDEX_KINDS)}, got {kind!r}")
     if kind == "flat":
         p: dict = {}
     elif kind == "hnsw":
@@ -84,15 +85,15 @@ def index_params(kind: str, n_items: int, dim: int, overrides: dict | None = Non
              "nprobe": IVF_NPROBE, "refine": IVF_REFINE}
     unknown = set(overrides or {}) - set(p)
     if unknown:
-        raise ValueError(f"index {kind} has no parameter(s) {sorted(unknown)}; it takes {sorted(p) or 'none'}")
+        raise ConfigError(f"index {kind} has no parameter(s) {sorted(unknown)}; it takes {sorted(p) or 'none'}")
     p.update(overrides or {})
     if kind == "ivfpq":
         p["nlist"] = max(1, min(int(p["nlist"]), n_items))
         p["nprobe"] = min(int(p["nprobe"]), p["nlist"])
         if int(p["refine"]) < 0:
-            raise ValueError(f"ivfpq: refine={p['refine']} must be >= 0 (0: no re-ranking)")
+            raise ConfigError(f"ivfpq: refine={p['refine']} must be >= 0 (0: no re-ranking)")
         if dim % p["m"]:
-            raise ValueError(f"ivfpq: m={p['m']} must divide the item dim {dim}")
+            raise ConfigError(f"ivfpq: m={p['m']} must divide the item dim {dim}")
     return p
 
 
@@ -221,7 +222,7 @@ class Retriever:
         self.kind, self.topk, self.exclude_seen = kind, topk, exclude_seen
         self.n_items = vectors.shape[0] - 1
         if index is not None and (index.ntotal != self.n_items or index.d != vectors.shape[1]):
-            raise ValueError(f"prebuilt index holds {index.ntotal} x {index.d}, the items are {self.n_items} x "
+            raise IndexFileError(f"prebuilt index holds {index.ntotal} x {index.d}, the items are {self.n_items} x "
                              f"{vectors.shape[1]}")
         # flat searches with one torch pass over the model's item vectors (candidates): a faiss copy
         # of the catalogue would only cost memory (256 MB at 1M items) and start-up time

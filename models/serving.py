@@ -16,6 +16,7 @@ import numpy as np
 import orjson
 import torch
 
+from core.errors import ConfigError
 from core.items import ItemTable
 from core.settings import ExcludeSeen, IndexKind, RepeatPath
 from models.base import EventBatch, SeqModel
@@ -45,7 +46,7 @@ class Serving:
         table = ItemTable.load(items_path)
         model = load_checkpoint(model_path, table.padded_vectors(), table.fingerprint, allow_new_items=allow_new_items)
         if not model.embeds:
-            raise ValueError(f"model {model.name} has no user embedding; only embedding models can be served")
+            raise ConfigError(f"model {model.name} has no user embedding; only embedding models can be served")
         model.to(device).eval()
         model.served = Variant(repeat_path or model.served.repeat, exclude_seen or model.served.exclude_seen)
         vectors = table.padded_vectors()

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from core.errors import ConfigError, DataError
 from core.progress import progress as progress_bar
 from models import repeat
 from models.base import EventBatch, SeqModel, event_type_index
@@ -39,6 +40,7 @@ LOSSES = ("hinge", "bpr", "nce", "l2", "ce")
 
 
 VALID_METRICS = ("recall@10", "mrr")
+COLD_TARGETS = ("skip", "keep")
 
 
 @dataclass(frozen=True)
@@ -218,7 +220,7 @@ def batch_loss(model: SeqModel, ev: EventBatch, cfg: TrainConfig, gen: torch.Gen
     elif cfg.loss == "nce":
         per = F.softplus(neg) + F.softplus(-pos)[:, None]
     else:
-        raise ValueError(f"unknown loss {cfg.loss!r}; choose from {LOSSES}")
+        raise ConfigError(f"unknown loss {cfg.loss!r}; choose from {LOSSES}")
     w = valid.to(per.dtype)
     per = torch.where(valid, per, torch.zeros_like(per))
     return ((per * w).sum(1) / w.sum(1).clamp(min=1e-9)).mean(), n
@@ -290,9 +292,11 @@ def train_model(model: SeqModel, seqs: list[Sequence], cfg: TrainConfig, progres
     the train period (models/early_stop.py), then either the best epoch's weights are kept or the
     model is retrained on everything for that many epochs (cfg.refit). Refuses a NaN loss."""
     if cfg.loss not in LOSSES:
-        raise ValueError(f"unknown loss {cfg.loss!r}; choose from {LOSSES}")
+        raise ConfigError(f"unknown loss {cfg.loss!r}; choose from {LOSSES}")
+    if cfg.cold_targets not in COLD_TARGETS:
+        raise ConfigError(f"unknown cold_targets {cfg.cold_targets!r}; choose from {COLD_TARGETS}")
     if cfg.valid_metric not in VALID_METRICS:
-        raise ValueError(f"unknown valid_metric {cfg.valid_metric!r}; choose from {VALID_METRICS}")
+        raise ConfigError(f"unknown valid_metric {cfg.valid_metric!r}; choose from {VALID_METRICS}")
     history: dict = {"epoch_seconds": [], "loss": [], "targets": 0}
     if not model.trainable:
         if hasattr(model, "fit"):
@@ -300,7 +304,7 @@ def train_model(model: SeqModel, seqs: list[Sequence], cfg: TrainConfig, progres
         return history
     chunks = make_chunks(seqs, cfg.max_len)
     if not chunks:
-        raise ValueError("no training sequence has two or more events")
+        raise DataError("no training sequence has two or more events")
     split, reason = _early_stop_plan(seqs, cfg)
     if split is None:
         if cfg.valid_fraction > 0:

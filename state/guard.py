@@ -11,28 +11,23 @@ live in one partition, in offset order; "offset <= stored" means "this user alre
 
 from __future__ import annotations
 
-import enum
 import hashlib
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from core.events import ValidEvent
+from core.outcomes import Outcome
 from state.record import StateRecordError, decode, encode
 
 _NO_TS = -(2**63)
 
 
-class Decision(enum.StrEnum):
-    APPLY = "ok"
-    LATE = "late"  # applied, but older than the user's last_ts
-    REDELIVERED = "redelivered"  # offset already applied: an at-least-once redelivery
-    DUPLICATE = "duplicate"  # event_id seen recently (upstream duplicate)
-    TOO_LATE = "too_late"  # older than last_ts - max_lateness: DLQ
-
-
-APPLIED = (Decision.APPLY, Decision.LATE)
+# The guard's decisions are outcomes: ok / late (applied), redelivered / duplicate (skipped),
+# too_late (DLQ). A later step may still turn an applied event into `error` (stream/batch.py).
+APPLIED = (Outcome.OK, Outcome.LATE)
 
 
 def event_hash(event_id: str) -> int:
@@ -65,25 +60,25 @@ class GuardState:
         self.ring[self.pos] = h
         self.pos = (self.pos + 1) % self.size
 
-    def decide(self, ev: ValidEvent, max_lateness_ms: int, log_id: int = 0) -> Decision:
+    def decide(self, ev: ValidEvent, max_lateness_ms: int, log_id: int = 0) -> Outcome:
         """Classify one event and update the guard (not the model state) accordingly. `log_id`
         names the incarnation of the input topic (see `source_key`)."""
         source = source_key(ev.partition, log_id)
         if source == self.partition and ev.offset <= self.offset:
-            return Decision.REDELIVERED
+            return Outcome.REDELIVERED
         # Another partition (topic re-partitioned) or another log (topic re-created, a broker
         # that lost its data) cannot be compared by offset: start over from this event.
         self.partition, self.offset = source, ev.offset
         h = event_hash(ev.event_id)
         if self.seen(h):
-            return Decision.DUPLICATE
+            return Outcome.DUPLICATE
         if self.last_ts != _NO_TS and ev.ts < self.last_ts - max_lateness_ms:
-            return Decision.TOO_LATE
+            return Outcome.TOO_LATE
         late = self.last_ts != _NO_TS and ev.ts < self.last_ts
         self.remember(h)
         self.last_ts = max(self.last_ts, ev.ts)
         self.applied += 1
-        return Decision.LATE if late else Decision.APPLY
+        return Outcome.LATE if late else Outcome.OK
 
 
 def source_key(partition: int, log_id: int) -> int:
@@ -155,19 +150,17 @@ class BatchPlan:
     guards: dict[str, GuardState]
     inner: dict[str, bytes | None]
     to_apply: list[ValidEvent]
-    decisions: list[tuple[ValidEvent, Decision]]
+    decisions: list[tuple[ValidEvent, Outcome]]
     dirty: set[str]  # users whose guard changed (must be written even if nothing applied)
     unreadable: dict[str, str] = field(default_factory=dict)  # user -> StateRecordError text
     rejected: list[ValidEvent] = field(default_factory=list)  # events of unreadable users
 
-    def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for _, d in self.decisions:
-            out[d.value] = out.get(d.value, 0) + 1
-        return out
+    def counts(self) -> Counter[Outcome]:
+        """The guard's decisions (the batch step's own count also knows which applied events failed)."""
+        return Counter(d for _, d in self.decisions)
 
     def too_late(self) -> list[ValidEvent]:
-        return [e for e, d in self.decisions if d is Decision.TOO_LATE]
+        return [e for e, d in self.decisions if d is Outcome.TOO_LATE]
 
 
 def plan_batch(
@@ -185,7 +178,7 @@ def plan_batch(
             guards[uid], inner[uid] = unwrap(rows.get(uid), dedupe_memory)
         except StateRecordError as exc:  # keep the row for inspection, refuse its events
             unreadable[uid] = str(exc)
-    decisions: list[tuple[ValidEvent, Decision]] = []
+    decisions: list[tuple[ValidEvent, Outcome]] = []
     to_apply: list[ValidEvent] = []
     dirty: set[str] = set()
     rejected = [e for e in events if e.user_id in unreadable]
@@ -194,7 +187,7 @@ def plan_batch(
             continue
         d = guards[ev.user_id].decide(ev, max_lateness_ms, log_ids.get(ev.topic, 0))
         decisions.append((ev, d))
-        if d is not Decision.REDELIVERED:
+        if d is not Outcome.REDELIVERED:
             dirty.add(ev.user_id)
         if d in APPLIED:
             to_apply.append(ev)

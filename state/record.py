@@ -22,6 +22,8 @@ from itertools import chain
 
 import numpy as np
 
+from core.errors import DataError
+
 MAGIC = b"LMBS"
 VERSION = 1
 _PREFIX = struct.Struct("<4sBBQII")  # magic, version, flags, fingerprint, crc32, body_len
@@ -31,7 +33,7 @@ Arrays = dict[str, np.ndarray]
 Meta = dict[str, int]
 
 
-class StateRecordError(ValueError):
+class StateRecordError(DataError):
     """A stored state record that this build cannot read (foreign, corrupt or other schema)."""
 
 

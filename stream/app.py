@@ -17,6 +17,7 @@ from typing import Any
 
 import faust
 
+from core.errors import ConfigError
 from core.settings import Settings
 from stream import faust_compat
 from stream.batch import BatchStep
@@ -171,7 +172,7 @@ def run_worker(settings: Settings, processor: BatchProcessor, loglevel: str = "i
     try:  # Faust's RocksDB store needs the directory; a fresh checkout has none
         Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ValueError(f"cannot create the data directory {settings.data_dir!r}: {e.strerror}") from None
+        raise ConfigError(f"cannot create the data directory {settings.data_dir!r}: {e.strerror}") from None
     metrics = Metrics()
     server = serve(metrics, settings.web_port, settings.web_host)  # /readyz answers 503 while waiting
     log.info("metrics on http://%s:%s/metrics", settings.web_host, server.server_port)

@@ -7,7 +7,7 @@ The commit order (docs/STREAMING.md quotes this list; the code marks each step `
   2. Validate: each record becomes a `ValidEvent` or an `Invalid` (-> DLQ with its reason).
   3. Read: each touched user's row, once, under that user's own partition.
   4. Guard: every event is decided against the row's input offset (of the same topic incarnation),
-     event-id memory and last_ts (state/guard.py): apply / late / duplicate / redelivered /
+     event-id memory and last_ts (state/guard.py): ok / late / duplicate / redelivered /
      too_late (-> DLQ). A row that
      cannot be read refuses that user's events (-> DLQ) and is kept for inspection.
   5. Process: ONE processor call for the batch's applied events -> a new state and one output
@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 
 from core.events import ValidEvent
+from core.outcomes import DlqReason, Outcome
 from core.settings import Settings
 from state.guard import BatchPlan, plan_batch, wrap
 from stream.gap_repair import OffsetContinuity
@@ -52,8 +53,8 @@ STEP_NAMES = ("gaps", "validate", "read", "guard", "process", "publish", "write"
 class BatchReport:
     """What one batch did: the counters the metrics get, and what tests assert on."""
 
-    counts: Counter[str] = field(default_factory=Counter)  # events_total outcomes
-    dlq: Counter[str] = field(default_factory=Counter)  # DLQ records by reason
+    counts: Counter[Outcome] = field(default_factory=Counter)  # livemb_events_total, one outcome per event
+    dlq: Counter[DlqReason] = field(default_factory=Counter)  # DLQ records by reason
     outputs: int = 0
     new_users: int = 0
     sessions_started: int = 0
@@ -87,19 +88,21 @@ class BatchStep:
         anchor = {(r.topic, r.partition): r for r in records}  # a consumed record per partition
         records = await self.repair_gaps(records, report)  # Step 1
         marks.append(time.perf_counter())
-        valid, bad = self.validate(records, report)  # Step 2
+        valid, bad = self.validate(records)  # Step 2
+        invalid = len(bad)
         marks.append(time.perf_counter())
         rows, at = self.read_rows(valid, anchor)  # Step 3
         marks.append(time.perf_counter())
-        plan = self.guard(valid, rows, bad, report)  # Step 4
+        plan = self.guard(valid, rows, bad)  # Step 4
         marks.append(time.perf_counter())
-        result = self.process(plan, bad, report)  # Step 5
+        result, failed = self.process(plan, bad, report)  # Step 5
         marks.append(time.perf_counter())
         published = await self.publish(result, bad)  # Step 6
         marks.append(time.perf_counter())
         self.write_states(plan, result, at, rows, report)  # Step 7
         marks.append(time.perf_counter())
         report.applied = [e for e in plan.to_apply if e.user_id in result.states]
+        report.counts = outcomes(invalid, plan, failed, result.unknown_items)
         # Step 8 is the caller's: ack the records; Faust then commits the offsets.
         self.observe(records, result, bad, report, {e.user_id: e.ts for e in plan.to_apply}, marks, published)
         return report
@@ -159,7 +162,7 @@ class BatchStep:
             for p, off in committed.items():
                 self.continuity.seed((topic, p), off)
 
-    def validate(self, records: Sequence[InputRecord], report: BatchReport) -> tuple[list[ValidEvent], list[Invalid]]:
+    def validate(self, records: Sequence[InputRecord]) -> tuple[list[ValidEvent], list[Invalid]]:
         """Step 2."""
         now_ms = int(time.time() * 1000)
         valid: list[ValidEvent] = []
@@ -167,7 +170,6 @@ class BatchStep:
         for r in records:
             v = validate(r.value, r.topic, r.partition, r.offset, now_ms, self.settings, key=r.key)
             (bad if isinstance(v, Invalid) else valid).append(v)
-        report.counts["invalid"] += len(bad)
         return valid, bad
 
     def read_rows(self, valid: Sequence[ValidEvent], anchor: dict[Partition, InputRecord]
@@ -182,39 +184,35 @@ class BatchStep:
                 rows[ev.user_id] = self.store.get(ev.user_id, at[ev.user_id])
         return rows, at
 
-    def guard(self, valid: Sequence[ValidEvent], rows: dict[str, bytes | None], bad: list[Invalid],
-              report: BatchReport) -> BatchPlan:
+    def guard(self, valid: Sequence[ValidEvent], rows: dict[str, bytes | None], bad: list[Invalid]) -> BatchPlan:
         """Step 4."""
         plan = plan_batch(valid, rows, self.settings.dedupe_memory, self.lateness_ms, self.log_ids)
         for uid, err in plan.unreadable.items():
             log.error("state row of user %r is unreadable, its events go to the DLQ: %s", uid, err)
-        report.counts.update(plan.counts())
-        report.counts["error"] += len(plan.rejected)
-        bad.extend(reject(e, "state_unreadable") for e in plan.rejected)
+        bad.extend(reject(e, DlqReason.STATE_UNREADABLE) for e in plan.rejected)
         bad.extend(too_late(e) for e in plan.too_late())
         return plan
 
-    def process(self, plan: BatchPlan, bad: list[Invalid], report: BatchReport) -> StepResult:
-        """Step 5."""
+    def process(self, plan: BatchPlan, bad: list[Invalid], report: BatchReport
+                ) -> tuple[StepResult, list[ValidEvent]]:
+        """Step 5. Also returns the applied events that went to the DLQ after all (outcome error)."""
         if not plan.to_apply:
-            return StepResult(states={}, outputs=[])
+            return StepResult(states={}, outputs=[]), []
         states = {e.user_id: plan.inner[e.user_id] for e in plan.to_apply}
         try:
             result = self.processor.process(plan.to_apply, states)
         except Exception:  # noqa: BLE001 - a model bug must not kill the worker or lose events silently
             log.exception("processor failed on a batch of %d events; they go to the DLQ", len(plan.to_apply))
-            bad.extend(reject(e, "processing_error") for e in plan.to_apply)
-            _recount_as_error(plan, plan.to_apply, report)
-            return StepResult(states={}, outputs=[])
+            bad.extend(reject(e, DlqReason.PROCESSING_ERROR) for e in plan.to_apply)
+            return StepResult(states={}, outputs=[]), list(plan.to_apply)
+        refused: list[ValidEvent] = []
         if result.rejected:
             for uid, why in result.rejected.items():
                 log.error("stored state of user %r refused by the processor, its events go to the DLQ: %s", uid, why)
             refused = [e for e in plan.to_apply if e.user_id in result.rejected]
-            bad.extend(reject(e, "state_unreadable") for e in refused)
-            _recount_as_error(plan, refused, report)
-        report.counts["unknown_item"] += result.unknown_items
+            bad.extend(reject(e, DlqReason.STATE_UNREADABLE) for e in refused)
         report.sessions_started += result.sessions_started
-        return result
+        return result, refused
 
     async def publish(self, result: StepResult, bad: Sequence[Invalid]) -> tuple[float, float]:
         """Step 6. Returns once the broker acknowledged every output and DLQ record, with the
@@ -263,9 +261,13 @@ class BatchStep:
             m.dlq.labels(reason).inc(n)
 
 
-def _recount_as_error(plan: BatchPlan, events: Sequence[ValidEvent], report: BatchReport) -> None:
-    """Events the guard counted as applied (ok / late) that went to the DLQ after all."""
-    decided = {(e.partition, e.offset): d.value for e, d in plan.decisions}
-    for e in events:
-        report.counts[decided[(e.partition, e.offset)]] -= 1
-    report.counts["error"] += len(events)
+def outcomes(invalid: int, plan: BatchPlan, failed: Sequence[ValidEvent], unknown_items: int) -> Counter[Outcome]:
+    """livemb_events_total of one batch, one outcome per event, taken once the step knows which
+    applied events failed: `invalid` records, the events of unreadable rows (error), and each
+    guarded event's decision, unless it was applied and then failed in step 5 (error).
+    unknown_item is the processor's tag on top of an applied event's ok / late (SPEC section 2)."""
+    failed_ids = {id(e) for e in failed}  # the very objects of plan.to_apply (offsets may repeat across topics)
+    counts = Counter({Outcome.INVALID: invalid, Outcome.ERROR: len(plan.rejected)})
+    counts.update(Outcome.ERROR if id(e) in failed_ids else d for e, d in plan.decisions)
+    counts[Outcome.UNKNOWN_ITEM] += unknown_items
+    return +counts  # without zero entries

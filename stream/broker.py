@@ -20,10 +20,12 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
 
+from core.errors import Unavailable
+
 log = logging.getLogger(__name__)
 
 
-class BrokerError(RuntimeError):
+class BrokerError(Unavailable):
     """The embedded broker could not be started or did not answer in time."""
 
 

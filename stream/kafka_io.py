@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 import orjson
 from kafka import KafkaConsumer, KafkaProducer
 
+from core.errors import Unavailable
 from core.progress import progress as progress_bar
 
 log = logging.getLogger("livemb.kafka")
@@ -19,8 +20,8 @@ def bootstrap_of(broker: str) -> str:
     return ",".join(b.split("://", 1)[-1] for b in broker.replace(";", ",").split(","))
 
 
-class BrokerUnreachable(RuntimeError):
-    pass
+class BrokerUnreachable(Unavailable):
+    """No broker answered within the configured wait."""
 
 
 def wait_for_broker(broker: str, wait_s: float = 0.0, first_delay_s: float = 0.5, max_delay_s: float = 10.0,

@@ -8,12 +8,15 @@ stdlib thread, independent of Faust, so /healthz answers while tables are still 
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-OUTCOMES = ("ok", "invalid", "duplicate", "late", "too_late", "unknown_item", "redelivered", "error")
+from core.outcomes import Outcome
+
+OUTCOMES = tuple(Outcome)  # the `outcome` label values
 LATENCY_BUCKETS = (
     0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
@@ -93,7 +96,7 @@ class Metrics:
         self.readiness = Readiness("tables_recovered", "model_loaded")
         self._model: tuple[str, str, str] | None = None
 
-    def count(self, outcomes: dict[str, int]) -> None:
+    def count(self, outcomes: Mapping[Outcome, int]) -> None:
         for k, v in outcomes.items():
             if v:
                 self.events.labels(k).inc(v)

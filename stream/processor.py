@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from core.errors import ConfigError, DataError
 from core.events import ValidEvent
 from core.items import ItemTable
 from core.settings import Settings
@@ -40,7 +41,7 @@ def items_key(table: ItemTable) -> int:
     return int(table.fingerprint[:15], 16)  # fits an int64 meta field
 
 
-class ForeignState(ValueError):
+class ForeignState(DataError):
     """A stored state this model cannot continue (another model's fields)."""
 
 
@@ -49,7 +50,7 @@ class ModelProcessor:
 
     def __init__(self, settings: Settings, reload_check_s: float | None = None):
         if not settings.model_path or not settings.items_path:
-            raise ValueError("the worker needs --model CKPT and --items ITEMS")
+            raise ConfigError("the worker needs --model CKPT and --items ITEMS")
         torch.set_num_threads(settings.torch_threads)
         self.settings = settings
         self.device = torch.device(settings.resolved_device())

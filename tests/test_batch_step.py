@@ -9,6 +9,7 @@ import asyncio
 import orjson
 import pytest
 
+from core.outcomes import DlqReason, Outcome
 from core.settings import Settings
 from state.guard import GuardState, unwrap, wrap
 from state.record import decode, encode
@@ -103,6 +104,49 @@ def test_processor_failure_sends_exactly_the_applied_events_to_the_dlq() -> None
     assert +report.counts == {"error": 2, "duplicate": 1}
     assert sink.on("recommendations") == []
     assert run(step, recs).counts["redelivered"] == 3  # guards advanced: a replay is not re-sent
+
+
+class RefusingProcessor(CountingProcessor):
+    """Refuses user "bad" in step 5 (as the model processor refuses a foreign state) and counts
+    item "new" as unknown, as the model processor does for an item missing from the table."""
+
+    def process(self, events, states) -> StepResult:
+        res = super().process([e for e in events if e.user_id != "bad"], {u: b for u, b in states.items() if u != "bad"})
+        res.rejected = {u: "another model's state" for u in states if u == "bad"}
+        res.unknown_items = sum(e.item_id == "new" for e in events if e.user_id != "bad")
+        return res
+
+
+def mixed_batch():
+    bad = record("c", "i1", T0, 4)
+    return [
+        record("a", "i1", T0, 0, event_id="e1"),  # ok
+        record("a", "i2", T0 + 10, 1, event_id="e1"),  # duplicate
+        record("a", "new", T0 + 20, 2, event_id="e2"),  # ok, and an unknown item
+        record("bad", "i1", T0, 3, event_id="e3"),  # applied by the guard, then refused in step 5: error
+        type(bad)(bad.topic, bad.partition, bad.offset, bad.key, b"{not json"),  # invalid
+    ]
+
+
+def test_a_mixed_batch_counts_one_outcome_per_event() -> None:
+    metrics = Metrics()
+    step, store, sink = make(processor=RefusingProcessor(), metrics=metrics)
+    recs = mixed_batch()
+    report = run(step, recs)
+    assert report.counts == {Outcome.OK: 2, Outcome.DUPLICATE: 1, Outcome.ERROR: 1, Outcome.INVALID: 1,
+                             Outcome.UNKNOWN_ITEM: 1}
+    assert sum(n for o, n in report.counts.items() if o is not Outcome.UNKNOWN_ITEM) == len(recs)  # once each
+    assert report.dlq == {DlqReason.STATE_UNREADABLE: 1, DlqReason.NOT_JSON: 1}
+    assert all(type(r) is DlqReason for r in report.dlq)
+    assert {o: metrics.event_count(o) for o in report.counts} == report.counts  # the same label strings
+    # The same batch when the processor fails outright: every applied event (ok) becomes error, the
+    # guard's other decisions stand, and no item is counted unknown (nothing was processed).
+    step, _, sink = make(processor=FailingProcessor())
+    report = run(step, recs)
+    assert report.counts == {Outcome.ERROR: 3, Outcome.DUPLICATE: 1, Outcome.INVALID: 1}
+    assert report.dlq == {DlqReason.PROCESSING_ERROR: 3, DlqReason.NOT_JSON: 1}
+    assert sorted(orjson.loads(r.value)["reason"] for r in sink.on("interactions.dlq")) == [
+        "not_json", "processing_error", "processing_error", "processing_error"]
 
 
 def test_unreadable_and_foreign_rows_affect_only_their_user() -> None:

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import orjson
+import pytest
 
 from tools.cli import main
 
@@ -105,3 +106,74 @@ def test_training_summary_names_what_was_trained():
     refit = {"fit_epoch_seconds": [1.0, 1.0, 1.0], "epoch_seconds": [1.2], "chosen_epoch": 1,
              "early_stopping": {"used": True, "epochs_run": 3}}
     assert _training_summary(refit, 4.5) == "train 4.5s, 4 epochs (early stopping chose 1 of 3, refit)"
+
+
+def _livemb_errors() -> dict[type, int]:
+    """Every LivembError class of the project (their modules imported) -> the exit code livemb gives it."""
+    import models.checkpoint
+    import models.retrieval
+    import state.record
+    import stream.broker
+    import stream.kafka_io
+    import stream.processor
+    import tools.prom
+    import tools.rebuild
+    from core import errors
+
+    return {
+        errors.LivembError: 1, tools.rebuild.RebuildError: 1,
+        errors.ConfigError: 2,
+        errors.DataError: 2, models.checkpoint.CheckpointError: 2, models.retrieval.IndexFileError: 2,
+        state.record.StateRecordError: 2, stream.processor.ForeignState: 2,
+        errors.Unavailable: 3, stream.kafka_io.BrokerUnreachable: 3, stream.broker.BrokerError: 3,
+        tools.prom.PrometheusError: 3,
+    }
+
+
+def test_exit_codes_are_set_in_core_errors_only():
+    from core.errors import ConfigError, DataError, LivembError, Unavailable
+
+    table = _livemb_errors()
+    tree, todo = set(), [LivembError]
+    while todo:
+        cls = todo.pop()
+        tree.add(cls)
+        todo += cls.__subclasses__()
+    assert tree == set(table)  # a new error class gets its row here
+    assert {cls: cls.exit_code for cls in tree} == table
+    assert [cls for cls in tree if "exit_code" in vars(cls) and cls.__module__ != "core.errors"] == []
+    # the classes they replaced were ValueErrors / RuntimeErrors: callers catching those still do
+    assert issubclass(ConfigError, ValueError) and issubclass(DataError, ValueError)
+    assert issubclass(Unavailable, RuntimeError)
+
+
+@pytest.mark.parametrize("cls_name", sorted(c.__name__ for c in _livemb_errors()))
+def test_cli_maps_each_livemb_error_to_its_exit_code_in_one_line(cls_name, monkeypatch, capsys):
+    import tools.config_doc
+
+    cls, code = next((c, n) for c, n in _livemb_errors().items() if c.__name__ == cls_name)
+
+    def fail():
+        raise cls("the thing went wrong")
+
+    monkeypatch.setattr(tools.config_doc, "readme_block", fail)
+    assert main(["config"]) == code
+    assert capsys.readouterr().err == "livemb config: error: the thing went wrong\n"
+
+
+def test_cli_exit_code_for_a_missing_file_and_a_bug(monkeypatch, capsys):
+    import tools.config_doc
+
+    def missing():
+        open("/nonexistent/livemb.csv")
+
+    monkeypatch.setattr(tools.config_doc, "readme_block", missing)
+    assert main(["config"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+    def bug():
+        raise ValueError("not a livemb error: a bug")
+
+    monkeypatch.setattr(tools.config_doc, "readme_block", bug)
+    with pytest.raises(ValueError, match="a bug"):  # a traceback, not a tidy exit 2
+        main(["config"])

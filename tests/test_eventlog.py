@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from core.errors import ConfigError, DataError
 from tools.eventlog import dataset_stats, parse_columns, read_log, session_ids, temporal_split
 
 YOOCHOOSE = Path("/work/shared/data/yoochoose-100k/yoochoose-clicks-100k_test.txt")
@@ -30,9 +31,9 @@ def test_parse_columns() -> None:
     assert parse_columns("user=SessionId, item=ItemId,ts=Time") == {
         "user": "SessionId", "item": "ItemId", "ts": "Time"}
     assert parse_columns("user_id=u,event_type=kind") == {"user": "u", "event_type": "kind"}
-    with pytest.raises(ValueError, match="unknown name 'colour'"):
+    with pytest.raises(ConfigError, match="unknown name 'colour'"):
         parse_columns("colour=red")
-    with pytest.raises(ValueError, match="expected NAME=SOURCE"):
+    with pytest.raises(ConfigError, match="expected NAME=SOURCE"):
         parse_columns("user")
 
 
@@ -56,7 +57,7 @@ def test_read_globo_fragment() -> None:
     assert len(df) == 318
     first = df[df["user_id"] == "0"].iloc[0]
     assert (first["item_id"], first["ts"]) == ("157541", 1506826828020)
-    with pytest.raises(ValueError, match=r"missing column 'item_id'.*available columns: user_id, session_id"):
+    with pytest.raises(DataError, match=r"missing column 'item_id'.*available columns: user_id, session_id"):
         read_log(GLOBO)
 
 
@@ -114,37 +115,40 @@ def test_sniffs_tab_separated_txt(tmp_path: Path) -> None:
     assert df.iloc[0].tolist() == ["1", "9", 1250, "click", ""]
 
 
-def test_errors(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="nope.csv: event log not found"):
+def test_unusable_logs_are_data_errors_naming_the_file(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="nope.csv: event log not found"):
         read_log(tmp_path / "nope.csv")
     odd = tmp_path / "log.xlsx"
     odd.write_text("x")
-    with pytest.raises(ValueError, match=r"log.xlsx: unknown log format"):
+    with pytest.raises(DataError, match=r"log.xlsx: unknown log format"):
         read_log(odd)
     p = tmp_path / "cols.csv"
     p.write_text("user,item,time\nu,a,1\n")
-    with pytest.raises(ValueError, match=r"cols.csv: missing column 'user_id'.*available columns: user, item, time"):
+    with pytest.raises(DataError, match=r"cols.csv: missing column 'user_id'.*available columns: user, item, time"):
         read_log(p)
-    with pytest.raises(ValueError, match=r"missing column 'kind' \(for event_type\)"):
+    with pytest.raises(DataError, match=r"missing column 'kind' \(for event_type\)"):
         read_log(p, {"user": "user", "item": "item", "ts": "time", "event_type": "kind"})
     p.write_text("user_id,item_id,ts\nu,a,1\nu,b,yesterday\nu,c,nan-ish\n")
-    with pytest.raises(ValueError, match=r"cols.csv: unparseable ts in 2 rows \(e.g. 'yesterday'"):
+    with pytest.raises(DataError, match=r"cols.csv: unparseable ts in 2 rows \(e.g. 'yesterday'"):
         read_log(p)
     p.write_text("user_id,item_id,ts\n")
-    with pytest.raises(ValueError, match="cols.csv: empty log"):
+    with pytest.raises(DataError, match="cols.csv: empty log"):
         read_log(p)
     p.write_text("")
-    with pytest.raises(ValueError, match="cols.csv: empty log"):
+    with pytest.raises(DataError, match="cols.csv: empty log"):
         read_log(p)
     p.write_text("user_id,item_id,ts\nu,a,1\n,b,2\nu,,\nv,c,4\n")
-    with pytest.raises(ValueError, match=r"2 rows with a missing user_id/item_id/ts.*first at data row 2"):
+    with pytest.raises(DataError, match=r"2 rows with a missing user_id/item_id/ts.*first at data row 2"):
         read_log(p)
-    with pytest.raises(ValueError, match="ts_unit"):
+    with pytest.raises(ConfigError, match="ts_unit"):
         read_log(p, ts_unit="us")
+    p.write_text('user_id,item_id,ts\nu,"a,1\n')  # pandas' own parse error
+    with pytest.raises(DataError, match="cols.csv: unreadable log"):
+        read_log(p)
     gz = tmp_path / "bad.jsonl.gz"
     with gzip.open(gz, "wt") as f:
         f.write('{"user_id": "u", "item_id": "a"}\n')
-    with pytest.raises(ValueError, match=r"missing column 'ts'"):
+    with pytest.raises(DataError, match=r"missing column 'ts'"):
         read_log(gz)
 
 
@@ -154,7 +158,7 @@ def test_temporal_split_boundaries() -> None:
     assert train["ts"].tolist() == [0, 10, 79]
     assert test["ts"].tolist() == [80, 81, 100]
     assert test.index.tolist() == [0, 1, 2]
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         temporal_split(df, test_frac=1.0)
 
 

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 import tools.item_embeddings as ie
+from core.errors import ConfigError, DataError
 from tools.eventlog import parse_columns, read_log, session_ids, temporal_split
 from tools.item_embeddings import build_item_vectors
 from tools.synth import synth_log
@@ -72,9 +73,9 @@ def test_directed_halves_know_which_item_comes_first(split) -> None:
     forward = (pv[a, :k] * pv[b, k:]).sum(1)
     backward = (pv[b, :k] * pv[a, k:]).sum(1)
     assert (forward > backward).mean() > 0.7
-    with pytest.raises(ValueError, match="even dim"):
+    with pytest.raises(ConfigError, match="even dim"):
         build_item_vectors(train, dim=7, kind="directed")
-    with pytest.raises(ValueError, match="kind must be one of"):
+    with pytest.raises(ConfigError, match="kind must be one of"):
         build_item_vectors(train, dim=8, kind="skipgram")
 
 
@@ -100,14 +101,14 @@ def test_min_count_and_window() -> None:
     assert sorted(table.ids) == ["a", "b", "c", "d", "e"]  # f and z are seen once
 
 
-def test_errors() -> None:
+def test_unusable_training_data_is_a_data_error() -> None:
     tiny = pd.DataFrame({"user_id": ["u", "u", "u"], "item_id": ["a", "b", "c"], "ts": [1, 2, 3]})
-    with pytest.raises(ValueError, match=r"only 3 items have co-occurrences.*smaller --dim"):
+    with pytest.raises(DataError, match=r"only 3 items have co-occurrences.*smaller --dim"):
         build_item_vectors(tiny, dim=8)
     alone = pd.DataFrame({"user_id": ["u", "v"], "item_id": ["a", "b"], "ts": [1, 2]})
-    with pytest.raises(ValueError, match="no two distinct items co-occur"):
+    with pytest.raises(DataError, match="no two distinct items co-occur"):
         build_item_vectors(alone, dim=2)
-    with pytest.raises(ValueError, match="missing column"):
+    with pytest.raises(DataError, match="missing column"):
         build_item_vectors(tiny.drop(columns="ts"))
 
 

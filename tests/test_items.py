@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from core.errors import DataError
 from core.items import ItemTable
 
 
@@ -65,26 +66,26 @@ def test_conversions() -> None:
 )
 def test_load_validation(tmp_path: Path, arrays: dict, message: str) -> None:
     path = _npz(tmp_path, **arrays)
-    with pytest.raises(ValueError, match=message) as err:
+    with pytest.raises(DataError, match=message) as err:
         ItemTable.load(path)
     assert str(path) in str(err.value)
 
 
 def test_load_other_errors(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="item table not found"):
+    with pytest.raises(DataError, match="item table not found"):
         ItemTable.load(tmp_path / "missing.npz")
     path = _npz(tmp_path, ids=np.array(["a", 1], dtype=object), vectors=np.ones((2, 2), np.float32))
-    with pytest.raises(ValueError, match="object array"):
+    with pytest.raises(DataError, match="object array"):
         ItemTable.load(path)
     junk = tmp_path / "junk.npz"
     junk.write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match="junk.npz"):
+    with pytest.raises(DataError, match="junk.npz"):
         ItemTable.load(junk)
 
 
 def test_duplicate_list_is_capped() -> None:
     ids = np.repeat(np.array([f"d{k}" for k in range(8)]), 2)
-    with pytest.raises(ValueError, match=r"8 duplicate ids, e.g. \['d0', 'd1', 'd2', 'd3', 'd4'\]$"):
+    with pytest.raises(DataError, match=r"8 duplicate ids, e.g. \['d0', 'd1', 'd2', 'd3', 'd4'\]$"):
         ItemTable(ids, np.ones((16, 2), np.float32))
 
 

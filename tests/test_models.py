@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from core.errors import ConfigError
 from models import MODEL_REGISTRY, EventBatch, ModelConfig
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models.train import LOSSES, TrainConfig, batch_loss, train_model
@@ -52,7 +53,7 @@ def test_losses_decrease(loss):
 def test_unknown_loss_is_refused():
     vecs, seqs = tiny_data()
     model = MODEL_REGISTRY["gru"](ModelConfig(name="gru", dim=8), vecs)
-    with pytest.raises(ValueError, match="unknown loss"):
+    with pytest.raises(ConfigError, match="unknown loss"):
         train_model(model, seqs, TrainConfig(loss="mse"), progress=False)
 
 

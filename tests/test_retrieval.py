@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from core.errors import ConfigError
 from models import MODEL_REGISTRY, EventBatch, ModelConfig, retrieval
 from models.retrieval import Retriever, block_topk, build_index, recall_at_k, recall_vs_exact
 
@@ -86,7 +87,7 @@ def test_approximate_indexes_report_recall():
     q = rng.normal(size=(50, 16)).astype(np.float32)
     assert recall_vs_exact(vecs, "hnsw", q, 10) > 0.9
     assert 0.0 < recall_vs_exact(vecs, "ivfpq", q, 10) <= 1.0
-    with pytest.raises(ValueError, match="index must be"):
+    with pytest.raises(ConfigError, match="index must be"):
         Retriever(vecs, "lsh")
 
 
@@ -122,7 +123,7 @@ def test_index_file_roundtrip_and_refusals(tmp_path):
     (tmp_path / "idx" / "items.hnsw.json").unlink()
     with pytest.raises(IndexFileError, match="no sidecar"):
         load_index(out, kind="hnsw", **kw)
-    with pytest.raises(ValueError, match="has no parameter"):
+    with pytest.raises(ConfigError, match="has no parameter"):
         build_index_file(items, "hnsw", out, {"nprobe": 3}, progress=False)
 
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from core.events import ValidEvent
-from state.guard import Decision, GuardState, keep_newer, plan_batch, position, unwrap, wrap
+from core.outcomes import Outcome
+from state.guard import GuardState, keep_newer, plan_batch, position, unwrap, wrap
 from state.record import MAGIC, StateRecordError, decode, encode, encode_rows, fingerprint
 from stream.gap_repair import OffsetContinuity
 
@@ -141,14 +142,14 @@ def test_guard_round_trip_via_envelope() -> None:
 
 def test_guard_decisions() -> None:
     g = GuardState(3)
-    assert g.decide(ev("u", 10_000, 5), DAY) is Decision.APPLY
-    assert g.decide(ev("u", 10_000, 5), DAY) is Decision.REDELIVERED  # same offset
-    assert g.decide(ev("u", 9_000, 4, "other"), DAY) is Decision.REDELIVERED  # older offset
-    assert g.decide(ev("u", 10_000, 6), DAY) is Decision.DUPLICATE  # same event id, new offset
-    assert g.decide(ev("u", 9_000, 7), DAY) is Decision.LATE
+    assert g.decide(ev("u", 10_000, 5), DAY) is Outcome.OK
+    assert g.decide(ev("u", 10_000, 5), DAY) is Outcome.REDELIVERED  # same offset
+    assert g.decide(ev("u", 9_000, 4, "other"), DAY) is Outcome.REDELIVERED  # older offset
+    assert g.decide(ev("u", 10_000, 6), DAY) is Outcome.DUPLICATE  # same event id, new offset
+    assert g.decide(ev("u", 9_000, 7), DAY) is Outcome.LATE
     assert g.last_ts == 10_000
-    assert g.decide(ev("u", 10_000 - DAY - 1, 8), DAY) is Decision.TOO_LATE
-    assert g.decide(ev("u", 10_000 - DAY, 9), DAY) is Decision.LATE  # exactly at the bound
+    assert g.decide(ev("u", 10_000 - DAY - 1, 8), DAY) is Outcome.TOO_LATE
+    assert g.decide(ev("u", 10_000 - DAY, 9), DAY) is Outcome.LATE  # exactly at the bound
     assert g.offset == 9 and g.applied == 3
 
 
@@ -156,14 +157,14 @@ def test_guard_ring_forgets_after_size() -> None:
     g = GuardState(2)
     for i, e in enumerate(["a", "b", "c"]):
         g.decide(ev("u", 100 + i, i, e), DAY)
-    assert g.decide(ev("u", 200, 10, "b"), DAY) is Decision.DUPLICATE
-    assert g.decide(ev("u", 201, 11, "a"), DAY) is Decision.APPLY  # evicted
+    assert g.decide(ev("u", 200, 10, "b"), DAY) is Outcome.DUPLICATE
+    assert g.decide(ev("u", 201, 11, "a"), DAY) is Outcome.OK  # evicted
 
 
 def test_guard_other_partition_is_not_compared() -> None:
     g = GuardState(2)
     g.decide(ev("u", 1, 50, partition=0), DAY)
-    assert g.decide(ev("u", 2, 3, partition=1), DAY) is Decision.APPLY
+    assert g.decide(ev("u", 2, 3, partition=1), DAY) is Outcome.OK
     assert (g.partition, g.offset) == (1, 3)
 
 
@@ -178,19 +179,19 @@ def test_guard_resizes_ring() -> None:
 def test_plan_batch_replay_is_idempotent() -> None:
     batch = [ev(f"u{i % 3}", 1000 + i, i) for i in range(9)]
     plan = plan_batch(batch, {}, 8, DAY)
-    assert len(plan.to_apply) == 9 and plan.counts() == {"ok": 9} and plan.dirty == {"u0", "u1", "u2"}
+    assert len(plan.to_apply) == 9 and plan.counts() == {Outcome.OK: 9} and plan.dirty == {"u0", "u1", "u2"}
     rows = {u: wrap(g, b"s") for u, g in plan.guards.items()}
     again = plan_batch(batch, rows, 8, DAY)  # crash after the write: same offsets redelivered
-    assert again.to_apply == [] and again.counts() == {"redelivered": 9} and again.dirty == set()
+    assert again.to_apply == [] and again.counts() == {Outcome.REDELIVERED: 9} and again.dirty == set()
     shifted = [ValidEvent(e.user_id, e.item_id, e.ts, e.event_type, e.event_id, 0, e.offset + 100) for e in batch]
     dup = plan_batch(shifted, rows, 8, DAY)  # upstream re-sent the same events at new offsets
-    assert dup.to_apply == [] and dup.counts() == {"duplicate": 9} and dup.dirty == {"u0", "u1", "u2"}
+    assert dup.to_apply == [] and dup.counts() == {Outcome.DUPLICATE: 9} and dup.dirty == {"u0", "u1", "u2"}
 
 
 def test_plan_batch_duplicate_within_batch_and_too_late() -> None:
     batch = [ev("u", 5 * DAY, 0, "x"), ev("u", 5 * DAY, 1, "x"), ev("u", 3 * DAY, 2, "y")]
     plan = plan_batch(batch, {}, 4, DAY)
-    assert plan.counts() == {"ok": 1, "duplicate": 1, "too_late": 1}
+    assert plan.counts() == {Outcome.OK: 1, Outcome.DUPLICATE: 1, Outcome.TOO_LATE: 1}
     assert [e.offset for e in plan.too_late()] == [2] and plan.inner == {"u": None}
 
 

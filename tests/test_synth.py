@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from core.errors import ConfigError
 from tools.eventlog import dataset_stats, read_log, session_ids
 from tools.synth import synth_log, write_log
 
@@ -88,7 +89,7 @@ def test_write_log_adds_event_ids(tmp_path: Path) -> None:
     df = pd.DataFrame({"user_id": ["a", "b", "a"], "item_id": ["x", "y", "z"], "ts": [1, 2, 3]})
     back = read_log(write_log(df, tmp_path / "x.csv"))
     assert back["event_id"].tolist() == ["a-0", "b-0", "a-1"]
-    with pytest.raises(ValueError, match="unknown log format"):
+    with pytest.raises(ConfigError, match="unknown log format"):
         write_log(df, tmp_path / "x.xlsx")
 
 

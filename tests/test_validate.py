@@ -7,6 +7,8 @@ import base64
 import orjson
 import pytest
 
+import stream.validate
+from core.outcomes import DlqReason
 from core.settings import Settings
 from stream.validate import Invalid, ValidEvent, derive_event_id, too_late, validate
 
@@ -63,39 +65,58 @@ def test_iso_ts(ts: str, expected: int) -> None:
     assert isinstance(ev, ValidEvent) and ev.ts == expected
 
 
-@pytest.mark.parametrize(
-    "doc,why",
-    [
-        ({"item_id": "i", "ts": NOW}, "missing_field:user_id"),
-        ({"user_id": None, "item_id": "i", "ts": NOW}, "missing_field:user_id"),
-        ({"user_id": "u", "ts": NOW}, "missing_field:item_id"),
-        ({"user_id": "u", "item_id": "i"}, "missing_field:ts"),
-        ({"user_id": True, "item_id": "i", "ts": NOW}, "bad_type:user_id"),
-        ({"user_id": 1.5, "item_id": "i", "ts": NOW}, "bad_type:user_id"),
-        ({"user_id": ["u"], "item_id": "i", "ts": NOW}, "bad_type:user_id"),
-        ({"user_id": "u", "item_id": {"x": 1}, "ts": NOW}, "bad_type:item_id"),
-        ({"user_id": "u", "item_id": False, "ts": NOW}, "bad_type:item_id"),
-        ({"user_id": "", "item_id": "i", "ts": NOW}, "empty_field:user_id"),
-        ({"user_id": "  ", "item_id": "i", "ts": NOW}, "empty_field:user_id"),
-        ({"user_id": "u", "item_id": "", "ts": NOW}, "empty_field:item_id"),
-        ({"user_id": "x" * 129, "item_id": "i", "ts": NOW}, "user_id_too_long"),
-        ({"user_id": "u", "item_id": "i", "ts": True}, "bad_type:ts"),
-        ({"user_id": "u", "item_id": "i", "ts": 1.7e12}, "bad_type:ts"),
-        ({"user_id": "u", "item_id": "i", "ts": [1]}, "bad_type:ts"),
-        ({"user_id": "u", "item_id": "i", "ts": "yesterday"}, "bad_value:ts"),
-        ({"user_id": "u", "item_id": "i", "ts": -1}, "bad_value:ts"),
-        ({"user_id": "u", "item_id": "i", "ts": NOW + 86_400_001}, "future_ts"),
-        ({"user_id": "u", "item_id": "i", "ts": "2099-01-01T00:00:00Z"}, "future_ts"),
-        ({"user_id": "u", "item_id": "i", "ts": NOW, "event_type": 3}, "bad_type:event_type"),
-        ({"user_id": "u", "item_id": "i", "ts": NOW, "event_id": 3}, "bad_type:event_id"),
-        ({"user_id": "u", "item_id": "i", "ts": NOW, "event_id": ""}, "empty_field:event_id"),
-        ([1, 2], "not_object"),
-        ("just a string", "not_object"),
-        (None, "not_object"),
-    ],
-)
+REJECTIONS = [
+    ({"item_id": "i", "ts": NOW}, "missing_field:user_id"),
+    ({"user_id": None, "item_id": "i", "ts": NOW}, "missing_field:user_id"),
+    ({"user_id": "u", "ts": NOW}, "missing_field:item_id"),
+    ({"user_id": "u", "item_id": "i"}, "missing_field:ts"),
+    ({"user_id": True, "item_id": "i", "ts": NOW}, "bad_type:user_id"),
+    ({"user_id": 1.5, "item_id": "i", "ts": NOW}, "bad_type:user_id"),
+    ({"user_id": ["u"], "item_id": "i", "ts": NOW}, "bad_type:user_id"),
+    ({"user_id": "u", "item_id": {"x": 1}, "ts": NOW}, "bad_type:item_id"),
+    ({"user_id": "u", "item_id": False, "ts": NOW}, "bad_type:item_id"),
+    ({"user_id": "", "item_id": "i", "ts": NOW}, "empty_field:user_id"),
+    ({"user_id": "  ", "item_id": "i", "ts": NOW}, "empty_field:user_id"),
+    ({"user_id": "u", "item_id": "", "ts": NOW}, "empty_field:item_id"),
+    ({"user_id": "x" * 129, "item_id": "i", "ts": NOW}, "user_id_too_long"),
+    ({"user_id": "u", "item_id": "i", "ts": True}, "bad_type:ts"),
+    ({"user_id": "u", "item_id": "i", "ts": 1.7e12}, "bad_type:ts"),
+    ({"user_id": "u", "item_id": "i", "ts": [1]}, "bad_type:ts"),
+    ({"user_id": "u", "item_id": "i", "ts": "yesterday"}, "bad_value:ts"),
+    ({"user_id": "u", "item_id": "i", "ts": -1}, "bad_value:ts"),
+    ({"user_id": "u", "item_id": "i", "ts": NOW + 86_400_001}, "future_ts"),
+    ({"user_id": "u", "item_id": "i", "ts": "2099-01-01T00:00:00Z"}, "future_ts"),
+    ({"user_id": "u", "item_id": "i", "ts": NOW, "event_type": 3}, "bad_type:event_type"),
+    ({"user_id": "u", "item_id": "i", "ts": NOW, "event_id": 3}, "bad_type:event_id"),
+    ({"user_id": "u", "item_id": "i", "ts": NOW, "event_id": ""}, "empty_field:event_id"),
+    ({"user_id": "u", "item_id": "i", "ts": NOW, "event_type": ""}, "empty_field:event_type"),
+    ([1, 2], "not_object"),
+    ("just a string", "not_object"),
+    (None, "not_object"),
+]
+
+
+@pytest.mark.parametrize("doc,why", REJECTIONS)
 def test_rejections(doc: object, why: str) -> None:
     assert reason(doc) == why
+
+
+def test_every_reason_the_validator_gives_is_a_dlq_reason_member(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reasons are a wire contract: each is a DlqReason member with its string value, and the
+    validator can produce every member except the three the batch step adds (tests/test_batch_step.py)."""
+    doc = {"user_id": "u", "item_id": "i", "ts": NOW}
+    given = [reason(d) for d, _ in REJECTIONS]
+    given += [reason(None, raw=b"{not json"), reason(None, raw=b"x" * (64 * 1024 + 1)), reason(doc, key=b"v")]
+
+    def broken(*_: object) -> None:
+        raise RecursionError("pathological nesting")
+
+    monkeypatch.setattr(stream.validate, "_check", broken)
+    given.append(reason(doc))
+    assert all(type(r) is DlqReason for r in given)
+    later = {DlqReason.TOO_LATE, DlqReason.STATE_UNREADABLE, DlqReason.PROCESSING_ERROR}
+    assert set(given) == set(DlqReason) - later
+    assert {str(r) for r in given} >= {"not_json", "oversized", "key_mismatch", "unparseable", "empty_field:event_type"}
 
 
 def test_user_id_at_limit_is_fine() -> None:

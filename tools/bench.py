@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from core.errors import ConfigError
 from core.settings import Settings
 from tools import bench_load
 
@@ -52,7 +53,7 @@ def _prepare(args, work: Path):
 
     if args.model or args.items or args.data:
         if not (args.model and args.items and args.data):
-            raise ValueError("--model, --items and --data go together (or none of them: a synthetic log)")
+            raise ConfigError("--model, --items and --data go together (or none of them: a synthetic log)")
         return pd.read_csv(args.data, keep_default_na=False), args.model, args.items
     df, ids, vecs = synth_log(users=args.users, items=args.items_n, days=args.days, seed=0, dim=64)
     write_log(df, work / "log.csv")

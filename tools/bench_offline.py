@@ -33,6 +33,7 @@ import numpy as np
 import orjson
 import torch
 
+from core.errors import ConfigError
 from core.progress import progress
 from models.base import EventBatch, SeqModel
 from models.retrieval import build_index, index_params, load_index, recall_at_k, save_index, set_search_params
@@ -55,7 +56,7 @@ def structured_item_vectors(n_items: int, dim: int = 64, seed: int = 0, n_querie
     Not tools/synth.py's item space: it plants at most dim/3 orthogonal topic rings (at 1M items,
     50k items per ring and one scale of structure), which is a test of models, not of an ANN index."""
     if n_items < 1 or dim < 2:
-        raise ValueError("structured_item_vectors: n_items >= 1 and dim >= 2")
+        raise ConfigError("structured_item_vectors: n_items >= 1 and dim >= 2")
     rng = np.random.default_rng(seed)
     T = topics or max(8, int(np.sqrt(n_items) / 2))
     spectrum = (1.0 + np.arange(dim)) ** -0.5  # anisotropic, like an SVD embedding's singular values
@@ -208,7 +209,7 @@ def _model(checkpoint: str | None, items: str | None, dim: int, hidden: int, n_i
         from models.checkpoint import load_checkpoint
 
         if not items:
-            raise ValueError("bench_model: a checkpoint needs its items file")
+            raise ConfigError("bench_model: a checkpoint needs its items file")
         table = ItemTable.load(items)
         return load_checkpoint(checkpoint, table.padded_vectors(), table.fingerprint).eval()
     from models.evaluation import build_model

@@ -7,11 +7,11 @@ import importlib
 import logging
 import sys
 
+from core.errors import EXPECTED, ConfigError, exit_code
 from core.settings import EXCLUDE_SEEN, INDEX_KINDS, load_settings
 from models.base import ModelConfig
 from models.repeat import REPEAT_MODES
 from models.train import LOSSES, VALID_METRICS, TrainConfig
-from stream.kafka_io import BrokerUnreachable
 from tools.eventlog import add_log_args
 from tools.item_embeddings import KINDS as ITEM_VECTOR_KINDS
 
@@ -234,11 +234,11 @@ def load_processor(spec: str | None, settings):
         return ModelProcessor(settings)
     mod, _, name = spec.partition(":")
     if not name:
-        raise ValueError(f"--processor must be module:factory, got {spec!r}")
+        raise ConfigError(f"--processor must be module:factory, got {spec!r}")
     try:
         factory = getattr(importlib.import_module(mod), name)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"--processor {spec}: {e}") from None
+        raise ConfigError(f"--processor {spec}: {e}") from None
     return factory(settings)
 
 
@@ -249,10 +249,18 @@ def _index_params(pairs: list[str]) -> dict:
         try:
             out[name] = int(value)
         except ValueError:
-            raise ValueError(f"--param {pair!r}: expected NAME=INTEGER") from None
+            raise ConfigError(f"--param {pair!r}: expected NAME=INTEGER") from None
         if not sep or not name:
-            raise ValueError(f"--param {pair!r}: expected NAME=INTEGER")
+            raise ConfigError(f"--param {pair!r}: expected NAME=INTEGER")
     return out
+
+
+def _rate(text: str) -> float | None:
+    """`replay --rate`: events/s, or None for 'max'."""
+    try:
+        return None if text == "max" else float(text)
+    except ValueError:
+        raise ConfigError(f"--rate {text!r}: expected events/s or 'max'") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             from stream.security import kafka_python_security
 
             df = offline.load_log(args.log, args.columns, args.ts_unit)
-            replay(df, settings.broker, settings.topic_in, None if args.rate == "max" else float(args.rate),
+            replay(df, settings.broker, settings.topic_in, _rate(args.rate),
                    security=kafka_python_security(settings))
         elif args.cmd == "tail":
             from stream.kafka_io import tail
@@ -337,12 +345,9 @@ def main(argv: list[str] | None = None) -> int:
             from tools.bench import run_bench
 
             return run_bench(args, settings)
-    except (ValueError, FileNotFoundError) as e:
+    except EXPECTED as e:  # one line, the exit code core/errors.py gives it; anything else is a bug: traceback
         print(f"livemb {args.cmd}: error: {e}", file=sys.stderr)
-        return 2
-    except BrokerUnreachable as e:  # an environment problem, not a bug: one line, its own exit code
-        print(f"livemb {args.cmd}: error: {e}", file=sys.stderr)
-        return 3
+        return exit_code(e)
     return 0
 
 

@@ -12,6 +12,7 @@ import math
 import time
 from dataclasses import dataclass
 
+from core.errors import ConfigError
 from tools.prom import PromAPI, PrometheusError
 
 
@@ -113,23 +114,23 @@ def parse_duration(text: str) -> float:
     try:
         return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
     except (ValueError, IndexError):
-        raise ValueError(f"bad duration {text!r}: use e.g. 90s, 15m, 2h") from None
+        raise ConfigError(f"bad duration {text!r}: use e.g. 90s, 15m, 2h") from None
 
 
 def run_dashboard(url: str, out: str, range_s: float = 900.0, step_s: float | None = None,
                   window: str = "1m", job: str = "livemb", end: float | None = None,
                   start: float | None = None) -> dict[str, int]:
-    """Query and render; returns the number of series per panel. Raises ValueError on setup mistakes."""
+    """Query and render; returns the number of series per panel. Raises ConfigError on setup mistakes."""
     api = PromAPI(url)
     end = end or time.time()
     start = start or end - range_s
     step = step_s or max(1.0, math.ceil((end - start) / 300))
     try:
         if api.targets_up() == 0 and not api.query(f'up{{job="{job}"}}' if job else "up"):
-            raise ValueError(f"Prometheus at {url} has no target for job {job!r}")
+            raise ConfigError(f"Prometheus at {url} has no target for job {job!r}")
         data = fetch(api, start, end, step, window, job)
-    except PrometheusError as e:
-        raise ValueError(str(e)) from None
+    except PrometheusError as e:  # the user's --prometheus: unreachable there is a setup mistake
+        raise ConfigError(str(e)) from None
     render(data, out, f"livemb ({job or 'all jobs'}) from {url}, {end - start:.0f} s, rate window {window}", start)
     return {p.title: len(lines) for p, lines in zip(PANELS, data, strict=True)}
 

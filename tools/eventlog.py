@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from core.errors import ConfigError, DataError
+
 log = logging.getLogger(__name__)
 
 CANONICAL = {
@@ -47,11 +49,11 @@ def parse_columns(spec: str) -> dict[str, str]:
         key, src = key.strip(), src.strip()
         key = _KEY_ALIASES.get(key, key)
         if not eq or not src:
-            raise ValueError(f"--columns: expected NAME=SOURCE, got {part!r}")
+            raise ConfigError(f"--columns: expected NAME=SOURCE, got {part!r}")
         if key not in CANONICAL:
-            raise ValueError(f"--columns: unknown name {key!r} (known: {', '.join(CANONICAL)})")
+            raise ConfigError(f"--columns: unknown name {key!r} (known: {', '.join(CANONICAL)})")
         if key in out:
-            raise ValueError(f"--columns: {key!r} given twice")
+            raise ConfigError(f"--columns: {key!r} given twice")
         out[key] = src
     return out
 
@@ -64,7 +66,7 @@ def _format_of(path: Path) -> tuple[str, bool]:
     kinds = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".inter": "csv", ".parquet": "parquet", ".jsonl": "jsonl",
              ".json": "jsonl"}
     if ext not in kinds or (gz and kinds[ext] == "parquet"):
-        raise ValueError(
+        raise DataError(
             f"{path}: unknown log format {''.join(path.suffixes) or '(no suffix)'!r}; "
             "use .csv/.tsv/.txt/.inter/.parquet/.jsonl/.json (.gz allowed for text formats)"
         )
@@ -89,7 +91,7 @@ def _open_source(path: Path, kind: str, gz: bool, sep: str | None):
         try:
             header = pd.read_csv(path, sep=sep, nrows=0).columns
         except pd.errors.EmptyDataError:
-            raise ValueError(f"{path}: empty log (no header, no events)") from None
+            raise DataError(f"{path}: empty log (no header, no events)") from None
         return [str(c) for c in header], lambda cols: pd.read_csv(path, sep=sep, dtype=str, usecols=cols)
     if kind == "parquet":
         import pyarrow.parquet as pq
@@ -100,20 +102,20 @@ def _open_source(path: Path, kind: str, gz: bool, sep: str | None):
     with opener(path, "rt", encoding="utf-8") as f:
         first = f.read(1024).lstrip()
     if not first:
-        raise ValueError(f"{path}: empty log (no events)")
+        raise DataError(f"{path}: empty log (no events)")
     try:
         # dtype=False keeps ints as ints and strings as strings; no guessing of date columns
         # (pandas < 3 also needs convert_dates=False for that, pandas 3 deprecates it).
         df = pd.read_json(path, lines=not first.startswith("["), dtype=False, **_NO_DATES)
     except ValueError as e:
-        raise ValueError(f"{path}: not valid JSON lines ({e})") from None
+        raise DataError(f"{path}: not valid JSON lines ({e})") from None
     return [str(c) for c in df.columns], lambda cols: df[cols]
 
 
 def _check_columns(path: Path, wanted: dict[str, str], available: list[str]) -> None:
     missing = [f"{src!r} (for {key})" for key, src in wanted.items() if src not in available]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"{path}: missing column {', '.join(missing)}; available columns: {', '.join(map(str, available))}"
             " (map them with --columns user=..,item=..,ts=..)"
         )
@@ -151,7 +153,7 @@ def _ts_to_ms(s: pd.Series, ts_unit: str, path: Path) -> np.ndarray:
     bad = ~np.isfinite(ms)
     if bad.any():
         examples = ", ".join(repr(v) for v in s[bad].head(3).tolist())
-        raise ValueError(
+        raise DataError(
             f"{path}: unparseable ts in {int(bad.sum())} rows (e.g. {examples}); "
             "expected epoch numbers (--ts-unit s|ms) or ISO-8601 strings"
         )
@@ -171,26 +173,31 @@ def read_log(
     """Read a CSV/TSV/Parquet/JSONL event log into the canonical, ts-sorted (stable) frame."""
     path = Path(path)
     if ts_unit not in ("s", "ms"):
-        raise ValueError(f"ts_unit must be 's' or 'ms', got {ts_unit!r}")
+        raise ConfigError(f"ts_unit must be 's' or 'ms', got {ts_unit!r}")
     columns = dict(columns or {})
     unknown = set(columns) - set(CANONICAL)
     if unknown:
-        raise ValueError(f"unknown column mapping key(s) {sorted(unknown)}; known: {', '.join(CANONICAL)}")
+        raise ConfigError(f"unknown column mapping key(s) {sorted(unknown)}; known: {', '.join(CANONICAL)}")
     if not path.is_file():
-        raise ValueError(f"{path}: event log not found")
+        raise DataError(f"{path}: event log not found")
     kind, gz = _format_of(path)
 
     # Optional columns are read when mapped explicitly (then they must exist) or present by default name.
     wanted = {k: columns.get(k, CANONICAL[k]) for k in REQUIRED}
     optional = {k: columns[k] for k in ("event_type", "event_id") if k in columns}
-    available, reader = _open_source(path, kind, gz, sep)
-    for k in ("event_type", "event_id"):
-        if k not in optional and CANONICAL[k] in available:
-            optional[k] = CANONICAL[k]
-    _check_columns(path, {**wanted, **optional}, available)
-    raw = reader(list(dict.fromkeys({**wanted, **optional}.values())))
+    try:
+        available, reader = _open_source(path, kind, gz, sep)
+        for k in ("event_type", "event_id"):
+            if k not in optional and CANONICAL[k] in available:
+                optional[k] = CANONICAL[k]
+        _check_columns(path, {**wanted, **optional}, available)
+        raw = reader(list(dict.fromkeys({**wanted, **optional}.values())))
+    except DataError:
+        raise
+    except ValueError as e:  # a pandas / pyarrow parse error: the file is bad, not the code
+        raise DataError(f"{path}: unreadable log ({e})") from None
     if len(raw) == 0:
-        raise ValueError(f"{path}: empty log (header but no events)")
+        raise DataError(f"{path}: empty log (header but no events)")
 
     # Nulls in required fields are a data problem to fix upstream, not to hide: fail with the count.
     src = {k: raw[v] for k, v in {**wanted, **optional}.items()}
@@ -206,7 +213,7 @@ def read_log(
         null |= m
     if null.any():
         first = int(np.flatnonzero(null)[0])
-        raise ValueError(
+        raise DataError(
             f"{path}: {int(null.sum())} rows with a missing user_id/item_id/ts ({', '.join(parts)}; "
             f"first at data row {first + 1}); clean or drop them before use"
         )
@@ -232,9 +239,9 @@ def read_log(
 def temporal_split(df: pd.DataFrame, test_frac: float = 0.2) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Global time cut (SPEC section 4): events with ts >= ts_min + (1-test_frac)*range are test."""
     if not 0.0 < test_frac < 1.0:
-        raise ValueError(f"test_frac must be in (0, 1), got {test_frac}")
+        raise ConfigError(f"test_frac must be in (0, 1), got {test_frac}")
     if len(df) == 0:
-        raise ValueError("temporal_split: empty log")
+        raise DataError("temporal_split: empty log")
     ts = df["ts"].to_numpy()
     lo, hi = int(ts.min()), int(ts.max())
     cut = lo + (1.0 - test_frac) * (hi - lo)

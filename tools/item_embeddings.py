@@ -32,6 +32,7 @@ import logging
 import numpy as np
 import pandas as pd
 
+from core.errors import ConfigError, DataError
 from core.items import ItemTable
 
 log = logging.getLogger(__name__)
@@ -119,19 +120,19 @@ def build_item_vectors(
 ) -> ItemTable:
     """PPMI-SVD item vectors from the interactions in `train_df` (user_id, item_id, ts)."""
     if kind not in KINDS:
-        raise ValueError(f"build_item_vectors: kind must be one of {KINDS}, got {kind!r}")
+        raise ConfigError(f"build_item_vectors: kind must be one of {KINDS}, got {kind!r}")
     missing = [c for c in ("user_id", "item_id", "ts") if c not in train_df.columns]
     if missing:
-        raise ValueError(f"build_item_vectors: missing column(s) {missing}")
+        raise DataError(f"build_item_vectors: missing column(s) {missing}")
     if len(train_df) == 0:
-        raise ValueError("build_item_vectors: no interactions")
+        raise DataError("build_item_vectors: no interactions")
     if dim < 1 or window < 1 or min_count < 1:
-        raise ValueError("build_item_vectors: dim, window and min_count must be >= 1")
+        raise ConfigError("build_item_vectors: dim, window and min_count must be >= 1")
     n_pop = {"symmetric+pop": 1, "symmetric+pop+recent": 2}.get(kind, 0)
     if n_pop and dim <= n_pop:
-        raise ValueError(f"build_item_vectors: {kind} needs dim > {n_pop} ({n_pop} coordinate(s) are popularity)")
+        raise ConfigError(f"build_item_vectors: {kind} needs dim > {n_pop} ({n_pop} coordinate(s) are popularity)")
     if kind == "directed" and dim % 2:
-        raise ValueError(f"build_item_vectors: directed vectors need an even dim (two halves), got {dim}")
+        raise ConfigError(f"build_item_vectors: directed vectors need an even dim (two halves), got {dim}")
 
     # Rare items are dropped before windowing (as word2vec's min_count), closing the gap they leave.
     counts = train_df["item_id"].value_counts()
@@ -148,7 +149,7 @@ def build_item_vectors(
     directed = kind == "directed"
     a, b, c = _cooccurrence_pairs(users, items, window, ordered=directed)
     if len(a) == 0:
-        raise ValueError("build_item_vectors: no two distinct items co-occur within any user's window")
+        raise DataError("build_item_vectors: no two distinct items co-occur within any user's window")
     # PPMI (the symmetric kind lists both triangles); items left with no entry carry no signal.
     if directed:
         rows, cols, vals = _ppmi(a, b, c, len(item_ids))
@@ -159,7 +160,7 @@ def build_item_vectors(
     present[cols] = True
     n = int(present.sum())
     if n <= dim:
-        raise ValueError(
+        raise DataError(
             f"build_item_vectors: only {n} items have co-occurrences, not more than dim={dim}; "
             f"use a smaller --dim (below {n})"
         )

@@ -19,13 +19,15 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.errors import Unavailable
+
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_BIN = ROOT / ".tools" / "prometheus" / "usr" / "bin"
 FETCH_SCRIPT = ROOT / "tools" / "get_prometheus.sh"
 
 
-class PrometheusError(RuntimeError):
-    pass
+class PrometheusError(Unavailable):
+    """A Prometheus that cannot be reached, started or queried."""
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+from core.errors import ConfigError, LivembError
 from core.progress import progress as progress_bar
 from core.settings import Settings
 from stream.broker import create_topics, free_port
@@ -35,8 +36,9 @@ from stream.kafka_io import bootstrap_of
 log = logging.getLogger("livemb.rebuild")
 
 
-class RebuildError(ValueError):
-    """The rebuild could not finish (the CLI prints it as one line)."""
+class RebuildError(LivembError):
+    """The rebuild could not finish: its worker died or it did not catch up in time (the CLI prints
+    it as one line)."""
 
 
 def _consumer(settings: Settings, group: str | None = None):
@@ -161,13 +163,13 @@ def write_env_file(path: str, values: dict[str, str]) -> None:
 
 def run_rebuild(args, settings: Settings) -> int:
     if args.from_timestamp is None and not args.from_beginning:
-        raise ValueError("give --from-beginning or --from-timestamp T (epoch ms or ISO-8601)")
+        raise ConfigError("give --from-beginning or --from-timestamp T (epoch ms or ISO-8601)")
     if not args.processor and not (args.model and args.items):
-        raise ValueError("rebuild-state needs --model CKPT and --items ITEMS (the model the new state is built with)")
+        raise ConfigError("rebuild-state needs --model CKPT and --items ITEMS (the model the new state is built with)")
     from_ts = None if args.from_beginning else parse_ts(args.from_timestamp)
     app_id = args.app_id or f"{settings.app_id}-rebuild-{int(time.time())}"
     if app_id == settings.app_id:
-        raise ValueError(f"--app-id must differ from the running one ({app_id!r}): the rebuild needs a fresh table")
+        raise ConfigError(f"--app-id must differ from the running one ({app_id!r}): the rebuild needs a fresh table")
     data_dir = args.data_dir or f"{settings.data_dir}-{app_id}"
     scratch = args.scratch_topic or f"{settings.topic_out}.{app_id}"
     offsets = start_offsets(settings, from_ts)
@@ -234,5 +236,5 @@ def parse_ts(text: str) -> int:
     try:
         dt = datetime.fromisoformat(text)
     except ValueError:
-        raise ValueError(f"--from-timestamp {text!r}: not epoch ms or ISO-8601") from None
+        raise ConfigError(f"--from-timestamp {text!r}: not epoch ms or ISO-8601") from None
     return int((dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp() * 1000)

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from core.errors import ConfigError
+
 T0_MS = 1_700_000_000_000  # 2023-11-14, an arbitrary but realistic epoch origin
 SESSION_GAP_MIN_MS = 3_600_001  # strictly more than 1 h between sessions
 CLICK_GAP_MS = (10_000, 120_000)
@@ -90,9 +92,9 @@ def synth_log(
 ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
     """-> (events sorted by ts, item ids (str, N), item vectors (float32, N x dim))."""
     if users < 1 or items < 1 or topics < 1 or dim < 1 or days <= 0:
-        raise ValueError("synth_log: users, items, topics, dim must be >= 1 and days > 0")
+        raise ConfigError("synth_log: users, items, topics, dim must be >= 1 and days > 0")
     if items < topics:
-        raise ValueError(f"synth_log: need at least as many items ({items}) as topics ({topics})")
+        raise ConfigError(f"synth_log: need at least as many items ({items}) as topics ({topics})")
     rng = np.random.default_rng(seed)
     vectors, by_topic, cdf, topic_start, topic_size = _item_space(rng, items, topics, dim)
 
@@ -225,5 +227,5 @@ def write_log(df: pd.DataFrame, path: str | Path) -> Path:
     elif ext in (".jsonl", ".json"):
         out.to_json(path, orient="records", lines=True, force_ascii=False)
     else:
-        raise ValueError(f"{path}: unknown log format; use .csv/.tsv/.parquet/.jsonl (.gz for text)")
+        raise ConfigError(f"{path}: unknown log format; use .csv/.tsv/.parquet/.jsonl (.gz for text)")
     return path

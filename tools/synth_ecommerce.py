@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from core.errors import ConfigError
 from tools.synth import T0_MS
 
 SESSIONS_MEDIAN, SESSIONS_SIGMA, SESSIONS_MAX = 15, 1.1, 800
@@ -74,7 +75,7 @@ def synth_ecommerce(users: int = 400, items: int = 20000, days: float = 30.0, se
                     dim: int = 32, cart_return: float = 0.0) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
     """-> (events sorted by ts, item ids (str, N), planted item vectors (float32, N x dim))."""
     if users < 1 or items < topics or days <= 0 or not 0.0 <= cart_return <= 1.0:
-        raise ValueError("synth_ecommerce: need users >= 1, items >= topics, days > 0, 0 <= cart_return <= 1")
+        raise ConfigError("synth_ecommerce: need users >= 1, items >= topics, days > 0, 0 <= cart_return <= 1")
     rng = np.random.default_rng(seed)
     vec, item_topic, birth_u, stock = _items(rng, items, topics, dim)
     span = int(days * 86_400_000)
