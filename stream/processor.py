@@ -244,7 +244,3 @@ class ModelProcessor:
         users, groups = group_by_user(np.array([e.user_id for e in events], dtype=object))
         seqs = ([item_idx[g] for g in groups], [etype[g] for g in groups], [ts[g] for g in groups])
         return [str(x) for x in users], seqs, int((item_idx == 0).sum())
-
-
-def make_processor(settings: Settings) -> ModelProcessor:
-    return ModelProcessor(settings)
