@@ -114,7 +114,7 @@ def test_sniffs_tab_separated_txt(tmp_path: Path) -> None:
     assert df.iloc[0].tolist() == ["1", "9", 1250, "click", ""]
 
 
-def test_errors(tmp_path: Path) -> None:
+def test_bad_logs_are_refused_with_the_file_and_the_reason(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="nope.csv: event log not found"):
         read_log(tmp_path / "nope.csv")
     odd = tmp_path / "log.xlsx"
