@@ -24,6 +24,7 @@ from stream.batch import BatchStep
 from stream.batching import adaptive_batches
 from stream.gap_repair import GapRepair
 from stream.kafka_io import BrokerUnreachable, bootstrap_of, plain_consumer, wait_for_broker
+from stream.lag import partition_lag
 from stream.logs import quiet_repeats
 from stream.metrics import Metrics, serve
 from stream.ports import BatchProcessor, InputRecord, OutputRecord
@@ -133,14 +134,10 @@ def make_app(settings: Settings, processor: BatchProcessor, metrics: Metrics,
                            for ev in batch for m in (ev.message,)]  # fmt: skip
                 report = await step.run(records)
                 sweep.observe(records, report.applied)
-                lag = 0
-                for tp, offset in {ev.message.tp: ev.message.offset for ev in batch}.items():
-                    hw = app.consumer.highwater(tp)
-                    if hw is not None:
-                        behind = max(0, hw - offset - 1)
-                        lag += behind
-                        metrics.consumer_lag.labels(str(tp.partition)).set(behind)
-                await sweep.maybe_run(lag)  # between batches: idle sessions (stream/sweep.py)
+                lag = partition_lag(((ev.message.tp, ev.message.offset) for ev in batch), app.consumer.highwater)
+                for tp, behind in lag.items():
+                    metrics.consumer_lag.labels(str(tp.partition)).set(behind)
+                await sweep.maybe_run(sum(lag.values()))  # between batches: idle sessions (stream/sweep.py)
         except Exception as e:  # the failed batch is not acked (stream/batching.py): a restart replays it
             if on_fatal is None:
                 raise

@@ -27,6 +27,7 @@ written rows already hold: they are skipped as redelivered, the rest apply (stat
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from collections import Counter
@@ -46,7 +47,23 @@ from stream.validate import Invalid, reject, too_late, validate
 log = logging.getLogger("livemb.worker")
 
 Partition = tuple[str, int]  # (topic, partition)
-STEP_NAMES = ("gaps", "validate", "read", "guard", "process", "publish", "write")  # steps 1-7, in order
+
+
+class Step(enum.StrEnum):
+    """The steps of the commit order above, by name: the `step` label of livemb_batch_step_seconds
+    and the crash-injection points of the recovery tests (tests/test_batch_step.py)."""
+
+    GAPS = "gaps"  # 1
+    VALIDATE = "validate"  # 2
+    READ = "read"  # 3
+    GUARD = "guard"  # 4
+    PROCESS = "process"  # 5
+    PUBLISH = "publish"  # 6
+    WRITE = "write"  # 7
+    COMMIT = "commit"  # 8: the caller's (ack; Faust commits), so not timed here
+
+
+TIMED_STEPS = tuple(Step)[:7]  # steps 1-7, in order
 
 
 @dataclass
@@ -87,25 +104,30 @@ class BatchStep:
         report = BatchReport()
         anchor = {(r.topic, r.partition): r for r in records}  # a consumed record per partition
         records = await self.repair_gaps(records, report)  # Step 1
-        marks.append(time.perf_counter())
+        self.finished(Step.GAPS, marks)
         valid, bad = self.validate(records)  # Step 2
         invalid = len(bad)
-        marks.append(time.perf_counter())
+        self.finished(Step.VALIDATE, marks)
         rows, at = self.read_rows(valid, anchor)  # Step 3
-        marks.append(time.perf_counter())
+        self.finished(Step.READ, marks)
         plan = self.guard(valid, rows, bad)  # Step 4
-        marks.append(time.perf_counter())
+        self.finished(Step.GUARD, marks)
         result, failed = self.process(plan, bad, report)  # Step 5
-        marks.append(time.perf_counter())
+        self.finished(Step.PROCESS, marks)
         published = await self.publish(result, bad)  # Step 6
-        marks.append(time.perf_counter())
+        self.finished(Step.PUBLISH, marks)
         self.write_states(plan, result, at, rows, report)  # Step 7
-        marks.append(time.perf_counter())
+        self.finished(Step.WRITE, marks)
         report.applied = [e for e in plan.to_apply if e.user_id in result.states]
         report.counts = outcomes(invalid, plan, failed, result.unknown_items)
         # Step 8 is the caller's: ack the records; Faust then commits the offsets.
         self.observe(records, result, bad, report, {e.user_id: e.ts for e in plan.to_apply}, marks, published)
         return report
+
+    def finished(self, step: Step, marks: list[float]) -> None:
+        """End of one of steps 1-7: its end time for the metrics. The tests crash the worker here,
+        between two steps, by overriding this (tests/inmemory.py)."""
+        marks.append(time.perf_counter())
 
     # ------------------------------------------------------------------ the steps
     async def repair_gaps(self, records: Sequence[InputRecord], report: BatchReport) -> list[InputRecord]:
@@ -244,8 +266,8 @@ class BatchStep:
             return
         pub_ms, elapsed = published[0], published[1] - marks[0]
         m.batch_size.observe(len(records))
-        for name, (a, b) in zip(STEP_NAMES, pairwise(marks), strict=True):
-            m.batch_step.labels(name).observe(b - a)
+        for step, (a, b) in zip(TIMED_STEPS, pairwise(marks), strict=True):
+            m.batch_step.labels(step.value).observe(b - a)
         if result.outputs:
             m.model_step.observe(result.model_step_seconds)
             m.topk.observe(result.topk_seconds)

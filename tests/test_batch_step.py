@@ -13,11 +13,11 @@ from core.outcomes import DlqReason, Outcome
 from core.settings import Settings
 from state.guard import GuardState, unwrap, wrap
 from state.record import decode, encode
-from stream.batch import BatchStep
+from stream.batch import BatchStep, Step
 from stream.metrics import Metrics
 from stream.ports import StepResult
 from tests.counting import CountingProcessor
-from tests.inmemory import Crash, MemoryLog, MemorySink, MemoryStore, record
+from tests.inmemory import Crash, CrashAt, CrashingStep, MemoryLog, MemorySink, MemoryStore, record
 
 T0 = 1_700_000_000_000
 SETTINGS = Settings(max_future_s=10 * 365 * 86400)  # fixed 2023 timestamps stay "not in the future"
@@ -183,29 +183,44 @@ def uninterrupted() -> tuple[dict, list[bytes]]:
     return store.rows, [r.key for r in sink.on("recommendations")]
 
 
-@pytest.mark.parametrize("where", ["before_ack", "after_ack_before_write", "mid_write", "after_write_before_commit"])
-def test_crash_in_the_second_batch_then_resume(where: str) -> None:
-    """Batch 2 crashes at `where`; its offsets were not committed, so the resumed worker gets batch 2
+USERS = [f"u{u}".encode() for u in range(4)]  # batch 2 has 2 events of each, one output each, in this order
+
+# Every crash point of batch 2, by step name -> (batch 2's outputs on the broker, in order: sent
+# before the crash, then by the resumed worker; events of batch 2 it skips as redelivered).
+CRASHES = {
+    **{CrashAt(s): (USERS, 0) for s in (Step.GAPS, Step.VALIDATE, Step.READ, Step.GUARD, Step.PROCESS)},
+    CrashAt(Step.PUBLISH, part=0): (USERS, 0),  # nothing reached the broker
+    CrashAt(Step.PUBLISH, part=2): (USERS[:2] + USERS, 0),  # 2 of 4 outputs sent, then the crash: those 2 repeat
+    CrashAt(Step.PUBLISH): (USERS + USERS, 0),  # all acked, no row written: all 4 repeat
+    CrashAt(Step.WRITE, part=2): (USERS + USERS[2:], 4),  # 2 rows written: their events are now redelivered
+    CrashAt(Step.WRITE): (USERS, 8),  # every row written, the offsets not committed: the replay is skipped
+}
+
+
+def crash_in_batch_2(crash: CrashAt, recs, journal: list, store: MemoryStore, sink: MemorySink) -> MemorySink:
+    """Batch 1 runs, batch 2 dies at `crash`. Returns the broker's records so far."""
+    run(make(journal, store, sink)[0], recs[BATCHES[0]])
+    crash_sink = MemorySink(journal, crash)
+    crash_sink.records = sink.records  # what reached the broker before the crash stays there
+    store.arm(crash)
+    crashing = CrashingStep(SETTINGS, CountingProcessor(), store, crash_sink, crash=crash)
+    with pytest.raises(Crash):
+        run(crashing, recs[BATCHES[1]])
+    store.arm(None)
+    return crash_sink
+
+
+@pytest.mark.parametrize("crash", list(CRASHES), ids=str)
+def test_crash_in_the_second_batch_then_resume(crash: CrashAt) -> None:
+    """Batch 2 crashes at `crash`; its offsets were not committed, so the resumed worker gets batch 2
     again, then batch 3. State must equal the uninterrupted run byte for byte (exactly-once);
     outputs may repeat (at-least-once), and exactly the expected ones do."""
     want_rows, want_keys = uninterrupted()
     recs = stream_of()
     journal: list = []
     store = MemoryStore(journal)
-    step, _, sink = make(journal, store)
-    run(step, recs[BATCHES[0]])
+    crash_sink = crash_in_batch_2(crash, recs, journal, store, MemorySink(journal))
 
-    crash_sink = MemorySink(journal, fail=where == "before_ack")
-    crash_sink.records = sink.records  # what reached the broker before the crash stays there
-    store.fail_after = {"after_ack_before_write": store.puts, "mid_write": store.puts + 2}.get(where)
-    crashing, _, _ = make(journal, store, crash_sink)
-    if where == "after_write_before_commit":
-        run(crashing, recs[BATCHES[1]])  # completes; the crash loses only the offset commit
-    else:
-        with pytest.raises(Crash):
-            run(crashing, recs[BATCHES[1]])
-
-    store.fail_after = None
     resumed, _, resumed_sink = make(journal, store, MemorySink(journal))
     resumed_sink.records = crash_sink.records
     report = run(resumed, recs[BATCHES[1]])
@@ -213,16 +228,44 @@ def test_crash_in_the_second_batch_then_resume(where: str) -> None:
 
     assert store.rows == want_rows  # exactly-once for state
     keys = [r.key for r in resumed_sink.records if r.topic == "recommendations"]
-    users = [f"u{u}".encode() for u in range(4)]
-    repeated = {
-        "before_ack": [],  # nothing reached the broker: no repeat
-        "after_ack_before_write": users,  # batch 2 published, nothing written: all 4 repeat
-        "mid_write": users[2:],  # 2 rows written before the crash: their events are now redelivered
-        "after_write_before_commit": [],  # every row written: the replay is skipped entirely
-    }[where]
-    assert keys == want_keys[:8] + repeated + want_keys[8:]
-    assert report.counts["redelivered"] == {"before_ack": 0, "after_ack_before_write": 0, "mid_write": 4,
-                                            "after_write_before_commit": 8}[where]
+    batch2, redelivered = CRASHES[crash]
+    assert want_keys[4:8] == USERS
+    assert keys == want_keys[:4] + batch2 + want_keys[8:]
+    assert report.counts["redelivered"] == redelivered
+
+
+def test_publish_fails_after_part_of_the_batch_was_sent() -> None:
+    """The broker takes batch 2's first 2 outputs, then the worker dies before the other outputs
+    and the DLQ record are sent. Nothing was written, nothing committed: the resumed worker applies
+    all of batch 2 once and publishes all of it again, so exactly those 2 outputs reach the broker
+    twice; every event counts once in the final state."""
+    recs = stream_of()
+    bad = record("u9", "i0", T0, 0)
+    batch2 = [*recs[BATCHES[1]], type(bad)(bad.topic, 0, 99, bad.key, b"{not json")]  # + a DLQ record
+    journal: list = []
+    store = MemoryStore(journal)
+    first, _, sink = make(journal, store)
+    run(first, recs[BATCHES[0]])
+    crash = CrashAt(Step.PUBLISH, part=2)
+    crash_sink = MemorySink(journal, crash)
+    crash_sink.records = sink.records
+    with pytest.raises(Crash):
+        run(make(journal, store, crash_sink)[0], batch2)
+    assert [r.key for r in crash_sink.records[4:]] == USERS[:2]  # batch 1's 4 outputs, then the 2 sent
+    assert store.puts == 4  # batch 1's rows only
+
+    resumed, _, resumed_sink = make(journal, store, MemorySink(journal))
+    resumed_sink.records = crash_sink.records
+    replay = run(resumed, batch2)
+    assert +replay.counts == {"ok": 8, "invalid": 1}  # nothing of batch 2 was applied before the crash
+    run(resumed, recs[BATCHES[2]])
+
+    topics_keys = [(r.topic, r.key) for r in resumed_sink.records]
+    out = [("recommendations", u) for u in USERS]
+    assert topics_keys == out + out[:2] + out + [("interactions.dlq", None)] + out
+    assert all(count_of(store, u.decode()) == 6 for u in USERS)  # 6 events each, applied once
+    want_rows, _ = uninterrupted()
+    assert store.rows == want_rows
 
 
 # ---------------------------------------------------------------------------- skipped offsets

@@ -39,10 +39,11 @@ def test_offline_pipeline(tmp_path, capsys):
     from tools.results_doc import render
 
     doc = render(str(js), report).splitlines()
-    assert sum(line.startswith("| gru | rep+none |") for line in doc) == 1
+    served = report["results"]["gru"]["served_variant"]
+    assert sum(line.startswith(f"| gru | {served} |") for line in doc) == 2  # its summary row and its variant row
     assert sum(line.startswith(("| mv | ", "| sr | ", "| gru | ")) for line in doc) == 3 + 3 * 9  # summary + variants
     [mv] = [line for line in doc if line.startswith("| mv | ") and "|---" not in line][:1]
-    assert mv.split(" | ")[7:9] == ["-", "-"]  # a counting model: no epochs, no s/epoch
+    assert mv.split(" | ")[10:12] == ["-", "-"]  # a counting model: no epochs, no s/epoch
 
 
 def test_bad_inputs_give_clear_errors(tmp_path, capsys):
@@ -112,10 +113,10 @@ def _livemb_errors() -> dict[type, int]:
     """Every LivembError class of the project (their modules imported) -> the exit code livemb gives it."""
     import models.checkpoint
     import models.retrieval
+    import state.codec
     import state.record
     import stream.broker
     import stream.kafka_io
-    import stream.processor
     import tools.prom
     import tools.rebuild
     from core import errors
@@ -124,7 +125,7 @@ def _livemb_errors() -> dict[type, int]:
         errors.LivembError: 1, tools.rebuild.RebuildError: 1,
         errors.ConfigError: 2,
         errors.DataError: 2, models.checkpoint.CheckpointError: 2, models.retrieval.IndexFileError: 2,
-        state.record.StateRecordError: 2, stream.processor.ForeignState: 2,
+        state.record.StateRecordError: 2, state.codec.ForeignState: 2,
         errors.Unavailable: 3, stream.kafka_io.BrokerUnreachable: 3, stream.broker.BrokerError: 3,
         tools.prom.PrometheusError: 3,
     }

@@ -36,7 +36,7 @@ def workers(compose: dict) -> dict[str, dict]:
     return {n: s for n, s in compose["services"].items() if s.get("command", [None])[0] == "worker"}
 
 
-def test_services(compose):
+def test_kafka_is_kraft_with_prometheus_grafana_and_two_workers(compose):
     svc = compose["services"]
     assert {"kafka", "prometheus", "grafana"} <= set(svc)
     assert len(workers(compose)) == 2

@@ -115,7 +115,7 @@ def test_sniffs_tab_separated_txt(tmp_path: Path) -> None:
     assert df.iloc[0].tolist() == ["1", "9", 1250, "click", ""]
 
 
-def test_unusable_logs_are_data_errors_naming_the_file(tmp_path: Path) -> None:
+def test_bad_logs_are_refused_with_the_file_and_the_reason(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="nope.csv: event log not found"):
         read_log(tmp_path / "nope.csv")
     odd = tmp_path / "log.xlsx"

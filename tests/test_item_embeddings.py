@@ -101,7 +101,7 @@ def test_min_count_and_window() -> None:
     assert sorted(table.ids) == ["a", "b", "c", "d", "e"]  # f and z are seen once
 
 
-def test_unusable_training_data_is_a_data_error() -> None:
+def test_too_few_co_occurring_items_or_a_missing_column_are_refused() -> None:
     tiny = pd.DataFrame({"user_id": ["u", "u", "u"], "item_id": ["a", "b", "c"], "ts": [1, 2, 3]})
     with pytest.raises(DataError, match=r"only 3 items have co-occurrences.*smaller --dim"):
         build_item_vectors(tiny, dim=8)

@@ -28,7 +28,6 @@ CANONICAL = {
     "event_id": "event_id",
 }
 REQUIRED = ("user", "item", "ts")
-OUTPUT_COLUMNS = ["user_id", "item_id", "ts", "event_type", "event_id"]
 # Aliases accepted by parse_columns, so `user_id=...` works as well as `user=...`.
 _KEY_ALIASES = {"user_id": "user", "item_id": "item", "time": "ts", "timestamp": "ts"}
 _SEP_CANDIDATES = ("\t", ",", ";", "|")
