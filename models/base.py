@@ -54,8 +54,6 @@ class ModelConfig:
     # -- repeat path (models/repeat.py) ---------------------------------------------------
     recent_items: int = 64  # M, slots in the recent-items memory (64 x 24 bytes; docs/MODELS.md)
     repeat: str = "mixture"  # "mixture" (learned), "rule" (fixed recent-first) or "none"
-    # the slot scorer also reads each slot's explore score and log-prob (False: behaviour features only)
-    slot_explore: bool = True
     # -- recurrent state: hiertcn, hiergru, hgru (long-term GRU), gru, hrnn ---------------
     hidden: int = 128  # H
     # -- in-session encoder: hiertcn, tcn (TCN channels), hiergru, hgru (in-session GRU) --
@@ -182,7 +180,7 @@ class SeqModel(nn.Module):
         self.served = repeat.Variant()  # the served repeat path and mask (checkpoints carry the chosen one)
         self.repeat_head = None
         if self.repeat_mode == "mixture":
-            self.repeat_head = repeat.MixtureHead(len(EVENT_TYPES), cfg.dim, self.gate_dim(), explore=cfg.slot_explore)
+            self.repeat_head = repeat.MixtureHead(len(EVENT_TYPES), cfg.dim, self.gate_dim())
 
     @property
     def repeat_mode(self) -> str:

@@ -177,10 +177,9 @@ class MixtureHead(nn.Module):
     gate:     [u ; long-term state ; max-pooled slot hidden ; log fill] -> repeat-vs-explore logit
     """
 
-    def __init__(self, n_types: int, dim: int, state_dim: int, hidden: int = 32, explore: bool = True):
+    def __init__(self, n_types: int, dim: int, state_dim: int, hidden: int = 32):
         super().__init__()
-        self.explore = explore
-        self.slot = nn.Sequential(nn.Linear(n_features(n_types) + (2 if explore else 0), hidden), nn.ReLU())
+        self.slot = nn.Sequential(nn.Linear(n_features(n_types) + 2, hidden), nn.ReLU())
         self.slot_out = nn.Linear(hidden, 1)
         self.gate = nn.Sequential(nn.Linear(dim + state_dim + hidden + 1, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
@@ -188,8 +187,7 @@ class MixtureHead(nn.Module):
                 gate_state: Tensor | None) -> tuple[Tensor, Tensor]:
         """feats (B, M, F), explore/explore_logp/filled (B, M), u (B, D), gate_state (B, G) or None
         -> (repeat log-probs over slots (B, M), -inf at empty slots; gate logit (B,))."""
-        z = self.slot(torch.cat([feats, explore[..., None], explore_logp[..., None]], dim=-1) if self.explore
-                      else feats)  # (B, M, hid)
+        z = self.slot(torch.cat([feats, explore[..., None], explore_logp[..., None]], dim=-1))  # (B, M, hid)
         logits = self.slot_out(z).squeeze(-1).masked_fill(~filled, -math.inf)
         any_filled = filled.any(dim=1, keepdim=True)
         rep_logp = torch.where(any_filled, torch.log_softmax(logits.masked_fill(~any_filled, 0.0), dim=1), logits)

@@ -67,17 +67,11 @@ class MemoryCache:
         return out
 
 
-def next_item_predictions(model: SeqModel, ev: EventBatch, first_seen: Tensor | None = None
-                          ) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
-    """Prediction for each next event: (pred (B, T-1, D), gate (B, T-1, G) or None, sel (B, T-1), target).
-
-    `first_seen` (N+1,) int64: the time each item first occurs in the log; given, a target whose
-    item had not occurred before it (a cold item) is not selected (`first_seen_ms`)."""
+def next_item_predictions(model: SeqModel, ev: EventBatch) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """Prediction for each next event: (pred (B, T-1, D), gate (B, T-1, G) or None, sel (B, T-1), target)."""
     out = model.forward_full(ev)
     target = ev.item[:, 1:]
     sel = ev.mask[:, 1:] & (target > 0)  # positions with a known next item
-    if first_seen is not None:
-        sel &= first_seen[target] < ev.ts[:, 1:]
     pred = out.u[:, :-1]
     if out.starts is not None:  # a target that opens a session is predicted by the session-start embedding
         last = torch.full((ev.item.shape[0],), -1, dtype=torch.int64, device=ev.item.device)
@@ -86,16 +80,3 @@ def next_item_predictions(model: SeqModel, ev: EventBatch, first_seen: Tensor | 
     gate = None if out.gate is None else out.gate[:, :-1]
     return pred, gate, sel, target
 
-
-def first_seen_ms(seqs: list[Sequence], n_items: int) -> Tensor:
-    """(N+1,) int64: the earliest time each item occurs in `seqs` (int64 max for items that never do).
-
-    Why training needs it: the test and the live stream can only score items of the catalogue,
-    which is built from the past, so a scored target is never an item's first occurrence. In a
-    shopping log most first occurrences are new items and most known targets are repeats (on
-    taobao-dev 69 % of the test's known targets, 24 % of all training targets): a model trained on
-    every target learns to trust its repeat path far less than the test rewards."""
-    out = np.full(n_items + 1, np.iinfo(np.int64).max, np.int64)
-    for it, _, ts in seqs:
-        np.minimum.at(out, it, ts)
-    return torch.from_numpy(out)

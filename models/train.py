@@ -32,7 +32,7 @@ from models.evaluation import DEFAULT_VARIANT
 from models.grouping import group_by_user
 from models.logits import explore_logz
 from models.repeat import Variant
-from models.replay import MemoryCache, Sequence, first_seen_ms, next_item_predictions
+from models.replay import MemoryCache, Sequence, next_item_predictions
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,6 @@ LOSSES = ("hinge", "bpr", "nce", "l2", "ce")
 
 
 VALID_METRICS = ("recall@10", "mrr")
-COLD_TARGETS = ("skip", "keep")
 
 
 @dataclass(frozen=True)
@@ -81,9 +80,6 @@ class TrainConfig:
     # +0.010..0.014 over keeping, docs/RESULTS.md "Issue 8, fourth pass"); False = keep the best
     # epoch's weights (trained without the tail; cheaper)
     refit: bool = True
-    # "skip": a target whose item never occurred earlier in the training log is left out of the
-    # loss, as the test and the live stream never score one (replay.first_seen_ms); "keep": every target
-    cold_targets: str = "skip"
 
 
 
@@ -157,14 +153,13 @@ def slot_explore(pred: Tensor, items: Tensor, item_vecs: Tensor, sel: Tensor, me
 
 
 def mixture_loss(model: SeqModel, ev: EventBatch, memory: MemoryCache, rows: Tensor,
-                 cfg: TrainConfig | None = None, gen: torch.Generator | None = None,
-                 first_seen: Tensor | None = None) -> tuple[Tensor, int]:
+                 cfg: TrainConfig | None = None, gen: torch.Generator | None = None) -> tuple[Tensor, int]:
     """Mean NLL of the next item under the repeat/explore mixture, explore softmax over the full
     catalogue (exact log Z: both paths are calibrated against each other), or, for catalogues above
     cfg.exact_logz_max_items, with the sampled estimate of log Z (`sampled_logz`).
-    rows (B, T): MemoryCache rows; first_seen: see `replay.next_item_predictions`."""
+    rows (B, T): MemoryCache rows."""
     cfg = cfg or TrainConfig()
-    pred, gate, sel, target = next_item_predictions(model, ev, first_seen)
+    pred, gate, sel, target = next_item_predictions(model, ev)
     n = int(sel.sum())
     if n == 0:
         return pred.sum() * 0.0, 0
@@ -191,10 +186,9 @@ def mixture_loss(model: SeqModel, ev: EventBatch, memory: MemoryCache, rows: Ten
     return -logp.mean(), n
 
 
-def batch_loss(model: SeqModel, ev: EventBatch, cfg: TrainConfig, gen: torch.Generator,
-               first_seen: Tensor | None = None) -> tuple[Tensor, int]:
+def batch_loss(model: SeqModel, ev: EventBatch, cfg: TrainConfig, gen: torch.Generator) -> tuple[Tensor, int]:
     """Sampled-negative loss of the explore path (repeat modes "rule"/"none": nothing to learn there)."""
-    pred, _, sel, target = next_item_predictions(model, ev, first_seen)
+    pred, _, sel, target = next_item_predictions(model, ev)
     n = int(sel.sum())
     if n == 0:
         return pred.sum() * 0.0, 0
@@ -235,8 +229,6 @@ def _run_epochs(model: SeqModel, chunks: list[Sequence], cfg: TrainConfig, epoch
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     t_mem = time.perf_counter()
     memory = MemoryCache(model, chunks) if model.repeat_mode == "mixture" else None
-    # the scored targets of the test and the stream are catalogue items: leave cold ones out
-    first_seen = first_seen_ms(chunks, model.n_items).to(model.device) if cfg.cold_targets == "skip" else None
     history["memory_seconds"] = history.get("memory_seconds", 0.0) + time.perf_counter() - t_mem  # one-off replay
     model.train()
     for epoch in range(epochs):
@@ -248,9 +240,9 @@ def _run_epochs(model: SeqModel, chunks: list[Sequence], cfg: TrainConfig, epoch
         for b in bar:
             ev = EventBatch.from_sequences(*zip(*(chunks[i] for i in b), strict=True)).to(model.device)
             if memory is not None:
-                loss, n = mixture_loss(model, ev, memory, memory.rows(b, ev.item.shape[1]), cfg, gen, first_seen)
+                loss, n = mixture_loss(model, ev, memory, memory.rows(b, ev.item.shape[1]), cfg, gen)
             else:
-                loss, n = batch_loss(model, ev, cfg, gen, first_seen)
+                loss, n = batch_loss(model, ev, cfg, gen)
             if n == 0:
                 continue
             if not torch.isfinite(loss):
@@ -293,8 +285,6 @@ def train_model(model: SeqModel, seqs: list[Sequence], cfg: TrainConfig, progres
     model is retrained on everything for that many epochs (cfg.refit). Refuses a NaN loss."""
     if cfg.loss not in LOSSES:
         raise ConfigError(f"unknown loss {cfg.loss!r}; choose from {LOSSES}")
-    if cfg.cold_targets not in COLD_TARGETS:
-        raise ConfigError(f"unknown cold_targets {cfg.cold_targets!r}; choose from {COLD_TARGETS}")
     if cfg.valid_metric not in VALID_METRICS:
         raise ConfigError(f"unknown valid_metric {cfg.valid_metric!r}; choose from {VALID_METRICS}")
     history: dict = {"epoch_seconds": [], "loss": [], "targets": 0}

@@ -1,6 +1,6 @@
 """The served variant (repeat path x exclude_seen) is chosen from the training data, follows the test
 protocol on the held-out tail, travels in the checkpoint and is what the worker and `evaluate` use;
-flags override it. Also: cold targets, the relative patience and the all-events metrics."""
+flags override it. Also: the relative patience and the all-events metrics."""
 
 import numpy as np
 import pytest
@@ -12,7 +12,6 @@ from models.early_stop import split_validation
 from models.evaluation import build_model
 from models.metrics import over_all_events
 from models.repeat import Variant
-from models.replay import first_seen_ms, next_item_predictions
 from models.serving import Serving
 from models.train import TrainConfig, patience, sequences_from_frame, train_model
 from tools.synth_ecommerce import synth_ecommerce
@@ -105,25 +104,6 @@ def test_validation_items_new_in_its_window_are_unknown_there():
     assert [v[0].tolist() for v in split.valid] == [[1, 2, 1, 3, 2, 1, 0, 1, 0, 0], [2, 3, 2, 3, 2, 3, 2, 3, 2, 0]]
     assert split.targets == 1 + 3  # known validation targets: a's item 1, b's 2, 3, 2
     assert [f[0].tolist() for f in split.fit] == [[1, 2, 1, 3, 2, 1], [2, 3, 2, 3, 2, 3]]
-
-
-def test_cold_targets_are_left_out_of_the_loss():
-    """A target that is its item's first occurrence in the log is not selected (`first_seen`)."""
-    seqs = [(np.array([1, 2, 1, 3]), np.zeros(4, np.int64), np.array([0, 10, 20, 30])),
-            (np.array([2, 3, 4, 2]), np.zeros(4, np.int64), np.array([5, 15, 25, 35]))]
-    first = first_seen_ms(seqs, 5)
-    never = np.iinfo(np.int64).max
-    assert first.tolist() == [never, 0, 5, 15, 25, never]  # item 0 (unknown) and item 5 never occur
-    model = build_model("gru", np.random.default_rng(0).normal(size=(6, 64)).astype(np.float32))
-    from models.base import EventBatch
-
-    ev = EventBatch.from_sequences(*zip(*seqs, strict=True))
-    _, _, sel_all, _ = next_item_predictions(model, ev)
-    _, _, sel, _ = next_item_predictions(model, ev, first)
-    assert sel_all.tolist() == [[True, True, True], [True, True, True]]
-    # row 0 targets 2 (t=10, first at 5), 1 (t=20, first at 0), 3 (t=30, first at 15); row 1: 3 at 15 is
-    # its first occurrence, 4 at 25 too, 2 at 35 is not
-    assert sel.tolist() == [[True, True, True], [False, False, True]]
 
 
 def test_patience_grows_with_the_best_epoch():
