@@ -35,7 +35,7 @@ def test_offline_pipeline(tmp_path, capsys):
         assert res["events_scored"] > 0
     assert png.stat().st_size > 1000
     assert "| mv |" in capsys.readouterr().out
-    from tools.results_doc import render
+    from tools.offline.results_doc import render
 
     doc = render(str(js), report).splitlines()
     assert sum(line.startswith("| gru | rep+none |") for line in doc) == 1
@@ -64,7 +64,7 @@ def test_demo_prepares_log_items_and_model(tmp_path):
     from core.settings import load_settings
     from models.checkpoint import load_checkpoint
     from tools.cli import build_parser
-    from tools.demo import _prepare
+    from tools.ops.demo import _prepare
 
     args = build_parser().parse_args(["demo", "--workdir", str(tmp_path)])
     df, model_path, items_path = _prepare(args, load_settings(), tmp_path)
@@ -97,7 +97,7 @@ def test_seed_decides_the_trained_weights(tmp_path):
 
 
 def test_training_summary_names_what_was_trained():
-    from tools.evaluate import _training_summary
+    from tools.offline.evaluate import _training_summary
 
     assert _training_summary({"epoch_seconds": [], "loss": []}, 0.1) == "no training"
     fixed = {"epoch_seconds": [1.0, 1.0], "chosen_epoch": 2, "early_stopping": {"used": False}}

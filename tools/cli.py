@@ -12,8 +12,8 @@ from models.base import ModelConfig
 from models.repeat import REPEAT_MODES
 from models.train import LOSSES, VALID_METRICS, TrainConfig
 from stream.kafka_io import BrokerUnreachable
-from tools.eventlog import add_log_args
-from tools.item_embeddings import KINDS as ITEM_VECTOR_KINDS
+from tools.data.eventlog import add_log_args
+from tools.data.item_embeddings import KINDS as ITEM_VECTOR_KINDS
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("kafka", "aiokafka", "faust", "mode", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from tools import offline
+    from tools.offline import commands as offline
 
     try:
         if args.cmd == "synth":
@@ -313,28 +313,28 @@ def main(argv: list[str] | None = None) -> int:
 
             tail(settings.broker, settings.topic_out, security=kafka_python_security(settings))
         elif args.cmd == "rebuild-state":
-            from tools.rebuild import run_rebuild
+            from tools.ops.rebuild import run_rebuild
 
             return run_rebuild(args, settings)
         elif args.cmd == "config":
-            from tools.config_doc import readme_block
+            from tools.ops.config_doc import readme_block
 
             print(readme_block())
         elif args.cmd == "dashboard":
-            from tools.dashboard import cmd_dashboard
+            from tools.ops.dashboard import cmd_dashboard
 
             cmd_dashboard(args)
         elif args.cmd == "demo":
-            from tools.demo import run_demo
+            from tools.ops.demo import run_demo
 
             return run_demo(args, settings)
         elif args.cmd == "soak":
-            from tools.soak import run_soak
+            from tools.bench.soak import run_soak
 
             args.data = None
             return run_soak(args, settings)
         elif args.cmd == "bench":
-            from tools.bench import run_bench
+            from tools.bench.bench import run_bench
 
             return run_bench(args, settings)
     except (ValueError, FileNotFoundError) as e:

@@ -33,7 +33,7 @@ def run_evaluation(df, table, models: list[str], train_cfg: TrainConfig, test_fr
     """Split, train each model, evaluate; returns the SPEC section 9 JSON structure.
     drop_event_types: the models train and run as if every event were a view (what the type signal
     is worth); `after_event_type` still groups the targets by their real previous type."""
-    from tools.eventlog import temporal_split
+    from tools.data.eventlog import temporal_split
 
     train_df, test_df = temporal_split(df, test_frac)
     train = sequences_from_frame(train_df, table)

@@ -16,7 +16,9 @@ from models.checkpoint import save_checkpoint
 from models.evaluation import build_model
 from models.serving import Serving
 from models.train import TrainConfig, sequences_from_frame, train_model
-from tools.evaluate import (
+from tools.data.eventlog import parse_columns, read_log, temporal_split
+from tools.data.item_embeddings import DEFAULT_KIND, build_item_vectors
+from tools.offline.evaluate import (
     early_stopping_table,
     event_type_table,
     markdown_table,
@@ -26,8 +28,6 @@ from tools.evaluate import (
     variants_table,
     write_outputs,
 )
-from tools.eventlog import parse_columns, read_log, temporal_split
-from tools.item_embeddings import DEFAULT_KIND, build_item_vectors
 
 log = logging.getLogger("livemb")
 
@@ -143,8 +143,8 @@ def cmd_embed(args, settings) -> None:
 
 
 def cmd_synth(args, settings) -> None:
-    from tools.synth import synth_log, write_log
-    from tools.synth_ecommerce import synth_ecommerce
+    from tools.data.synth import synth_log, write_log
+    from tools.data.synth_ecommerce import synth_ecommerce
 
     eco = getattr(args, "profile", "default") == "ecommerce"
     users = args.users or (400 if eco else 300)

@@ -1,7 +1,7 @@
 """Offline components of `livemb bench`: retrieval, the model step and state size, without a broker.
 
 Each `bench_*` function returns a list of dict rows (one per measured configuration) and logs its
-progress; `python -m tools.bench_offline [--quick] [--json OUT]` runs them all and prints tables.
+progress; `python -m tools.bench.components [--quick] [--json OUT]` runs them all and prints tables.
 
 - `structured_item_vectors`: a catalogue with structure (Zipf-sized topics on a low-rank,
   anisotropic spectrum, sub-topics, unit norm, like the project's PPMI-SVD vectors) and queries
@@ -52,7 +52,7 @@ def structured_item_vectors(n_items: int, dim: int = 64, seed: int = 0, n_querie
     Items: topic centroid (Zipf topic sizes, centroids on a decaying spectrum of `dim` directions)
     + sub-topic offset + item noise, normalised. Queries: a user's 1-4 clicked items, drawn by a
     Zipf item popularity mostly from one or two topics, mixed with Dirichlet weights + noise.
-    Not tools/synth.py's item space: it plants at most dim/3 orthogonal topic rings (at 1M items,
+    Not tools/data/synth.py's item space: it plants at most dim/3 orthogonal topic rings (at 1M items,
     50k items per ring and one scale of structure), which is a test of models, not of an ANN index."""
     if n_items < 1 or dim < 2:
         raise ValueError("structured_item_vectors: n_items >= 1 and dim >= 2")
@@ -370,7 +370,7 @@ def run_all(quick: bool = False, *, threads: int = 1, checkpoint: str | None = N
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tools.bench_offline", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m tools.bench.components", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="CI smoke sizes (20k items, 10k users)")
     ap.add_argument("--tune", action="store_true", help="only the retrieval tuning grid (TUNE_GRID) at --sizes (default 1M)")
     ap.add_argument("--json", help="write the rows here")

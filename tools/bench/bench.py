@@ -3,7 +3,7 @@
 1. data: a synthetic log (4,000 users, 50,000 items, 14 days by default) and HierTCN trained one
    epoch on its first `--train-events` events (or --model/--items)
 2. the broker; the log preloaded once into `interactions` (4 partitions)
-3. ceiling: the passthrough agent (tools/passthrough.py: same Faust config, batching, topics;
+3. ceiling: the passthrough agent (tools/bench/passthrough.py: same Faust config, batching, topics;
    one output per input, no state) drains the preloaded log -> events/s
 4. the worker (`livemb worker`, a subprocess) drains the same log under its own group -> events/s
    and the ratio
@@ -14,7 +14,7 @@
    offered at fractions of its measured max; per step event-to-publish from the consumer side
    (receive time - event_ts of each message) and from the worker's histogram (bucket bounds);
    `--soak S` adds a long step at `--soak-load`
-7. offline components (tools/bench_offline.py: retrieval at 50k items (--retrieval-sizes adds 1M), the served model's
+7. offline components (tools/bench/components.py: retrieval at 50k items (--retrieval-sizes adds 1M), the served model's
    step at batch 1 vs 512 and after 10 vs 10,000 events, state bytes)
 8. a JSON report, a Markdown table and a plot (throughput vs offered load, latency CDFs)
 
@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from core.settings import Settings
-from tools import bench_load
+from tools.bench import load as bench_load
 
 log = logging.getLogger("livemb.bench")
 
@@ -48,7 +48,7 @@ def _prepare(args, work: Path):
     from models.checkpoint import save_checkpoint
     from models.evaluation import build_model
     from models.train import TrainConfig, sequences_from_frame, train_model
-    from tools.synth import synth_log, write_log
+    from tools.data.synth import synth_log, write_log
 
     if args.model or args.items or args.data:
         if not (args.model and args.items and args.data):
@@ -68,7 +68,7 @@ def _prepare(args, work: Path):
 
 
 def _passthrough(broker_url: str, port: int, work: Path, app_id: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "tools.passthrough", "--broker", broker_url, "--web-port", str(port),
+    cmd = [sys.executable, "-m", "tools.bench.passthrough", "--broker", broker_url, "--web-port", str(port),
            "--app-id", app_id, "--data-dir", str(work / app_id)]
     logf = open(work / f"{app_id}.log", "ab")  # noqa: SIM115 - handed to the child
     return subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
@@ -85,7 +85,7 @@ def _worker(broker_url: str, model: str, items: str, port: int, work: Path, app_
             extra: tuple[str, ...] = ()) -> subprocess.Popen:
     """`livemb worker` (the production entry point) under its own consumer group; in `extra` a
     later flag overrides an earlier one."""
-    from tools.demo import start_worker
+    from tools.ops.demo import start_worker
 
     return start_worker(broker_url, model, items, work / f"{app_id}-{port}", port, work / f"{app_id}.log", extra,
                         env={"LIVEMB_APP_ID": app_id})
@@ -98,7 +98,7 @@ def _big_catalogue(n_items: int, log_items: list[str], work: Path, kind: str) ->
     from models.checkpoint import save_checkpoint
     from models.evaluation import build_model
     from models.retrieval import build_index_file
-    from tools.bench_offline import structured_item_vectors
+    from tools.bench.components import structured_item_vectors
 
     vecs, _ = structured_item_vectors(n_items, 64, seed=1, n_queries=1)
     extra = [f"bench-{j}" for j in range(max(0, n_items - len(log_items)))]
@@ -119,7 +119,7 @@ def drain_rate(procs: list[tuple[subprocess.Popen, int]], n: int, label: str, br
     """Wait until every process is ready, then until the group has committed all n input offsets:
     events/s in between (commits every second), and the CPU cores the processes and the broker
     used meanwhile (CPU-bound or waiting?)."""
-    from tools.demo import wait_ready
+    from tools.ops.demo import wait_ready
 
     for proc, port in procs:
         wait_ready(port, proc, 180)
@@ -152,8 +152,8 @@ def drain_rate(procs: list[tuple[subprocess.Popen, int]], n: int, label: str, br
 def run_bench(args, settings: Settings) -> int:
     from stream.broker import EmbeddedBroker, free_port
     from stream.kafka_io import replay
-    from tools.demo import interrupt, stop_process
-    from tools.soak import rss_bytes
+    from tools.bench.soak import rss_bytes
+    from tools.ops.demo import interrupt, stop_process
 
     signal.signal(signal.SIGTERM, interrupt)
     work = Path(args.workdir)
@@ -222,7 +222,7 @@ def run_bench(args, settings: Settings) -> int:
             # must drain the same preloaded log (live clicks of random users cost ~3x a backfill event).
             # The 1-worker process comes back on its own data dir and group: every user still warm.
             procs.append(w := _worker(broker.url, model, items, wport, work, f"bench-1w-{tag}", flags))
-            from tools.demo import wait_ready
+            from tools.ops.demo import wait_ready
 
             wait_ready(wport, w, 180)
             gen = bench_load.LoadGenerator(broker.bootstrap, settings.topic_in, users, item_ids)

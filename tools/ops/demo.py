@@ -27,8 +27,8 @@ log = logging.getLogger("livemb.demo")
 
 def _prepare(args, settings: Settings, work: Path):
     from core.items import ItemTable
-    from tools import offline
-    from tools.synth import synth_log, write_log
+    from tools.data.synth import synth_log, write_log
+    from tools.offline import commands as offline
 
     if args.data:
         df = offline.load_log(args.data, args.columns, args.ts_unit)
@@ -115,7 +115,7 @@ def _start_prometheus(args, port: int):
     """--dashboard PNG: a local Prometheus scraping the worker every second for the whole run."""
     if not getattr(args, "dashboard", None):
         return None
-    from tools.prom import LocalPrometheus
+    from tools.ops.prom import LocalPrometheus
 
     prom = LocalPrometheus([f"127.0.0.1:{port}"], interval_s=1.0).start()
     print(f"prometheus {prom.url} (pid {prom.proc.pid}) scraping the worker every 1 s")
@@ -123,7 +123,7 @@ def _start_prometheus(args, port: int):
 
 
 def _render_dashboard(prom, out: str, live_start: float) -> None:
-    from tools.dashboard import run_dashboard
+    from tools.ops.dashboard import run_dashboard
 
     time.sleep(3.0)  # two more scrapes after the last message
     t_end = time.time()

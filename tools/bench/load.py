@@ -1,4 +1,4 @@
-"""The measuring parts of `livemb bench` (tools/bench.py): counters, offered load, latency, report.
+"""The measuring parts of `livemb bench` (tools/bench/bench.py): counters, offered load, latency, report.
 
 Latency of a step, two views:
 - consumer side: a consumer of `recommendations` (fetch wait 5 ms) takes, for every message of
@@ -23,7 +23,7 @@ LAT = "livemb_event_to_publish_seconds"
 
 
 def _metrics(port: int) -> str:
-    from tools.demo import _get
+    from tools.ops.demo import _get
 
     return _get(f"http://127.0.0.1:{port}/metrics")[1].decode()
 
@@ -195,7 +195,7 @@ def latency_step(gen: LoadGenerator, bootstrap: str, topic_out: str, port: int, 
            "worker_p99_le_ms": 1000 * bucket_quantile(before, after, 0.99),
            "per_batch": steps, "cdf_ms": [round(float(x), 1) for x in np.percentile(lat, np.arange(0, 101))] if len(lat) else []}
     if rss_pid is not None:
-        from tools.soak import rss_bytes
+        from tools.bench.soak import rss_bytes
 
         row["rss_mb_end"] = round(rss_bytes(rss_pid) / 2**20)
     print(f"load {fraction:.0%} ({rate:.0f}/s for {seconds:.0f}s): applied {row['applied_per_s']}/s, "
@@ -206,11 +206,11 @@ def latency_step(gen: LoadGenerator, bootstrap: str, topic_out: str, port: int, 
 
 def offline_components(quick: bool, checkpoint: str | None = None, items: str | None = None,
                        sizes: list[int] | None = None) -> dict:
-    """Retrieval at `sizes` items, the model step, state bytes (tools/bench_offline.py)."""
+    """Retrieval at `sizes` items, the model step, state bytes (tools/bench/components.py)."""
     import contextlib
     import io
 
-    from tools import bench_offline
+    from tools.bench import components as bench_offline
 
     rows = bench_offline.run_all(quick=quick, checkpoint=checkpoint, items=items, sizes=None if quick else sizes)
     text = io.StringIO()

@@ -32,7 +32,7 @@ def rss_bytes(pid: int) -> int:
 def scrape(port: int) -> dict[str, float]:
     from prometheus_client.parser import text_string_to_metric_families
 
-    from tools.demo import _get
+    from tools.ops.demo import _get
 
     out: dict[str, float] = {"lag": 0.0}
     for fam in text_string_to_metric_families(_get(f"http://127.0.0.1:{port}/metrics")[1].decode()):
@@ -50,7 +50,7 @@ def run_soak(args, settings: Settings) -> int:
 
     from stream.broker import EmbeddedBroker, free_port
     from stream.kafka_io import replay
-    from tools.demo import _prepare, interrupt, start_worker, stop_process, wait_ready
+    from tools.ops.demo import _prepare, interrupt, start_worker, stop_process, wait_ready
 
     signal.signal(signal.SIGTERM, interrupt)
     work = Path(args.workdir)

@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from tools.prom import PromAPI, PrometheusError
+from tools.ops.prom import PromAPI, PrometheusError
 
 
 @dataclass(frozen=True)
