@@ -63,11 +63,14 @@ def test_demo_prepares_log_items_and_model(tmp_path):
     from core.items import ItemTable
     from core.settings import load_settings
     from models.checkpoint import load_checkpoint
+    from tools.args import DemoArgs, from_namespace
     from tools.cli import build_parser
-    from tools.ops.demo import _prepare
+    from tools.harness import prepare_model
 
-    args = build_parser().parse_args(["demo", "--workdir", str(tmp_path)])
-    df, model_path, items_path = _prepare(args, load_settings(), tmp_path)
+    args = from_namespace(DemoArgs, build_parser().parse_args(["demo", "--workdir", str(tmp_path)]))
+    prep = prepare_model(tmp_path, load_settings(), data=args.data, model=args.model, items=args.items,
+                         log_format=args.log_format)
+    df, model_path, items_path = prep.log, prep.model, prep.items
     assert len(df) > 1000 and Path(items_path).exists()
     table = ItemTable.load(items_path)
     model = load_checkpoint(model_path, table.padded_vectors(), table.fingerprint)

@@ -24,8 +24,8 @@ from stream.broker import free_port
 from stream.kafka_io import replay
 from tests.conftest import wait_until
 from tools.data.synth import synth_log
+from tools.harness import start_worker, stop_process, wait_ready
 from tools.offline.commands import embed_users
-from tools.ops.demo import start_worker, stop_process, wait_ready
 
 PARTITIONS = 4
 

@@ -33,8 +33,11 @@ import numpy as np
 import orjson
 import torch
 
+from core.items import ItemTable
 from core.progress import progress
 from models.base import EventBatch, SeqModel
+from models.checkpoint import load_checkpoint
+from models.evaluation import build_model
 from models.retrieval import build_index, index_params, load_index, recall_at_k, save_index, set_search_params
 from state.guard import GuardState, event_hash, wrap
 from state.record import encode
@@ -204,15 +207,10 @@ def tune_retrieval(sizes: Sequence[int] = (1_000_000,), grid: Sequence[tuple[str
 # ---------------------------------------------------------------------------- model
 def _model(checkpoint: str | None, items: str | None, dim: int, hidden: int, n_items: int, seed: int) -> SeqModel:
     if checkpoint:
-        from core.items import ItemTable
-        from models.checkpoint import load_checkpoint
-
         if not items:
             raise ValueError("bench_model: a checkpoint needs its items file")
         table = ItemTable.load(items)
         return load_checkpoint(checkpoint, table.padded_vectors(), table.fingerprint).eval()
-    from models.evaluation import build_model
-
     torch.manual_seed(seed)
     x, _ = structured_item_vectors(n_items, dim, seed, 1)
     return build_model("hiertcn", np.concatenate([np.zeros((1, dim), np.float32), x]), hidden=hidden).eval()

@@ -20,8 +20,8 @@ import torch
 
 from models.evaluation import build_model, evaluate_model
 from models.train import TrainConfig, _run_epochs, make_chunks, sequences_from_frame
-from tools.data.eventlog import add_log_args, temporal_split
-from tools.offline.commands import items_for, load_log
+from tools.data.eventlog import add_log_args, load_log, temporal_split
+from tools.data.item_embeddings import items_for
 
 
 def main(argv: list[str] | None = None) -> dict:

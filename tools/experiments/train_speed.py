@@ -20,7 +20,8 @@ import torch
 
 from models.evaluation import build_model
 from models.train import TrainConfig, sequences_from_frame, train_model
-from tools.data.eventlog import add_log_args, temporal_split
+from tools.data.eventlog import add_log_args, load_log, temporal_split
+from tools.data.item_embeddings import items_for
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -38,8 +39,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from tools.offline.commands import items_for, load_log
-
     df = load_log(args.data, args.columns, args.ts_unit)
     table = items_for(df, args.items, 64, train_only=True)
     train_df, _ = temporal_split(df, 0.2)

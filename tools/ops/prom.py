@@ -19,6 +19,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from stream.broker import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL_BIN = ROOT / ".tools" / "prometheus" / "usr" / "bin"
 FETCH_SCRIPT = ROOT / "tools" / "ops" / "get_prometheus.sh"
@@ -111,8 +113,6 @@ class LocalPrometheus:
         b = binaries(fetch=True)
         if b is None:
             raise PrometheusError("no prometheus binary: run `make tools` (tools/ops/get_prometheus.sh)")
-        from stream.broker import free_port
-
         self.binary = b.prometheus
         self.port = port or free_port()
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="livemb-prom-")
