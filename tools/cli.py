@@ -49,6 +49,10 @@ from tools.ops.dashboard import cmd_dashboard
 from tools.ops.demo import run_demo
 from tools.ops.rebuild import run_rebuild
 
+# How a command runs: build_parser() declares every flag; main() reads the parsed flags once into
+# the command's frozen dataclass (tools/args.py), builds the settings from it (settings_for) and
+# calls the handler that COMMANDS (below) names for it, which returns the exit code.
+
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()  # the defaults live in one place
