@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint install clean tools
-# Prometheus + promtool for the tests (Debian's package, unpacked here; tools/get_prometheus.sh).
+# Prometheus + promtool for the tests (Debian's package, unpacked here; tools/ops/get_prometheus.sh).
 PROM := .tools/prometheus/usr/bin/prometheus
 
 $(STAMP): pyproject.toml
@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/livemb demo
 
 $(PROM):
-	bash tools/get_prometheus.sh .tools/prometheus
+	bash tools/ops/get_prometheus.sh .tools/prometheus
 
 tools: $(PROM)
 

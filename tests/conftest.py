@@ -5,10 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +14,7 @@ import orjson
 import pytest
 
 from stream.broker import EmbeddedBroker, free_port
+from tools.harness import http_get, worker_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,12 +54,12 @@ class WorkerProc:
     def start(self, batch_max_events: int = 256, processor: str = "tests.counting:make_processor") -> WorkerProc:
         self.runs += 1
         self.port = free_port()
-        cmd = [
-            sys.executable, "-m", "tools.cli", "worker", "--processor", processor,
+        cmd = worker_command(
+            "--processor", processor,
             "--broker", self.broker.url, "--data-dir", str(self.data_dir),
             "--web-port", str(self.port), "--partitions", str(self.partitions),
             "--batch-max-events", str(batch_max_events), "--loglevel", "info",
-        ]  # fmt: skip
+        )  # fmt: skip
         env = {k: v for k, v in os.environ.items() if not k.startswith("LIVEMB_")}
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT
@@ -69,13 +67,7 @@ class WorkerProc:
         return self
 
     def http(self, path: str) -> tuple[int, bytes]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
-        except OSError:
-            return 0, b""
+        return http_get(f"http://127.0.0.1:{self.port}{path}")
 
     def log_tail(self, n: int = 40) -> str:
         try:

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from tools.bench_load import bucket_quantile, per_batch
+from tools.bench.load import bucket_quantile, per_batch
 
 
 def test_bucket_quantile_of_the_observations_between_two_scrapes() -> None:

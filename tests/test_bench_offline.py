@@ -1,8 +1,8 @@
-"""tools/bench_offline.py on tiny sizes: the rows it returns are measured, complete and sane."""
+"""tools/bench/components.py on tiny sizes: the rows it returns are measured, complete and sane."""
 
 import numpy as np
 
-from tools.bench_offline import bench_model, bench_retrieval, bench_state, main, structured_item_vectors
+from tools.bench.components import bench_model, bench_retrieval, bench_state, main, structured_item_vectors
 
 
 def test_structured_vectors_have_neighbourhoods_unlike_noise():

@@ -36,7 +36,7 @@ def test_offline_pipeline(tmp_path, capsys):
         assert res["events_scored"] > 0
     assert png.stat().st_size > 1000
     assert "| mv |" in capsys.readouterr().out
-    from tools.results_doc import render
+    from tools.offline.results_doc import render
 
     doc = render(str(js), report).splitlines()
     served = report["results"]["gru"]["served_variant"]
@@ -65,11 +65,14 @@ def test_demo_prepares_log_items_and_model(tmp_path):
     from core.items import ItemTable
     from core.settings import load_settings
     from models.checkpoint import load_checkpoint
+    from tools.args import DemoArgs, from_namespace
     from tools.cli import build_parser
-    from tools.demo import _prepare
+    from tools.harness import prepare_model
 
-    args = build_parser().parse_args(["demo", "--workdir", str(tmp_path)])
-    df, model_path, items_path = _prepare(args, load_settings(), tmp_path)
+    args = from_namespace(DemoArgs, build_parser().parse_args(["demo", "--workdir", str(tmp_path)]))
+    prep = prepare_model(tmp_path, load_settings(), data=args.data, model=args.model, items=args.items,
+                         log_format=args.log_format)
+    df, model_path, items_path = prep.log, prep.model, prep.items
     assert len(df) > 1000 and Path(items_path).exists()
     table = ItemTable.load(items_path)
     model = load_checkpoint(model_path, table.padded_vectors(), table.fingerprint)
@@ -99,7 +102,7 @@ def test_seed_decides_the_trained_weights(tmp_path):
 
 
 def test_training_summary_names_what_was_trained():
-    from tools.evaluate import _training_summary
+    from tools.offline.evaluate import _training_summary
 
     assert _training_summary({"epoch_seconds": [], "loss": []}, 0.1) == "no training"
     fixed = {"epoch_seconds": [1.0, 1.0], "chosen_epoch": 2, "early_stopping": {"used": False}}
@@ -117,17 +120,17 @@ def _livemb_errors() -> dict[type, int]:
     import state.record
     import stream.broker
     import stream.kafka_io
-    import tools.prom
-    import tools.rebuild
+    import tools.ops.prom
+    import tools.ops.rebuild
     from core import errors
 
     return {
-        errors.LivembError: 1, tools.rebuild.RebuildError: 1,
+        errors.LivembError: 1, tools.ops.rebuild.RebuildError: 1,
         errors.ConfigError: 2,
         errors.DataError: 2, models.checkpoint.CheckpointError: 2, models.retrieval.IndexFileError: 2,
         state.record.StateRecordError: 2, state.codec.ForeignState: 2,
         errors.Unavailable: 3, stream.kafka_io.BrokerUnreachable: 3, stream.broker.BrokerError: 3,
-        tools.prom.PrometheusError: 3,
+        tools.ops.prom.PrometheusError: 3,
     }
 
 
@@ -150,31 +153,31 @@ def test_exit_codes_are_set_in_core_errors_only():
 
 @pytest.mark.parametrize("cls_name", sorted(c.__name__ for c in _livemb_errors()))
 def test_cli_maps_each_livemb_error_to_its_exit_code_in_one_line(cls_name, monkeypatch, capsys):
-    import tools.config_doc
+    import tools.cli
 
     cls, code = next((c, n) for c, n in _livemb_errors().items() if c.__name__ == cls_name)
 
     def fail():
         raise cls("the thing went wrong")
 
-    monkeypatch.setattr(tools.config_doc, "readme_block", fail)
+    monkeypatch.setattr(tools.cli, "readme_block", fail)
     assert main(["config"]) == code
     assert capsys.readouterr().err == "livemb config: error: the thing went wrong\n"
 
 
 def test_cli_exit_code_for_a_missing_file_and_a_bug(monkeypatch, capsys):
-    import tools.config_doc
+    import tools.cli
 
     def missing():
         open("/nonexistent/livemb.csv")
 
-    monkeypatch.setattr(tools.config_doc, "readme_block", missing)
+    monkeypatch.setattr(tools.cli, "readme_block", missing)
     assert main(["config"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
 
     def bug():
         raise ValueError("not a livemb error: a bug")
 
-    monkeypatch.setattr(tools.config_doc, "readme_block", bug)
+    monkeypatch.setattr(tools.cli, "readme_block", bug)
     with pytest.raises(ValueError, match="a bug"):  # a traceback, not a tidy exit 2
         main(["config"])

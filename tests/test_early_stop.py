@@ -12,7 +12,7 @@ from core.items import ItemTable
 from models.early_stop import Validator, min_gain, split_validation
 from models.evaluation import build_model, evaluate_model
 from models.train import TrainConfig, sequences_from_frame, train_model
-from tools.synth_ecommerce import synth_ecommerce
+from tools.data.synth_ecommerce import synth_ecommerce
 
 # a high lr so that the validation curve is not monotone (epoch 3 of 6 is the best here)
 # valid_min_gain_se = 0: any gain counts, so the choice is the argmax (the SE rule has its own test)

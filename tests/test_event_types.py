@@ -7,8 +7,8 @@ import pytest
 
 from core.items import ItemTable
 from models.train import TrainConfig
-from tools.evaluate import event_type_table, run_evaluation
-from tools.synth_ecommerce import synth_ecommerce
+from tools.data.synth_ecommerce import synth_ecommerce
+from tools.offline.evaluate import event_type_table, run_evaluation
 
 
 def _next_is_same_after(df: pd.DataFrame, etype: str) -> float:

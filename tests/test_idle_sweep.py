@@ -19,7 +19,7 @@ from stream.batch import BatchStep
 from stream.processor import ModelProcessor
 from stream.sweep import IdleSweep, OpenSessions
 from tests.inmemory import MemorySink, MemoryStore, record
-from tools.offline import embed_users
+from tools.offline.commands import embed_users
 
 MIN = 60_000
 T0 = 1_700_000_000_000

@@ -23,9 +23,9 @@ from models.train import TrainConfig, sequences_from_frame, train_model
 from stream.broker import free_port
 from stream.kafka_io import replay
 from tests.conftest import wait_until
-from tools.demo import start_worker, stop_process, wait_ready
-from tools.offline import embed_users
-from tools.synth import synth_log
+from tools.data.synth import synth_log
+from tools.harness import start_worker, stop_process, wait_ready
+from tools.offline.commands import embed_users
 
 PARTITIONS = 4
 

@@ -1,4 +1,4 @@
-"""HierTCN against its rivals on a synthetic log whose structure is known (tools/synth.py).
+"""HierTCN against its rivals on a synthetic log whose structure is known (tools/data/synth.py).
 
 The log plants both levels the hierarchy is built for: a long-term taste that decides which topic
 the next session is about (never the previous session's), and an in-session walk whose order a
@@ -16,8 +16,8 @@ import torch
 from core.items import ItemTable
 from models.evaluation import DEFAULT_VARIANT
 from models.train import TrainConfig
-from tools.evaluate import run_evaluation
-from tools.synth import synth_log
+from tools.data.synth import synth_log
+from tools.offline.evaluate import run_evaluation
 
 pytestmark = pytest.mark.slow
 

@@ -12,8 +12,8 @@ from models.evaluation import build_model
 from models.train import TrainConfig, sequences_from_frame, train_model
 from stream.processor import ModelProcessor
 from stream.validate import ValidEvent
-from tools.offline import embed_users
-from tools.synth import synth_log
+from tools.data.synth import synth_log
+from tools.offline.commands import embed_users
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""A real Prometheus (Debian's 2.42, unpacked by tools/get_prometheus.sh) against the shipped files
+"""A real Prometheus (Debian's 2.42, unpacked by tools/ops/get_prometheus.sh) against the shipped files
 and a real worker.
 
 - `promtool check rules` / `check config` on deploy/prometheus/;
@@ -22,8 +22,8 @@ import yaml
 
 from stream.metrics import summarize_histogram
 from tests.conftest import wait_until
-from tools.dashboard import run_dashboard
-from tools.prom import LocalPrometheus, binaries
+from tools.ops.dashboard import run_dashboard
+from tools.ops.prom import LocalPrometheus, binaries
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM_DIR = ROOT / "deploy" / "prometheus"
@@ -35,7 +35,7 @@ ALERT_TESTS = ROOT / "tests" / "prometheus" / "livemb-alerts.test.yml"
 def bins():
     b = binaries(fetch=True)
     if b is None:
-        pytest.skip("no prometheus/promtool: tools/get_prometheus.sh could not fetch Debian's package here")
+        pytest.skip("no prometheus/promtool: tools/ops/get_prometheus.sh could not fetch Debian's package here")
     return b
 
 

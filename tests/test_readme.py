@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from core.settings import Settings
-from tools.config_doc import BEGIN, END, readme_block, settings_table
+from tools.ops.config_doc import BEGIN, END, readme_block, settings_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -24,8 +24,8 @@ from stream.kafka_io import replay
 from tests.conftest import WorkerProc, event, produce, wait_until
 from tests.test_live_model import PARTITIONS, LastMessages, small_hiertcn
 from tests.test_worker_integration import Outputs, setup_topics, table_counts
-from tools.demo import start_worker, stop_process, wait_ready
-from tools.offline import embed_users
+from tools.harness import start_worker, stop_process, wait_ready
+from tools.offline.commands import embed_users
 
 T0 = 1_700_000_000_000
 

@@ -1,6 +1,6 @@
 """The learned repeat/explore mixture against the fixed "recent items first" rule (issue 8).
 
-On the e-commerce synthetic log (tools/synth_ecommerce.py: a quarter of the events are repeats at
+On the e-commerce synthetic log (tools/data/synth_ecommerce.py: a quarter of the events are repeats at
 realistic distances, typed events, a long tail of new items) the mixture must beat the fixed rule
 applied to the same model's explore path, and the counting baselines with the rule, by a margin.
 Fixed seeds; everything runs on the CPU in well under a minute."""
@@ -9,8 +9,8 @@ import pytest
 
 from core.items import ItemTable
 from models.train import TrainConfig
-from tools.evaluate import run_evaluation
-from tools.synth_ecommerce import synth_ecommerce
+from tools.data.synth_ecommerce import synth_ecommerce
+from tools.offline.evaluate import run_evaluation
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from models.metrics import over_all_events
 from models.repeat import Variant
 from models.serving import Serving
 from models.train import TrainConfig, patience, sequences_from_frame, train_model
-from tools.synth_ecommerce import synth_ecommerce
+from tools.data.synth_ecommerce import synth_ecommerce
 
 CFG = TrainConfig(epochs=4, valid_fraction=0.2, valid_min_targets=50, refit=False)
 

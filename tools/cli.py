@@ -6,14 +6,53 @@ import argparse
 import importlib
 import logging
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from core.errors import EXPECTED, ConfigError, exit_code
-from core.settings import EXCLUDE_SEEN, INDEX_KINDS, load_settings
+from core.settings import EXCLUDE_SEEN, INDEX_KINDS, Settings, load_settings
 from models.base import ModelConfig
 from models.repeat import REPEAT_MODES
+from models.retrieval import build_index_file
 from models.train import LOSSES, VALID_METRICS, TrainConfig
-from tools.eventlog import add_log_args
-from tools.item_embeddings import KINDS as ITEM_VECTOR_KINDS
+from stream.broker import run_broker_foreground
+from stream.kafka_io import replay, tail
+from stream.processor import ModelProcessor
+from stream.security import kafka_python_security
+from tools.args import (
+    Args,
+    BenchArgs,
+    BrokerArgs,
+    ConfigArgs,
+    DashboardArgs,
+    DemoArgs,
+    EmbedArgs,
+    EvaluateArgs,
+    IndexArgs,
+    ItemEmbeddingsArgs,
+    RebuildArgs,
+    ReplayArgs,
+    SoakArgs,
+    SynthArgs,
+    TailArgs,
+    TrainArgs,
+    WorkerArgs,
+    from_namespace,
+)
+from tools.bench.bench import run_bench
+from tools.bench.soak import run_soak
+from tools.data.eventlog import add_log_args, load_log
+from tools.data.item_embeddings import KINDS as ITEM_VECTOR_KINDS
+from tools.offline import commands as offline
+from tools.ops.config_doc import readme_block
+from tools.ops.dashboard import cmd_dashboard
+from tools.ops.demo import run_demo
+from tools.ops.rebuild import run_rebuild
+
+# How a command runs: build_parser() declares every flag; main() reads the parsed flags once into
+# the command's frozen dataclass (tools/args.py), builds the settings from it (settings_for) and
+# calls the handler that COMMANDS (below) names for it, which returns the exit code.
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -226,11 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def load_processor(spec: str | None, settings):
+def load_processor(spec: str | None, settings: Settings):
     """The model processor, or 'module:factory' where factory(settings) -> BatchProcessor."""
     if spec is None:
-        from stream.processor import ModelProcessor
-
         return ModelProcessor(settings)
     mod, _, name = spec.partition(":")
     if not name:
@@ -255,6 +292,29 @@ def _index_params(pairs: list[str]) -> dict:
     return out
 
 
+# ---------------------------------------------------------------- the handlers that live here (stream-facing)
+
+
+def run_broker(a: BrokerArgs, settings: Settings) -> int:
+    return run_broker_foreground(a.port)
+
+
+def run_worker(a: WorkerArgs, settings: Settings) -> int:
+    # The one function-level project import of tools/ (tests/test_tools_layout.py): stream.app
+    # imports faust, which only the worker needs; every other command starts without it.
+    from stream.app import run_worker as run_faust_worker
+
+    run_faust_worker(settings, load_processor(a.processor, settings), a.loglevel)
+    return 0
+
+
+def run_index(a: IndexArgs, settings: Settings) -> int:
+    meta = build_index_file(a.items, a.index, a.out, _index_params(a.param))
+    print(f"{a.out}: {meta['kind']} over {meta['n_items']} x {meta['dim']} items {meta['items_fingerprint']} "
+          f"{meta['params']}, built in {meta['build_seconds']:.1f}s")
+    return 0
+
+
 def _rate(text: str) -> float | None:
     """`replay --rate`: events/s, or None for 'max'."""
     try:
@@ -263,92 +323,72 @@ def _rate(text: str) -> float | None:
         raise ConfigError(f"--rate {text!r}: expected events/s or 'max'") from None
 
 
+def run_replay(a: ReplayArgs, settings: Settings) -> int:
+    df = load_log(a.log, a.log_format.columns, a.log_format.ts_unit)
+    replay(df, settings.broker, settings.topic_in, _rate(a.rate), security=kafka_python_security(settings))
+    return 0
+
+
+def run_tail(a: TailArgs, settings: Settings) -> int:
+    tail(settings.broker, settings.topic_out, security=kafka_python_security(settings))
+    return 0
+
+
+def run_config(a: ConfigArgs, settings: Settings) -> int:
+    print(readme_block())
+    return 0
+
+
+# ---------------------------------------------------------------- dispatch
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: the dataclass its flags are read into, and the handler -> exit code."""
+
+    args: type[Args]
+    run: Callable[[Any, Settings], int]
+
+
+COMMANDS: dict[str, Command] = {
+    "synth": Command(SynthArgs, offline.run_synth),
+    "item-embeddings": Command(ItemEmbeddingsArgs, offline.run_item_embeddings),
+    "train": Command(TrainArgs, offline.run_train),
+    "evaluate": Command(EvaluateArgs, offline.run_evaluate),
+    "embed": Command(EmbedArgs, offline.run_embed),
+    "broker": Command(BrokerArgs, run_broker),
+    "worker": Command(WorkerArgs, run_worker),
+    "index": Command(IndexArgs, run_index),
+    "replay": Command(ReplayArgs, run_replay),
+    "tail": Command(TailArgs, run_tail),
+    "rebuild-state": Command(RebuildArgs, run_rebuild),
+    "config": Command(ConfigArgs, run_config),
+    "dashboard": Command(DashboardArgs, lambda a, _settings: cmd_dashboard(a)),
+    "demo": Command(DemoArgs, run_demo),
+    "soak": Command(SoakArgs, run_soak),
+    "bench": Command(BenchArgs, run_bench),
+}
+
+
+def settings_for(args: Args) -> Settings:
+    """Settings from a command's flags (unset ones: LIVEMB_* env, then the defaults)."""
+    return load_settings(**args.settings_overrides())
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    ns = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = load_settings(
-        model_path=getattr(args, "model", None) if args.cmd == "worker" else None,
-        items_path=getattr(args, "items", None) if args.cmd == "worker" else None,
-        data_dir=getattr(args, "data_dir", None), web_port=getattr(args, "web_port", None),
-        partitions=getattr(args, "partitions", None), batch_max_events=getattr(args, "batch_max_events", None),
-        batch_max_wait_ms=getattr(args, "batch_max_wait_ms", None),
-        broker=getattr(args, "broker", None), device=getattr(args, "device", None), topk=getattr(args, "topk", None),
-        exclude_seen=getattr(args, "exclude_seen", None), index=getattr(args, "index", None),
-        session_gap_s=getattr(args, "session_gap_s", None), reload_check_s=getattr(args, "reload_check_s", None),
-        standby_replicas=getattr(args, "standby_replicas", None),
-        index_path=getattr(args, "index_path", None),
-    )
+    command = COMMANDS[ns.cmd]
+    args = from_namespace(command.args, ns)
+    settings = settings_for(args)
     for noisy in ("kafka", "aiokafka", "faust", "mode", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from tools import offline
-
     try:
-        if args.cmd == "synth":
-            offline.cmd_synth(args, settings)
-        elif args.cmd == "item-embeddings":
-            offline.cmd_item_embeddings(args, settings)
-        elif args.cmd == "train":
-            offline.cmd_train(args, settings)
-        elif args.cmd == "evaluate":
-            offline.cmd_evaluate(args, settings)
-        elif args.cmd == "embed":
-            offline.cmd_embed(args, settings)
-        elif args.cmd == "broker":
-            from stream.broker import run_broker_foreground
-
-            return run_broker_foreground(args.port)
-        elif args.cmd == "worker":
-            from stream.app import run_worker
-
-            run_worker(settings, load_processor(args.processor, settings), args.loglevel)
-        elif args.cmd == "index":
-            from models.retrieval import build_index_file
-
-            meta = build_index_file(args.items, args.index, args.out, _index_params(args.param))
-            print(f"{args.out}: {meta['kind']} over {meta['n_items']} x {meta['dim']} items {meta['items_fingerprint']} "
-                  f"{meta['params']}, built in {meta['build_seconds']:.1f}s")
-        elif args.cmd == "replay":
-            from stream.kafka_io import replay
-            from stream.security import kafka_python_security
-
-            df = offline.load_log(args.log, args.columns, args.ts_unit)
-            replay(df, settings.broker, settings.topic_in, _rate(args.rate),
-                   security=kafka_python_security(settings))
-        elif args.cmd == "tail":
-            from stream.kafka_io import tail
-            from stream.security import kafka_python_security
-
-            tail(settings.broker, settings.topic_out, security=kafka_python_security(settings))
-        elif args.cmd == "rebuild-state":
-            from tools.rebuild import run_rebuild
-
-            return run_rebuild(args, settings)
-        elif args.cmd == "config":
-            from tools.config_doc import readme_block
-
-            print(readme_block())
-        elif args.cmd == "dashboard":
-            from tools.dashboard import cmd_dashboard
-
-            cmd_dashboard(args)
-        elif args.cmd == "demo":
-            from tools.demo import run_demo
-
-            return run_demo(args, settings)
-        elif args.cmd == "soak":
-            from tools.soak import run_soak
-
-            args.data = None
-            return run_soak(args, settings)
-        elif args.cmd == "bench":
-            from tools.bench import run_bench
-
-            return run_bench(args, settings)
+        return command.run(args, settings)
     except EXPECTED as e:  # one line, the exit code core/errors.py gives it; anything else is a bug: traceback
-        print(f"livemb {args.cmd}: error: {e}", file=sys.stderr)
+        print(f"livemb {ns.cmd}: error: {e}", file=sys.stderr)
         return exit_code(e)
-    return 0
 
 
 if __name__ == "__main__":

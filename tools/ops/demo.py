@@ -10,92 +10,34 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 import signal
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from core.settings import Settings
+from stream.broker import free_port
+from stream.kafka_io import consume, live_clicks, replay
+from tools.args import DemoArgs
+from tools.harness import (
+    embedded_broker,
+    interrupt,
+    metrics_text,
+    prepare_model,
+    start_worker,
+    stop_process,
+    wait_ready,
+)
+from tools.ops.dashboard import run_dashboard
+from tools.ops.prom import LocalPrometheus
 
 log = logging.getLogger("livemb.demo")
 
 
-def _prepare(args, settings: Settings, work: Path):
-    from core.items import ItemTable
-    from tools import offline
-    from tools.synth import synth_log, write_log
-
-    if args.data:
-        df = offline.load_log(args.data, args.columns, args.ts_unit)
-    else:
-        df, ids, vecs = synth_log(users=200, items=400, days=7, seed=0, dim=32)
-        write_log(df, work / "synth.csv")
-        ItemTable(ids, vecs).save(work / "items.npz")
-        args.items = args.items or str(work / "items.npz")
-    model_path = args.model
-    if not model_path:
-        model_path = str(work / "hiertcn.pt")
-        train_args = argparse.Namespace(
-            data=str(args.data or work / "synth.csv"), columns=args.columns, ts_unit=args.ts_unit,
-            items=args.items, dim=32, item_vectors="symmetric", model="hiertcn", out=model_path,
-            epochs=3, loss="hinge", batch_size=32, lr=3e-3)
-        offline.cmd_train(train_args, settings)
-        if not args.items:
-            args.items = str(Path(model_path).with_suffix(".items.npz"))
-    return df, model_path, args.items
-
-
-def _get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-    except OSError:
-        return 0, b""
-
-
-def wait_ready(port: int, proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"worker exited with code {proc.returncode} before becoming ready")
-        if _get(f"http://127.0.0.1:{port}/readyz")[0] == 200:
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"worker not ready after {timeout_s:.0f}s")
-
-
-def start_worker(broker_url: str, model: str, items: str, data_dir: Path, port: int,
-                 log_path: Path, extra: tuple[str, ...] = (), env: dict[str, str] | None = None) -> subprocess.Popen:
-    """`livemb worker` as a child process (the production entry point); stop it with stop_process.
-    `env`: extra LIVEMB_* settings for the child (e.g. its own LIVEMB_APP_ID)."""
-    cmd = [sys.executable, "-m", "tools.cli", "worker", *extra, "--broker", broker_url, "--data-dir", str(data_dir), "--web-port", str(port),
-           "--model", model, "--items", items]
-    logf = open(log_path, "ab")  # noqa: SIM115 - handed to the child
-    return subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, **env} if env else None)
-
-
-def stop_process(proc: subprocess.Popen, timeout_s: float = 20.0) -> None:
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 def quantile_from_text(text: str, name: str, q: float) -> float:
     """Quantile estimate (upper bucket bound) of a Prometheus histogram from /metrics text."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     buckets = []
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
@@ -111,20 +53,16 @@ def quantile_from_text(text: str, name: str, q: float) -> float:
     return float("inf")
 
 
-def _start_prometheus(args, port: int):
+def _start_prometheus(dashboard: str | None, port: int) -> LocalPrometheus | None:
     """--dashboard PNG: a local Prometheus scraping the worker every second for the whole run."""
-    if not getattr(args, "dashboard", None):
+    if not dashboard:
         return None
-    from tools.prom import LocalPrometheus
-
     prom = LocalPrometheus([f"127.0.0.1:{port}"], interval_s=1.0).start()
     print(f"prometheus {prom.url} (pid {prom.proc.pid}) scraping the worker every 1 s")
     return prom
 
 
-def _render_dashboard(prom, out: str, live_start: float) -> None:
-    from tools.dashboard import run_dashboard
-
+def _render_dashboard(prom: LocalPrometheus, out: str, live_start: float) -> None:
     time.sleep(3.0)  # two more scrapes after the last message
     t_end = time.time()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -142,33 +80,25 @@ def _render_dashboard(prom, out: str, live_start: float) -> None:
           f"{p99 * 1000:.0f} ms (histogram_quantile over the bucket counts now minus {live} ago)")
 
 
-def interrupt(_signum: int, _frame: object) -> None:
-    """SIGTERM handler: unwind like Ctrl-C, so every `finally` stops the worker and broker it started."""
-    raise KeyboardInterrupt
-
-
-def run_demo(args, settings: Settings) -> int:
+def run_demo(args: DemoArgs, settings: Settings) -> int:
     signal.signal(signal.SIGTERM, interrupt)
-    from stream.broker import EmbeddedBroker, free_port
-    from stream.kafka_io import consume, live_clicks, replay
-
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    df, model_path, items_path = _prepare(args, settings, work)
+    prep = prepare_model(work, settings, data=args.data, model=args.model, items=args.items,
+                         log_format=args.log_format)
+    df, model_path, items_path = prep.log, prep.model, prep.items
     users = set(df["user_id"])
     last_ts = df.groupby("user_id")["ts"].max().to_dict()
     port = free_port()
     prom = None
-    with EmbeddedBroker() as broker:
-        broker.create_topics([settings.topic_in, settings.topic_out], partitions=settings.partitions)
-        broker.create_topics([settings.topic_dlq], partitions=1)
+    with embedded_broker(settings) as broker:
         data_dir = work / f"worker-{int(time.time())}"
         worker = start_worker(broker.url, model_path, items_path, data_dir, port, work / "worker.log")
         try:
             print(f"broker {broker.url} (pid {broker.pid}), worker pid {worker.pid}, metrics http://127.0.0.1:{port}/metrics")
             wait_ready(port, worker)
-            prom = _start_prometheus(args, port)
+            prom = _start_prometheus(args.dashboard, port)
             t0 = time.perf_counter()
             n = replay(df, broker.url, settings.topic_in)
             pending = {u for u in users}
@@ -207,7 +137,7 @@ def run_demo(args, settings: Settings) -> int:
 
             for _ in consume(broker.url, settings.topic_out, timeout_s=5.0, stop=live_done):
                 pass
-            text = _get(f"http://127.0.0.1:{port}/metrics")[1].decode()
+            text = metrics_text(port)
             if lat:
                 lat.sort()
                 p50, p99 = lat[len(lat) // 2], lat[min(len(lat) - 1, int(0.99 * len(lat)))]

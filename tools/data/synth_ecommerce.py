@@ -1,6 +1,6 @@
 """`livemb synth --profile ecommerce`: a click log shaped like a real e-commerce log (issue 8).
 
-What is planted (measured on the generated log by `tools.eventlog.repeat_profile`, see
+What is planted (measured on the generated log by `tools.data.eventlog.repeat_profile`, see
 tests/test_synth.py and docs/RESULTS.md):
 - about a quarter of the events re-touch an item the user touched before; the distance back to
   the source event is drawn so that half are within 5 events, ~63 % within 10, ~75 % within 20,
@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from core.errors import ConfigError
-from tools.synth import T0_MS
+from tools.data.synth import T0_MS
 
 SESSIONS_MEDIAN, SESSIONS_SIGMA, SESSIONS_MAX = 15, 1.1, 800
 LENGTH_MEDIAN, LENGTH_SIGMA, LENGTH_MAX = 3, 0.75, 60

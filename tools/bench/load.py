@@ -1,4 +1,4 @@
-"""The measuring parts of `livemb bench` (tools/bench.py): counters, offered load, latency, report.
+"""The measuring parts of `livemb bench` (tools/bench/bench.py): counters, offered load, latency, report.
 
 Latency of a step, two views:
 - consumer side: a consumer of `recommendations` (fetch wait 5 ms) takes, for every message of
@@ -10,6 +10,9 @@ Latency of a step, two views:
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import platform
 import random
 import threading
@@ -18,25 +21,17 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from stream.gap_repair import GapRepair
+from tools.bench import components
+from tools.harness import metric_samples, rss_bytes
 
 LAT = "livemb_event_to_publish_seconds"
 
 
-def _metrics(port: int) -> str:
-    from tools.demo import _get
-
-    return _get(f"http://127.0.0.1:{port}/metrics")[1].decode()
-
-
-def _samples(text: str):
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for fam in text_string_to_metric_families(text):
-        yield from fam.samples
-
-
 def ok_count(ports: list[int]) -> float:
-    return sum(s.value for p in ports for s in _samples(_metrics(p))
+    return sum(s.value for p in ports for s in metric_samples(p)
                if s.name == "livemb_events_total" and s.labels.get("outcome") == "ok")
 
 
@@ -46,8 +41,6 @@ class GroupProgress:
     before its commit (at-least-once), so the drain rate is taken from the commits."""
 
     def __init__(self, bootstrap: str, group: str, topic: str, partitions: int):
-        from stream.gap_repair import GapRepair
-
         self.repair, self.topic, self.parts = GapRepair(bootstrap, group_id=group), topic, list(range(partitions))
 
     def total(self) -> int:
@@ -57,17 +50,7 @@ class GroupProgress:
         self.repair.close()
 
 
-def cpu_seconds(pid: int) -> float:
-    """user + system CPU seconds of a process (/proc/PID/stat)."""
-    import os
-
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def machine() -> dict:
-    import os
-
     model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                   if ln.startswith("model name")), platform.processor())
     return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version()}
@@ -75,7 +58,7 @@ def machine() -> dict:
 
 def batch_figures(port: int) -> dict:
     """Mean batch and the mean model-step / top-K seconds per batch, from the worker's histograms."""
-    v = {s.name: s.value for s in _samples(_metrics(port)) if s.name.endswith(("_sum", "_count"))}
+    v = {s.name: s.value for s in metric_samples(port) if s.name.endswith(("_sum", "_count"))}
     n = max(v.get("livemb_batch_size_count", 0), 1)
     steps = max(v.get("livemb_model_step_seconds_count", 0), 1)
     return {"mean_batch": round(v.get("livemb_batch_size_sum", 0) / n, 1),
@@ -86,7 +69,7 @@ def batch_figures(port: int) -> dict:
 def step_sums(port: int) -> dict[str, float]:
     """Sum and count of the batch size and of every step's seconds (livemb_batch_step_seconds)."""
     out: dict[str, float] = {}
-    for smp in _samples(_metrics(port)):
+    for smp in metric_samples(port):
         if smp.name in ("livemb_batch_size_sum", "livemb_batch_size_count"):
             out[smp.name] = smp.value
         elif smp.name == "livemb_batch_step_seconds_sum":
@@ -107,7 +90,7 @@ def per_batch(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
 
 
 def _buckets(port: int) -> list[tuple[float, float]]:
-    return sorted((float(s.labels["le"]), s.value) for s in _samples(_metrics(port)) if s.name == LAT + "_bucket")
+    return sorted((float(s.labels["le"]), s.value) for s in metric_samples(port) if s.name == LAT + "_bucket")
 
 
 def bucket_quantile(before: list[tuple[float, float]], after: list[tuple[float, float]], q: float) -> float:
@@ -123,8 +106,6 @@ class LoadGenerator:
     """Wall-clock-stamped clicks from the log's users and items, paced every millisecond."""
 
     def __init__(self, bootstrap: str, topic: str, users: list[str], items: list[str], seed: int = 0):
-        from kafka import KafkaProducer
-
         self.producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=1, acks=1)
         self.topic, self.users, self.items = topic, users, items
         self.rng, self.sent = random.Random(seed), 0
@@ -152,8 +133,6 @@ class OutputWatch(threading.Thread):
 
     def __init__(self, bootstrap: str, topic: str, since_ms: int):
         super().__init__(daemon=True)
-        from kafka import KafkaConsumer, TopicPartition
-
         self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, fetch_max_wait_ms=5,
                                       enable_auto_commit=False)
         parts = [TopicPartition(topic, p) for p in sorted(self.consumer.partitions_for_topic(topic) or [])]
@@ -195,8 +174,6 @@ def latency_step(gen: LoadGenerator, bootstrap: str, topic_out: str, port: int, 
            "worker_p99_le_ms": 1000 * bucket_quantile(before, after, 0.99),
            "per_batch": steps, "cdf_ms": [round(float(x), 1) for x in np.percentile(lat, np.arange(0, 101))] if len(lat) else []}
     if rss_pid is not None:
-        from tools.soak import rss_bytes
-
         row["rss_mb_end"] = round(rss_bytes(rss_pid) / 2**20)
     print(f"load {fraction:.0%} ({rate:.0f}/s for {seconds:.0f}s): applied {row['applied_per_s']}/s, "
           f"event-to-publish p50 {row['p50_ms']} p95 {row['p95_ms']} p99 {row['p99_ms']} ms (consumer side), "
@@ -206,16 +183,11 @@ def latency_step(gen: LoadGenerator, bootstrap: str, topic_out: str, port: int, 
 
 def offline_components(quick: bool, checkpoint: str | None = None, items: str | None = None,
                        sizes: list[int] | None = None) -> dict:
-    """Retrieval at `sizes` items, the model step, state bytes (tools/bench_offline.py)."""
-    import contextlib
-    import io
-
-    from tools import bench_offline
-
-    rows = bench_offline.run_all(quick=quick, checkpoint=checkpoint, items=items, sizes=None if quick else sizes)
+    """Retrieval at `sizes` items, the model step, state bytes (tools/bench/components.py)."""
+    rows = components.run_all(quick=quick, checkpoint=checkpoint, items=items, sizes=None if quick else sizes)
     text = io.StringIO()
     with contextlib.redirect_stdout(text):
-        bench_offline.print_table(rows)
+        components.print_table(rows)
     return {"rows": rows, "table": text.getvalue()}
 
 
@@ -254,7 +226,7 @@ def markdown(r: dict) -> str:
 
 
 def plot(r: dict, path: str) -> None:
-    import matplotlib
+    import matplotlib  # third-party, only here: matplotlib stays off every other command's path
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

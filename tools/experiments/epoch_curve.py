@@ -1,6 +1,6 @@
 """Test metrics after every epoch of a fixed-epoch run (a diagnostic for early stopping).
 
-    python -m tools.epoch_curve --data LOG [--items ITEMS] --models gru,hiertcn --epochs 8 --json OUT
+    python -m tools.experiments.epoch_curve --data LOG [--items ITEMS] --models gru,hiertcn --epochs 8 --json OUT
 
 Trains each model on the whole train period (the evaluation's temporal split) for --epochs with
 the same seeds as `livemb evaluate --valid-fraction 0`, and after each epoch runs the evaluation
@@ -20,8 +20,8 @@ import torch
 
 from models.evaluation import build_model, evaluate_model
 from models.train import TrainConfig, _run_epochs, make_chunks, sequences_from_frame
-from tools.eventlog import add_log_args, temporal_split
-from tools.offline import items_for, load_log
+from tools.data.eventlog import add_log_args, load_log, temporal_split
+from tools.data.item_embeddings import items_for
 
 
 def main(argv: list[str] | None = None) -> dict:

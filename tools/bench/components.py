@@ -1,7 +1,7 @@
 """Offline components of `livemb bench`: retrieval, the model step and state size, without a broker.
 
 Each `bench_*` function returns a list of dict rows (one per measured configuration) and logs its
-progress; `python -m tools.bench_offline [--quick] [--json OUT]` runs them all and prints tables.
+progress; `python -m tools.bench.components [--quick] [--json OUT]` runs them all and prints tables.
 
 - `structured_item_vectors`: a catalogue with structure (Zipf-sized topics on a low-rank,
   anisotropic spectrum, sub-topics, unit norm, like the project's PPMI-SVD vectors) and queries
@@ -34,8 +34,11 @@ import orjson
 import torch
 
 from core.errors import ConfigError
+from core.items import ItemTable
 from core.progress import progress
 from models.base import EventBatch, SeqModel
+from models.checkpoint import load_checkpoint
+from models.evaluation import build_model
 from models.retrieval import build_index, index_params, load_index, recall_at_k, save_index, set_search_params
 from state.guard import GuardState, event_hash, wrap
 from state.record import encode
@@ -53,7 +56,7 @@ def structured_item_vectors(n_items: int, dim: int = 64, seed: int = 0, n_querie
     Items: topic centroid (Zipf topic sizes, centroids on a decaying spectrum of `dim` directions)
     + sub-topic offset + item noise, normalised. Queries: a user's 1-4 clicked items, drawn by a
     Zipf item popularity mostly from one or two topics, mixed with Dirichlet weights + noise.
-    Not tools/synth.py's item space: it plants at most dim/3 orthogonal topic rings (at 1M items,
+    Not tools/data/synth.py's item space: it plants at most dim/3 orthogonal topic rings (at 1M items,
     50k items per ring and one scale of structure), which is a test of models, not of an ANN index."""
     if n_items < 1 or dim < 2:
         raise ConfigError("structured_item_vectors: n_items >= 1 and dim >= 2")
@@ -205,15 +208,10 @@ def tune_retrieval(sizes: Sequence[int] = (1_000_000,), grid: Sequence[tuple[str
 # ---------------------------------------------------------------------------- model
 def _model(checkpoint: str | None, items: str | None, dim: int, hidden: int, n_items: int, seed: int) -> SeqModel:
     if checkpoint:
-        from core.items import ItemTable
-        from models.checkpoint import load_checkpoint
-
         if not items:
             raise ConfigError("bench_model: a checkpoint needs its items file")
         table = ItemTable.load(items)
         return load_checkpoint(checkpoint, table.padded_vectors(), table.fingerprint).eval()
-    from models.evaluation import build_model
-
     torch.manual_seed(seed)
     x, _ = structured_item_vectors(n_items, dim, seed, 1)
     return build_model("hiertcn", np.concatenate([np.zeros((1, dim), np.float32), x]), hidden=hidden).eval()
@@ -371,7 +369,7 @@ def run_all(quick: bool = False, *, threads: int = 1, checkpoint: str | None = N
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tools.bench_offline", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m tools.bench.components", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="CI smoke sizes (20k items, 10k users)")
     ap.add_argument("--tune", action="store_true", help="only the retrieval tuning grid (TUNE_GRID) at --sizes (default 1M)")
     ap.add_argument("--json", help="write the rows here")

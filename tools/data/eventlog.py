@@ -235,6 +235,11 @@ def read_log(
     return out
 
 
+def load_log(path: str | Path, columns: str | None = None, ts_unit: str = "ms") -> pd.DataFrame:
+    """`read_log` with the command-line spelling of the mapping (`--columns`, `--ts-unit`)."""
+    return read_log(path, columns=parse_columns(columns) if columns else None, ts_unit=ts_unit)
+
+
 def temporal_split(df: pd.DataFrame, test_frac: float = 0.2) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Global time cut (SPEC section 4): events with ts >= ts_min + (1-test_frac)*range are test."""
     if not 0.0 < test_frac < 1.0:

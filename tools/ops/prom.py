@@ -1,7 +1,7 @@
 """A Prometheus HTTP-API client, and a throwaway local Prometheus for tests and `livemb dashboard`.
 
 `binaries()` finds `prometheus`/`promtool`: the project-local copy `make test` unpacks from Debian's
-package (`tools/get_prometheus.sh` -> `.tools/prometheus/usr/bin`), else the PATH. `LocalPrometheus`
+package (`tools/ops/get_prometheus.sh` -> `.tools/prometheus/usr/bin`), else the PATH. `LocalPrometheus`
 runs one on loopback with a temp data dir and a generated scrape config, stopped by PID.
 """
 
@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import Unavailable
+from stream.broker import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LOCAL_BIN = ROOT / ".tools" / "prometheus" / "usr" / "bin"
-FETCH_SCRIPT = ROOT / "tools" / "get_prometheus.sh"
+FETCH_SCRIPT = ROOT / "tools" / "ops" / "get_prometheus.sh"
 
 
 class PrometheusError(Unavailable):
@@ -37,7 +38,7 @@ class Binaries:
 
 
 def binaries(fetch: bool = False) -> Binaries | None:
-    """The two binaries, or None. fetch=True first runs tools/get_prometheus.sh when they are missing."""
+    """The two binaries, or None. fetch=True first runs tools/ops/get_prometheus.sh when they are missing."""
 
     def find() -> Binaries | None:
         found = []
@@ -112,9 +113,7 @@ class LocalPrometheus:
                  rule_files: list[str] = ()) -> None:
         b = binaries(fetch=True)
         if b is None:
-            raise PrometheusError("no prometheus binary: run `make tools` (tools/get_prometheus.sh)")
-        from stream.broker import free_port
-
+            raise PrometheusError("no prometheus binary: run `make tools` (tools/ops/get_prometheus.sh)")
         self.binary = b.prometheus
         self.port = port or free_port()
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="livemb-prom-")

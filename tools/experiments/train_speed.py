@@ -1,10 +1,10 @@
-"""Training throughput (targets/s) of several models on the same log: `python -m tools.train_speed`.
+"""Training throughput (targets/s) of several models on the same log: `python -m tools.experiments.train_speed`.
 
 Trains each model for a few epochs on the train part of the log (same split, chunks, batches and
 loss as `livemb evaluate`) and reports targets/s per epoch, the mean after the first epoch and
 the best epoch (the least disturbed by other load on the machine), and the one-off memory replay. `--profile` writes a cProfile of one model's training.
 
-    python -m tools.train_speed --data data/ml-100k.tsv --columns user=user_id:token,item=item_id:token,ts=timestamp:float \
+    python -m tools.experiments.train_speed --data data/ml-100k.tsv --columns user=user_id:token,item=item_id:token,ts=timestamp:float \
         --ts-unit s --models gru,hiertcn --epochs 3 --repeat rule
 """
 
@@ -20,7 +20,8 @@ import torch
 
 from models.evaluation import build_model
 from models.train import TrainConfig, sequences_from_frame, train_model
-from tools.eventlog import add_log_args, temporal_split
+from tools.data.eventlog import add_log_args, load_log, temporal_split
+from tools.data.item_embeddings import items_for
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -38,8 +39,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from tools.offline import items_for, load_log
-
     df = load_log(args.data, args.columns, args.ts_unit)
     table = items_for(df, args.items, 64, train_only=True)
     train_df, _ = temporal_split(df, 0.2)

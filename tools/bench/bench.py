@@ -1,9 +1,9 @@
 """`livemb bench`: the worker against its ceilings, in one run on the embedded broker (SPEC section 9).
 
 1. data: a synthetic log (4,000 users, 50,000 items, 14 days by default) and HierTCN trained one
-   epoch on its first `--train-events` events (or --model/--items)
+   epoch on its first `--train-events` events (or --data with --model/--items)
 2. the broker; the log preloaded once into `interactions` (4 partitions)
-3. ceiling: the passthrough agent (tools/passthrough.py: same Faust config, batching, topics;
+3. ceiling: the passthrough agent (tools/bench/passthrough.py: same Faust config, batching, topics;
    one output per input, no state) drains the preloaded log -> events/s
 4. the worker (`livemb worker`, a subprocess) drains the same log under its own group -> events/s
    and the ratio
@@ -14,7 +14,7 @@
    offered at fractions of its measured max; per step event-to-publish from the consumer side
    (receive time - event_ts of each message) and from the worker's histogram (bucket bounds);
    `--soak S` adds a long step at `--soak-load`
-7. offline components (tools/bench_offline.py: retrieval at 50k items (--retrieval-sizes adds 1M), the served model's
+7. offline components (tools/bench/components.py: retrieval at 50k items (--retrieval-sizes adds 1M), the served model's
    step at batch 1 vs 512 and after 10 vs 10,000 events, state bytes)
 8. a JSON report, a Markdown table and a plot (throughput vs offered load, latency CDFs)
 
@@ -36,40 +36,45 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import ConfigError
+from core.items import ItemTable
 from core.settings import Settings
-from tools import bench_load
+from models.checkpoint import save_checkpoint
+from models.evaluation import build_model
+from models.retrieval import build_index_file
+from models.train import TrainConfig
+from stream.broker import free_port
+from stream.kafka_io import replay
+from tools.args import BenchArgs
+from tools.bench import load as bench_load
+from tools.bench.components import structured_item_vectors
+from tools.harness import (
+    SmallModel,
+    cpu_seconds,
+    embedded_broker,
+    interrupt,
+    prepare_model,
+    rss_bytes,
+    start_worker,
+    stop_process,
+    wait_ready,
+)
 
 log = logging.getLogger("livemb.bench")
 
 
-def _prepare(args, work: Path):
-    import pandas as pd
-
-    from core.items import ItemTable
-    from models.checkpoint import save_checkpoint
-    from models.evaluation import build_model
-    from models.train import TrainConfig, sequences_from_frame, train_model
-    from tools.synth import synth_log, write_log
-
-    if args.model or args.items or args.data:
-        if not (args.model and args.items and args.data):
-            raise ConfigError("--model, --items and --data go together (or none of them: a synthetic log)")
-        return pd.read_csv(args.data, keep_default_na=False), args.model, args.items
-    df, ids, vecs = synth_log(users=args.users, items=args.items_n, days=args.days, seed=0, dim=64)
-    write_log(df, work / "log.csv")
-    table = ItemTable(ids, vecs)
-    items = table.save(work / "items.npz")
-    model = build_model("hiertcn", table.padded_vectors())
-    part = df.iloc[: args.train_events]
-    print(f"training hiertcn 1 epoch on the first {len(part)} of {len(df)} events ({len(ids)} items)", flush=True)
-    train_model(model, list(sequences_from_frame(part, table).values()), TrainConfig(epochs=1), progress=True)
-    ckpt = work / "hiertcn.pt"
-    save_checkpoint(ckpt, model, table.fingerprint)
-    return df, str(ckpt), str(items)
+def _prepare(args: BenchArgs, settings: Settings, work: Path):
+    """The log, checkpoint and items of the run: the given three, or a synthetic log of --users x
+    --items-n x --days and HierTCN trained one epoch on its first --train-events events."""
+    given = (args.model, args.items, args.data)
+    if any(given) and not all(given):
+        raise ConfigError("--model, --items and --data go together (or none of them: a synthetic log)")
+    spec = SmallModel(users=args.users, items=args.items_n, days=args.days, dim=64, log_name="log.csv",
+                      train=TrainConfig(epochs=1), train_events=args.train_events)
+    return prepare_model(work, settings, spec, data=args.data, model=args.model, items=args.items)
 
 
 def _passthrough(broker_url: str, port: int, work: Path, app_id: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "tools.passthrough", "--broker", broker_url, "--web-port", str(port),
+    cmd = [sys.executable, "-m", "tools.bench.passthrough", "--broker", broker_url, "--web-port", str(port),
            "--app-id", app_id, "--data-dir", str(work / app_id)]
     logf = open(work / f"{app_id}.log", "ab")  # noqa: SIM115 - handed to the child
     return subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
@@ -86,8 +91,6 @@ def _worker(broker_url: str, model: str, items: str, port: int, work: Path, app_
             extra: tuple[str, ...] = ()) -> subprocess.Popen:
     """`livemb worker` (the production entry point) under its own consumer group; in `extra` a
     later flag overrides an earlier one."""
-    from tools.demo import start_worker
-
     return start_worker(broker_url, model, items, work / f"{app_id}-{port}", port, work / f"{app_id}.log", extra,
                         env={"LIVEMB_APP_ID": app_id})
 
@@ -95,12 +98,6 @@ def _worker(broker_url: str, model: str, items: str, port: int, work: Path, app_
 def _big_catalogue(n_items: int, log_items: list[str], work: Path, kind: str) -> tuple[str, str, str, dict]:
     """A catalogue of n_items structured vectors that holds every item of the log, HierTCN over it
     (untrained: the weights do not change the cost of a step), and its index built ahead of time."""
-    from core.items import ItemTable
-    from models.checkpoint import save_checkpoint
-    from models.evaluation import build_model
-    from models.retrieval import build_index_file
-    from tools.bench_offline import structured_item_vectors
-
     vecs, _ = structured_item_vectors(n_items, 64, seed=1, n_queries=1)
     extra = [f"bench-{j}" for j in range(max(0, n_items - len(log_items)))]
     table = ItemTable(np.array(log_items + extra, dtype=object)[:n_items], vecs)
@@ -120,11 +117,9 @@ def drain_rate(procs: list[tuple[subprocess.Popen, int]], n: int, label: str, br
     """Wait until every process is ready, then until the group has committed all n input offsets:
     events/s in between (commits every second), and the CPU cores the processes and the broker
     used meanwhile (CPU-bound or waiting?)."""
-    from tools.demo import wait_ready
-
     for proc, port in procs:
         wait_ready(port, proc, 180)
-    cpu0 = [bench_load.cpu_seconds(p.pid) for p, _ in procs] + [bench_load.cpu_seconds(broker_pid)]
+    cpu0 = [cpu_seconds(p.pid) for p, _ in procs] + [cpu_seconds(broker_pid)]
     t0, c0 = time.perf_counter(), progress.total()
     last_log, c = t0, c0
     while c < n:
@@ -142,7 +137,7 @@ def drain_rate(procs: list[tuple[subprocess.Popen, int]], n: int, label: str, br
     dt = time.perf_counter() - t0
     progress.close()
     rate = (c - c0) / dt
-    cpu = [bench_load.cpu_seconds(p.pid) for p, _ in procs] + [bench_load.cpu_seconds(broker_pid)]
+    cpu = [cpu_seconds(p.pid) for p, _ in procs] + [cpu_seconds(broker_pid)]
     used = [round((b - a) / dt, 2) for a, b in zip(cpu0, cpu, strict=True)]
     print(f"{label}: {c - c0} events in {dt:.1f}s = {rate:.0f} events/s; CPU cores used: processes {used[:-1]}, "
           f"broker {used[-1]}", flush=True)
@@ -150,17 +145,13 @@ def drain_rate(procs: list[tuple[subprocess.Popen, int]], n: int, label: str, br
             "broker_cpu_cores": used[-1]}
 
 
-def run_bench(args, settings: Settings) -> int:
-    from stream.broker import EmbeddedBroker, free_port
-    from stream.kafka_io import replay
-    from tools.demo import interrupt, stop_process
-    from tools.soak import rss_bytes
-
+def run_bench(args: BenchArgs, settings: Settings) -> int:
     signal.signal(signal.SIGTERM, interrupt)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    df, model, items = _prepare(args, work)
+    prep = _prepare(args, settings, work)
+    df, model, items = prep.log, prep.model, prep.items
     users, item_ids = sorted(map(str, set(df["user_id"]))), sorted(map(str, set(df["item_id"])))
     report: dict = {"machine": bench_load.machine(), "log": {"events": len(df), "users": len(users)},
                     "command": " ".join(sys.argv)}
@@ -169,10 +160,7 @@ def run_bench(args, settings: Settings) -> int:
     report["worker_flags"] = " ".join(flags)
     procs: list[subprocess.Popen] = []
     try:
-        with EmbeddedBroker() as broker:
-            broker.create_topics([settings.topic_in, settings.topic_out, "passthrough.out"],
-                                 partitions=settings.partitions)
-            broker.create_topics([settings.topic_dlq], partitions=1)
+        with embedded_broker(settings, extra_topics=("passthrough.out",)) as broker:
             n = replay(df, broker.url, settings.topic_in, progress=True)
             report["broker_pid"] = broker.pid
 
@@ -223,8 +211,6 @@ def run_bench(args, settings: Settings) -> int:
             # must drain the same preloaded log (live clicks of random users cost ~3x a backfill event).
             # The 1-worker process comes back on its own data dir and group: every user still warm.
             procs.append(w := _worker(broker.url, model, items, wport, work, f"bench-1w-{tag}", flags))
-            from tools.demo import wait_ready
-
             wait_ready(wport, w, 180)
             gen = bench_load.LoadGenerator(broker.bootstrap, settings.topic_in, users, item_ids)
             gen.run(0.1 * mx, 6.0)  # warm-up, not measured: the first live event closes every

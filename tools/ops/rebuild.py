@@ -21,17 +21,24 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
-import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
+
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka.admin import NewTopic
+from kafka.errors import TopicAlreadyExistsError
+from kafka.structs import OffsetAndMetadata
 
 from core.errors import ConfigError, LivembError
 from core.progress import progress as progress_bar
 from core.settings import Settings
 from stream.broker import create_topics, free_port
 from stream.kafka_io import bootstrap_of
+from stream.security import kafka_python_security
+from tools.args import RebuildArgs
+from tools.harness import stop_process, worker_command
 
 log = logging.getLogger("livemb.rebuild")
 
@@ -42,10 +49,6 @@ class RebuildError(LivembError):
 
 
 def _consumer(settings: Settings, group: str | None = None):
-    from kafka import KafkaConsumer
-
-    from stream.security import kafka_python_security
-
     return KafkaConsumer(bootstrap_servers=bootstrap_of(settings.broker), group_id=group, enable_auto_commit=False,
                          consumer_timeout_ms=2000, **kafka_python_security(settings))
 
@@ -62,8 +65,6 @@ def _fetch_one(c, tp, offset: int):
 
 def partition_bounds(settings: Settings) -> dict[int, tuple[int, int]]:
     """Per input partition: (first offset, end offset) from fetches (the fetch high-water mark)."""
-    from kafka import TopicPartition
-
     c = _consumer(settings)
     try:
         tps = [TopicPartition(settings.topic_in, p) for p in range(settings.partitions)]
@@ -81,8 +82,6 @@ def partition_bounds(settings: Settings) -> dict[int, tuple[int, int]]:
 
 def start_offsets(settings: Settings, from_ts_ms: int | None) -> dict[int, int]:
     """Per partition, the first offset whose record timestamp is >= from_ts_ms (None: the earliest)."""
-    from kafka import TopicPartition
-
     bounds = partition_bounds(settings)
     if from_ts_ms is None:
         return {p: lo for p, (lo, _) in bounds.items()}
@@ -107,16 +106,10 @@ def start_offsets(settings: Settings, from_ts_ms: int | None) -> dict[int, int]:
 
 def _create_scratch_topic(settings: Settings, name: str) -> None:
     """The backfill's output topic (kept apart from the real one), created up front."""
-    from stream.security import kafka_python_security
-
     sec = kafka_python_security(settings)
     if not sec:
         create_topics(bootstrap_of(settings.broker), [name], partitions=settings.partitions)
         return
-    from kafka import KafkaAdminClient
-    from kafka.admin import NewTopic
-    from kafka.errors import TopicAlreadyExistsError
-
     admin = KafkaAdminClient(bootstrap_servers=bootstrap_of(settings.broker), **sec)
     try:
         admin.create_topics([NewTopic(name, settings.partitions, 1)])
@@ -127,9 +120,6 @@ def _create_scratch_topic(settings: Settings, name: str) -> None:
 
 
 def commit_offsets(settings: Settings, group: str, offsets: dict[int, int]) -> None:
-    from kafka import TopicPartition
-    from kafka.structs import OffsetAndMetadata
-
     c = _consumer(settings, group)
     try:
         tps = {TopicPartition(settings.topic_in, p): o for p, o in offsets.items()}
@@ -143,8 +133,6 @@ def commit_offsets(settings: Settings, group: str, offsets: dict[int, int]) -> N
 
 
 def committed(settings: Settings, group: str) -> dict[int, int]:
-    from kafka import TopicPartition
-
     c = _consumer(settings, group)
     try:
         return {p: c.committed(TopicPartition(settings.topic_in, p)) or 0 for p in range(settings.partitions)}
@@ -161,7 +149,7 @@ def write_env_file(path: str, values: dict[str, str]) -> None:
     os.replace(tmp, p)
 
 
-def run_rebuild(args, settings: Settings) -> int:
+def run_rebuild(args: RebuildArgs, settings: Settings) -> int:
     if args.from_timestamp is None and not args.from_beginning:
         raise ConfigError("give --from-beginning or --from-timestamp T (epoch ms or ISO-8601)")
     if not args.processor and not (args.model and args.items):
@@ -180,9 +168,9 @@ def run_rebuild(args, settings: Settings) -> int:
     _create_scratch_topic(settings, scratch)
     commit_offsets(settings, app_id, offsets)
     port = free_port()
-    cmd = [sys.executable, "-m", "tools.cli", "worker", "--broker", settings.broker, "--data-dir", data_dir,
-           "--web-port", str(port), "--partitions", str(settings.partitions)]
-    cmd += ["--processor", args.processor] if args.processor else ["--model", args.model, "--items", args.items]
+    source = ["--processor", args.processor] if args.processor else ["--model", args.model, "--items", args.items]
+    cmd = worker_command("--broker", settings.broker, "--data-dir", data_dir, "--web-port", str(port),
+                         "--partitions", str(settings.partitions), *source)
     env = {**os.environ, "LIVEMB_APP_ID": app_id, "LIVEMB_TOPIC_OUT": scratch, "LIVEMB_IDLE_SWEEP_S": "0"}
     log_path = Path(data_dir).with_name(Path(data_dir).name + ".rebuild.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -205,7 +193,7 @@ def run_rebuild(args, settings: Settings) -> int:
             time.sleep(1.0)
         bar.close()
     finally:
-        _stop(proc)
+        stop_process(proc, 30.0)
     values = {"LIVEMB_APP_ID": app_id, "LIVEMB_DATA_DIR": str(Path(data_dir).resolve())}
     if args.model:
         values |= {"LIVEMB_MODEL_PATH": str(Path(args.model).resolve()), "LIVEMB_ITEMS_PATH": str(Path(args.items).resolve())}
@@ -217,20 +205,8 @@ def run_rebuild(args, settings: Settings) -> int:
     return 0
 
 
-def _stop(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
 def parse_ts(text: str) -> int:
     """Epoch milliseconds, or an ISO-8601 time (UTC when no offset is given)."""
-    from datetime import UTC, datetime
-
     if text.isdigit():
         return int(text)
     try:

@@ -16,52 +16,47 @@ import signal
 import time
 from pathlib import Path
 
+import orjson
+from kafka import KafkaProducer
+
 from core.settings import Settings
+from stream.broker import free_port
+from stream.kafka_io import replay
+from tools.args import SoakArgs
+from tools.harness import (
+    embedded_broker,
+    interrupt,
+    metric_samples,
+    prepare_model,
+    rss_bytes,
+    start_worker,
+    stop_process,
+    wait_ready,
+)
 
 log = logging.getLogger("livemb.soak")
 
 
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def scrape(port: int) -> dict[str, float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    from tools.demo import _get
-
     out: dict[str, float] = {"lag": 0.0}
-    for fam in text_string_to_metric_families(_get(f"http://127.0.0.1:{port}/metrics")[1].decode()):
-        for s in fam.samples:
-            if s.name == "livemb_events_total":
-                out[s.labels["outcome"]] = s.value
-            elif s.name == "livemb_consumer_lag":
-                out["lag"] += s.value
+    for s in metric_samples(port):
+        if s.name == "livemb_events_total":
+            out[s.labels["outcome"]] = s.value
+        elif s.name == "livemb_consumer_lag":
+            out["lag"] += s.value
     return out
 
 
-def run_soak(args, settings: Settings) -> int:
-    import orjson
-    from kafka import KafkaProducer
-
-    from stream.broker import EmbeddedBroker, free_port
-    from stream.kafka_io import replay
-    from tools.demo import _prepare, interrupt, start_worker, stop_process, wait_ready
-
+def run_soak(args: SoakArgs, settings: Settings) -> int:
     signal.signal(signal.SIGTERM, interrupt)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    df, model_path, items_path = _prepare(args, settings, work)
+    prep = prepare_model(work, settings, model=args.model, items=args.items)  # a synthetic log, never --data
+    df, model_path, items_path = prep.log, prep.model, prep.items
     users, items = sorted(map(str, set(df["user_id"]))), sorted(map(str, set(df["item_id"])))
     port = free_port()
     report: dict = {"seconds": args.seconds, "load": args.load, "samples": []}
-    with EmbeddedBroker() as broker:
-        broker.create_topics([settings.topic_in, settings.topic_out], partitions=settings.partitions)
-        broker.create_topics([settings.topic_dlq], partitions=1)
+    with embedded_broker(settings) as broker:
         worker = start_worker(broker.url, model_path, items_path, work / f"soak-{int(time.time())}", port,
                               work / "soak-worker.log")
         try:

@@ -34,6 +34,7 @@ import pandas as pd
 
 from core.errors import ConfigError, DataError
 from core.items import ItemTable
+from tools.data.eventlog import temporal_split
 
 log = logging.getLogger(__name__)
 
@@ -197,3 +198,13 @@ def build_item_vectors(
         vec = np.concatenate([vec, ((r - r.mean()) / max(r.std(), 1e-9))[:, None]], axis=1)
     log.info("item-embeddings: %d vectors of dim %d", len(ids), dim)
     return ItemTable(ids, vec.astype(np.float32))
+
+
+def items_for(df: pd.DataFrame, items_path: str | None, dim: int, train_only: bool = True,
+              kind: str = DEFAULT_KIND) -> ItemTable:
+    """The given item table, or vectors built from the train part of `df` only (no test leakage)."""
+    if items_path:
+        return ItemTable.load(items_path)
+    train_df = temporal_split(df)[0] if train_only else df
+    log.info("building %d-d %s item vectors from %d training events", dim, kind, len(train_df))
+    return build_item_vectors(train_df, dim=dim, kind=kind)

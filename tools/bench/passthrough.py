@@ -4,7 +4,7 @@ One output per input (the input value, unchanged), no state, no model: what is l
 is Faust's per-message path, the broker and the producer. `livemb bench` runs it beside the real
 worker on the same preloaded log so the worker/passthrough ratio is measured in one run.
 
-    python -m tools.passthrough --broker kafka://127.0.0.1:PORT --web-port P --app-id bench-pt \
+    python -m tools.bench.passthrough --broker kafka://127.0.0.1:PORT --web-port P --app-id bench-pt \
         --topic-in interactions --topic-out passthrough.out
 
 Same Faust config as the worker (stream.app.faust_config), the same adaptive batches, the same

@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass
 
 from core.errors import ConfigError
-from tools.prom import PromAPI, PrometheusError
+from tools.args import DashboardArgs
+from tools.ops.prom import PromAPI, PrometheusError
 
 
 @dataclass(frozen=True)
@@ -135,8 +136,9 @@ def run_dashboard(url: str, out: str, range_s: float = 900.0, step_s: float | No
     return {p.title: len(lines) for p, lines in zip(PANELS, data, strict=True)}
 
 
-def cmd_dashboard(args) -> None:
+def cmd_dashboard(args: DashboardArgs) -> int:
     counts = run_dashboard(args.prometheus, args.out, parse_duration(args.range), window=args.window, job=args.job)
     empty = [t for t, n in counts.items() if n == 0]
     print(f"wrote {args.out}: {sum(counts.values())} series in {len(counts)} panels"
           + (f" (no data: {', '.join(empty)})" if empty else ""))
+    return 0

@@ -2,10 +2,10 @@
 # Fetch MovieLens-100K (ml-100k.inter, RecBole atomic format, tab-separated, header
 # `user_id:token item_id:token rating:float timestamp:float`) from the PyPI wheel recbole==1.2.1.
 # GroupLens terms forbid redistribution: the file goes to data/ (git-ignored); never commit it.
-# Usage: tools/fetch_movielens.sh [OUT_FILE]   (default: data/ml-100k.inter, relative to the repo)
+# Usage: tools/data/fetch_movielens.sh [OUT_FILE]   (default: data/ml-100k.inter, relative to the repo)
 set -euo pipefail
 
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 out="${1:-$repo/data/ml-100k.inter}"
 member="recbole/dataset_example/ml-100k/ml-100k.inter"
 

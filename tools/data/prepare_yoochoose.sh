@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Concatenate the shared YooChoose-100k sample (train_full + test, header once) into one
 # tab-separated log `SessionId ItemId Time` for `livemb evaluate` (its temporal split re-splits it).
-# Usage: tools/prepare_yoochoose.sh [SRC_DIR] [OUT_FILE]
+# Usage: tools/data/prepare_yoochoose.sh [SRC_DIR] [OUT_FILE]
 #   SRC_DIR  default ../shared/data/yoochoose-100k (relative to the repo root)
 #   OUT_FILE default data/yoochoose-100k.tsv
 set -euo pipefail
 
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 src="${1:-$repo/../shared/data/yoochoose-100k}"
 out="${2:-$repo/data/yoochoose-100k.tsv}"
 train="$src/yoochoose-clicks-100k_train_full.txt"

@@ -18,6 +18,7 @@ from models.base import EVENT_TYPES
 from models.evaluation import DEFAULT_VARIANT, REPEATS, VARIANTS, build_model, evaluate_model, variant_name
 from models.replay import Sequence
 from models.train import TrainConfig, sequences_from_frame, train_model
+from tools.data.eventlog import temporal_split
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,6 @@ def run_evaluation(df, table, models: list[str], train_cfg: TrainConfig, test_fr
     data, `SeqModel.served`), or of `variant` for every model when given.
     drop_event_types: the models train and run as if every event were a view (what the type signal
     is worth); `after_event_type` still groups the targets by their real previous type."""
-    from tools.eventlog import temporal_split
-
     train_df, test_df = temporal_split(df, test_frac)
     train = sequences_from_frame(train_df, table)
     test = sequences_from_frame(test_df, table)

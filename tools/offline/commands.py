@@ -1,0 +1,161 @@
+"""Offline commands behind the CLI: synth, item-embeddings, train, evaluate, embed.
+
+Each `run_*` takes its command's typed arguments (tools/args.py) and the settings and returns the
+exit code; `train_checkpoint` is the one trainer (`livemb train` and the harness's small model).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from core.items import ItemTable
+from core.progress import progress as progress_bar
+from core.settings import Settings
+from models import MODEL_REGISTRY, EventBatch
+from models.checkpoint import save_checkpoint
+from models.evaluation import build_model
+from models.serving import Serving
+from models.train import TrainConfig, sequences_from_frame, train_model
+from tools.args import EmbedArgs, EvaluateArgs, ItemEmbeddingsArgs, SynthArgs, TrainArgs
+from tools.data.eventlog import load_log
+from tools.data.item_embeddings import build_item_vectors, items_for
+from tools.data.synth import synth_log, write_log
+from tools.data.synth_ecommerce import synth_ecommerce
+from tools.offline.evaluate import (
+    early_stopping_table,
+    event_type_table,
+    markdown_table,
+    memory_split_table,
+    run_evaluation,
+    session_start_table,
+    variants_table,
+    write_outputs,
+)
+
+log = logging.getLogger("livemb")
+
+
+def train_checkpoint(model_name: str, df: pd.DataFrame, table: ItemTable, out: str | Path, cfg: TrainConfig, *,
+                     device: str, overrides: dict, progress: bool = True) -> dict:
+    """Train `model_name` on every event of `df` from cfg.seed's initial weights, save the checkpoint
+    (with its training history) to `out`, print one line; returns the history."""
+    torch.manual_seed(cfg.seed)  # initial weights from --seed, as `livemb evaluate` does
+    model = build_model(model_name, table.padded_vectors(), **overrides)
+    model.to(device)
+    seqs = list(sequences_from_frame(df, table).values())
+    hist = train_model(model, seqs, cfg, progress=progress)
+    save_checkpoint(out, model, table.fingerprint, extra={"history": hist})
+    per_epoch = np.mean(hist["epoch_seconds"]) if hist["epoch_seconds"] else 0.0
+    print(f"saved {out} ({model.name}, device {device}, {hist.get('chosen_epoch')} epochs, {per_epoch:.2f} s/epoch, "
+          f"final loss {hist['loss'][-1] if hist['loss'] else float('nan'):.4f})")
+    return hist
+
+
+def run_train(a: TrainArgs, settings: Settings) -> int:
+    df = load_log(a.data, a.log_format.columns, a.log_format.ts_unit)
+    table = items_for(df, a.items, a.train.dim, train_only=False, kind=a.train.item_vectors)
+    if not a.items:
+        table.save(Path(a.out).with_suffix(".items.npz"))
+    train_checkpoint(a.model, df, table, a.out, a.train.config(), device=settings.resolved_device(),
+                     overrides=a.train.model_overrides(settings))
+    return 0
+
+
+def run_evaluate(a: EvaluateArgs, settings: Settings) -> int:
+    evaluate(a, settings)
+    return 0
+
+
+def evaluate(a: EvaluateArgs, settings: Settings) -> dict:
+    df = load_log(a.data, a.log_format.columns, a.log_format.ts_unit)
+    if a.max_users:
+        keep = df["user_id"].drop_duplicates().iloc[: a.max_users]
+        df = df[df["user_id"].isin(set(keep))].reset_index(drop=True)
+    table = items_for(df, a.items, a.train.dim, train_only=True, kind=a.train.item_vectors)
+    names = a.models.split(",") if a.models else list(MODEL_REGISTRY)
+    unknown = [n for n in names if n not in MODEL_REGISTRY]
+    if unknown:
+        raise SystemExit(f"unknown model(s) {unknown}; registered: {', '.join(MODEL_REGISTRY)}")
+    report = run_evaluation(df, table, names, a.train.config(), test_frac=a.test_frac,
+                            device=settings.resolved_device(), model_overrides=a.train.model_overrides(settings),
+                            drop_event_types=a.drop_event_types)
+    report["dataset"]["source"] = str(a.data)
+    report["dataset"]["items_source"] = (str(a.items) if a.items
+                                         else f"built from the train part ({a.train.item_vectors})")
+    write_outputs(report, a.json, a.plot)
+    print(markdown_table(report))
+    print()
+    print(variants_table(report, "recall@10"))
+    print()
+    print(variants_table(report, "mrr"))
+    print()
+    print(session_start_table(report))
+    print()
+    print(event_type_table(report))
+    print()
+    print(memory_split_table(report))
+    print()
+    print(early_stopping_table(report))
+    return report
+
+
+def embed_users(serving: Serving, df, batch_users: int = 512):
+    """Final embedding and candidates per user after all events of `df` (output-topic format),
+    through the same `Serving` unit as the live worker."""
+    seqs = sequences_from_frame(df, serving.table)
+    users = sorted(seqs)
+    last_ts = df.groupby("user_id")["ts"].max()
+    for i in progress_bar(range(0, len(users), batch_users), desc="embed", unit="batch"):
+        group = users[i : i + batch_users]
+        ev = EventBatch.from_sequences(*zip(*(seqs[u] for u in group), strict=True))
+        st, u = serving.advance(serving.model.init_state(len(group)), ev)
+        yield from serving.messages(group, st, u, last_ts.loc[group].to_numpy(), emitted_at=int(time.time() * 1000))
+
+
+def run_embed(a: EmbedArgs, settings: Settings) -> int:
+    df = load_log(a.data, a.log_format.columns, a.log_format.ts_unit)
+    serving = Serving.load(a.model, a.items, index=settings.index, topk=settings.topk,
+                           exclude_seen=settings.exclude_seen, repeat_path=settings.repeat_path)
+    n = 0
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(a.out, "wb") as f:
+        for _user, msg in embed_users(serving, df):
+            f.write(msg + b"\n")
+            n += 1
+    print(f"wrote {n} users to {a.out}")
+    return 0
+
+
+def run_synth(a: SynthArgs, settings: Settings) -> int:
+    eco = a.profile == "ecommerce"
+    users = a.users or (400 if eco else 300)
+    items = a.items or (20000 if eco else 500)
+    days = a.days or (30 if eco else 14)
+    cart_return = a.cart_return or 0.0
+    if cart_return and not eco:
+        raise SystemExit("livemb synth: --cart-return needs --profile ecommerce")
+    extra = {"cart_return": cart_return} if eco else {}
+    make = synth_ecommerce if eco else synth_log
+    df, ids, vectors = make(users=users, items=items, days=days, seed=a.seed, dim=a.dim, **extra)
+    path = write_log(df, a.out)
+    msg = f"wrote {len(df)} events ({users} users, {items} items) to {path}"
+    if a.items_out:
+        p = ItemTable(ids, vectors).save(a.items_out)
+        msg += f"; planted item vectors to {p}"
+    print(msg)
+    return 0
+
+
+def run_item_embeddings(a: ItemEmbeddingsArgs, settings: Settings) -> int:
+    df = load_log(a.data, a.log_format.columns, a.log_format.ts_unit)
+    table = build_item_vectors(df, dim=a.dim, kind=a.item_vectors)
+    p = table.save(a.out)
+    print(f"wrote {len(table)} x {table.dim} item vectors to {p} (fingerprint {table.fingerprint})")
+    return 0
+
