@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 ExcludeSeen = Literal["none", "session", "history"]
 EXCLUDE_SEEN: tuple[str, ...] = get_args(ExcludeSeen)
 RepeatPath = Literal["rep", "rule", "norep"]
+REPEAT_PATHS: tuple[str, ...] = get_args(RepeatPath)
 IndexKind = Literal["flat", "hnsw", "ivfpq"]
 INDEX_KINDS: tuple[str, ...] = get_args(IndexKind)
 

@@ -35,9 +35,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.errors import ConfigError
+from core.settings import EXCLUDE_SEEN, REPEAT_PATHS
 
-REPEATS = ("rep", "rule", "norep")  # served repeat paths: the model's own, the fixed rule, none
-EXCLUDES = ("none", "session", "history")  # exclude_seen: which memory items a ranking removes
+REPEATS = REPEAT_PATHS  # served repeat paths: the model's own, the fixed rule, none
+EXCLUDES = EXCLUDE_SEEN  # exclude_seen: which memory items a ranking removes
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,7 @@ class SettingsFlags:
     device: str | None = None
     topk: int | None = None
     exclude_seen: str | None = None
+    repeat_path: str | None = None
     index: str | None = None
     session_gap_s: float | None = None
 

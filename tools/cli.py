@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.errors import EXPECTED, ConfigError, exit_code
-from core.settings import EXCLUDE_SEEN, INDEX_KINDS, Settings, load_settings
+from core.settings import EXCLUDE_SEEN, INDEX_KINDS, REPEAT_PATHS, Settings, load_settings
 from models.base import ModelConfig
 from models.repeat import REPEAT_MODES
 from models.retrieval import build_index_file
@@ -92,7 +92,10 @@ def _settings_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--broker", help="kafka://host:port")
     p.add_argument("--device", help="auto | cpu | cuda")
     p.add_argument("--topk", type=int)
-    p.add_argument("--exclude-seen", choices=EXCLUDE_SEEN)
+    p.add_argument("--exclude-seen", choices=EXCLUDE_SEEN,
+                   help="remove seen items: none, session or history (default: what the checkpoint chose)")
+    p.add_argument("--repeat-path", choices=REPEAT_PATHS,
+                   help="rep (the model's own), rule (recent items first) or norep (default: the checkpoint's choice)")
     p.add_argument("--index", choices=INDEX_KINDS)
     p.add_argument("--session-gap-s", type=float)
 

@@ -83,7 +83,9 @@ def _passthrough(broker_url: str, port: int, work: Path, app_id: str) -> subproc
 def worker_flags(settings: Settings) -> tuple[str, ...]:
     """The bench's worker options (--index, --topk, ...) as `livemb worker` flags: without them
     `livemb bench --index hnsw` measured a flat worker."""
-    return ("--index", settings.index, "--topk", str(settings.topk), "--exclude-seen", settings.exclude_seen,
+    variant = tuple(f for flag, value in (("--exclude-seen", settings.exclude_seen),
+                                          ("--repeat-path", settings.repeat_path)) if value for f in (flag, value))
+    return ("--index", settings.index, "--topk", str(settings.topk), *variant,
             "--device", settings.device, "--session-gap-s", str(settings.session_gap_s))
 
 

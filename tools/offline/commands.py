@@ -84,7 +84,8 @@ def evaluate(a: EvaluateArgs, settings: Settings) -> dict:
         raise SystemExit(f"unknown model(s) {unknown}; registered: {', '.join(MODEL_REGISTRY)}")
     report = run_evaluation(df, table, names, a.train.config(), test_frac=a.test_frac,
                             device=settings.resolved_device(), model_overrides=a.train.model_overrides(settings),
-                            drop_event_types=a.drop_event_types)
+                            drop_event_types=a.drop_event_types, repeat_path=settings.repeat_path,
+                            exclude_seen=settings.exclude_seen)
     report["dataset"]["source"] = str(a.data)
     report["dataset"]["items_source"] = (str(a.items) if a.items
                                          else f"built from the train part ({a.train.item_vectors})")

@@ -16,6 +16,7 @@ import torch
 
 from models.base import EVENT_TYPES
 from models.evaluation import DEFAULT_VARIANT, REPEATS, VARIANTS, build_model, evaluate_model, variant_name
+from models.repeat import Variant
 from models.replay import Sequence
 from models.train import TrainConfig, sequences_from_frame, train_model
 from tools.data.eventlog import temporal_split
@@ -30,10 +31,11 @@ def _as_views(seqs: dict[str, Sequence]) -> dict[str, Sequence]:
 
 def run_evaluation(df, table, models: list[str], train_cfg: TrainConfig, test_frac: float = 0.2,
                    device: str = "cpu", model_overrides: dict | None = None, progress: bool = True,
-                   drop_event_types: bool = False, variant: str | None = None) -> dict:
+                   drop_event_types: bool = False, repeat_path: str | None = None,
+                   exclude_seen: str | None = None) -> dict:
     """Split, train each model, evaluate; returns the SPEC section 9 JSON structure.
     Each model's headline figures are those of the variant it serves (chosen from its training
-    data, `SeqModel.served`), or of `variant` for every model when given.
+    data, `SeqModel.served`); `repeat_path` / `exclude_seen` override its parts, as on the worker.
     drop_event_types: the models train and run as if every event were a view (what the type signal
     is worth); `after_event_type` still groups the targets by their real previous type."""
     train_df, test_df = temporal_split(df, test_frac)
@@ -59,7 +61,7 @@ def run_evaluation(df, table, models: list[str], train_cfg: TrainConfig, test_fr
         session_start = variants.pop("session_start")
         after_type = variants.pop("after_event_type")
         by_memory = variants.pop("by_memory")
-        served = variant or model.served.name
+        served = Variant(repeat_path or model.served.repeat, exclude_seen or model.served.exclude_seen).name
         res = dict(variants[served])
         res.update(served_variant=served, train_seconds=round(train_seconds, 2), eval_seconds=round(time.perf_counter() - t1, 2),
                    epoch_seconds=[round(s, 2) for s in hist["epoch_seconds"]],
@@ -76,7 +78,8 @@ def run_evaluation(df, table, models: list[str], train_cfg: TrainConfig, test_fr
         "events": int(len(df)), "users": int(df["user_id"].nunique()), "items": int(len(table)),
         "train_events": int(len(train_df)), "test_events": int(len(test_df)),
         "test_targets_known": int((test_items > 0).sum()), "test_frac": test_frac,
-        "default_variant": variant or "each model's served variant (results.<model>.served_variant)",
+        "default_variant": "each model's served variant (results.<model>.served_variant)",
+        "variant_overrides": {"repeat_path": repeat_path, "exclude_seen": exclude_seen},
         "event_types_dropped": drop_event_types,
     }
     return {"dataset": dataset, "results": results}
