@@ -358,7 +358,7 @@ class SeqModel(nn.Module):
                 logz = self.log_partition(self.explore_scores(u))
             feats = repeat.memory_features(state, len(EVENT_TYPES))
             gs = self.gate_state(state) if gate_state is None else gate_state
-            rep_logp, a = self.repeat_head(feats, explore, explore - logz[:, None], filled, u, gs)
+            rep_logp, a = self.repeat_head(feats, filled, u, gs)
             shift = F.logsigmoid(-a) - logz  # log(1 - g) - log Z
             mem = torch.logaddexp(explore + shift[:, None], F.logsigmoid(a)[:, None] + rep_logp)
         return shift, mem.masked_fill(~filled, -math.inf)

@@ -15,7 +15,7 @@ from core.errors import DataError
 from models.base import MODEL_REGISTRY, ModelConfig, SeqModel
 from models.repeat import Variant
 
-FORMAT = 2  # 2: repeat mixture head, compact memory dtypes, ModelConfig.repeat is a mode
+FORMAT = 3  # 3: the repeat head's slot scorer reads behaviour features only; 2: repeat mixture head, compact memory
 
 
 class CheckpointError(DataError):
@@ -49,7 +49,7 @@ def read_checkpoint(path: str | Path) -> dict:
         got = blob.get("format") if isinstance(blob, dict) else "?"
         raise CheckpointError(
             f"checkpoint {path} has format {got}, this build reads format {FORMAT} (the model structure "
-            "changed: learned repeat mixture, compact memory); retrain it with `livemb train`"
+            "changed: the repeat head's slot scorer reads behaviour features only); retrain it with `livemb train`"
         )
     return blob
 

@@ -18,7 +18,7 @@ evaluation, the training loss and the live `Retriever` share ONE definition:
 
 - "mixture" (RepeatNet-style, learned): P(i) = (1 - g) P_explore(i) + g P_repeat(i), with
   P_explore = softmax over the full catalogue of <u, x_i>, P_repeat = softmax over the memory
-  slots of an MLP of the slot features, g = sigmoid(gate([u ; long-term state ; pooled slots])).
+  slots of an MLP of the slot's behaviour features, g = sigmoid(gate([u ; long-term state ; pooled slots])).
   Ranking score = log P(i). Trained by the mixture's full-catalogue NLL (models/train.py).
 - "rule": the fixed "recent items first, by count then recency" bonus (what the counting
   baselines use for their "+rep" variant).
@@ -174,21 +174,26 @@ def memory_features(st: dict[str, Tensor], n_types: int) -> Tensor:
 class MixtureHead(nn.Module):
     """RepeatNet-style gate and repeat distribution over the memory slots.
 
-    slot MLP: [features ; explore score ; explore log-prob] -> hidden -> repeat logit
+    slot MLP: [slot features] -> hidden -> repeat logit
     gate:     [u ; long-term state ; max-pooled slot hidden ; log fill] -> repeat-vs-explore logit
+
+    The slot MLP reads the user's behaviour with the item only (count, recency, time, sessions,
+    event types), not the item's explore score: on training data the explore path has seen the
+    sequences it predicts, so a slot scorer that reads its score learns to trust it, and on
+    taobao-dev that cost the own-item ranking 0.62 -> 0.58 recall@10 by epoch 10 (docs/MODELS.md).
+    The explore score still enters each memory item's mixture probability, (1 - g) P_explore.
     """
 
     def __init__(self, n_types: int, dim: int, state_dim: int, hidden: int = 32):
         super().__init__()
-        self.slot = nn.Sequential(nn.Linear(n_features(n_types) + 2, hidden), nn.ReLU())
+        self.slot = nn.Sequential(nn.Linear(n_features(n_types), hidden), nn.ReLU())
         self.slot_out = nn.Linear(hidden, 1)
         self.gate = nn.Sequential(nn.Linear(dim + state_dim + hidden + 1, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
-    def forward(self, feats: Tensor, explore: Tensor, explore_logp: Tensor, filled: Tensor, u: Tensor,
-                gate_state: Tensor | None) -> tuple[Tensor, Tensor]:
-        """feats (B, M, F), explore/explore_logp/filled (B, M), u (B, D), gate_state (B, G) or None
+    def forward(self, feats: Tensor, filled: Tensor, u: Tensor, gate_state: Tensor | None) -> tuple[Tensor, Tensor]:
+        """feats (B, M, F), filled (B, M), u (B, D), gate_state (B, G) or None
         -> (repeat log-probs over slots (B, M), -inf at empty slots; gate logit (B,))."""
-        z = self.slot(torch.cat([feats, explore[..., None], explore_logp[..., None]], dim=-1))  # (B, M, hid)
+        z = self.slot(feats)  # (B, M, hid)
         logits = self.slot_out(z).squeeze(-1).masked_fill(~filled, -math.inf)
         any_filled = filled.any(dim=1, keepdim=True)
         rep_logp = torch.where(any_filled, torch.log_softmax(logits.masked_fill(~any_filled, 0.0), dim=1), logits)

@@ -80,3 +80,12 @@ def next_item_predictions(model: SeqModel, ev: EventBatch) -> tuple[Tensor, Tens
     gate = None if out.gate is None else out.gate[:, :-1]
     return pred, gate, sel, target
 
+
+def first_seen_ms(seqs: list[Sequence], n_items: int) -> Tensor:
+    """(N+1,) int64: the earliest time each item occurs in `seqs` (int64 max for items that never
+    do). A target at time t with first_seen[item] >= t is its item's first occurrence: a new item,
+    which a catalogue built from the past cannot hold (TrainConfig.gate_on_known)."""
+    out = np.full(n_items + 1, np.iinfo(np.int64).max, np.int64)
+    for it, _, ts in seqs:
+        np.minimum.at(out, it, ts)
+    return torch.from_numpy(out)

@@ -32,7 +32,7 @@ from models.evaluation import DEFAULT_VARIANT
 from models.grouping import group_by_user
 from models.logits import explore_logz
 from models.repeat import Variant
-from models.replay import MemoryCache, Sequence, next_item_predictions
+from models.replay import MemoryCache, Sequence, first_seen_ms, next_item_predictions
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,13 @@ class TrainConfig:
     # +0.010..0.014 over keeping, docs/RESULTS.md "Issue 8, fourth pass"); False = keep the best
     # epoch's weights (trained without the tail; cheaper)
     refit: bool = True
+    # the mixture's gate and repeat head learn only from targets the test and the stream can score:
+    # a target that is its item's first occurrence in the log (a new item: outside any catalogue
+    # built from the past) trains the explore path alone (models/train.mixture_loss). On taobao-dev
+    # 69 % of the test's known targets are repeats against 24 % of all training targets; trained on
+    # every target the gate learned the latter and its in-memory recall@10 fell from 0.62 to 0.43 by
+    # epoch 10 (0.53 with this), docs/MODELS.md
+    gate_on_known: bool = True
 
 
 
@@ -153,7 +160,8 @@ def slot_explore(pred: Tensor, items: Tensor, item_vecs: Tensor, sel: Tensor, me
 
 
 def mixture_loss(model: SeqModel, ev: EventBatch, memory: MemoryCache, rows: Tensor,
-                 cfg: TrainConfig | None = None, gen: torch.Generator | None = None) -> tuple[Tensor, int]:
+                 cfg: TrainConfig | None = None, gen: torch.Generator | None = None,
+                 first_seen: Tensor | None = None) -> tuple[Tensor, int]:
     """Mean NLL of the next item under the repeat/explore mixture, explore softmax over the full
     catalogue (exact log Z: both paths are calibrated against each other), or, for catalogues above
     cfg.exact_logz_max_items, with the sampled estimate of log Z (`sampled_logz`).
@@ -164,6 +172,7 @@ def mixture_loss(model: SeqModel, ev: EventBatch, memory: MemoryCache, rows: Ten
     if n == 0:
         return pred.sum() * 0.0, 0
     u_t, tgt = pred[sel], target[sel]  # (n, D), (n,)
+    ts_t = ev.ts[:, 1:][sel]  # (n,) the targets' times
     # memory after event t, (n, M') with M' = the batch's last filled slot (empty ones add nothing)
     st = repeat.trim_empty_slots(memory.state_at(rows[:, :-1][sel.cpu()], model.device))
     gs = None if gate is None else gate[sel]
@@ -183,6 +192,12 @@ def mixture_loss(model: SeqModel, ev: EventBatch, memory: MemoryCache, rows: Ten
     explore_lp = explore_t + shift
     mem_lp = mem.gather(1, in_mem.to(torch.int8).argmax(dim=1, keepdim=True)).squeeze(1)
     logp = torch.where(in_mem.any(dim=1), mem_lp, explore_lp)
+    if first_seen is not None:
+        # a cold target (its item's first occurrence) is never scored by the test or the stream:
+        # it trains the explore path alone (log-softmax over the catalogue), not the gate, which
+        # then learns P(repeat | the next item is a catalogue item), the probability serving needs
+        cold = first_seen[tgt] >= ts_t
+        logp = torch.where(cold, explore_t - logz, logp)
     return -logp.mean(), n
 
 
@@ -229,6 +244,7 @@ def _run_epochs(model: SeqModel, chunks: list[Sequence], cfg: TrainConfig, epoch
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     t_mem = time.perf_counter()
     memory = MemoryCache(model, chunks) if model.repeat_mode == "mixture" else None
+    first_seen = first_seen_ms(chunks, model.n_items).to(model.device) if memory and cfg.gate_on_known else None
     history["memory_seconds"] = history.get("memory_seconds", 0.0) + time.perf_counter() - t_mem  # one-off replay
     model.train()
     for epoch in range(epochs):
@@ -240,7 +256,7 @@ def _run_epochs(model: SeqModel, chunks: list[Sequence], cfg: TrainConfig, epoch
         for b in bar:
             ev = EventBatch.from_sequences(*zip(*(chunks[i] for i in b), strict=True)).to(model.device)
             if memory is not None:
-                loss, n = mixture_loss(model, ev, memory, memory.rows(b, ev.item.shape[1]), cfg, gen)
+                loss, n = mixture_loss(model, ev, memory, memory.rows(b, ev.item.shape[1]), cfg, gen, first_seen)
             else:
                 loss, n = batch_loss(model, ev, cfg, gen)
             if n == 0:
@@ -311,6 +327,17 @@ def train_model(model: SeqModel, seqs: list[Sequence], cfg: TrainConfig, progres
     return history
 
 
+def served_variant(by_variant: dict[str, dict], cfg: TrainConfig) -> str:
+    """The variant to serve from its validation metrics: the best by cfg.valid_metric, unless the
+    default (the model's own repeat path, nothing masked) is within `min_gain` of it. On
+    taobao-dev's 925 validation targets (SE 0.016) the rule and the mixture swapped places from seed
+    to seed by less than that, while their test figures did not follow."""
+    best = max(by_variant, key=lambda v: (by_variant[v][cfg.valid_metric], v == DEFAULT_VARIANT))
+    own = by_variant[DEFAULT_VARIANT]
+    need = min_gain(own[cfg.valid_metric], own["events_scored"], cfg.valid_min_gain_se)
+    return best if by_variant[best][cfg.valid_metric] > own[cfg.valid_metric] + need else DEFAULT_VARIANT
+
+
 def patience(best_epoch: int, cfg: TrainConfig) -> int:
     """Epochs without a better one before training stops: cfg.patience, or half the best epoch's
     count when that is more (a curve still rising after 6 epochs gets 3 more to show it)."""
@@ -335,8 +362,9 @@ def _early_stopped(model: SeqModel, chunks: list[Sequence], split, cfg: TrainCon
         t1 = time.perf_counter()
         by_variant = validator(model)
         es["valid_seconds"] += time.perf_counter() - t1
-        # an epoch is worth its best served variant (the one a checkpoint of it would serve)
-        variant = max(by_variant, key=lambda v: (by_variant[v][cfg.valid_metric], v == DEFAULT_VARIANT))
+        # an epoch is worth the variant a checkpoint of it would serve: the best one, but the model's
+        # own unmasked path unless another beats it by more than the noise (`served_variant`)
+        variant = served_variant(by_variant, cfg)
         m = by_variant[variant]
         es["valid"].append({"epoch": epoch, "recall@10": m["recall@10"], "mrr": m["mrr"], "variant": variant,
                             "variants": {v: {"recall@10": x["recall@10"], "mrr": x["mrr"]} for v, x in by_variant.items()}})

@@ -14,9 +14,9 @@ from models.evaluation import build_model, evaluate_model
 from models.train import TrainConfig, sequences_from_frame, train_model
 from tools.data.synth_ecommerce import synth_ecommerce
 
-# a high lr so that the validation curve is not monotone (epoch 3 of 6 is the best here)
+# a high lr so that the validation curve is not monotone (epoch 5 of 6 is the best here)
 # valid_min_gain_se = 0: any gain counts, so the choice is the argmax (the SE rule has its own test)
-CFG = TrainConfig(epochs=6, patience=6, lr=3e-2, valid_fraction=0.2, valid_min_targets=50, refit=False,
+CFG = TrainConfig(epochs=6, patience=6, lr=6e-2, valid_fraction=0.2, valid_min_targets=50, refit=False,
                   valid_min_gain_se=0.0)
 
 
@@ -79,7 +79,7 @@ def test_a_gain_within_the_standard_error_is_not_an_improvement(data):
             best, chosen = v[cfg.valid_metric], v["epoch"]
     assert hist["chosen_epoch"] == chosen and es["min_gain_se"] == 1.0
     argmax = int(np.argmax([v[cfg.valid_metric] for v in es["valid"]])) + 1
-    assert chosen < argmax  # on this curve the rule matters: epoch 3 is +0.0015 over epoch 1, SE 0.013
+    assert chosen < argmax  # on this curve the rule matters: epoch 5 is +0.010 over epoch 2, within one SE
 
 
 def test_kept_weights_are_the_chosen_epochs(data, stopped):

@@ -11,7 +11,7 @@ from models import EventBatch, repeat
 from models.base import ModelConfig
 from models.hiertcn import HierTCN
 from models.logits import explore_logz
-from models.replay import MemoryCache, next_item_predictions
+from models.replay import MemoryCache, first_seen_ms, next_item_predictions
 from models.train import TrainConfig, make_chunks, mixture_loss, slot_explore
 
 
@@ -101,3 +101,26 @@ def test_fast_mixture_loss_equals_the_plain_one_with_its_gradients():
             assert a is None and b is None
             continue
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_first_occurrences_train_the_explore_path_alone():
+    """With `first_seen`, a target that is its item's first occurrence scores its explore
+    log-softmax over the catalogue (no gate, no memory); the other targets keep the mixture."""
+    model, memory, ev, rows = _setup()
+    mixture, n = mixture_loss(model, ev, memory, rows, TrainConfig())
+    never_new = torch.full((model.n_items + 1,), -1, dtype=torch.int64)  # every item seen before every target
+    same, n2 = mixture_loss(model, ev, memory, rows, TrainConfig(), first_seen=never_new)
+    torch.testing.assert_close(same, mixture)
+    always_new = torch.full((model.n_items + 1,), 2**62, dtype=torch.int64)  # every target a first occurrence
+    cold, n3 = mixture_loss(model, ev, memory, rows, TrainConfig(), first_seen=always_new)
+    pred, _, sel, target = next_item_predictions(model, ev)
+    ref = -torch.log_softmax(model.explore_scores(pred[sel])[:, 1:], dim=1).gather(1, target[sel][:, None] - 1).mean()
+    assert n == n2 == n3 and not torch.allclose(cold, mixture)
+    torch.testing.assert_close(cold, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_first_seen_is_each_items_earliest_time():
+    seqs = [(np.array([1, 2, 1]), np.zeros(3, np.int64), np.array([10, 20, 30])),
+            (np.array([2, 3]), np.zeros(2, np.int64), np.array([5, 40]))]
+    never = np.iinfo(np.int64).max
+    assert first_seen_ms(seqs, 4).tolist() == [never, 10, 5, 40, never]

@@ -13,7 +13,7 @@ from models.evaluation import build_model
 from models.metrics import over_all_events
 from models.repeat import Variant
 from models.serving import Serving
-from models.train import TrainConfig, patience, sequences_from_frame, train_model
+from models.train import TrainConfig, patience, sequences_from_frame, served_variant, train_model
 from tools.data.synth_ecommerce import synth_ecommerce
 
 CFG = TrainConfig(epochs=4, valid_fraction=0.2, valid_min_targets=50, refit=False)
@@ -42,7 +42,6 @@ def test_a_repeat_heavy_log_serves_a_repeat_path_without_a_mask(logs):
     assert model.served == Variant.parse(hist["served_variant"])
     assert model.served.repeat in ("rep", "rule") and model.served.exclude_seen == "none", model.served
     chosen = hist["early_stopping"]["valid"][hist["chosen_epoch"] - 1]["variants"]
-    assert chosen[model.served.name]["recall@10"] == max(v["recall@10"] for v in chosen.values())
     assert chosen[model.served.name]["recall@10"] > chosen["norep+history"]["recall@10"]
 
 
@@ -104,6 +103,18 @@ def test_validation_items_new_in_its_window_are_unknown_there():
     assert [v[0].tolist() for v in split.valid] == [[1, 2, 1, 3, 2, 1, 0, 1, 0, 0], [2, 3, 2, 3, 2, 3, 2, 3, 2, 0]]
     assert split.targets == 1 + 3  # known validation targets: a's item 1, b's 2, 3, 2
     assert [f[0].tolist() for f in split.fit] == [[1, 2, 1, 3, 2, 1], [2, 3, 2, 3, 2, 3]]
+
+
+def test_the_default_variant_is_served_unless_another_is_better_by_more_than_the_noise():
+    cfg = TrainConfig(valid_min_gain_se=1.0)  # SE of a recall of 0.4 over 2,400 targets: 0.01
+
+    def metrics(**recall):
+        return {v: {"recall@10": r, "events_scored": 2400} for v, r in recall.items()}
+
+    near = metrics(**{"rep+none": 0.40, "rule+none": 0.409, "norep+history": 0.1})
+    far = metrics(**{"rep+none": 0.40, "rule+none": 0.411, "norep+history": 0.1})
+    assert served_variant(near, cfg) == "rep+none" and served_variant(far, cfg) == "rule+none"
+    assert served_variant(near, TrainConfig(valid_min_gain_se=0.0)) == "rule+none"
 
 
 def test_patience_grows_with_the_best_epoch():
