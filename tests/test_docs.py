@@ -1,5 +1,6 @@
 """The docs describe the product as it is: docs/ARCHITECTURE.md's module map names every module
-(and no module that is gone)."""
+(and no module that is gone), and the product docs carry no journal labels (issue numbers,
+work sessions, passes); git keeps the history."""
 
 from __future__ import annotations
 
@@ -70,3 +71,20 @@ def test_module_map_check_catches_a_missing_and_a_stale_row() -> None:
     assert map_problems(stale) == ["models/gone.py: named in the module map but does not exist"]
     room = next(line for line in text.splitlines() if line.startswith("| tools | `ops/` |"))
     assert map_problems(text.replace(room + "\n", "")) == ["tools/ops/: missing from the module map of docs/ARCHITECTURE.md"]
+
+
+# The product docs (docs/MODELS.md and the results docs are rewritten elsewhere and not checked here).
+PRODUCT_DOCS = ["README.md", "docs/ARCHITECTURE.md", "docs/STREAMING.md", "docs/BENCHMARKS.md",
+                "deploy/models/README.md"]
+JOURNAL = re.compile(
+    r"\bissue\s+\d+|\bissue's\b|\bthe issue\b|\bsession\s+1\d\b|\bsessions?\s+\d+\s*(?:,|and)\s*\d+"
+    r"|\b(?:first|second|third|fourth|fifth|sixth)\s+pass\b|\bthis task\b|\bthis session's\b|\bthe lead\b|\bwas lent\b|\bsession note\b"
+    r"|\bruns/s\d+/",
+    re.IGNORECASE,
+)
+
+
+def test_product_docs_carry_no_journal_labels() -> None:
+    found = [f"{doc}:{n}: {m.group(0)!r}" for doc in PRODUCT_DOCS
+             for n, line in enumerate((ROOT / doc).read_text().splitlines(), 1) for m in JOURNAL.finditer(line)]
+    assert found == []
