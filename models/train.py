@@ -27,7 +27,7 @@ from core.errors import ConfigError, DataError
 from core.progress import progress as progress_bar
 from models import repeat
 from models.base import EventBatch, SeqModel, event_type_index
-from models.early_stop import Validator, min_gain, split_validation
+from models.early_stop import Validation, Validator, paired_gain, split_validation
 from models.evaluation import DEFAULT_VARIANT
 from models.grouping import group_by_user
 from models.logits import explore_logz
@@ -68,12 +68,13 @@ class TrainConfig:
     valid_fraction: float = 0.1
     patience: int = 2
     patience_ratio: float = 0.5  # ... or this fraction of the best epoch's count when more (`patience`)
-    valid_metric: str = "recall@10"
+    valid_metric: str = "mrr"  # per-target 1/rank: a finer signal than a top-10 hit on a small held-out tail
     valid_max_targets: int = 5000  # a seeded random subset of the held-out users, whole users
     valid_min_targets: int = 200
-    # an epoch improves on the best only by more than this many standard errors of the metric
-    # (early_stop.min_gain): on a flat curve a +0.001 of 5,000 targets is noise, and chasing it
-    # cost the 1M-event log 6 fit + 4 refit epochs for gru where 3 + 1 do (docs/MODELS.md). 0 = any gain.
+    # an epoch improves on the best only by more than this many standard errors of the paired
+    # per-target difference (early_stop.paired_gain): on a flat curve a +0.001 is noise, and chasing
+    # it costs epochs on large logs; the same rule keeps the default variant unless another beats it.
+    # 0 = any gain.
     valid_min_gain_se: float = 1.0
     # after choosing the epoch: True = retrain from the same initial weights on the whole train
     # period for that many epochs (the held-out tail is the most recent data: YooChoose recall@10
@@ -327,15 +328,14 @@ def train_model(model: SeqModel, seqs: list[Sequence], cfg: TrainConfig, progres
     return history
 
 
-def served_variant(by_variant: dict[str, dict], cfg: TrainConfig) -> str:
-    """The variant to serve from its validation metrics: the best by cfg.valid_metric, unless the
-    default (the model's own repeat path, nothing masked) is within `min_gain` of it. On
-    taobao-dev's 925 validation targets (SE 0.016) the rule and the mixture swapped places from seed
-    to seed by less than that, while their test figures did not follow."""
-    best = max(by_variant, key=lambda v: (by_variant[v][cfg.valid_metric], v == DEFAULT_VARIANT))
-    own = by_variant[DEFAULT_VARIANT]
-    need = min_gain(own[cfg.valid_metric], own["events_scored"], cfg.valid_min_gain_se)
-    return best if by_variant[best][cfg.valid_metric] > own[cfg.valid_metric] + need else DEFAULT_VARIANT
+def served_variant(val: Validation, cfg: TrainConfig) -> str:
+    """The variant to serve from a validation pass: the best by cfg.valid_metric, unless its gain
+    over the default (the model's own repeat path, nothing masked) on the same targets is within
+    `valid_min_gain_se` standard errors (`early_stop.paired_gain`): then the default."""
+    best = max(val.metrics, key=lambda v: (val.metrics[v][cfg.valid_metric], v == DEFAULT_VARIANT))
+    gain, need = paired_gain(val.values(best, cfg.valid_metric), val.values(DEFAULT_VARIANT, cfg.valid_metric),
+                             cfg.valid_min_gain_se)
+    return best if gain > need else DEFAULT_VARIANT
 
 
 def patience(best_epoch: int, cfg: TrainConfig) -> int:
@@ -356,24 +356,27 @@ def _early_stopped(model: SeqModel, chunks: list[Sequence], split, cfg: TrainCon
           "valid_targets": split.targets, "valid_targets_total": split.targets_total, "refit": cfg.refit,
           "min_gain_se": cfg.valid_min_gain_se,
           "valid": [], "valid_seconds": 0.0, "setup_seconds": time.perf_counter() - t0}
-    best = {"value": -math.inf, "epoch": 0, "weights": None, "variant": DEFAULT_VARIANT}
+    best = {"value": -math.inf, "epoch": 0, "weights": None, "variant": DEFAULT_VARIANT, "values": None}
 
     def on_epoch(epoch: int) -> bool:
         t1 = time.perf_counter()
-        by_variant = validator(model)
+        val = validator(model)
         es["valid_seconds"] += time.perf_counter() - t1
-        # an epoch is worth the variant a checkpoint of it would serve: the best one, but the model's
-        # own unmasked path unless another beats it by more than the noise (`served_variant`)
-        variant = served_variant(by_variant, cfg)
-        m = by_variant[variant]
+        # an epoch is worth the variant a checkpoint of it would serve (`served_variant`)
+        variant = served_variant(val, cfg)
+        m = val.metrics[variant]
+        values = val.values(variant, cfg.valid_metric)
+        gain, need = (math.inf, 0.0) if best["values"] is None else paired_gain(values, best["values"],
+                                                                                 cfg.valid_min_gain_se)
+        improved = gain > need  # strictly better by more than the noise: a tie keeps the earlier epoch
         es["valid"].append({"epoch": epoch, "recall@10": m["recall@10"], "mrr": m["mrr"], "variant": variant,
-                            "variants": {v: {"recall@10": x["recall@10"], "mrr": x["mrr"]} for v, x in by_variant.items()}})
-        need = min_gain(best["value"], m["events_scored"], cfg.valid_min_gain_se)
-        improved = m[cfg.valid_metric] > best["value"] + need  # strict: a tie keeps the earlier epoch
+                            "gain": gain if math.isfinite(gain) else None, "min_gain": need,
+                            "variants": {v: {"recall@10": x["recall@10"], "mrr": x["mrr"]}
+                                         for v, x in val.metrics.items()}})
         if improved:
-            best.update(value=m[cfg.valid_metric], epoch=epoch, variant=variant,
+            best.update(value=m[cfg.valid_metric], epoch=epoch, variant=variant, values=values,
                         weights={k: v.detach().clone() for k, v in model.state_dict().items()})
-        note = " (best)" if improved else (f" (not above the best {best['value']:.4f} + {need:.4f})" if need else "")
+        note = " (best)" if improved else f" (gain {gain:+.4f} over the best, needs > {need:.4f})"
         log.info("%s epoch %d valid recall@10 %.4f mrr %.4f as %s%s", model.name, epoch, m["recall@10"], m["mrr"],
                  variant, note)
         return epoch - best["epoch"] >= patience(best["epoch"], cfg)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from core.items import ItemTable
-from models.early_stop import Validator, min_gain, split_validation
+from models.early_stop import Validator, paired_gain, per_target, split_validation
 from models.evaluation import build_model, evaluate_model
 from models.train import TrainConfig, sequences_from_frame, train_model
 from tools.data.synth_ecommerce import synth_ecommerce
@@ -56,30 +56,34 @@ def test_chosen_epoch_is_the_validation_argmax(stopped):
     assert hist["chosen_epoch"] < CFG.epochs  # else the restore below would prove nothing
 
 
-def test_min_gain_is_the_metrics_standard_error():
-    assert min_gain(0.1, 900, 1.0) == pytest.approx(0.01)  # sqrt(0.1 * 0.9 / 900)
-    assert min_gain(0.5, 10_000, 2.0) == pytest.approx(0.01)
-    assert min_gain(float("-inf"), 900, 1.0) == 0.0  # the first epoch always counts
-    assert min_gain(0.1, 900, 0.0) == 0.0
+def test_paired_gain_is_the_mean_difference_and_its_standard_error():
+    new, ref = np.array([1.0, 0.5, 0.0, 1.0]), np.array([0.5, 0.5, 0.0, 0.5])
+    gain, need = paired_gain(new, ref, 1.0)  # differences 0.5, 0, 0, 0.5: mean 0.25, sd 0.2887, n 4
+    assert gain == pytest.approx(0.25) and need == pytest.approx(0.2887 / 2, abs=1e-4)
+    assert paired_gain(new, ref, 2.0)[1] == pytest.approx(2 * need)
+    assert paired_gain(new, ref, 0.0) == (pytest.approx(0.25), 0.0)
+    assert paired_gain(ref, ref, 1.0) == (0.0, 0.0)  # identical rankings: no gain, no noise
+    assert per_target(np.array([1, 4, 20]), "mrr").tolist() == [1.0, 0.25, 0.05]
+    assert per_target(np.array([1, 10, 11]), "recall@10").tolist() == [1.0, 1.0, 0.0]
 
 
 def test_a_gain_within_the_standard_error_is_not_an_improvement(data):
-    """With the default rule (1 SE) the chosen epoch is the last one that beat the best so far by
-    more than one standard error, read off the recorded curve; later epochs count as no gain."""
+    """With the default rule (1 SE of the paired difference) the chosen epoch is the last one whose
+    gain over the best so far exceeded what the noise allows; later epochs count as no gain."""
     vectors, seqs = data
     torch.manual_seed(0)
     model = build_model("gru", vectors)
     cfg = TrainConfig(**{**CFG.__dict__, "valid_min_gain_se": 1.0})
     hist = train_model(model, seqs, cfg, progress=False)
     es = hist["early_stopping"]
-    n = es["valid_targets"]
-    best, chosen = -np.inf, 0
+    chosen = 0
     for v in es["valid"]:
-        if v[cfg.valid_metric] > best + min_gain(best, n, 1.0):
-            best, chosen = v[cfg.valid_metric], v["epoch"]
+        if v["gain"] is None or v["gain"] > v["min_gain"]:
+            chosen = v["epoch"]
     assert hist["chosen_epoch"] == chosen and es["min_gain_se"] == 1.0
+    assert all(v["min_gain"] > 0 for v in es["valid"][1:])
     argmax = int(np.argmax([v[cfg.valid_metric] for v in es["valid"]])) + 1
-    assert chosen < argmax  # on this curve the rule matters: epoch 5 is +0.010 over epoch 2, within one SE
+    assert chosen < argmax  # on this curve the rule matters: a later epoch is higher, within the noise
 
 
 def test_kept_weights_are_the_chosen_epochs(data, stopped):
@@ -93,7 +97,7 @@ def test_kept_weights_are_the_chosen_epochs(data, stopped):
     assert not all(torch.equal(kept[k], v) for k, v in last.state_dict().items())
     recorded = hist["early_stopping"]["valid"][hist["chosen_epoch"] - 1]
     assert recorded["variant"] == hist["served_variant"] == model.served.name
-    got = Validator(model, split)(model)[recorded["variant"]]["recall@10"]
+    got = Validator(model, split)(model).metrics[recorded["variant"]]["recall@10"]
     assert got == pytest.approx(recorded["recall@10"], abs=1e-12)
 
 
@@ -120,7 +124,7 @@ def test_validation_metric_is_the_evaluations(data, name):
     train_model(model, seqs, TrainConfig(epochs=1), progress=False)
     split = split_validation(seqs, 0.2, 400, 0)
     assert 0 < split.targets < split.targets_total  # the cap keeps a subset
-    got = Validator(model, split)(model)
+    got = Validator(model, split)(model).metrics
     train = {str(i): tuple(a[:s] for a in v) for i, (v, s) in enumerate(zip(split.valid, split.starts, strict=True))}
     test = {str(i): tuple(a[s:] for a in v) for i, (v, s) in enumerate(zip(split.valid, split.starts, strict=True))}
     ref = evaluate_model(model, train, test, progress=False)
