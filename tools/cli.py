@@ -61,7 +61,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--valid-fraction", type=float, default=d.valid_fraction,
                    help="early stopping: hold out this last fraction of the train period's time range (0: off, "
                         "a fixed --epochs)")
-    p.add_argument("--patience", type=int, default=d.patience, help="early stopping: epochs without improvement")
+    p.add_argument("--patience", type=int, default=d.patience,
+                   help="early stopping: epochs without improvement (or half the best epoch's count, when more)")
     p.add_argument("--valid-metric", choices=list(VALID_METRICS), default=d.valid_metric)
     p.add_argument("--valid-min-gain-se", type=float, default=d.valid_min_gain_se,
                    help="early stopping: an epoch is better only by more than this many standard errors of the "

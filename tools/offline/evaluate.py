@@ -165,20 +165,23 @@ def memory_split_table(report: dict, metric: str = "recall@10") -> str:
 
 
 def early_stopping_table(report: dict) -> str:
-    """Per trained model: the chosen epoch, the epochs run and the validation curve (or why it was off)."""
-    rows = ["| model | chosen epoch | epochs run | valid targets | valid recall@10 by epoch (best in bold) | refit |",
-            "|---|---|---|---|---|---|"]
+    """Per trained model: the chosen epoch and variant, the epochs run and the validation curve of
+    the metric that chose them (or why early stopping was off)."""
+    rows = ["| model | chosen epoch | served | epochs run | valid targets | valid metric by epoch (chosen in bold) | refit |",
+            "|---|---|---|---|---|---|---|"]
     for name, res in report["results"].items():
         es = res.get("early_stopping")
         if not es:
             continue
         if not es.get("used"):
-            rows.append(f"| {name} | {res.get('chosen_epoch')} (fixed) | {len(res['epoch_seconds'])} | – | off: {es['reason']} | – |")
+            rows.append(f"| {name} | {res.get('chosen_epoch')} (fixed) | {res.get('served_variant', '–')} | "
+                        f"{len(res['epoch_seconds'])} | – | off: {es['reason']} | – |")
             continue
-        curve = ", ".join(f"**{v['recall@10']:.4f}**" if v["epoch"] == res["chosen_epoch"] else f"{v['recall@10']:.4f}"
+        metric = es.get("metric", "recall@10")
+        curve = ", ".join(f"**{v[metric]:.4f}**" if v["epoch"] == res["chosen_epoch"] else f"{v[metric]:.4f}"
                           for v in es["valid"])
-        rows.append(f"| {name} | {res['chosen_epoch']} | {es['epochs_run']} | {es['valid_targets']} | {curve} | "
-                    f"{'yes' if es['refit'] else 'no'} |")
+        rows.append(f"| {name} | {res['chosen_epoch']} | {res.get('served_variant', '–')} | {es['epochs_run']} | "
+                    f"{es['valid_targets']} | {metric}: {curve} | {'yes' if es['refit'] else 'no'} |")
     return "\n".join(rows)
 
 
