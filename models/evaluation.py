@@ -104,12 +104,57 @@ def variant_ranks(model: SeqModel, st: dict[str, Tensor], u: Tensor, base: Tenso
     return out
 
 
+class Tallies:
+    """What `evaluate_model` accumulates: every variant's ranks, and the "rep+none"-style splits of
+    each repeat path: targets that open a session, by the type of the event before them, and in or
+    out of the memory (what a repeat path can reach vs explore only)."""
+
+    def __init__(self, n_items: int):
+        self.n_items = n_items
+        self.variants = {variant_name(r, e): RankAccumulator() for r, e in VARIANTS}
+        self.session_start = RankAccumulator()  # where the cross-session state has to earn its keep
+        self.after = {(rep, ty): RankAccumulator() for rep in REPEATS for ty in range(len(EVENT_TYPES))}
+        self.by_mem = {(rep, hit): RankAccumulator() for rep in REPEATS for hit in (True, False)}
+        self.skipped = 0  # targets without an item vector
+        self.in_memory = 0  # scored targets already in the recent-items memory
+
+    def add(self, ranks: dict[str, dict[str, Tensor]], prev_type: Tensor, hit: Tensor, opens: Tensor) -> None:
+        """ranks from `variant_ranks` for k scored targets; prev_type, hit, opens (k,)."""
+        self.in_memory += int(hit.sum())
+        for rep in REPEATS:
+            for excl in EXCLUDES:
+                self.variants[variant_name(rep, excl)].add(ranks[rep][excl])
+            for j in prev_type.unique().tolist():
+                if j >= 0:
+                    self.after[(rep, j)].add(ranks[rep]["none"][prev_type == j])
+            self.by_mem[(rep, True)].add(ranks[rep]["none"][hit])
+            self.by_mem[(rep, False)].add(ranks[rep]["none"][~hit])
+        self.session_start.add(ranks["rep"]["none"][opens])
+
+    def summary(self) -> dict:
+        n = self.n_items
+        out = {name: acc.summary(n) for name, acc in self.variants.items()}
+        for summary in out.values():  # what a live deployment counts: an unknown item is a miss
+            summary["all_events"] = over_all_events(summary, self.skipped)
+        out["session_start"] = self.session_start.summary(n)
+        out["by_memory"] = {variant_name(rep, "none"): {"in_memory": self.by_mem[(rep, True)].summary(n),
+                                                         "not_in_memory": self.by_mem[(rep, False)].summary(n)}
+                            for rep in REPEATS}
+        out["after_event_type"] = {variant_name(rep, "none"): {EVENT_TYPES[ty]: self.after[(rep, ty)].summary(n)
+                                                               for ty in range(len(EVENT_TYPES)) if self.after[(rep, ty)].n}
+                                   for rep in REPEATS}
+        out["targets_skipped_unknown_item"] = self.skipped
+        out["targets_in_memory"] = self.in_memory
+        return out
+
+
 @torch.no_grad()
 def evaluate_model(
     model: SeqModel, train: dict[str, Sequence], test: dict[str, Sequence], batch_users: int = 256, progress: bool = True,
     group_types: tuple[dict[str, Sequence], dict[str, Sequence]] | None = None,
 ) -> dict:
-    """Score every test event of every test user; returns {variant: metrics} plus skip counts.
+    """Score every test event of every test user; returns {variant: metrics} plus the splits of
+    `Tallies` and the skip counts.
 
     `after_event_type` groups the targets by the type of the event before them, read from
     `group_types` (train, test) when given (the real types while the model sees none), else from
@@ -121,19 +166,11 @@ def evaluate_model(
     """
     model.eval()
     users = sorted(test, key=lambda x: (-len(test[x][0]), x))
-    accs = {variant_name(r, e): RankAccumulator() for r, e in VARIANTS}
-    # targets that open a new session: where the cross-session state has to earn its keep
-    starts = RankAccumulator()
-    # targets by the type of the event just before them (a cart, a purchase, a view): the event-type signal
-    after = {(rep, ty): RankAccumulator() for rep in REPEATS for ty in range(len(EVENT_TYPES))}
-    # targets already in the memory (what a repeat path can reach) vs the rest (explore only)
-    by_mem = {(rep, hit): RankAccumulator() for rep in REPEATS for hit in (True, False)}
+    tallies = Tallies(model.n_items)
     gap = model.cfg.session_gap_ms
-    skipped = 0
-    in_memory = 0  # scored targets already in the recent-items memory (what a repeat path can reach)
     empty = (np.zeros(0, np.int64),) * 3
-    total = sum(len(test[x][0]) for x in users)
-    bar = progress_bar(total=total, desc=f"eval {model.name}", unit="ev", disable=not progress, leave=False)
+    bar = progress_bar(total=sum(len(test[x][0]) for x in users), desc=f"eval {model.name}", unit="ev",
+                       disable=not progress, leave=False)
     for i in range(0, len(users), batch_users):
         group = users[i : i + batch_users]
         st, u = warm_up(model, model.init_state(len(group)), [train.get(x, empty) for x in group])
@@ -150,10 +187,8 @@ def evaluate_model(
             sk = _take(st, k)
             target = ev.item[:k, t]
             scored = target > 0
-            skipped += int((~scored).sum())
+            tallies.skipped += int((~scored).sum())
             if scored.any():
-                hit = (sk["mem_item"][scored] == target[scored, None]).any(1)  # (k',)
-                in_memory += int(hit.sum())
                 opens = opens_session(ev.ts[:k, t], sk["last_ts"], gap)
                 u_next = model.next_session_embedding(sk)
                 # the serving side knows the request time, so a returning user gets the start embedding
@@ -165,17 +200,9 @@ def evaluate_model(
                 sk_s = sk
                 if not bool(scored.all()):  # (k, N+1) copy only when some target has no vector
                     base, sk_s, u_eval = base[scored], {key: v[scored] for key, v in sk.items()}, u_eval[scored]
-                ranks = variant_ranks(model, sk_s, u_eval, base, target[scored])
-                ty = prev_type[:k][scored]
-                for rep in REPEATS:
-                    for excl in EXCLUDES:
-                        accs[variant_name(rep, excl)].add(ranks[rep][excl])
-                    for j in ty.unique().tolist():
-                        if j >= 0:
-                            after[(rep, j)].add(ranks[rep]["none"][ty == j])
-                    by_mem[(rep, True)].add(ranks[rep]["none"][hit])
-                    by_mem[(rep, False)].add(ranks[rep]["none"][~hit])
-                starts.add(ranks["rep"]["none"][(opens & (sk["last_ts"] >= 0))[scored]])
+                tallies.add(variant_ranks(model, sk_s, u_eval, base, target[scored]), prev_type[:k][scored],
+                            hit=(sk_s["mem_item"] == target[scored, None]).any(1),
+                            opens=(opens & (sk["last_ts"] >= 0))[scored])
             new, u_new = model.step(sk, EventBatch(*(x[:k, t : t + 1] for x in (ev.item, ev.etype, ev.ts, ev.mask))))
             _put(st, new, k)
             u[:k] = u_new
@@ -184,19 +211,7 @@ def evaluate_model(
                 model.update_running(run[:k], ev.item[:k, t])
             bar.update(k)
     bar.close()
-    out = {name: acc.summary(model.n_items) for name, acc in accs.items()}
-    for summary in out.values():  # what a live deployment counts: an unknown item is a miss
-        summary["all_events"] = over_all_events(summary, skipped)
-    out["session_start"] = starts.summary(model.n_items)
-    out["by_memory"] = {variant_name(rep, "none"): {"in_memory": by_mem[(rep, True)].summary(model.n_items),
-                                                     "not_in_memory": by_mem[(rep, False)].summary(model.n_items)}
-                        for rep in REPEATS}
-    out["after_event_type"] = {variant_name(rep, "none"): {EVENT_TYPES[ty]: after[(rep, ty)].summary(model.n_items)
-                                                           for ty in range(len(EVENT_TYPES)) if after[(rep, ty)].n}
-                               for rep in REPEATS}
-    out["targets_skipped_unknown_item"] = skipped
-    out["targets_in_memory"] = in_memory
-    return out
+    return tallies.summary()
 
 
 def build_model(name: str, vectors: np.ndarray, **cfg_overrides) -> SeqModel:
