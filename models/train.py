@@ -78,7 +78,7 @@ class TrainConfig:
     valid_min_gain_se: float = 1.0
     # after choosing the epoch: True = retrain from the same initial weights on the whole train
     # period for that many epochs (the held-out tail is the most recent data: YooChoose recall@10
-    # +0.010..0.014 over keeping, docs/RESULTS.md "Issue 8, fourth pass"); False = keep the best
+    # +0.010..0.014 over keeping, measured with an earlier model, docs/MODELS.md); False = keep the best
     # epoch's weights (trained without the tail; cheaper)
     refit: bool = True
     # the mixture's gate and repeat head learn only from targets the test and the stream can score:

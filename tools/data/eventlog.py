@@ -293,7 +293,7 @@ def dataset_stats(df: pd.DataFrame, gap_ms: float) -> dict:
 
 
 def repeat_profile(df: pd.DataFrame, gap_ms: float, test_frac: float = 0.2) -> dict:
-    """The repeat structure of a log (issue 8's facts): share of events that re-touch an item of
+    """The repeat structure of a log: share of events that re-touch an item of
     the same user, the distance back (in the user's events) to the previous touch, how many cross
     a session break, event-type shares, sessions per user and session length (medians), and the
     share of test events (global temporal split) whose item never occurs in the train part."""

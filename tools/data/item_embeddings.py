@@ -11,7 +11,7 @@ Three kinds:
   standardised log training count. PPMI divides popularity out, and with unit-norm vectors
   <u, x_i> cannot rank a popular item above a rare one in the same direction; the extra coordinate
   gives the explore score an additive popularity term whose weight (u's last coordinate) each
-  model learns per context. Measured (docs/RESULTS.md, "Issue 8, fourth pass"): YooChoose-100k
+  model learns per context. Measured with an earlier model: YooChoose-100k
   recall@10 hiertcn +0.025, gru +0.011, hgru +0.004; ML-100K hiertcn +0.006.
 - "directed": ordered pairs (a before b) give a non-symmetric PPMI M ~ U S V^T; vectors =
   [U sqrt(S) ; V sqrt(S)] (dim/2 each, the "source" and "target" halves, as word2vec's input and

@@ -1,4 +1,4 @@
-"""`livemb synth --profile ecommerce`: a click log shaped like a real e-commerce log (issue 8).
+"""`livemb synth --profile ecommerce`: a click log shaped like a real e-commerce log.
 
 What is planted (measured on the generated log by `tools.data.eventlog.repeat_profile`, see
 tests/test_synth.py and docs/RESULTS.md):

@@ -7,7 +7,7 @@
 Reports of the same log (dataset.source and size) are pooled: the best fixed rule of a log is the
 best `rule+none` of any model in any of its reports (the counting baselines' `rep` is the rule),
 per metric; each trained model's `rep+none` (exclude_seen none) is compared with it. Prints one
-Markdown table (issue 8's bar: the mixture at least as good as the best fixed rule on every log).
+Markdown table (the bar: the mixture at least as good as the best fixed rule on every log).
 """
 
 from __future__ import annotations
