@@ -179,8 +179,8 @@ class MixtureHead(nn.Module):
 
     The slot MLP reads the user's behaviour with the item only (count, recency, time, sessions,
     event types), not the item's explore score: on training data the explore path has seen the
-    sequences it predicts, so a slot scorer that reads its score learns to trust it, and on
-    taobao-dev that cost the own-item ranking 0.62 -> 0.58 recall@10 by epoch 10 (docs/MODELS.md).
+    sequences it predicts, so a slot scorer that reads its score learns to trust it (taobao-dev,
+    10 epochs: in-memory recall@10 0.53 with it, 0.62 without; docs/MODELS.md).
     The explore score still enters each memory item's mixture probability, (1 - g) P_explore.
     """
 
