@@ -69,3 +69,11 @@ def test_the_check_sees_a_function_level_import(tmp_path: Path) -> None:
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "x.py").write_text("import math\n\ndef f():\n    import numpy\n    from models.train import g\n")
     assert function_level_imports("models", tmp_path) == ["models/x.py:5 imports models.train inside f"]
+
+
+def test_every_package_directory_is_a_regular_package() -> None:
+    """setuptools' find_packages (pyproject) skips a directory without __init__.py, so a wheel (the
+    Docker image) would miss its modules while the editable install still finds them."""
+    missing = [str(d.relative_to(ROOT)) for pkg in LAYERS for d in [ROOT / pkg, *(ROOT / pkg).rglob("*")]
+               if d.is_dir() and "__pycache__" not in d.parts and any(d.glob("*.py")) and not (d / "__init__.py").exists()]
+    assert missing == []
