@@ -53,6 +53,21 @@ def test_a_log_without_repeats_serves_the_history_mask(logs):
     assert chosen[model.served.name]["recall@10"] > chosen["rep+none"]["recall@10"]
 
 
+@pytest.mark.parametrize("name", ["last", "sknn"])
+def test_a_model_with_nothing_to_train_still_chooses_its_variant(logs, name):
+    """Counting models rank on the held-out tail too: the mask on the log without repeats, none on
+    the repeat-heavy one, and the final counts come from the whole train period."""
+    table, few, once = logs
+    for df, mask in ((once, "history"), (few, "none")):
+        model, hist = _trained(table, df, name)
+        assert model.served.exclude_seen == mask, (name, model.served)
+        assert hist["early_stopping"]["variant_chosen"]
+        seen = hist["early_stopping"]["variants"]
+        assert seen[model.served.name]["recall@10"] >= seen["rep+none" if mask == "history" else "rep+history"]["recall@10"]
+    if name == "sknn":  # counted on the whole train period, not the fit part
+        assert int(model.pop.sum()) == int((table.lookup(few["item_id"].to_numpy()) > 0).sum())
+
+
 def test_the_checkpoint_carries_the_variant_and_flags_override_it(logs, tmp_path):
     table, _, _ = logs
     model = build_model("gru", table.padded_vectors())

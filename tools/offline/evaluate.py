@@ -173,6 +173,11 @@ def early_stopping_table(report: dict) -> str:
         es = res.get("early_stopping")
         if not es:
             continue
+        if not es.get("used") and not res.get("epoch_seconds"):  # nothing trained: only the variant was chosen
+            if es.get("variant_chosen"):
+                rows.append(f"| {name} | – (counts) | {res['served_variant']} | – | {es['valid_targets']} | "
+                            f"nothing to train: the variant was chosen on the held-out tail | – |")
+            continue
         if not es.get("used"):
             rows.append(f"| {name} | {res.get('chosen_epoch')} (fixed) | {res.get('served_variant', '–')} | "
                         f"{len(res['epoch_seconds'])} | – | off: {es['reason']} | – |")
