@@ -70,3 +70,37 @@ def test_stalled_agent_shows_growing_lag_and_fails_healthz(broker: EmbeddedBroke
         assert "debug_stall_after_batches=1: the agent hangs here" in w.log_path.read_text(errors="replace")
     finally:
         w.stop(signal.SIGKILL, timeout=10)
+
+
+@pytest.mark.integration
+def test_after_a_rebalance_each_partition_has_one_lag_series(broker: EmbeddedBroker,
+                                                            worker_factory: Callable[..., WorkerProc]) -> None:
+    """A second worker joins: the first one's revoked partitions lose their series (they used to
+    stay at their last value on both workers, double-counting the summed lag)."""
+    setup_topics(broker)
+    a, b = worker_factory("a"), worker_factory("b")
+    try:
+        a.start()
+        a.wait_ready()
+        produce(broker.bootstrap, [event(f"u{i}", i, T0 + i) for i in range(40)])
+        wait_until(lambda: a.metric("livemb_events_total", outcome="ok") == 40, 60, "a applied every event")
+        wait_until(lambda: set(lag_series(a)) == set("0123"), 15, f"a reports 4 partitions ({lag_series(a)})")
+        b.start()
+        b.wait_ready()
+
+        def split() -> bool:
+            la, lb = set(lag_series(a)), set(lag_series(b))
+            return bool(la) and bool(lb) and not la & lb and la | lb == set("0123")
+
+        wait_until(split, 60, "each partition reported by exactly one worker")
+        got = (lag_series(a), lag_series(b))
+        print(f"\nlag series after the rebalance: a {got[0]}, b {got[1]}")
+        assert sum(got[0].values()) + sum(got[1].values()) == 0
+        produce(broker.bootstrap, [event(f"u{i}", i, T0 + 100 + i) for i in range(40)])  # both keep working
+        wait_until(lambda: a.metric("livemb_events_total", outcome="ok") + b.metric("livemb_events_total",
+                                                                                   outcome="ok") == 80,
+                   60, "the 40 new events applied by the two workers")
+        assert split(), (lag_series(a), lag_series(b))
+    finally:
+        b.stop(signal.SIGKILL, timeout=10)
+        a.stop(signal.SIGKILL, timeout=10)
