@@ -105,6 +105,16 @@ class Settings(BaseSettings):
     data_dir: str = Field("runs/worker", description="RocksDB state directory of the worker (created if missing)")
     web_port: int = Field(6066, ge=0, le=65535, description="port of /metrics, /healthz, /readyz (0: any free port)")
     web_host: str = Field("127.0.0.1", description="bind address of /metrics, /healthz, /readyz (0.0.0.0 in a container)")
+    # stream/health.py: the agent hung (an await that never returns) or the event loop blocked.
+    healthz_stall_s: float = Field(
+        60.0, ge=0, description="/healthz answers 503 when no batch finished for this long while input waits (lag > 0 "
+        "on an assigned partition of a ready worker), or when the worker's event loop ran no timer for this long "
+        "(s); 0 turns the check off"
+    )
+    debug_stall_after_batches: int | None = Field(
+        None, ge=0, description="TEST ONLY, never in production: after this many batches the agent hangs for ever "
+        "(timers, heartbeats and HTTP go on), to test /healthz and the lag metric (unset: off)"
+    )
     # Short so a restarted worker gets its partitions back fast on the embedded broker (faust
     # sends no LeaveGroup on SIGTERM); see docs/STREAMING.md. Use ~30 s on a real Kafka.
     session_timeout_s: float = Field(6.0, gt=0, description="consumer-group session timeout (s)")

@@ -8,6 +8,7 @@ The one entry point is `livemb worker` (tools/cli.py), which calls `run_worker`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -24,7 +25,7 @@ from stream.batch import BatchStep
 from stream.batching import adaptive_batches
 from stream.gap_repair import GapRepair
 from stream.kafka_io import BrokerUnreachable, bootstrap_of, plain_consumer, wait_for_broker
-from stream.lag import partition_lag
+from stream.lag import LagTracker
 from stream.logs import quiet_repeats
 from stream.metrics import Metrics, serve
 from stream.ports import BatchProcessor, InputRecord, OutputRecord
@@ -119,29 +120,51 @@ def make_app(settings: Settings, processor: BatchProcessor, metrics: Metrics,
     )  # fmt: skip
 
     sweep = IdleSweep(settings, processor, TableStore(table), TopicSink(app), metrics)
+    lag = LagTracker(metrics.consumer_lag)  # livemb_consumer_lag: after each batch and on the lag timer
+    highwater = functools.partial(faust_compat.fetch_highwater, app)
 
     @app.on_partitions_revoked.connect
     async def _revoked(_app: Any, revoked: Any, **_: Any) -> None:
         step.forget([(tp.topic, tp.partition) for tp in revoked])
         sweep.forget([(tp.topic, tp.partition) for tp in revoked])
+        lag.forget(revoked)  # their series go now: a stale copy double-counts after the rebalance
 
     @app.agent(t_in)
     async def interactions(stream: Any) -> None:
         faust_compat.widen_producer_buffer(app, 2 * settings.batch_max_events)
         try:
             async for batch in adaptive_batches(stream, settings.batch_max_events, settings.batch_max_wait_ms / 1000):
+                await debug_stall()
                 records = [InputRecord(m.topic, m.partition, m.offset, m.key, m.value, ev)
                            for ev in batch for m in (ev.message,)]  # fmt: skip
                 report = await step.run(records)
+                metrics.liveness.progressed()
                 sweep.observe(records, report.applied)
-                lag = partition_lag(((ev.message.tp, ev.message.offset) for ev in batch), app.consumer.highwater)
-                for tp, behind in lag.items():
-                    metrics.consumer_lag.labels(str(tp.partition)).set(behind)
-                await sweep.maybe_run(sum(lag.values()))  # between batches: idle sessions (stream/sweep.py)
+                behind = lag.batch_done(((ev.message.tp, ev.message.offset) for ev in batch), highwater)
+                await sweep.maybe_run(sum(behind.values()))  # between batches: idle sessions (stream/sweep.py)
         except Exception as e:  # the failed batch is not acked (stream/batching.py): a restart replays it
             if on_fatal is None:
                 raise
             on_fatal(e)
+
+    batches = 0
+
+    async def debug_stall() -> None:
+        """`debug_stall_after_batches` (tests only): hang inside the next batch, as an agent whose
+        await never returns would; the event loop, timers, heartbeats and HTTP keep running."""
+        nonlocal batches
+        batches += 1
+        if settings.debug_stall_after_batches is not None and batches > settings.debug_stall_after_batches:
+            log.warning("debug_stall_after_batches=%d: the agent hangs here (a test setting)",
+                        settings.debug_stall_after_batches)
+            await asyncio.Event().wait()
+
+    @app.timer(1.0)
+    async def lag_timer() -> None:
+        """Lag of every assigned input partition, also while no batch comes (stream/lag.py); feeds /healthz."""
+        assigned = [tp for tp in app.consumer.assignment() if tp.topic == settings.topic_in]
+        lag.refresh(assigned, highwater, functools.partial(faust_compat.committed_offset, app))
+        metrics.liveness.observe(lag.total(), metrics.readiness.ready)
 
     counted = False
 
@@ -170,7 +193,7 @@ def run_worker(settings: Settings, processor: BatchProcessor, loglevel: str = "i
         Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"cannot create the data directory {settings.data_dir!r}: {e.strerror}") from None
-    metrics = Metrics()
+    metrics = Metrics(stall_s=settings.healthz_stall_s)
     server = serve(metrics, settings.web_port, settings.web_host)  # /readyz answers 503 while waiting
     log.info("metrics on http://%s:%s/metrics", settings.web_host, server.server_port)
     quiet_repeats()

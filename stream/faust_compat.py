@@ -22,6 +22,7 @@ import faust.streams
 from faust.stores.rocksdb import Store as RocksDBStore
 from faust.tables.recovery import Recovery
 from faust.tables.table import Table
+from faust.transport.consumer import Consumer
 from faust.transport.producer import Producer, ProducerBuffer
 
 from state.guard import keep_newer
@@ -44,6 +45,7 @@ PRIVATE_API: tuple[tuple[object, str], ...] = (
     (Recovery, "in_recovery"),
     (Recovery, "_recovery_started_at"),
     (Recovery, "_recovery_ended_at"),
+    (Consumer, "_committed_offset"),  # an instance attribute: found by its annotation
     (Producer, "buffer"),  # an instance attribute: found by its annotation (ProducerT)
     (ProducerBuffer, "max_messages"),
 )
@@ -136,6 +138,25 @@ def widen_producer_buffer(app: Any, max_messages: int) -> None:
     """Each state write queues one changelog message; let a whole batch fit before Faust's
     conductor pauses for the producer buffer (0.15.3 default 100, no setting for it)."""
     app.producer.buffer.max_messages = max(app.producer.buffer.max_messages, max_messages)
+
+
+# ---------------------------------------------------------------------------- consumer offsets
+def committed_offset(app: Any, tp: Any) -> int | None:
+    """The group's committed offset of an assigned partition as Faust last knew it (the next offset
+    to read: read from the broker at assignment, updated after each of Faust's commits), without a
+    broker round trip. None when there is none (offset 0 included: Faust stores it as None).
+    Private `Consumer._committed_offset` of 0.15.3."""
+    return app.consumer._committed_offset.get(tp)
+
+
+def fetch_highwater(app: Any, tp: Any) -> int | None:
+    """The consumer's fetch high-water mark of `tp` (None before its first fetch response, or when
+    the partition was revoked meanwhile: aiokafka asserts that it is assigned, and the assignment
+    changes on Faust's consumer thread)."""
+    try:
+        return app.consumer.highwater(tp)
+    except AssertionError:
+        return None
 
 
 # ---------------------------------------------------------------------------- changelog recovery

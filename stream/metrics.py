@@ -1,8 +1,11 @@
 """Prometheus metrics (SPEC section 8, prefix `livemb_`) and the /metrics, /healthz, /readyz server.
 
 The registry is a dedicated `CollectorRegistry` per `Metrics` object, so tests and the demo can run
-several workers in one process without "Duplicated timeseries" errors. The HTTP server is a
-stdlib thread, independent of Faust, so /healthz answers while tables are still recovering.
+several workers in one process without "Duplicated timeseries" errors; it also carries
+prometheus_client's process (`process_cpu_seconds_total`, `process_resident_memory_bytes`,
+`process_open_fds`, ...) and platform (`python_info`) collectors. The HTTP server is a stdlib
+thread, independent of Faust, so /healthz answers while tables are still recovering; /healthz is
+`stream.health.Liveness` (503 with the reason when the agent is stalled), /readyz `Readiness`.
 """
 
 from __future__ import annotations
@@ -12,9 +15,19 @@ from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 
 from core.outcomes import Outcome
+from stream.health import Liveness
 
 OUTCOMES = tuple(Outcome)  # the `outcome` label values
 LATENCY_BUCKETS = (
@@ -45,8 +58,11 @@ class Readiness:
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, stall_s: float = 0.0) -> None:
+        """stall_s: the /healthz stall limit (`healthz_stall_s`; 0: /healthz is 200 while the process lives)."""
         r = self.registry = registry or CollectorRegistry()
+        ProcessCollector(registry=r)  # CPU, RSS, open fds of this process
+        PlatformCollector(registry=r)
         p = "livemb_"
         self.events = Counter(p + "events_total", "Input events by outcome", ["outcome"], registry=r)
         for o in OUTCOMES:
@@ -66,7 +82,8 @@ class Metrics:
         self.sessions_closed = Counter(
             p + "sessions_closed_total", "Idle sessions closed by the sweep (next-session message sent)", registry=r
         )
-        self.consumer_lag = Gauge(p + "consumer_lag", "Input lag (messages)", ["partition"], registry=r)
+        self.consumer_lag = Gauge(p + "consumer_lag", "Input records still to process, per assigned partition "
+                                  "(fetch high-water - processed position; stream/lag.py)", ["partition"], registry=r)
         self.users_in_state = Gauge(p + "users_in_state", "Users with a state row", registry=r)
         self.model_info = Gauge(p + "model_info", "Served model", ["model", "version", "device"], registry=r)
         self.outputs = Counter(p + "outputs_total", "Messages published to the output topic", registry=r)
@@ -94,6 +111,7 @@ class Metrics:
         for res in ("ok", "refused"):
             self.model_reloads.labels(res)
         self.readiness = Readiness("tables_recovered", "model_loaded")
+        self.liveness = Liveness(stall_s)
         self._model: tuple[str, str, str] | None = None
 
     def count(self, outcomes: Mapping[Outcome, int]) -> None:
@@ -165,7 +183,11 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/metrics":
             self._send(200, self.metrics.render(), CONTENT_TYPE_LATEST)
         elif path == "/healthz":
-            self._send(200, b'{"ok":true}', "application/json")
+            why = self.metrics.liveness.problem()
+            if why is None:
+                self._send(200, b'{"ok":true}', "application/json")
+            else:
+                self._send(503, orjson.dumps({"ok": False, "reason": why}), "application/json")
         elif path == "/readyz":
             snap = self.metrics.readiness.snapshot()
             ok = all(snap.values())

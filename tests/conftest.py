@@ -51,7 +51,9 @@ class WorkerProc:
     def log_path(self) -> Path:
         return self.log_dir / f"worker-{self.runs}.log"
 
-    def start(self, batch_max_events: int = 256, processor: str = "tests.counting:make_processor") -> WorkerProc:
+    def start(self, batch_max_events: int = 256, processor: str = "tests.counting:make_processor",
+              env: dict[str, str] | None = None) -> WorkerProc:
+        """`env`: LIVEMB_* settings without a flag (the caller's own LIVEMB_* are never inherited)."""
         self.runs += 1
         self.port = free_port()
         cmd = worker_command(
@@ -60,9 +62,9 @@ class WorkerProc:
             "--web-port", str(self.port), "--partitions", str(self.partitions),
             "--batch-max-events", str(batch_max_events), "--loglevel", "info",
         )  # fmt: skip
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LIVEMB_")}
+        child_env = {k: v for k, v in os.environ.items() if not k.startswith("LIVEMB_")} | (env or {})
         self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT
+            cmd, cwd=ROOT, env=child_env, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT
         )
         return self
 
