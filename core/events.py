@@ -15,4 +15,6 @@ class ValidEvent:
     partition: int
     offset: int
     topic: str = ""
-    raw: bytes = field(default=b"", repr=False, compare=False)  # kept for a too_late DLQ record
+    raw: bytes = field(default=b"", repr=False, compare=False)  # kept for a later DLQ record (too_late, ...)
+    key: bytes | None = field(default=None, repr=False, compare=False)  # the Kafka key, for the DLQ record
+    headers: tuple[tuple[str, bytes], ...] = field(default=(), repr=False, compare=False)  # the Kafka headers, idem

@@ -26,6 +26,31 @@ from models.retrieval import IndexFileError, Retriever, load_index
 
 log = logging.getLogger("livemb.serving")
 
+_VECTOR = {"type": "array", "items": {"type": "number"}, "minItems": 1}
+# The `recommendations` message (SPEC section 5): every field `build_messages` writes, as JSON
+# Schema properties. stream/contracts.py makes docs/schemas/recommendations.schema.json of it and
+# tests/test_contracts.py checks real messages against it, field for field.
+MESSAGE_FIELDS: dict[str, dict] = {
+    "user_id": {"type": "string", "minLength": 1, "description": "the user (also the Kafka key)"},
+    "dim": {"type": "integer", "minimum": 1, "description": "length of `embedding` and `next_session_embedding` "
+            "(the item-vector dimension D); a consumer holding vectors of another length meets a new model"},
+    "embedding": {**_VECTOR, "description": "u_t: the user's embedding in item space after the latest event "
+                  "(score(item) = <u_t, x_item>); dim floats"},
+    "candidates": {"type": "array", "description": "top-K, best first: the explore path's faiss hits merged with "
+                   "the repeat path's scores, seen items removed per exclude_seen",
+                   "items": {"type": "object", "required": ["item_id", "score"], "additionalProperties": False,
+                             "properties": {"item_id": {"type": "string"}, "score": {"type": "number"}}}},
+    "session_id": {"type": "string", "description": "<user_id>:<session counter>"},
+    "event_ts": {"type": "integer", "description": "ts of the user's latest applied event (epoch ms)"},
+    "emitted_at": {"type": "integer", "description": "when the message was built (epoch ms)"},
+    "model": {"type": "string", "pattern": "^.+@.+$", "description": "<name>@<version> of the checkpoint"},
+    "items_version": {"type": "string", "description": "fingerprint of the item table"},
+    "next_session_embedding": {"oneOf": [_VECTOR, {"type": "null"}], "description": "the embedding to use if "
+                               "the next event opens a new session (dim floats); null for models without sessions"},
+    "session_closed": {"const": True, "description": "only on the idle sweep's message for a timed-out session"},
+}
+MESSAGE_REQUIRED = tuple(k for k in MESSAGE_FIELDS if k != "session_closed")
+
 
 @dataclass
 class Serving:
@@ -97,12 +122,14 @@ def build_messages(
     nxt = next_emb.detach().float().cpu().numpy() if next_emb is not None else None
     sessions = state["session"].cpu().numpy()
     ids = table.id_of(items)  # (B, K) str, '' for "no candidate"
+    dim = int(emb.shape[1])
     for b, user in enumerate(users):
         keep = items[b] > 0
         cands = [{"item_id": i, "score": float(s)} for i, s in zip(ids[b][keep].tolist(), scores[b][keep].tolist(), strict=True)]
         yield user, orjson.dumps(
             {
                 "user_id": user,
+                "dim": dim,
                 "embedding": emb[b],
                 "candidates": cands,
                 "session_id": f"{user}:{int(sessions[b])}",

@@ -66,7 +66,8 @@ class TopicSink:
 
     async def publish(self, records: Sequence[OutputRecord]) -> None:
         send = self.app.producer.send
-        futs = [await send(r.topic, r.key, r.value, partition=None, timestamp=None, headers=None) for r in records]
+        futs = [await send(r.topic, r.key, r.value, partition=None, timestamp=None, headers=list(r.headers) or None)
+                for r in records]
         await asyncio.gather(*futs)
 
 
@@ -135,7 +136,7 @@ def make_app(settings: Settings, processor: BatchProcessor, metrics: Metrics,
         try:
             async for batch in adaptive_batches(stream, settings.batch_max_events, settings.batch_max_wait_ms / 1000):
                 await debug_stall()
-                records = [InputRecord(m.topic, m.partition, m.offset, m.key, m.value, ev)
+                records = [InputRecord(m.topic, m.partition, m.offset, m.key, m.value, ev, tuple(m.headers or ()))
                            for ev in batch for m in (ev.message,)]  # fmt: skip
                 report = await step.run(records)
                 metrics.liveness.progressed()

@@ -4,7 +4,8 @@ The commit order (docs/STREAMING.md quotes this list; the code marks each step `
 
   1. Continuity: input offsets the consumer skipped inside a partition are re-read from the
      broker and put right before the record that revealed the hole (stream/gap_repair.py).
-  2. Validate: each record becomes a `ValidEvent` or an `Invalid` (-> DLQ with its reason).
+  2. Validate: each record becomes a `ValidEvent` or an `Invalid` (-> DLQ: the original record +
+     its reason as headers, stream/dlq.py).
   3. Read: each touched user's row, once, under that user's own partition.
   4. Guard: every event is decided against the row's input offset (of the same topic incarnation),
      event-id memory and last_ts (state/guard.py): ok / late / duplicate / redelivered /
@@ -39,6 +40,8 @@ from core.events import ValidEvent
 from core.outcomes import DlqReason, Outcome
 from core.settings import Settings
 from state.guard import BatchPlan, plan_batch, wrap
+from stream.contracts import OUTPUT_HEADERS
+from stream.dlq import dead_letter
 from stream.gap_repair import OffsetContinuity
 from stream.metrics import Metrics
 from stream.ports import BatchProcessor, InputLog, InputRecord, OutputRecord, OutputSink, StateStore, StepResult
@@ -190,7 +193,7 @@ class BatchStep:
         valid: list[ValidEvent] = []
         bad: list[Invalid] = []
         for r in records:
-            v = validate(r.value, r.topic, r.partition, r.offset, now_ms, self.settings, key=r.key)
+            v = validate(r.value, r.topic, r.partition, r.offset, now_ms, self.settings, key=r.key, headers=r.headers)
             (bad if isinstance(v, Invalid) else valid).append(v)
         return valid, bad
 
@@ -239,9 +242,9 @@ class BatchStep:
     async def publish(self, result: StepResult, bad: Sequence[Invalid]) -> tuple[float, float]:
         """Step 6. Returns once the broker acknowledged every output and DLQ record, with the
         time of that moment (wall-clock ms, perf_counter s) for the latency metrics."""
-        s = self.settings
-        out = [OutputRecord(s.topic_out, u.encode(), v) for u, v in result.outputs]
-        out += [OutputRecord(s.topic_dlq, None, b.dlq_payload()) for b in bad]
+        s, now_ms = self.settings, int(time.time() * 1000)
+        out = [OutputRecord(s.topic_out, u.encode(), v, OUTPUT_HEADERS) for u, v in result.outputs]
+        out += [dead_letter(b, s.topic_dlq, now_ms) for b in bad]
         if out:
             await self.sink.publish(out)
         return time.time() * 1000, time.perf_counter()

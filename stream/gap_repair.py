@@ -139,7 +139,8 @@ class GapRepair:
         while len(got) < end - first and time.monotonic() < deadline:
             for rec in c.poll(200, max_records=max(1, end - first)).get(ktp, []):
                 if first <= rec.offset < end:
-                    got[rec.offset] = InputRecord(topic, partition, rec.offset, rec.key, rec.value)
+                    got[rec.offset] = InputRecord(topic, partition, rec.offset, rec.key, rec.value,
+                                                  headers=tuple(rec.headers or ()))
         if len(got) < end - first:
             log.error("gap repair of %s[%d] got %d of %d records [%d, %d)", topic, partition, len(got), end - first,
                       first, end)

@@ -12,6 +12,8 @@ from typing import Any, Protocol
 
 from core.events import ValidEvent
 
+Headers = tuple[tuple[str, bytes], ...]  # Kafka record headers, in order (names may repeat)
+
 
 @dataclass(frozen=True, slots=True)
 class InputRecord:
@@ -24,6 +26,7 @@ class InputRecord:
     key: bytes | None
     value: bytes
     handle: Any = field(default=None, compare=False, repr=False)
+    headers: Headers = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +34,7 @@ class OutputRecord:
     topic: str
     key: bytes | None
     value: bytes
+    headers: Headers = ()  # `recommendations`: stream.contracts.OUTPUT_HEADERS; DLQ: stream.dlq
 
 
 class StateStore(Protocol):

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from core.events import ValidEvent
 from core.settings import Settings
 from state.guard import unwrap
+from stream.contracts import OUTPUT_HEADERS
 from stream.metrics import Metrics
 from stream.ports import BatchProcessor, InputRecord, OutputRecord, OutputSink, StateStore
 
@@ -178,7 +179,7 @@ class IdleSweep:
         outputs = self.processor.idle_messages(rows, last_ts)
         if outputs:
             topic = self.settings.topic_out
-            await self.sink.publish([OutputRecord(topic, u.encode(), v) for u, v in outputs])
+            await self.sink.publish([OutputRecord(topic, u.encode(), v, OUTPUT_HEADERS) for u, v in outputs])
         if self.metrics is not None:
             self.metrics.outputs.inc(len(outputs))
             self.metrics.sessions_closed.inc(len(outputs))

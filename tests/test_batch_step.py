@@ -14,6 +14,7 @@ from core.settings import Settings
 from state.guard import GuardState, unwrap, wrap
 from state.record import decode, encode
 from stream.batch import BatchStep, Step
+from stream.dlq import REASON_HEADER, header
 from stream.metrics import Metrics
 from stream.ports import StepResult
 from tests.counting import CountingProcessor
@@ -82,7 +83,8 @@ def test_counters_and_dlq_reasons_are_exact() -> None:
     report = run(step, recs)
     assert +report.counts == {"ok": 1, "duplicate": 1, "late": 1, "too_late": 1, "invalid": 1}
     assert report.dlq == {"too_late": 1, "not_json": 1}
-    assert [orjson.loads(r.value)["reason"] for r in sink.on("interactions.dlq")] == ["not_json", "too_late"]
+    assert [header(r.headers, REASON_HEADER) for r in sink.on("interactions.dlq")] == ["not_json", "too_late"]
+    assert [r.value for r in sink.on("interactions.dlq")] == [b"{not json", recs[3].value]  # the original bytes
     assert metrics.event_count("invalid") == 1 and metrics.event_count("ok") == 1
     assert count_of(store, "a") == 2
     again = run(step, recs)  # an at-least-once redelivery of the whole batch
@@ -99,8 +101,9 @@ def test_processor_failure_sends_exactly_the_applied_events_to_the_dlq() -> None
     recs = [record("a", "i1", T0, 0, event_id="x"), record("a", "i1", T0 + 1, 1, event_id="x"),
             record("b", "i2", T0, 2, event_id="y")]
     report = run(step, recs)
-    dlq = [orjson.loads(r.value) for r in sink.on("interactions.dlq")]
-    assert [(d["reason"], d["offset"]) for d in dlq] == [("processing_error", 0), ("processing_error", 2)]
+    dlq = [(header(r.headers, REASON_HEADER), header(r.headers, "__connect.errors.offset"), r.key)
+           for r in sink.on("interactions.dlq")]
+    assert dlq == [("processing_error", "0", b"a"), ("processing_error", "2", b"b")]
     assert +report.counts == {"error": 2, "duplicate": 1}
     assert sink.on("recommendations") == []
     assert run(step, recs).counts["redelivered"] == 3  # guards advanced: a replay is not re-sent
@@ -145,7 +148,7 @@ def test_a_mixed_batch_counts_one_outcome_per_event() -> None:
     report = run(step, recs)
     assert report.counts == {Outcome.ERROR: 3, Outcome.DUPLICATE: 1, Outcome.INVALID: 1}
     assert report.dlq == {DlqReason.PROCESSING_ERROR: 3, DlqReason.NOT_JSON: 1}
-    assert sorted(orjson.loads(r.value)["reason"] for r in sink.on("interactions.dlq")) == [
+    assert sorted(header(r.headers, REASON_HEADER) for r in sink.on("interactions.dlq")) == [
         "not_json", "processing_error", "processing_error", "processing_error"]
 
 
@@ -157,8 +160,9 @@ def test_unreadable_and_foreign_rows_affect_only_their_user() -> None:
     store.rows[(0, "foreign")] = foreign
     recs = [record(u, "i1", T0 + i, i) for i, u in enumerate(["junk", "good", "foreign", "good", "junk"])]
     report = run(step, recs)
-    dlq = [(orjson.loads(r.value)["reason"], orjson.loads(r.value)["offset"]) for r in sink.on("interactions.dlq")]
-    assert sorted(dlq) == [("state_unreadable", 0), ("state_unreadable", 2), ("state_unreadable", 4)]
+    dlq = [(header(r.headers, REASON_HEADER), header(r.headers, "__connect.errors.offset"))
+           for r in sink.on("interactions.dlq")]
+    assert sorted(dlq) == [("state_unreadable", "0"), ("state_unreadable", "2"), ("state_unreadable", "4")]
     assert [r.key for r in sink.on("recommendations")] == [b"good"]
     assert count_of(store, "good") == 2
     assert store.rows[(0, "junk")] == junk and store.rows[(0, "foreign")] == foreign  # kept for inspection
@@ -262,7 +266,7 @@ def test_publish_fails_after_part_of_the_batch_was_sent() -> None:
 
     topics_keys = [(r.topic, r.key) for r in resumed_sink.records]
     out = [("recommendations", u) for u in USERS]
-    assert topics_keys == out + out[:2] + out + [("interactions.dlq", None)] + out
+    assert topics_keys == out + out[:2] + out + [("interactions.dlq", b"u9")] + out  # the DLQ keeps the key
     assert all(count_of(store, u.decode()) == 6 for u in USERS)  # 6 events each, applied once
     want_rows, _ = uninterrupted()
     assert store.rows == want_rows

@@ -21,10 +21,10 @@ def test_offline_pipeline(tmp_path, capsys):
     rows = [orjson.loads(line) for line in out.read_bytes().splitlines()]
     assert len(rows) == 30
     r = rows[0]
-    assert set(r) == {"user_id", "embedding", "candidates", "session_id", "event_ts", "emitted_at", "model",
+    assert set(r) == {"user_id", "dim", "embedding", "candidates", "session_id", "event_ts", "emitted_at", "model",
                       "items_version", "next_session_embedding"}  # SPEC section 5
     assert len(r["next_session_embedding"]) == 8  # hiertcn has a session hierarchy
-    assert len(r["embedding"]) == 8 and len(r["candidates"]) == 5 and r["model"].startswith("hiertcn@")
+    assert r["dim"] == len(r["embedding"]) == 8 and len(r["candidates"]) == 5 and r["model"].startswith("hiertcn@")
     js, png = tmp_path / "eval.json", tmp_path / "eval.png"
     assert main(["evaluate", "--data", str(log), "--models", "mv,sr,gru", "--epochs", "1", "--dim", "8",
                  "--json", str(js), "--plot", str(png)]) == 0

@@ -74,7 +74,7 @@ def test_module_map_check_catches_a_missing_and_a_stale_row() -> None:
 
 
 # The product docs (docs/MODELS.md and the results docs are rewritten elsewhere and not checked here).
-PRODUCT_DOCS = ["README.md", "docs/ARCHITECTURE.md", "docs/STREAMING.md", "docs/BENCHMARKS.md",
+PRODUCT_DOCS = ["README.md", "docs/ARCHITECTURE.md", "docs/STREAMING.md", "docs/CONTRACTS.md", "docs/BENCHMARKS.md",
                 "deploy/models/README.md"]
 JOURNAL = re.compile(
     r"\bissue\s+\d+|\bissue's\b|\bthe issue\b|\bsession\s+1\d\b|\bsessions?\s+\d+\s*(?:,|and)\s*\d+"

@@ -21,8 +21,10 @@ from models.retrieval import Retriever
 from models.serving import Serving
 from models.train import TrainConfig, sequences_from_frame, train_model
 from stream.broker import free_port
+from stream.contracts import recommendations_schema
 from stream.kafka_io import replay
 from tests.conftest import wait_until
+from tests.schema_check import errors
 from tools.data.synth import synth_log
 from tools.harness import start_worker, stop_process, wait_ready
 from tools.offline.commands import embed_users
@@ -30,6 +32,7 @@ from tools.offline.commands import embed_users
 PARTITIONS = 4
 
 
+SCHEMA = recommendations_schema()
 EXTRA = ("--partitions", str(PARTITIONS), "--topk", "10", "--batch-max-events", "256")
 
 
@@ -40,11 +43,15 @@ class LastMessages:
         self.c.assign(tps)
         self.c.seek_to_beginning(*tps)
         self.last: dict[str, dict] = {}
+        self.checked = 0
 
     def poll(self) -> dict[str, dict]:
         for recs in self.c.poll(200, max_records=20000).values():
             for r in recs:
                 d = orjson.loads(r.value)
+                self.checked += 1  # every record, the idle sweep's included, is in the contract
+                assert errors(d, SCHEMA) == [], errors(d, SCHEMA)[:3]
+                assert dict(r.headers) == {"schema_version": b"1", "content-type": b"application/json"}
                 if d.get("session_closed"):  # the idle sweep's next-session message (stream/sweep.py)
                     continue
                 self.last[d["user_id"]] = d  # keyed by user: partition order == that user's order
@@ -100,3 +107,4 @@ def test_live_worker_equals_offline_embed_across_sigkill(broker, tmp_path):
     assert worst <= 1e-4, f"live vs offline max abs diff {worst}"
     assert all(live[u]["session_id"] == offline[u]["session_id"] for u in offline)
     assert all(len(live[u]["candidates"]) == 10 for u in offline)
+    assert out.checked >= len(offline) and all(live[u]["dim"] == table.dim for u in offline)

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from core.events import ValidEvent
 from core.settings import Settings
 from state.record import StateRecordError, decode, encode
+from stream.dlq import MAX_DLQ_VALUE_BYTES, REASON_HEADER, dead_letter, header
 from stream.validate import MAX_USER_ID_CHARS, Invalid, validate
 
 SETTINGS = Settings()
@@ -72,8 +73,9 @@ def check_outcome(raw: bytes, key: bytes | None) -> None:
     out = validate(raw, "interactions", 3, 42, NOW, SETTINGS, key=key)
     if isinstance(out, Invalid):
         assert isinstance(out.reason, str) and out.reason
-        doc = orjson.loads(out.dlq_payload())  # the DLQ record itself is valid JSON with its fields
-        assert {"reason", "topic", "partition", "offset", "raw"} <= set(doc) and doc["offset"] == 42
+        rec = dead_letter(out, "interactions.dlq", NOW)  # the original record + the error headers
+        assert rec.key == key and rec.value == raw[:MAX_DLQ_VALUE_BYTES]
+        assert header(rec.headers, REASON_HEADER) == out.reason and header(rec.headers, "__connect.errors.offset") == "42"
         return
     assert isinstance(out, ValidEvent)
     assert 0 < len(out.user_id) <= MAX_USER_ID_CHARS and out.item_id != ""

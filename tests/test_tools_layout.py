@@ -64,7 +64,7 @@ SAMPLES = {
     "embed": ["--data", "log.csv", "--model", "m.pt", "--items", "items.npz", "--out", "u.jsonl"],
     "broker": [], "worker": [], "index": ["--items", "items.npz", "--out", "i.faiss"], "replay": ["log.csv"],
     "tail": [], "rebuild-state": [], "config": [], "dashboard": ["--prometheus", "http://p", "--out", "d.png"],
-    "demo": [], "soak": [], "bench": [],
+    "demo": [], "soak": [], "bench": [], "schemas": [], "dlq": ["tail"],
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import struct
 
 import orjson
 import pytest
@@ -10,6 +11,7 @@ import pytest
 import stream.validate
 from core.outcomes import DlqReason
 from core.settings import Settings
+from stream.dlq import DlqEntry, dead_letter, reason_message, redrive_headers
 from stream.validate import Invalid, ValidEvent, derive_event_id, too_late, validate
 
 NOW = 1_700_000_000_000
@@ -145,35 +147,70 @@ def test_key_must_match_user() -> None:
     assert isinstance(check({"user_id": 5, "item_id": "i", "ts": NOW}, key=b"5"), ValidEvent)
 
 
-def test_dlq_payload_utf8() -> None:
-    inv = check(None, raw=b"hello \xc3\xa9")
+def dlq(inv: Invalid | ValidEvent) -> DlqEntry:
     assert isinstance(inv, Invalid)
-    d = orjson.loads(inv.dlq_payload())
-    assert d == {"reason": "not_json", "topic": "interactions", "partition": 2, "offset": 41, "raw": "hello é"}
+    r = dead_letter(inv, "interactions.dlq", NOW)
+    return DlqEntry("interactions.dlq", 0, 0, r.key, r.value, r.headers)
 
 
-def test_dlq_payload_base64_for_binary() -> None:
+def test_dlq_record_keeps_key_value_and_headers_and_adds_the_error() -> None:
+    raw = b"hello \xc3\xa9"
+    inv = validate(raw, "interactions", 2, 41, NOW, S, key=b"u1", headers=(("trace", b"t-1"), ("x", b"\xff")))
+    e = dlq(inv)
+    assert (e.key, e.value) == (b"u1", raw)
+    assert e.headers[:2] == (("trace", b"t-1"), ("x", b"\xff"))  # the original ones first, in order
+    assert e.error() == {"topic": "interactions", "partition": 2, "offset": 41, "reason": "not_json",
+                         "message": reason_message(DlqReason.NOT_JSON), "timestamp": NOW, "schema_version": 1}
+    assert dict(e.headers)["__connect.errors.exception.class.name"] == b"not_json"
+
+
+def test_dlq_record_of_binary_value_and_its_json_form() -> None:
     raw = b"\xff\xfe\x00bin"
-    inv = check(None, raw=raw)
-    assert isinstance(inv, Invalid)
-    d = orjson.loads(inv.dlq_payload())
-    assert d["raw_encoding"] == "base64" and base64.b64decode(d["raw"]) == raw and d["reason"] == "not_json"
+    e = dlq(check(None, raw=raw))
+    doc = e.to_json()
+    assert doc["value"] == {"base64": base64.b64encode(raw).decode()} and doc["key"] is None
+    back = DlqEntry.from_json(orjson.loads(orjson.dumps(doc)))
+    assert back == e  # the JSON form round-trips, bytes and headers included
 
 
-def test_dlq_payload_truncates_huge_raw() -> None:
+def test_dlq_record_truncates_huge_value() -> None:
     raw = b"x" * (600 * 1024)
-    inv = check(None, raw=raw)
-    d = orjson.loads(inv.dlq_payload())  # type: ignore[union-attr]
-    assert d["reason"] == "oversized" and d["raw_truncated"] and d["raw_size"] == len(raw)
-    assert len(d["raw"]) == 256 * 1024
+    e = dlq(check(None, raw=raw))
+    assert e.error()["reason"] == "oversized" and e.truncated and len(e.value) == 256 * 1024
+    assert e.to_json()["value_truncated"] == len(raw)
 
 
-def test_too_late_record_keeps_raw() -> None:
+def test_every_reason_has_a_message() -> None:
+    assert all(reason_message(r) for r in DlqReason)
+    assert reason_message(DlqReason.MISSING_TS) == "field ts is missing"
+
+
+def test_too_late_record_keeps_raw_key_and_headers() -> None:
     raw = orjson.dumps({"user_id": "u", "item_id": "i", "ts": NOW})
-    ev = validate(raw, "interactions", 1, 9, NOW, S)
+    ev = validate(raw, "interactions", 1, 9, NOW, S, key=b"u", headers=(("h", b"1"),))
     assert isinstance(ev, ValidEvent)
-    d = orjson.loads(too_late(ev).dlq_payload())
-    assert d["reason"] == "too_late" and d["raw"] == raw.decode() and (d["partition"], d["offset"]) == (1, 9)
+    e = dlq(too_late(ev))
+    assert (e.key, e.value, e.headers[0]) == (b"u", raw, ("h", b"1"))
+    assert (e.reason, e.error()["partition"], e.error()["offset"]) == ("too_late", 1, 9)
+
+
+def test_redrive_headers_drop_the_error_and_name_the_source() -> None:
+    e = dlq(validate(b"{", "interactions", 0, 3, NOW, S, headers=(("trace", b"t"),)))
+    assert redrive_headers(e.headers, e.source) == (("trace", b"t"), ("livemb-redriven-from", b"interactions.dlq/0/0"))
+
+
+def confluent(doc: object, schema_id: int = 7) -> bytes:
+    return b"\x00" + struct.pack(">I", schema_id) + orjson.dumps(doc)
+
+
+def test_confluent_wire_format_is_read_as_its_json() -> None:
+    doc = {"user_id": "u1", "item_id": "i9", "ts": NOW - 5}
+    ev = check(None, raw=confluent(doc, 123456))
+    assert isinstance(ev, ValidEvent) and (ev.user_id, ev.item_id, ev.ts) == ("u1", "i9", NOW - 5)
+    assert ev.event_id == check(doc).event_id  # the same event as the plain JSON (dedupe works across both)
+    assert reason(None, raw=confluent({"user_id": "u1", "ts": NOW})) == "missing_field:item_id"
+    assert reason(None, raw=b"\x00\x00\x00\x00\x07not json") == "not_json"
+    assert reason(None, raw=b"\x00\x00") == "not_json"  # too short for the framing
 
 
 def test_never_raises_on_garbage() -> None:

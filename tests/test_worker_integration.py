@@ -17,6 +17,7 @@ import pytest
 from state.guard import unwrap
 from state.record import decode
 from stream.broker import EmbeddedBroker
+from stream.dlq import DlqEntry
 from stream.metrics import Metrics, serve, summarize_histogram
 from tests.conftest import WorkerProc, consume_all, event, produce, wait_until
 
@@ -130,11 +131,11 @@ def test_counts_dlq_replay_and_partitions(broker: EmbeddedBroker, worker_factory
             lambda: (r := consume_all(broker.bootstrap, "interactions.dlq", 0.5)) and len(r) >= len(want_reasons) and r,
             30, "DLQ records",
         )  # fmt: skip
-        docs = [orjson.loads(r.value) for r in dlq]
-        assert collections.Counter(d["reason"] for d in docs) == want_reasons
-        binary = next(d for d in docs if d.get("raw_encoding") == "base64")
-        assert binary["reason"] == "not_json" and binary["topic"] == "interactions"
-        assert all({"reason", "topic", "partition", "offset", "raw"} <= set(d) for d in docs)
+        entries = [DlqEntry(r.topic, r.partition, r.offset, r.key, r.value, tuple(r.headers)) for r in dlq]
+        assert collections.Counter(e.reason for e in entries) == want_reasons
+        binary = next(e for e in entries if e.value == b"\xff\xfe binary")  # the original bytes, key kept
+        assert (binary.reason, binary.key, binary.error()["topic"]) == ("not_json", b"x", "interactions")
+        assert all(None not in e.error().values() for e in entries)  # every error header present
         _, metrics_body = w.http("/metrics")
         assert b"livemb_event_to_publish_seconds_bucket" in metrics_body and b"livemb_batch_size" in metrics_body
 

@@ -306,3 +306,26 @@ class BenchArgs(SettingsArgs):
     plot: str
     workdir: str
     settings: SettingsFlags
+
+
+@dataclass(frozen=True)
+class SchemasArgs(Args):
+    out: str
+    check: bool
+
+
+@dataclass(frozen=True)
+class DlqArgs(Args):
+    action: str
+    broker: str | None
+    reason: str | None
+    n: int
+    jsonl: bool
+    idle_s: float
+    since: str | None
+    from_offset: int | None
+    from_file: str | None
+    dry_run: bool
+
+    def settings_overrides(self) -> dict[str, Any]:
+        return {"broker": self.broker}

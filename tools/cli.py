@@ -27,12 +27,14 @@ from tools.args import (
     ConfigArgs,
     DashboardArgs,
     DemoArgs,
+    DlqArgs,
     EmbedArgs,
     EvaluateArgs,
     IndexArgs,
     ItemEmbeddingsArgs,
     RebuildArgs,
     ReplayArgs,
+    SchemasArgs,
     SoakArgs,
     SynthArgs,
     TailArgs,
@@ -48,6 +50,8 @@ from tools.offline import commands as offline
 from tools.ops.config_doc import readme_block
 from tools.ops.dashboard import cmd_dashboard
 from tools.ops.demo import run_demo
+from tools.ops.dlq import add_parsers as add_contract_parsers
+from tools.ops.dlq import run_dlq, run_schemas
 from tools.ops.rebuild import run_rebuild
 
 # How a command runs: build_parser() declares every flag; main() reads the parsed flags once into
@@ -208,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout-s", type=float, default=24 * 3600.0)
     _settings_args(p)
 
+    add_contract_parsers(sub)  # schemas, dlq (tools/ops/dlq.py)
+
     sub.add_parser("config", help="print the configuration reference (every LIVEMB_* variable) as Markdown")
 
     p = sub.add_parser("dashboard", help="render the key panels from a Prometheus to a PNG (matplotlib)")
@@ -367,6 +373,8 @@ COMMANDS: dict[str, Command] = {
     "tail": Command(TailArgs, run_tail),
     "rebuild-state": Command(RebuildArgs, run_rebuild),
     "config": Command(ConfigArgs, run_config),
+    "schemas": Command(SchemasArgs, run_schemas),
+    "dlq": Command(DlqArgs, run_dlq),
     "dashboard": Command(DashboardArgs, lambda a, _settings: cmd_dashboard(a)),
     "demo": Command(DemoArgs, run_demo),
     "soak": Command(SoakArgs, run_soak),
