@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.choices import REPEAT_MODES
 from core.errors import DataError
 from models import repeat
 
@@ -168,8 +169,8 @@ class SeqModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig, item_vectors: Tensor | np.ndarray):
         super().__init__()
-        if cfg.repeat not in repeat.REPEAT_MODES:
-            raise ValueError(f"repeat must be one of {repeat.REPEAT_MODES}, got {cfg.repeat!r}")
+        if cfg.repeat not in REPEAT_MODES:
+            raise ValueError(f"repeat must be one of {REPEAT_MODES}, got {cfg.repeat!r}")
         self.cfg = cfg
         vecs = torch.as_tensor(np.asarray(item_vectors, dtype=np.float32))
         if vecs.ndim != 2 or vecs.shape[1] != cfg.dim:

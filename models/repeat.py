@@ -64,12 +64,11 @@ class Variant:
         return cls(rep, excl or "none")
 
     def mode(self, own: str) -> str:
-        """The repeat mode (REPEAT_MODES) this variant scores with, for a model whose own mode is `own`."""
+        """The repeat mode (core.choices.REPEAT_MODES) this variant scores with, for a model whose own mode is `own`."""
         return {"rep": own, "rule": "rule", "norep": "none"}[self.repeat]
 
 
 MEMORY_FIELDS = ("mem_item", "mem_count", "mem_seq", "mem_ts", "mem_sess", "mem_etype", "mem_seen")
-REPEAT_MODES = ("mixture", "rule", "none")
 EPOCH_S = 1_577_836_800  # 2020-01-01 UTC: the origin of mem_ts
 COUNT_MAX = 32767
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from core.choices import LOSSES, VALID_METRICS
 from core.errors import ConfigError, DataError
 from core.progress import progress as progress_bar
 from models import repeat
@@ -35,11 +36,6 @@ from models.repeat import Variant
 from models.replay import MemoryCache, Sequence, first_seen_ms, next_item_predictions
 
 log = logging.getLogger(__name__)
-
-LOSSES = ("hinge", "bpr", "nce", "l2", "ce")
-
-
-VALID_METRICS = ("recall@10", "mrr")
 
 
 @dataclass(frozen=True)

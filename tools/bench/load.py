@@ -23,6 +23,7 @@ import numpy as np
 import orjson
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+from core.extras import require
 from stream.gap_repair import GapRepair
 from tools.bench import components
 from tools.harness import metric_samples, rss_bytes
@@ -226,8 +227,8 @@ def markdown(r: dict) -> str:
 
 
 def plot(r: dict, path: str) -> None:
-    import matplotlib  # third-party, only here: matplotlib stays off every other command's path
-
+    # third-party, only here: matplotlib stays off every other command's path
+    matplotlib = require("matplotlib", "the bench plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from core.errors import ConfigError, DataError
+from core.extras import require
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,7 @@ def _open_source(path: Path, kind: str, gz: bool, sep: str | None):
             raise DataError(f"{path}: empty log (no header, no events)") from None
         return [str(c) for c in header], lambda cols: pd.read_csv(path, sep=sep, dtype=str, usecols=cols)
     if kind == "parquet":
-        import pyarrow.parquet as pq
-
+        pq = require("pyarrow.parquet", f"{path}: reading Parquet")
         return list(pq.read_schema(path).names), lambda cols: pd.read_parquet(path, columns=cols)
     # JSONL (a .json file holding one JSON array is accepted too): the whole file is parsed once.
     opener = gzip.open if gz else open

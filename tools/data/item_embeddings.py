@@ -32,6 +32,7 @@ import logging
 import numpy as np
 import pandas as pd
 
+from core.choices import ITEM_VECTOR_KINDS
 from core.errors import ConfigError, DataError
 from core.items import ItemTable
 from tools.data.eventlog import temporal_split
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 DENSE_MAX_ITEMS = 5000  # up to here the PPMI matrix is held dense (<= 100 MB float32)
 OVERSAMPLE = 10
 POWER_ITERS = 4
-KINDS = ("symmetric+pop", "symmetric", "directed", "symmetric+pop+recent")
+KINDS = ITEM_VECTOR_KINDS
 RECENT_FRACTION = 0.1  # symmetric+pop+recent: "recent" = the last 10 % of the given frame's time range
 DEFAULT_KIND = KINDS[0]
 

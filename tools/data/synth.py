@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from core.errors import ConfigError
+from core.extras import require
 
 T0_MS = 1_700_000_000_000  # 2023-11-14, an arbitrary but realistic epoch origin
 SESSION_GAP_MIN_MS = 3_600_001  # strictly more than 1 h between sessions
@@ -223,6 +224,7 @@ def write_log(df: pd.DataFrame, path: str | Path) -> Path:
     if ext in (".csv", ".tsv", ".txt"):
         out.to_csv(path, sep="," if ext == ".csv" else "\t", index=False)
     elif ext == ".parquet" and suffixes[-1] == ".parquet":
+        require("pyarrow", f"{path}: writing Parquet")
         out.to_parquet(path, index=False)
     elif ext in (".jsonl", ".json"):
         out.to_json(path, orient="records", lines=True, force_ascii=False)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.extras import require
 from models.base import EVENT_TYPES
 from models.evaluation import DEFAULT_VARIANT, REPEATS, VARIANTS, build_model, evaluate_model, variant_name
 from models.repeat import Variant
@@ -195,8 +196,7 @@ def write_outputs(report: dict, json_path: str | None, plot_path: str | None) ->
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(report, indent=2))
     if plot_path:
-        import matplotlib
-
+        matplotlib = require("matplotlib", "--plot")
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 

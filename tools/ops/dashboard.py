@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 from core.errors import ConfigError
+from core.extras import require
 from tools.args import DashboardArgs
 from tools.ops.prom import PromAPI, PrometheusError
 
@@ -86,8 +87,7 @@ class _Default(dict):
 
 
 def render(data, out: str, title: str, t0: float) -> None:
-    import matplotlib
-
+    matplotlib = require("matplotlib", "the dashboard PNG")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
