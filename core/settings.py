@@ -3,26 +3,32 @@
 Values come from, in order of precedence: command-line flags (the CLI passes them as keyword
 arguments), `LIVEMB_*` environment variables, then the defaults below. Nothing else in the code
 reads `os.environ` for configuration.
+
+`load_settings` turns an invalid value into one ConfigError line that names the variable (or flag)
+and the problem, and warns once about a `LIVEMB_*` variable that is no setting (a misspelling would
+otherwise be ignored silently), naming the closest one.
 """
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+import difflib
+import logging
+import os
+from collections.abc import Mapping
+from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
-# The choices of a setting, defined once: the CLI, the retriever and evaluation read them from here.
-ExcludeSeen = Literal["none", "session", "history"]
-EXCLUDE_SEEN: tuple[str, ...] = get_args(ExcludeSeen)
-RepeatPath = Literal["rep", "rule", "norep"]
-REPEAT_PATHS: tuple[str, ...] = get_args(RepeatPath)
-IndexKind = Literal["flat", "hnsw", "ivfpq"]
-INDEX_KINDS: tuple[str, ...] = get_args(IndexKind)
+from core.choices import ExcludeSeen, IndexKind, RepeatPath  # the choices of a setting, defined once
+from core.errors import ConfigError
+
+ENV_PREFIX = "LIVEMB_"
+log = logging.getLogger("livemb.settings")
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LIVEMB_", frozen=True, extra="forbid")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
 
     # --- Kafka ---------------------------------------------------------------------------
     broker: str = Field("kafka://127.0.0.1:9092", description="Kafka bootstrap servers, Faust style (kafka://host:port, ';'-separated for several)")
@@ -146,6 +152,55 @@ class Settings(BaseSettings):
         return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def env_name(field: str) -> str:
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+_SECRET = {n for n, f in Settings.model_fields.items() if "SecretStr" in str(f.annotation)}
+_warned: set[str] = set()
+
+
+def unknown_env(environ: Mapping[str, str]) -> dict[str, str | None]:
+    """`LIVEMB_*` variables that are no setting -> the closest setting's variable (None: none close).
+    Matched without regard to case, as pydantic-settings reads them."""
+    known = [n.upper() for n in Settings.model_fields]
+    out: dict[str, str | None] = {}
+    for key in environ:
+        name = key.upper()
+        if name.startswith(ENV_PREFIX) and name.removeprefix(ENV_PREFIX) not in known:
+            # compared without the prefix, which every name shares
+            close = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), known, n=1, cutoff=0.6)
+            out[key] = ENV_PREFIX + close[0] if close else None
+    return out
+
+
+def _warn_unknown_env() -> None:
+    for key, close in unknown_env(os.environ).items():
+        if key not in _warned:
+            _warned.add(key)
+            hint = f"did you mean {close}?" if close else "`livemb config` lists the settings"
+            log.warning("unknown environment variable %s is ignored (%s)", key, hint)
+
+
+def _problem(err: dict, overrides: Mapping[str, object]) -> str:
+    """One pydantic error as 'SOURCE=VALUE: problem', SOURCE the flag or the LIVEMB_* variable."""
+    if not err["loc"]:  # a rule across fields (model_validator)
+        return str(err["msg"]).removeprefix("Value error, ")
+    field = str(err["loc"][0])
+    source = f"--{field.replace('_', '-')}" if field in overrides else env_name(field)
+    value = "" if field in _SECRET or isinstance(err.get("input"), dict) else f"={err.get('input')!r}"
+    return f"{source}{value}: {err['msg'][:1].lower()}{err['msg'][1:]}"
+
+
 def load_settings(**overrides: object) -> Settings:
-    """Build settings from env + explicit overrides (None values are ignored)."""
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    """Build settings from env + explicit overrides (None values are ignored).
+
+    Raises ConfigError (one line: every invalid value with its variable or flag)."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    _warn_unknown_env()
+    try:
+        return Settings(**given)
+    except ValidationError as e:
+        raise ConfigError("invalid settings: " + "; ".join(_problem(err, given) for err in e.errors())) from None
+    except SettingsError as e:  # a value pydantic-settings could not even parse
+        raise ConfigError(f"invalid settings: {e}") from None

@@ -29,10 +29,10 @@ import faiss
 import numpy as np
 import torch
 
+from core.choices import EXCLUDE_SEEN, INDEX_KINDS
 from core.errors import ConfigError, DataError
 from core.items import ItemTable
 from core.progress import progress as progress_bar
-from core.settings import EXCLUDE_SEEN, INDEX_KINDS
 from models import repeat
 from models.base import SeqModel
 

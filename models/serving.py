@@ -16,9 +16,9 @@ import numpy as np
 import orjson
 import torch
 
+from core.choices import ExcludeSeen, IndexKind, RepeatPath
 from core.errors import ConfigError
 from core.items import ItemTable
-from core.settings import ExcludeSeen, IndexKind, RepeatPath
 from models.base import EventBatch, SeqModel
 from models.checkpoint import load_checkpoint, model_version
 from models.repeat import Variant

@@ -153,31 +153,31 @@ def test_exit_codes_are_set_in_core_errors_only():
 
 @pytest.mark.parametrize("cls_name", sorted(c.__name__ for c in _livemb_errors()))
 def test_cli_maps_each_livemb_error_to_its_exit_code_in_one_line(cls_name, monkeypatch, capsys):
-    import tools.cli
+    import tools.ops.config_doc
 
     cls, code = next((c, n) for c, n in _livemb_errors().items() if c.__name__ == cls_name)
 
     def fail():
         raise cls("the thing went wrong")
 
-    monkeypatch.setattr(tools.cli, "readme_block", fail)
+    monkeypatch.setattr(tools.ops.config_doc, "readme_block", fail)
     assert main(["config"]) == code
     assert capsys.readouterr().err == "livemb config: error: the thing went wrong\n"
 
 
 def test_cli_exit_code_for_a_missing_file_and_a_bug(monkeypatch, capsys):
-    import tools.cli
+    import tools.ops.config_doc
 
     def missing():
         open("/nonexistent/livemb.csv")
 
-    monkeypatch.setattr(tools.cli, "readme_block", missing)
+    monkeypatch.setattr(tools.ops.config_doc, "readme_block", missing)
     assert main(["config"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
 
     def bug():
         raise ValueError("not a livemb error: a bug")
 
-    monkeypatch.setattr(tools.cli, "readme_block", bug)
+    monkeypatch.setattr(tools.ops.config_doc, "readme_block", bug)
     with pytest.raises(ValueError, match="a bug"):  # a traceback, not a tidy exit 2
         main(["config"])

@@ -6,6 +6,9 @@ here whose fields are those flags' destinations, grouped where several commands 
 Namespace, nested groups from the same flat Namespace, and fails on a missing flag; the test
 tests/test_tools_layout.py checks the other way round (no flag that no field reads).
 `settings_overrides()` is what a command's flags set in `core.settings.Settings`.
+
+This module and tools/cli.py import no torch, pandas or faust: `livemb --help` stays fast, and the
+handlers (resolved by name at dispatch) import what they need.
 """
 
 from __future__ import annotations
@@ -14,10 +17,10 @@ import argparse
 import dataclasses
 import typing
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from core.settings import Settings
-from models.train import TrainConfig
+if TYPE_CHECKING:
+    from core.settings import Settings
 
 A = TypeVar("A")
 
@@ -42,9 +45,15 @@ def flag_fields(cls: type) -> set[str]:
     return out
 
 
+def add_log_args(p: argparse.ArgumentParser) -> None:
+    """The flags that say how to read an event log (tools/data/eventlog: `parse_columns`, `read_log`)."""
+    p.add_argument("--columns", help="column mapping, e.g. user=SessionId,item=ItemId,ts=Time")
+    p.add_argument("--ts-unit", choices=["s", "ms"], default="ms")
+
+
 @dataclass(frozen=True)
 class LogFormat:
-    """How to read an event log (tools/data/eventlog.add_log_args)."""
+    """How to read an event log (`add_log_args`)."""
 
     columns: str | None = None
     ts_unit: str = "ms"
@@ -68,28 +77,30 @@ class SettingsFlags:
 
 @dataclass(frozen=True)
 class TrainFlags:
-    """The training flags of `train` and `evaluate` (defaults: models.train.TrainConfig)."""
+    """The training flags of `train` and `evaluate`; unset (None): models.train.TrainConfig's default."""
 
-    epochs: int
-    valid_fraction: float
-    patience: int
-    valid_metric: str
-    valid_min_gain_se: float
-    refit: bool
-    loss: str
-    batch_size: int
-    lr: float
-    seed: int
+    epochs: int | None
+    valid_fraction: float | None
+    patience: int | None
+    valid_metric: str | None
+    valid_min_gain_se: float | None
+    refit: bool | None
+    loss: str | None
+    batch_size: int | None
+    lr: float | None
+    seed: int | None
     dim: int
     repeat: str | None
     recent_items: int | None
     item_vectors: str
 
-    def config(self) -> TrainConfig:
-        return TrainConfig(epochs=self.epochs, loss=self.loss, batch_size=self.batch_size, lr=self.lr,
-                           valid_fraction=self.valid_fraction, patience=self.patience,
-                           valid_metric=self.valid_metric, valid_min_gain_se=self.valid_min_gain_se,
-                           refit=self.refit, seed=self.seed)
+    def config_fields(self) -> dict[str, Any]:
+        """The models.train.TrainConfig fields the command line set (the rest keep their defaults)."""
+        fields = {"epochs": self.epochs, "loss": self.loss, "batch_size": self.batch_size, "lr": self.lr,
+                  "valid_fraction": self.valid_fraction, "patience": self.patience,
+                  "valid_metric": self.valid_metric, "valid_min_gain_se": self.valid_min_gain_se,
+                  "refit": self.refit, "seed": self.seed}
+        return {k: v for k, v in fields.items() if v is not None}
 
     def model_overrides(self, settings: Settings) -> dict[str, Any]:
         """ModelConfig fields set from the command line and settings."""

@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from core.errors import EXPECTED, ConfigError, exit_code
-from core.settings import EXCLUDE_SEEN, INDEX_KINDS, REPEAT_PATHS, Settings, load_settings
-from models.base import ModelConfig
-from models.repeat import REPEAT_MODES
-from models.retrieval import build_index_file
-from models.train import LOSSES, VALID_METRICS, TrainConfig
-from stream.broker import run_broker_foreground
-from stream.kafka_io import replay, tail
-from stream.processor import ModelProcessor
-from stream.security import kafka_python_security
+import core
+from core.choices import (
+    EXCLUDE_SEEN,
+    INDEX_KINDS,
+    ITEM_VECTOR_KINDS,
+    LOSSES,
+    REPEAT_MODES,
+    REPEAT_PATHS,
+    VALID_METRICS,
+)
+from core.errors import EXPECTED, exit_code
 from tools.args import (
     Args,
     BenchArgs,
@@ -40,51 +42,58 @@ from tools.args import (
     TailArgs,
     TrainArgs,
     WorkerArgs,
+    add_log_args,
     from_namespace,
 )
-from tools.bench.bench import run_bench
-from tools.bench.soak import run_soak
-from tools.data.eventlog import add_log_args, load_log
-from tools.data.item_embeddings import KINDS as ITEM_VECTOR_KINDS
-from tools.offline import commands as offline
-from tools.ops.config_doc import readme_block
-from tools.ops.dashboard import cmd_dashboard
-from tools.ops.demo import run_demo
-from tools.ops.dlq import add_parsers as add_contract_parsers
-from tools.ops.dlq import run_dlq, run_schemas
-from tools.ops.rebuild import run_rebuild
+
+if TYPE_CHECKING:
+    from core.settings import Settings
 
 # How a command runs: build_parser() declares every flag; main() reads the parsed flags once into
 # the command's frozen dataclass (tools/args.py), builds the settings from it (settings_for) and
 # calls the handler that COMMANDS (below) names for it, which returns the exit code.
+#
+# This module imports no torch, pandas, faust, kafka or pydantic (tests/test_cli_startup.py): the
+# handlers are named "module:function" in COMMANDS and imported when their command runs, so
+# `livemb --help` and `--version` answer at once, and each command loads only what it uses.
+# Flags whose default is a models.train.TrainConfig / models.base.ModelConfig field default to None
+# (unset): the config's own default applies, defined in one place.
+
+
+def version() -> str:
+    """The installed distribution's version, else the source tree's (core.__version__)."""
+    try:
+        return importlib.metadata.version("livemb")
+    except importlib.metadata.PackageNotFoundError:
+        return core.__version__
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    d = TrainConfig()  # the defaults live in one place
-    p.add_argument("--epochs", type=int, default=d.epochs, help="the maximum with early stopping, else the count")
-    p.add_argument("--valid-fraction", type=float, default=d.valid_fraction,
+    # default None: models.train.TrainConfig's default (tools/args.TrainFlags.config_fields)
+    p.add_argument("--epochs", type=int, help="the maximum with early stopping, else the count (default 20)")
+    p.add_argument("--valid-fraction", type=float,
                    help="early stopping: hold out this last fraction of the train period's time range (0: off, "
                         "a fixed --epochs)")
-    p.add_argument("--patience", type=int, default=d.patience,
+    p.add_argument("--patience", type=int,
                    help="early stopping: epochs without improvement (or half the best epoch's count, when more)")
-    p.add_argument("--valid-metric", choices=list(VALID_METRICS), default=d.valid_metric)
-    p.add_argument("--valid-min-gain-se", type=float, default=d.valid_min_gain_se,
+    p.add_argument("--valid-metric", choices=list(VALID_METRICS))
+    p.add_argument("--valid-min-gain-se", type=float,
                    help="early stopping: an epoch is better only by more than this many standard errors of the "
                         "metric (0: any gain)")
-    p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=d.refit,
+    p.add_argument("--refit", action=argparse.BooleanOptionalAction,
                    help="early stopping: after choosing the epoch count, retrain on the whole train period "
                         "(--no-refit: keep the best epoch's weights, trained without the held-out tail)")
-    p.add_argument("--loss", choices=list(LOSSES), default=d.loss)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--seed", type=int, default=d.seed,
+    p.add_argument("--loss", choices=list(LOSSES))
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int,
                    help="initial weights, batch order, negatives and the validation subset (rerun with others to "
                         "see the spread)")
     p.add_argument("--dim", type=int, default=64, help="item-vector size when they are built from the log")
-    m = ModelConfig()
-    p.add_argument("--repeat", choices=list(REPEAT_MODES), default=m.repeat,
-                   help="repeat path: learned mixture, the fixed recent-first rule, or none")
-    p.add_argument("--recent-items", type=int, default=m.recent_items, help="memory slots per user (state budget!)")
+    # default None: models.base.ModelConfig's default (tools/args.TrainFlags.model_overrides)
+    p.add_argument("--repeat", choices=list(REPEAT_MODES),
+                   help="repeat path: learned mixture (default), the fixed recent-first rule, or none")
+    p.add_argument("--recent-items", type=int, help="memory slots per user (state budget!)")
     _item_kind_arg(p)
 
 
@@ -105,9 +114,29 @@ def _settings_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--session-gap-s", type=float)
 
 
+def _contract_parsers(sub: argparse._SubParsersAction) -> None:
+    """`livemb schemas` and `livemb dlq` (handlers: tools/ops/dlq.py)."""
+    p = sub.add_parser("schemas", help="write the topic JSON Schemas (docs/schemas/) from the code, or --check them")
+    p.add_argument("--out", default="docs/schemas")
+    p.add_argument("--check", action="store_true", help="exit 1 when a file differs from the generated one")
+
+    p = sub.add_parser("dlq", help="the dead-letter topic: `tail` prints records, `redrive` re-produces them")
+    p.add_argument("action", choices=["tail", "redrive"])
+    p.add_argument("--broker", help="kafka://host:port")
+    p.add_argument("--reason", help="only records of this DlqReason (e.g. missing_field:ts)")
+    p.add_argument("-n", type=int, default=20, help="tail: the last N records (0: all)")
+    p.add_argument("--jsonl", action="store_true", help="tail: one JSON document per record (redrive --from-file)")
+    p.add_argument("--idle-s", type=float, default=2.0, help="stop reading the DLQ after this long without records")
+    p.add_argument("--since", help="redrive: records dead-lettered at or after T (epoch ms or ISO-8601)")
+    p.add_argument("--from-offset", type=int, help="redrive: records at DLQ offset >= N")
+    p.add_argument("--from-file", help="redrive: these `dlq tail --jsonl` lines (edited) instead of the DLQ")
+    p.add_argument("--dry-run", action="store_true", help="redrive: print what would be sent, send nothing")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="livemb", description=__doc__)
     ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("--version", action="version", version=f"livemb {version()}")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("synth", help="synthetic log with planted long-term tastes and session intents")
@@ -212,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout-s", type=float, default=24 * 3600.0)
     _settings_args(p)
 
-    add_contract_parsers(sub)  # schemas, dlq (tools/ops/dlq.py)
+    _contract_parsers(sub)  # schemas, dlq (tools/ops/dlq.py)
 
     sub.add_parser("config", help="print the configuration reference (every LIVEMB_* variable) as Markdown")
 
@@ -275,115 +304,53 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def load_processor(spec: str | None, settings: Settings):
-    """The model processor, or 'module:factory' where factory(settings) -> BatchProcessor."""
-    if spec is None:
-        return ModelProcessor(settings)
-    mod, _, name = spec.partition(":")
-    if not name:
-        raise ConfigError(f"--processor must be module:factory, got {spec!r}")
-    try:
-        factory = getattr(importlib.import_module(mod), name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"--processor {spec}: {e}") from None
-    return factory(settings)
-
-
-def _index_params(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        try:
-            out[name] = int(value)
-        except ValueError:
-            raise ConfigError(f"--param {pair!r}: expected NAME=INTEGER") from None
-        if not sep or not name:
-            raise ConfigError(f"--param {pair!r}: expected NAME=INTEGER")
-    return out
-
-
-# ---------------------------------------------------------------- the handlers that live here (stream-facing)
-
-
-def run_broker(a: BrokerArgs, settings: Settings) -> int:
-    return run_broker_foreground(a.port)
-
-
-def run_worker(a: WorkerArgs, settings: Settings) -> int:
-    # The one function-level project import of tools/ (tests/test_tools_layout.py): stream.app
-    # imports faust, which only the worker needs; every other command starts without it.
-    from stream.app import run_worker as run_faust_worker
-
-    run_faust_worker(settings, load_processor(a.processor, settings), a.loglevel)
-    return 0
-
-
-def run_index(a: IndexArgs, settings: Settings) -> int:
-    meta = build_index_file(a.items, a.index, a.out, _index_params(a.param))
-    print(f"{a.out}: {meta['kind']} over {meta['n_items']} x {meta['dim']} items {meta['items_fingerprint']} "
-          f"{meta['params']}, built in {meta['build_seconds']:.1f}s")
-    return 0
-
-
-def _rate(text: str) -> float | None:
-    """`replay --rate`: events/s, or None for 'max'."""
-    try:
-        return None if text == "max" else float(text)
-    except ValueError:
-        raise ConfigError(f"--rate {text!r}: expected events/s or 'max'") from None
-
-
-def run_replay(a: ReplayArgs, settings: Settings) -> int:
-    df = load_log(a.log, a.log_format.columns, a.log_format.ts_unit)
-    replay(df, settings.broker, settings.topic_in, _rate(a.rate), security=kafka_python_security(settings))
-    return 0
-
-
-def run_tail(a: TailArgs, settings: Settings) -> int:
-    tail(settings.broker, settings.topic_out, security=kafka_python_security(settings))
-    return 0
-
-
-def run_config(a: ConfigArgs, settings: Settings) -> int:
-    print(readme_block())
-    return 0
-
-
 # ---------------------------------------------------------------- dispatch
 
 
 @dataclass(frozen=True)
 class Command:
-    """A subcommand: the dataclass its flags are read into, and the handler -> exit code."""
+    """A subcommand: the dataclass its flags are read into, and the handler -> exit code, named
+    "module:function" (imported when the command runs) or given as a light function of this module."""
 
     args: type[Args]
-    run: Callable[[Any, Settings], int]
+    run: str | Callable[[Any, Settings], int]
+
+    def handler(self) -> Callable[[Any, Settings], int]:
+        if callable(self.run):
+            return self.run
+        module, _, name = self.run.partition(":")
+        return getattr(importlib.import_module(module), name)
 
 
+OFFLINE = "tools.offline.commands"
 COMMANDS: dict[str, Command] = {
-    "synth": Command(SynthArgs, offline.run_synth),
-    "item-embeddings": Command(ItemEmbeddingsArgs, offline.run_item_embeddings),
-    "train": Command(TrainArgs, offline.run_train),
-    "evaluate": Command(EvaluateArgs, offline.run_evaluate),
-    "embed": Command(EmbedArgs, offline.run_embed),
-    "broker": Command(BrokerArgs, run_broker),
-    "worker": Command(WorkerArgs, run_worker),
-    "index": Command(IndexArgs, run_index),
-    "replay": Command(ReplayArgs, run_replay),
-    "tail": Command(TailArgs, run_tail),
-    "rebuild-state": Command(RebuildArgs, run_rebuild),
-    "config": Command(ConfigArgs, run_config),
-    "schemas": Command(SchemasArgs, run_schemas),
-    "dlq": Command(DlqArgs, run_dlq),
-    "dashboard": Command(DashboardArgs, lambda a, _settings: cmd_dashboard(a)),
-    "demo": Command(DemoArgs, run_demo),
-    "soak": Command(SoakArgs, run_soak),
-    "bench": Command(BenchArgs, run_bench),
+    "synth": Command(SynthArgs, f"{OFFLINE}:run_synth"),
+    "item-embeddings": Command(ItemEmbeddingsArgs, f"{OFFLINE}:run_item_embeddings"),
+    "train": Command(TrainArgs, f"{OFFLINE}:run_train"),
+    "evaluate": Command(EvaluateArgs, f"{OFFLINE}:run_evaluate"),
+    "embed": Command(EmbedArgs, f"{OFFLINE}:run_embed"),
+    "broker": Command(BrokerArgs, "tools.ops.kafka_commands:run_broker"),
+    "worker": Command(WorkerArgs, "tools.ops.worker:run_worker"),
+    "index": Command(IndexArgs, f"{OFFLINE}:run_index"),
+    "replay": Command(ReplayArgs, "tools.ops.kafka_commands:run_replay"),
+    "tail": Command(TailArgs, "tools.ops.kafka_commands:run_tail"),
+    "rebuild-state": Command(RebuildArgs, "tools.ops.rebuild:run_rebuild"),
+    "config": Command(ConfigArgs, "tools.ops.config_doc:run_config"),
+    "schemas": Command(SchemasArgs, "tools.ops.dlq:run_schemas"),
+    "dlq": Command(DlqArgs, "tools.ops.dlq:run_dlq"),
+    "dashboard": Command(DashboardArgs, "tools.ops.dashboard:cmd_dashboard"),
+    "demo": Command(DemoArgs, "tools.ops.demo:run_demo"),
+    "soak": Command(SoakArgs, "tools.bench.soak:run_soak"),
+    "bench": Command(BenchArgs, "tools.bench.bench:run_bench"),
 }
 
 
 def settings_for(args: Args) -> Settings:
     """Settings from a command's flags (unset ones: LIVEMB_* env, then the defaults)."""
+    # A function-level import (tests/test_tools_layout.py): pydantic, which --help and --version
+    # do not need, is a third of their start-up.
+    from core.settings import load_settings
+
     return load_settings(**args.settings_overrides())
 
 
@@ -393,11 +360,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     command = COMMANDS[ns.cmd]
     args = from_namespace(command.args, ns)
-    settings = settings_for(args)
     for noisy in ("kafka", "aiokafka", "faust", "mode", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        return command.run(args, settings)
+        settings = settings_for(args)  # an invalid LIVEMB_* value or flag: ConfigError, one line
+        return command.handler()(args, settings)
     except EXPECTED as e:  # one line, the exit code core/errors.py gives it; anything else is a bug: traceback
         print(f"livemb {ns.cmd}: error: {e}", file=sys.stderr)
         return exit_code(e)

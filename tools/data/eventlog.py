@@ -8,7 +8,6 @@ sees the same columns: `user_id` (str), `item_id` (str), `ts` (int64 epoch ms), 
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import logging
 from pathlib import Path
@@ -33,12 +32,6 @@ REQUIRED = ("user", "item", "ts")
 _KEY_ALIASES = {"user_id": "user", "item_id": "item", "time": "ts", "timestamp": "ts"}
 _SEP_CANDIDATES = ("\t", ",", ";", "|")
 _NO_DATES = {} if int(pd.__version__.split(".")[0]) >= 3 else {"convert_dates": False}
-
-
-def add_log_args(p: argparse.ArgumentParser) -> None:
-    """The flags that say how to read an event log (`parse_columns`, `read_log`)."""
-    p.add_argument("--columns", help="column mapping, e.g. user=SessionId,item=ItemId,ts=Time")
-    p.add_argument("--ts-unit", choices=["s", "ms"], default="ms")
 
 
 def parse_columns(spec: str) -> dict[str, str]:

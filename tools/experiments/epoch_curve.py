@@ -20,7 +20,8 @@ import torch
 
 from models.evaluation import build_model, evaluate_model
 from models.train import TrainConfig, _run_epochs, make_chunks, sequences_from_frame
-from tools.data.eventlog import add_log_args, load_log, temporal_split
+from tools.args import add_log_args
+from tools.data.eventlog import load_log, temporal_split
 from tools.data.item_embeddings import items_for
 
 

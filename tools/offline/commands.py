@@ -1,4 +1,4 @@
-"""Offline commands behind the CLI: synth, item-embeddings, train, evaluate, embed.
+"""Offline commands behind the CLI: synth, item-embeddings, train, evaluate, embed, index.
 
 Each `run_*` takes its command's typed arguments (tools/args.py) and the settings and returns the
 exit code; `train_checkpoint` is the one trainer (`livemb train` and the harness's small model).
@@ -14,15 +14,17 @@ import numpy as np
 import pandas as pd
 import torch
 
+from core.errors import ConfigError
 from core.items import ItemTable
 from core.progress import progress as progress_bar
 from core.settings import Settings
 from models import MODEL_REGISTRY, EventBatch
 from models.checkpoint import save_checkpoint
 from models.evaluation import build_model
+from models.retrieval import build_index_file
 from models.serving import Serving
 from models.train import TrainConfig, sequences_from_frame, train_model
-from tools.args import EmbedArgs, EvaluateArgs, ItemEmbeddingsArgs, SynthArgs, TrainArgs
+from tools.args import EmbedArgs, EvaluateArgs, IndexArgs, ItemEmbeddingsArgs, SynthArgs, TrainArgs
 from tools.data.eventlog import load_log
 from tools.data.item_embeddings import build_item_vectors, items_for
 from tools.data.synth import synth_log, write_log
@@ -62,8 +64,8 @@ def run_train(a: TrainArgs, settings: Settings) -> int:
     table = items_for(df, a.items, a.train.dim, train_only=False, kind=a.train.item_vectors)
     if not a.items:
         table.save(Path(a.out).with_suffix(".items.npz"))
-    train_checkpoint(a.model, df, table, a.out, a.train.config(), device=settings.resolved_device(),
-                     overrides=a.train.model_overrides(settings))
+    train_checkpoint(a.model, df, table, a.out, TrainConfig(**a.train.config_fields()),
+                     device=settings.resolved_device(), overrides=a.train.model_overrides(settings))
     return 0
 
 
@@ -82,7 +84,7 @@ def evaluate(a: EvaluateArgs, settings: Settings) -> dict:
     unknown = [n for n in names if n not in MODEL_REGISTRY]
     if unknown:
         raise SystemExit(f"unknown model(s) {unknown}; registered: {', '.join(MODEL_REGISTRY)}")
-    report = run_evaluation(df, table, names, a.train.config(), test_frac=a.test_frac,
+    report = run_evaluation(df, table, names, TrainConfig(**a.train.config_fields()), test_frac=a.test_frac,
                             device=settings.resolved_device(), model_overrides=a.train.model_overrides(settings),
                             drop_event_types=a.drop_event_types, repeat_path=settings.repeat_path,
                             exclude_seen=settings.exclude_seen)
@@ -160,3 +162,23 @@ def run_item_embeddings(a: ItemEmbeddingsArgs, settings: Settings) -> int:
     print(f"wrote {len(table)} x {table.dim} item vectors to {p} (fingerprint {table.fingerprint})")
     return 0
 
+
+
+def _index_params(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        try:
+            out[name] = int(value)
+        except ValueError:
+            raise ConfigError(f"--param {pair!r}: expected NAME=INTEGER") from None
+        if not sep or not name:
+            raise ConfigError(f"--param {pair!r}: expected NAME=INTEGER")
+    return out
+
+
+def run_index(a: IndexArgs, settings: Settings) -> int:
+    meta = build_index_file(a.items, a.index, a.out, _index_params(a.param))
+    print(f"{a.out}: {meta['kind']} over {meta['n_items']} x {meta['dim']} items {meta['items_fingerprint']} "
+          f"{meta['params']}, built in {meta['build_seconds']:.1f}s")
+    return 0

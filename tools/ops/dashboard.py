@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from core.errors import ConfigError
 from core.extras import require
+from core.settings import Settings
 from tools.args import DashboardArgs
 from tools.ops.prom import PromAPI, PrometheusError
 
@@ -136,7 +137,8 @@ def run_dashboard(url: str, out: str, range_s: float = 900.0, step_s: float | No
     return {p.title: len(lines) for p, lines in zip(PANELS, data, strict=True)}
 
 
-def cmd_dashboard(args: DashboardArgs) -> int:
+def cmd_dashboard(args: DashboardArgs, settings: Settings) -> int:
+    """`livemb dashboard` (it reads no settings: the Prometheus URL is a flag)."""
     counts = run_dashboard(args.prometheus, args.out, parse_duration(args.range), window=args.window, job=args.job)
     empty = [t for t, n in counts.items() if n == 0]
     print(f"wrote {args.out}: {sum(counts.values())} series in {len(counts)} panels"

@@ -13,7 +13,6 @@ per-user dedupe memory, so the second copies count as `duplicate`.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,24 +27,6 @@ from stream.dlq import DlqEntry, redrive_headers
 from stream.kafka_io import bootstrap_of
 from stream.security import kafka_python_security
 from tools.args import DlqArgs, SchemasArgs
-
-
-def add_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("schemas", help="write the topic JSON Schemas (docs/schemas/) from the code, or --check them")
-    p.add_argument("--out", default="docs/schemas")
-    p.add_argument("--check", action="store_true", help="exit 1 when a file differs from the generated one")
-
-    p = sub.add_parser("dlq", help="the dead-letter topic: `tail` prints records, `redrive` re-produces them")
-    p.add_argument("action", choices=["tail", "redrive"])
-    p.add_argument("--broker", help="kafka://host:port")
-    p.add_argument("--reason", help="only records of this DlqReason (e.g. missing_field:ts)")
-    p.add_argument("-n", type=int, default=20, help="tail: the last N records (0: all)")
-    p.add_argument("--jsonl", action="store_true", help="tail: one JSON document per record (redrive --from-file)")
-    p.add_argument("--idle-s", type=float, default=2.0, help="stop reading the DLQ after this long without records")
-    p.add_argument("--since", help="redrive: records dead-lettered at or after T (epoch ms or ISO-8601)")
-    p.add_argument("--from-offset", type=int, help="redrive: records at DLQ offset >= N")
-    p.add_argument("--from-file", help="redrive: these `dlq tail --jsonl` lines (edited) instead of the DLQ")
-    p.add_argument("--dry-run", action="store_true", help="redrive: print what would be sent, send nothing")
 
 
 def run_schemas(a: SchemasArgs, settings: Settings) -> int:
