@@ -23,25 +23,32 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 
-# 1. torch first, pinned, from the chosen index (CPU by default: the default PyPI wheel pulls in
-#    CUDA, GBs). Every later install sees torch satisfied and leaves it alone.
-RUN pip install --no-cache-dir torch==2.13.0 --index-url "${TORCH_INDEX_URL}"
+# constraints.txt: the exact versions of a tested build (`make constraints`); torch is pinned there
+# without its local build label, so the CPU and the CUDA wheels both satisfy it.
+COPY constraints.txt ./
 
-# 2. The other dependencies in their own layer, read from pyproject.toml, so a code change does
-#    not reinstall faiss/pandas/pyarrow/faust.
+# 1. torch first, at the constrained version, from the chosen index (CPU by default: the default
+#    PyPI wheel pulls in CUDA, GBs). Every later install sees torch satisfied and leaves it alone.
+RUN TORCH_VERSION="$(sed -n 's/^torch==//p' constraints.txt)" \
+    && test -n "${TORCH_VERSION}" \
+    && pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
+
+# 2. The runtime dependencies only (pyproject's [project].dependencies: no `tools` extra, so no
+#    embedded broker, pyarrow or matplotlib), at the constrained versions, in their own layer so a
+#    code change does not reinstall faiss/pandas/faust.
 COPY pyproject.toml ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \
-    && pip install --no-cache-dir -r /tmp/requirements.txt \
+    && pip install --no-cache-dir -c constraints.txt -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
-# 3. The project itself (installs the `livemb` console script into the venv).
+# 3. The project itself, nothing more (installs the `livemb` console script into the venv).
 COPY core/ core/
 COPY stream/ stream/
 COPY models/ models/
 COPY state/ state/
 COPY tools/ tools/
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir --no-deps .
 
 # ---------------------------------------------------------------- runtime stage
 FROM ${PYTHON_IMAGE} AS runtime
