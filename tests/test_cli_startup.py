@@ -110,7 +110,8 @@ def test_require_names_the_extra(monkeypatch) -> None:
 
 
 def test_without_the_tools_extra_the_worker_imports_and_the_broker_says_what_to_install(tmp_path: Path) -> None:
-    r = livemb("-c", "import stream.app, tools.ops.worker, tools.ops.kafka_commands; print('ok')", code=WITHOUT_EXTRA)
+    runtime_only = "stream.app, tools.ops.worker, tools.ops.kafka_commands, tools.offline.commands, tools.ops.rebuild"
+    r = livemb("-c", f"import {runtime_only}; print('ok')", code=WITHOUT_EXTRA)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
     r = livemb("broker", "--port", "1", code=WITHOUT_EXTRA)
     assert r.returncode == 2, r.stderr
