@@ -70,7 +70,7 @@ def version() -> str:
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     # default None: models.train.TrainConfig's default (tools/args.TrainFlags.config_fields)
-    p.add_argument("--epochs", type=int, help="the maximum with early stopping, else the count (default 20)")
+    p.add_argument("--epochs", type=int, help="the maximum with early stopping, else the count")
     p.add_argument("--valid-fraction", type=float,
                    help="early stopping: hold out this last fraction of the train period's time range (0: off, "
                         "a fixed --epochs)")
@@ -92,7 +92,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dim", type=int, default=64, help="item-vector size when they are built from the log")
     # default None: models.base.ModelConfig's default (tools/args.TrainFlags.model_overrides)
     p.add_argument("--repeat", choices=list(REPEAT_MODES),
-                   help="repeat path: learned mixture (default), the fixed recent-first rule, or none")
+                   help="repeat path: learned mixture, the fixed recent-first rule, or none")
     p.add_argument("--recent-items", type=int, help="memory slots per user (state budget!)")
     _item_kind_arg(p)
 
