@@ -69,7 +69,10 @@ def test_constraints_pin_every_dependency_inside_its_bounds(group: str) -> None:
 
 def test_torch_is_pinned_without_a_local_build_label() -> None:
     """`torch==X` is met by X+cpu and X+cu128 alike; `torch==X+cpu` would refuse the CUDA build."""
-    assert re.fullmatch(r"\d+(\.\d+)+", constraints()["torch"])
+    version = constraints()["torch"]
+    assert re.fullmatch(r"\d+(\.\d+)+", version)
+    pin = Requirement(f"torch=={version}").specifier
+    assert pin.contains(f"{version}+cpu") and pin.contains(f"{version}+cu128") and pin.contains(version)
 
 
 def third_party_imports(pkg: str) -> set[str]:
