@@ -11,13 +11,15 @@ import torch
 from core.items import ItemTable
 from models.early_stop import Validator, paired_gain, per_target, split_validation
 from models.evaluation import build_model, evaluate_model
-from models.train import TrainConfig, sequences_from_frame, train_model
+from models.train import TrainConfig, WeightAverage, sequences_from_frame, train_model
+from tools.data.item_embeddings import build_item_vectors, vectors_before
 from tools.data.synth_ecommerce import synth_ecommerce
 
 # a high lr so that the validation curve is not monotone (epoch 5 of 6 is the best here)
 # valid_min_gain_se = 0: any gain counts, so the choice is the argmax (the SE rule has its own test)
+# weight_average = 0: the averaged weights smooth that curve into a monotone one (tested below)
 CFG = TrainConfig(epochs=6, patience=6, lr=6e-2, valid_fraction=0.2, valid_min_targets=50, refit=False,
-                  valid_min_gain_se=0.0)
+                  valid_min_gain_se=0.0, weight_average=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,8 @@ def _weights(model):
 def _fixed(vectors, seqs, epochs, name="gru"):
     torch.manual_seed(0)
     model = build_model(name, vectors)
-    train_model(model, seqs, TrainConfig(epochs=epochs, lr=CFG.lr, valid_fraction=0.0), progress=False)
+    train_model(model, seqs, TrainConfig(epochs=epochs, lr=CFG.lr, valid_fraction=0.0, weight_average=0.0),
+                progress=False)
     return model
 
 
@@ -143,3 +146,57 @@ def test_too_small_a_train_period_falls_back_to_fixed_epochs(data, caplog):
     assert hist["chosen_epoch"] == 2 and len(hist["epoch_seconds"]) == 2
     assert not hist["early_stopping"]["used"]
     assert "early stopping off" in caplog.text and "fixed 2 epochs" in caplog.text
+
+
+def test_weight_average_is_the_exponential_moving_average_of_the_steps():
+    """avg <- d * avg + (1 - d) * p after each step, by hand for three steps of one parameter."""
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    avg = WeightAverage([p], 0.9)
+    want = p.detach().clone()
+    for value in ([3.0, 0.0], [5.0, 4.0], [-1.0, 1.0]):
+        with torch.no_grad():
+            p.copy_(torch.tensor(value))
+        avg.update()
+        want = 0.9 * want + 0.1 * torch.tensor(value)
+    with avg.swapped():
+        assert torch.allclose(p, want)
+    assert p.tolist() == [-1.0, 1.0]  # the trained weights are back after the swap
+    avg.load()
+    assert torch.allclose(p, want)
+
+
+def test_the_choice_runs_on_vectors_from_before_the_held_out_tail(data):
+    """vectors_before(cut) replaces the item vectors while the epoch and variant are chosen; the refit
+    and so the checkpoint keep the model's own."""
+    vectors, seqs = data
+    seen = []
+    other = np.random.default_rng(1).standard_normal(vectors.shape).astype(np.float32)
+
+    def before(cut_ms: int) -> np.ndarray:
+        seen.append(cut_ms)
+        return other
+
+    torch.manual_seed(0)
+    model = build_model("gru", vectors)
+    cfg = TrainConfig(**{**CFG.__dict__, "epochs": 2, "refit": True})
+    hist = train_model(model, seqs, cfg, progress=False, vectors_before=before)
+    split = split_validation(seqs, cfg.valid_fraction, cfg.valid_max_targets, cfg.seed)
+    assert seen == [split.cut_ms] and hist["early_stopping"]["item_vectors"] == "rebuilt without the held-out tail"
+    assert torch.equal(model.item_vecs, torch.as_tensor(vectors))
+    torch.manual_seed(0)
+    own = build_model("gru", vectors)
+    own_hist = train_model(own, seqs, cfg, progress=False)
+    assert own_hist["early_stopping"]["valid"] != hist["early_stopping"]["valid"]  # it chose on other vectors
+
+
+def test_vectors_before_a_cut_know_only_the_items_seen_before_it():
+    df, ids, _ = synth_ecommerce(users=60, items=300, days=20, seed=4)
+    table = build_item_vectors(df, dim=16)
+    cut = int(df["ts"].quantile(0.7))
+    late_only = set(df.loc[df["ts"] >= cut, "item_id"]) - set(df.loc[df["ts"] < cut, "item_id"])
+    vecs = vectors_before(df, table)(cut)
+    assert vecs.shape == (len(table) + 1, table.dim) and not vecs[0].any()
+    idx = table.lookup(np.array(sorted(late_only)))
+    assert len(idx[idx > 0]) and not vecs[idx[idx > 0]].any()  # items first seen after the cut: zeros
+    assert vecs.any(axis=1).sum() > len(table) // 2
+    assert not np.allclose(vecs[1:], table.vectors)  # rebuilt, not the full-log vectors

@@ -83,6 +83,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refit", action=argparse.BooleanOptionalAction,
                    help="early stopping: after choosing the epoch count, retrain on the whole train period "
                         "(--no-refit: keep the best epoch's weights, trained without the held-out tail)")
+    p.add_argument("--weight-average", type=float,
+                   help="decay of the moving average of the weights over optimizer steps, which validation, "
+                        "refit and the checkpoint use (0: the last step's weights)")
     p.add_argument("--loss", choices=list(LOSSES))
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)

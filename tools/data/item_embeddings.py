@@ -209,3 +209,25 @@ def items_for(df: pd.DataFrame, items_path: str | None, dim: int, train_only: bo
     train_df = temporal_split(df)[0] if train_only else df
     log.info("building %d-d %s item vectors from %d training events", dim, kind, len(train_df))
     return build_item_vectors(train_df, dim=dim, kind=kind)
+
+
+def vectors_before(train_df: pd.DataFrame, table: ItemTable, kind: str = DEFAULT_KIND):
+    """cut_ms -> (N+1, D) vectors of `table`'s items rebuilt as `table` was (PPMI-SVD of `kind`, its
+    dim) from the events of `train_df` before cut_ms only; items absent there get zeros. Early
+    stopping chooses on them (models/train.train_model) so that its held-out tail is unseen."""
+
+    def build(cut_ms: int) -> np.ndarray | None:
+        try:
+            part = build_item_vectors(train_df[train_df["ts"] < cut_ms], dim=table.dim, kind=kind)
+        except DataError as e:  # too little before the tail: choose on the table's own vectors
+            log.warning("item-embeddings: no vectors from before the held-out tail (%s); early stopping uses the "
+                        "table's own", e)
+            return None
+        out = np.zeros((len(table) + 1, table.dim), np.float32)
+        idx = table.lookup(part.ids)
+        out[idx[idx > 0]] = part.vectors[idx > 0]
+        log.info("item-embeddings: %d of %d items have vectors from before the held-out tail", int((idx > 0).sum()),
+                 len(table))
+        return out
+
+    return build

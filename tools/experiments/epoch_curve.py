@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--models", default="gru,hiertcn")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--weight-average", type=float, default=TrainConfig.weight_average)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -40,7 +41,8 @@ def main(argv: list[str] | None = None) -> dict:
     table = items_for(df, args.items, 64, train_only=True)
     train_df, test_df = temporal_split(df, 0.2)
     train, test = sequences_from_frame(train_df, table), sequences_from_frame(test_df, table)
-    cfg = TrainConfig(epochs=args.epochs, valid_fraction=0.0, seed=args.seed)
+    cfg = TrainConfig(epochs=args.epochs, valid_fraction=0.0, seed=args.seed,
+                      weight_average=args.weight_average)
     out: dict = {"source": args.data, "epochs": args.epochs, "seed": args.seed, "models": {}}
     for name in args.models.split(","):
         torch.manual_seed(cfg.seed)  # the same initial weights as `livemb evaluate` (tools/evaluate.run_evaluation)

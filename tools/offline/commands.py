@@ -26,7 +26,7 @@ from models.serving import Serving
 from models.train import TrainConfig, sequences_from_frame, train_model
 from tools.args import EmbedArgs, EvaluateArgs, IndexArgs, ItemEmbeddingsArgs, SynthArgs, TrainArgs
 from tools.data.eventlog import load_log
-from tools.data.item_embeddings import build_item_vectors, items_for
+from tools.data.item_embeddings import build_item_vectors, items_for, vectors_before
 from tools.data.synth import synth_log, write_log
 from tools.data.synth_ecommerce import synth_ecommerce
 from tools.offline.evaluate import (
@@ -44,14 +44,18 @@ log = logging.getLogger("livemb")
 
 
 def train_checkpoint(model_name: str, df: pd.DataFrame, table: ItemTable, out: str | Path, cfg: TrainConfig, *,
-                     device: str, overrides: dict, progress: bool = True) -> dict:
+                     device: str, overrides: dict, progress: bool = True,
+                     item_vectors_kind: str | None = None) -> dict:
     """Train `model_name` on every event of `df` from cfg.seed's initial weights, save the checkpoint
-    (with its training history) to `out`, print one line; returns the history."""
+    (with its training history) to `out`, print one line; returns the history. item_vectors_kind:
+    `table` was built from `df` with this kind (early stopping then chooses on vectors rebuilt
+    without its held-out tail)."""
     torch.manual_seed(cfg.seed)  # initial weights from --seed, as `livemb evaluate` does
     model = build_model(model_name, table.padded_vectors(), **overrides)
     model.to(device)
     seqs = list(sequences_from_frame(df, table).values())
-    hist = train_model(model, seqs, cfg, progress=progress)
+    before = vectors_before(df, table, item_vectors_kind) if item_vectors_kind else None
+    hist = train_model(model, seqs, cfg, progress=progress, vectors_before=before)
     save_checkpoint(out, model, table.fingerprint, extra={"history": hist})
     per_epoch = np.mean(hist["epoch_seconds"]) if hist["epoch_seconds"] else 0.0
     print(f"saved {out} ({model.name}, serves {model.served.name}, device {device}, {hist.get('chosen_epoch')} epochs, "
@@ -65,7 +69,8 @@ def run_train(a: TrainArgs, settings: Settings) -> int:
     if not a.items:
         table.save(Path(a.out).with_suffix(".items.npz"))
     train_checkpoint(a.model, df, table, a.out, TrainConfig(**a.train.config_fields()),
-                     device=settings.resolved_device(), overrides=a.train.model_overrides(settings))
+                     device=settings.resolved_device(), overrides=a.train.model_overrides(settings),
+                     item_vectors_kind=None if a.items else a.train.item_vectors)
     return 0
 
 
@@ -87,7 +92,8 @@ def evaluate(a: EvaluateArgs, settings: Settings) -> dict:
     report = run_evaluation(df, table, names, TrainConfig(**a.train.config_fields()), test_frac=a.test_frac,
                             device=settings.resolved_device(), model_overrides=a.train.model_overrides(settings),
                             drop_event_types=a.drop_event_types, repeat_path=settings.repeat_path,
-                            exclude_seen=settings.exclude_seen)
+                            exclude_seen=settings.exclude_seen,
+                            item_vectors_kind=None if a.items else a.train.item_vectors)
     report["dataset"]["source"] = str(a.data)
     report["dataset"]["items_source"] = (str(a.items) if a.items
                                          else f"built from the train part ({a.train.item_vectors})")

@@ -21,6 +21,7 @@ from models.repeat import Variant
 from models.replay import Sequence
 from models.train import TrainConfig, sequences_from_frame, train_model
 from tools.data.eventlog import temporal_split
+from tools.data.item_embeddings import vectors_before
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +34,14 @@ def _as_views(seqs: dict[str, Sequence]) -> dict[str, Sequence]:
 def run_evaluation(df, table, models: list[str], train_cfg: TrainConfig, test_frac: float = 0.2,
                    device: str = "cpu", model_overrides: dict | None = None, progress: bool = True,
                    drop_event_types: bool = False, repeat_path: str | None = None,
-                   exclude_seen: str | None = None) -> dict:
+                   exclude_seen: str | None = None, item_vectors_kind: str | None = None) -> dict:
     """Split, train each model, evaluate; returns the SPEC section 9 JSON structure.
     Each model's headline figures are those of the variant it serves (chosen from its training
     data, `SeqModel.served`); `repeat_path` / `exclude_seen` override its parts, as on the worker.
     drop_event_types: the models train and run as if every event were a view (what the type signal
-    is worth); `after_event_type` still groups the targets by their real previous type."""
+    is worth); `after_event_type` still groups the targets by their real previous type.
+    item_vectors_kind: `table` was built from this log's train part with this kind, so early
+    stopping chooses on vectors rebuilt without its held-out tail (tools.data.item_embeddings.vectors_before)."""
     train_df, test_df = temporal_split(df, test_frac)
     train = sequences_from_frame(train_df, table)
     test = sequences_from_frame(test_df, table)
@@ -47,13 +50,14 @@ def run_evaluation(df, table, models: list[str], train_cfg: TrainConfig, test_fr
         group_types = (train, test)
         train, test = _as_views(train), _as_views(test)
     vectors = table.padded_vectors()
+    before = vectors_before(train_df, table, item_vectors_kind) if item_vectors_kind else None
     test_items = table.lookup(test_df["item_id"].to_numpy())
     results = {}
     for name in models:
         torch.manual_seed(train_cfg.seed)  # the initial weights depend on the seed only, not on the models before
         model = build_model(name, vectors, **(model_overrides or {})).to(device)
         t0 = time.perf_counter()
-        hist = train_model(model, list(train.values()), train_cfg, progress=progress)
+        hist = train_model(model, list(train.values()), train_cfg, progress=progress, vectors_before=before)
         train_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
         variants = evaluate_model(model, train, test, progress=progress, group_types=group_types)
