@@ -15,7 +15,7 @@ import difflib
 import logging
 import os
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
@@ -48,6 +48,20 @@ class Settings(BaseSettings):
     topic_out: str = Field("recommendations", description="output topic: one message per user per micro-batch")
     topic_dlq: str = Field("interactions.dlq", description="dead-letter topic for invalid events (with the reason)")
     partitions: int = Field(4, ge=1, description="partitions of the input/output topics and the state table")
+    # Durability of the topics the worker and `livemb rebuild-state` create (the state table's
+    # changelog, the rebuild's scratch output): the defaults suit a cluster of 3+ brokers. Outputs
+    # and the changelog are produced with acks=all, so a write is acknowledged only once
+    # topic_min_insync replicas hold it. See docs/STREAMING.md "Topic durability".
+    broker_kind: Literal["kafka", "embedded"] = Field(
+        "kafka", description="kafka: a Kafka cluster (Faust's recovery consistency check on); embedded: the embedded "
+        "broker of livemb broker/demo/tests (its ListOffsets end is low, so the check is off, and the two topic "
+        "settings below default to 1)")
+    topic_replication: int = Field(
+        3, ge=1, description="replication factor of the topics the worker creates (the state changelog included); "
+        "1 by default with broker_kind=embedded")
+    topic_min_insync: int = Field(
+        2, ge=1, description="min.insync.replicas of those topics: with acks=all a write needs this many copies "
+        "(at most topic_replication); 1 by default with broker_kind=embedded")
 
     # --- micro-batching --------------------------------------------------------------------
     batch_max_events: int = Field(512, ge=1, description="largest micro-batch (events)")
@@ -135,6 +149,25 @@ class Settings(BaseSettings):
     # Standby copies of other workers' table partitions: a survivor that already holds them takes
     # over without reading the whole changelog.
     standby_replicas: int = Field(0, ge=0, description="standby copies of other workers' state partitions (0: none; one worker needs none)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _embedded_topics_default_to_one_copy(cls, data: Any) -> Any:
+        """The embedded broker is one node: unless given, its topics get 1 replica, 1 in sync."""
+        if isinstance(data, dict) and data.get("broker_kind") == "embedded":
+            return {"topic_replication": 1, "topic_min_insync": 1, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _min_insync_fits(self) -> Settings:
+        if self.topic_min_insync > self.topic_replication:
+            raise ValueError(f"topic_min_insync {self.topic_min_insync} > topic_replication {self.topic_replication}: "
+                             "no write could ever be acknowledged")
+        return self
+
+    def topic_config(self) -> dict[str, str]:
+        """Kafka topic configs of every topic the worker (or rebuild-state) creates."""
+        return {"min.insync.replicas": str(self.topic_min_insync)}
 
     @model_validator(mode="after")
     def _security_is_complete(self) -> Settings:

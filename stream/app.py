@@ -72,7 +72,12 @@ class TopicSink:
 
 
 def faust_config(settings: Settings) -> dict[str, Any]:
-    """Faust settings tuned for at-least-once on any broker, fast (re)joins on the embedded one."""
+    """Faust settings tuned for at-least-once on any broker, fast (re)joins on the embedded one.
+
+    Topic durability (docs/STREAMING.md "Topic durability"): the one topic Faust creates, the
+    state changelog, gets `settings.topic_replication` replicas and `topic_min_insync` (the table's
+    `extra_topic_configs`, see `make_app`); every record (outputs, DLQ, changelog) is produced with
+    acks=all. No leader topic: the worker runs no leader-only timers."""
     return dict(
         broker=settings.broker,
         store="rocksdb://",
@@ -81,11 +86,15 @@ def faust_config(settings: Settings) -> dict[str, Any]:
         datadir=settings.data_dir,
         web_enabled=False,  # stream.metrics serves HTTP itself (up before recovery finishes)
         topic_partitions=settings.partitions,
-        topic_replication_factor=1,
+        topic_replication_factor=settings.topic_replication,
+        topic_disable_leader=True,
+        producer_acks=-1,  # acks=all: a record is acked once topic_min_insync replicas hold it
         table_standby_replicas=settings.standby_replicas,
         consumer_auto_offset_reset="earliest",
         processing_guarantee="at_least_once",  # exactly_once: InitProducerId v0 fails on Tansu
-        recovery_consistency_check=False,  # Tansu's ListOffsets end is low: see docs/STREAMING.md
+        # On Kafka a local offset past the changelog's end means lost changelog data: stop loudly.
+        # Off on the embedded broker only: memory storage, its ListOffsets end is low (docs/STREAMING.md).
+        recovery_consistency_check=settings.broker_kind == "kafka",
         broker_session_timeout=settings.session_timeout_s,
         broker_heartbeat_interval=min(3.0, settings.session_timeout_s / 3),
         broker_rebalance_timeout=settings.rebalance_timeout_s,
@@ -112,7 +121,7 @@ def make_app(settings: Settings, processor: BatchProcessor, metrics: Metrics,
     table = app.tables.add(
         faust_compat.GuardedTable(
             app, name=TABLE_NAME, partitions=settings.partitions, store="rocksdb://", schema=schema,
-            key_type=bytes, value_type=bytes,
+            key_type=bytes, value_type=bytes, extra_topic_configs=settings.topic_config(),
         )  # fmt: skip
     )
     step = BatchStep(
@@ -188,6 +197,19 @@ def make_app(settings: Settings, processor: BatchProcessor, metrics: Metrics,
     return app
 
 
+def log_durability(settings: Settings, brokers: int) -> None:
+    """One line on the topic durability in force; a warning when the cluster has fewer brokers than
+    the replication factor (creating the changelog would fail, or its partitions run under-replicated)."""
+    log.info("topics: replication %d, min.insync.replicas %d, acks=all, recovery consistency check %s "
+             "(broker_kind=%s, %d broker(s))", settings.topic_replication, settings.topic_min_insync,
+             "on" if settings.broker_kind == "kafka" else "off", settings.broker_kind, brokers)
+    if brokers < settings.topic_replication:
+        log.warning("the cluster reports %d broker(s) but LIVEMB_TOPIC_REPLICATION=%d: Kafka refuses to create a "
+                    "missing changelog topic with more replicas than brokers; set LIVEMB_TOPIC_REPLICATION and "
+                    "LIVEMB_TOPIC_MIN_INSYNC to fit the cluster (LIVEMB_BROKER_KIND=embedded on the embedded broker)",
+                    brokers, settings.topic_replication)
+
+
 def run_worker(settings: Settings, processor: BatchProcessor, loglevel: str = "info") -> None:
     """Blocking: serve HTTP, run the Faust worker until SIGTERM/SIGINT (then exit)."""
     try:  # Faust's RocksDB store needs the directory; a fresh checkout has none
@@ -200,10 +222,12 @@ def run_worker(settings: Settings, processor: BatchProcessor, loglevel: str = "i
     quiet_repeats()
     metrics.readiness.set("model_loaded", processor.ready)
     try:
-        wait_for_broker(settings.broker, settings.broker_wait_s, security=kafka_python_security(settings))
+        brokers = wait_for_broker(settings.broker, settings.broker_wait_s, security=kafka_python_security(settings))
     except BrokerUnreachable:
         server.shutdown()
         raise
+    log_durability(settings, brokers)
+
     def exit_on_fatal(e: BaseException) -> None:
         # Not Faust's clean stop: it waits for the failed batch's events to be acked (stream_wait_empty),
         # which never happens. Exiting now is a crash like SIGKILL, which the commit order is made for:

@@ -69,17 +69,22 @@ def wait_for_metadata(
     raise BrokerError(f"no metadata from {bootstrap} within {timeout_s:.0f}s: {last!r}")
 
 
-def create_topics(bootstrap: str, names: Iterable[str], partitions: int = 1, timeout_s: float = 20.0) -> None:
-    """Create topics (ignoring ones that already exist) and wait until their metadata is visible."""
+def create_topics(bootstrap: str, names: Iterable[str], partitions: int = 1, timeout_s: float = 20.0,
+                  replication: int = 1, config: dict[str, str] | None = None,
+                  security: dict | None = None) -> None:
+    """Create topics (ignoring ones that already exist) and wait until their metadata is visible.
+    `replication`, `config` (e.g. min.insync.replicas): for each topic created; 1 and none suit the
+    embedded broker. `security`: kafka-python connection keywords (stream/security.py)."""
     from kafka import KafkaAdminClient
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
     wanted = list(dict.fromkeys(names))
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000, client_id="livemb-admin")
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000, client_id="livemb-admin",
+                             **(security or {}))
     try:
         existing = set(admin.list_topics())
-        new = [NewTopic(n, partitions, 1) for n in wanted if n not in existing]
+        new = [NewTopic(n, partitions, replication, topic_configs=dict(config or {})) for n in wanted if n not in existing]
         if new:
             try:
                 admin.create_topics(new)
@@ -225,7 +230,8 @@ def run_broker_foreground(port: int, data_dir: str | None = None) -> int:
     old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         with EmbeddedBroker(port=port, data_dir=data_dir) as broker:
-            print(f"tansu broker pid={broker.pid} at {broker.url} (Ctrl-C to stop)", flush=True)
+            print(f"tansu broker pid={broker.pid} at {broker.url} (Ctrl-C to stop); run workers on it with "
+                  "LIVEMB_BROKER_KIND=embedded (topics: 1 replica; no recovery consistency check)", flush=True)
             while not stop.wait(0.5):
                 if broker.proc is None or broker.proc.poll() is not None:
                     print("broker exited:\n" + broker.stderr_tail(), flush=True)

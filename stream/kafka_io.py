@@ -27,7 +27,8 @@ class BrokerUnreachable(Unavailable):
 def wait_for_broker(broker: str, wait_s: float = 0.0, first_delay_s: float = 0.5, max_delay_s: float = 10.0,
                     security: dict | None = None) -> int:
     """Block until the cluster answers a metadata request; retries with exponential backoff and one
-    log line per try. Raises BrokerUnreachable after `wait_s` (0 = never). Returns the tries made."""
+    log line per try. Raises BrokerUnreachable after `wait_s` (0 = never). Returns how many brokers
+    the cluster reports."""
     from kafka import KafkaAdminClient
 
     cfg: dict[str, object] = {"request_timeout_ms": 3000, "client_id": "livemb-probe"}
@@ -42,10 +43,10 @@ def wait_for_broker(broker: str, wait_s: float = 0.0, first_delay_s: float = 0.5
         try:
             admin = KafkaAdminClient(bootstrap_servers=bootstrap_of(broker), **cfg, **(security or {}))
             try:
-                admin.describe_cluster()
+                cluster = admin.describe_cluster()
                 if tries > 1:
                     log.info("broker %s reachable after %d tries (%.1fs)", broker, tries, time.monotonic() - t0)
-                return tries
+                return len(cluster.get("brokers") or ())
             finally:
                 admin.close()
         except Exception as e:  # noqa: BLE001 - every failure to connect reads the same to the operator

@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from stream.broker import EmbeddedBroker, free_port
-from tools.harness import http_get, worker_command
+from tools.harness import EMBEDDED_WORKER_ENV, http_get, worker_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +62,8 @@ class WorkerProc:
             "--web-port", str(self.port), "--partitions", str(self.partitions),
             "--batch-max-events", str(batch_max_events), "--loglevel", "info",
         )  # fmt: skip
-        child_env = {k: v for k, v in os.environ.items() if not k.startswith("LIVEMB_")} | (env or {})
+        child_env = ({k: v for k, v in os.environ.items() if not k.startswith("LIVEMB_")} | EMBEDDED_WORKER_ENV
+                     | (env or {}))
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, env=child_env, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT
         )

@@ -136,3 +136,46 @@ def test_dockerfile_exposes_the_metrics_port():
     port = Settings.model_fields["web_port"].default
     assert re.search(rf"^EXPOSE\s+{port}\b", text, re.M), f"Dockerfile must EXPOSE web_port {port}"
     assert "/healthz" in text
+
+
+RUNBOOK = ROOT / "docs" / "RUNBOOK.md"
+RUNBOOK_URL = "https://github.com/livemb/livemb/blob/main/docs/RUNBOOK.md#"  # the form docs/RUNBOOK.md documents
+
+
+def github_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives a document's headings: lower case, punctuation dropped, spaces to
+    hyphens (code fences skipped: a '#' comment in a shell block is no heading)."""
+    out: set[str] = set()
+    fenced = False
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+            continue
+        m = re.match(r"#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if m and not fenced:
+            slug = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            assert slug not in out, f"two headings give the anchor #{slug}"
+            out.add(slug)
+    return out
+
+
+def test_github_anchors() -> None:
+    assert github_anchors("# Runbook\n## DLQ spike\n```\n# not a heading\n```\n### Model rollout and rollback\n"
+                          "## Input retention and `rebuild-state`") == {
+        "runbook", "dlq-spike", "model-rollout-and-rollback", "input-retention-and-rebuild-state"}
+
+
+def test_every_alert_has_a_runbook_url_into_the_runbook():
+    anchors = github_anchors(RUNBOOK.read_text())
+    for r in alert_rules():
+        url = r["annotations"].get("runbook_url", "")
+        assert url.startswith(RUNBOOK_URL), f"{r['alert']}: runbook_url {url!r} is not {RUNBOOK_URL}<anchor>"
+        assert url[len(RUNBOOK_URL):] in anchors, f"{r['alert']}: docs/RUNBOOK.md has no section #{url[len(RUNBOOK_URL):]}"
+    assert RUNBOOK_URL in RUNBOOK.read_text(), "docs/RUNBOOK.md documents the runbook_url form"
+
+
+def test_runbook_links_within_itself_resolve():
+    text = RUNBOOK.read_text()
+    anchors = github_anchors(text)
+    links = re.findall(r"\]\(#([^)]+)\)", text)
+    assert links and set(links) <= anchors, f"broken in-page links: {sorted(set(links) - anchors)}"

@@ -14,6 +14,7 @@ import pytest
 from stream.broker import free_port
 from tests.conftest import ROOT, WorkerProc, consume_all, event, produce, wait_until
 from tools.cli import main
+from tools.harness import EMBEDDED_WORKER_ENV
 
 T0 = 1_700_000_000_000
 
@@ -27,7 +28,9 @@ def _table(broker, data_dir, tmp_path) -> dict[str, int]:
 
 
 @pytest.mark.integration
-def test_rebuild_from_timestamp_and_from_beginning_then_switch_over(broker, tmp_path):
+def test_rebuild_from_timestamp_and_from_beginning_then_switch_over(broker, tmp_path, monkeypatch):
+    for k, v in EMBEDDED_WORKER_ENV.items():  # rebuild-state passes the broker kind on to its worker
+        monkeypatch.setenv(k, v)
     broker.create_topics(["interactions", "recommendations"], partitions=4)
     broker.create_topics(["interactions.dlq"], partitions=1)
     produce(broker.bootstrap, [event(f"u{u}", k, T0 + k * 1000, event_id=f"a{u}-{k}") for k in range(5) for u in range(10)])
@@ -54,7 +57,7 @@ def test_rebuild_from_timestamp_and_from_beginning_then_switch_over(broker, tmp_
     values = dict(line.split("=", 1) for line in env_file.read_text().splitlines())
     assert values["LIVEMB_APP_ID"] == "livemb-v2" and values["LIVEMB_DATA_DIR"] == str((tmp_path / "v2").resolve())
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LIVEMB_")} | values
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIVEMB_")} | EMBEDDED_WORKER_ENV | values
     cmd = [sys.executable, "-m", "tools.cli", "worker", *common, "--web-port", str(port)]
     log = open(tmp_path / "switched.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -55,6 +55,10 @@ def embedded_broker(settings: Settings, extra_topics: tuple[str, ...] = ()) -> I
         yield broker
 
 
+# What a worker on the embedded broker is told (core/settings.py: broker_kind; topics 1 replica, 1 in sync).
+EMBEDDED_WORKER_ENV = {"LIVEMB_BROKER_KIND": "embedded"}
+
+
 def worker_command(*flags: str) -> list[str]:
     """`livemb worker FLAGS` run by this interpreter (the production entry point, this checkout's code)."""
     return [sys.executable, "-m", "tools.cli", "worker", *flags]
@@ -62,13 +66,14 @@ def worker_command(*flags: str) -> list[str]:
 
 def start_worker(broker_url: str, model: str, items: str, data_dir: Path, port: int,
                  log_path: Path, extra: tuple[str, ...] = (), env: dict[str, str] | None = None) -> subprocess.Popen:
-    """`livemb worker` as a child process (the production entry point); stop it with stop_process.
+    """`livemb worker` as a child process (the production entry point) on the embedded broker at
+    `broker_url` (LIVEMB_BROKER_KIND=embedded); stop it with stop_process.
     `env`: extra LIVEMB_* settings for the child (e.g. its own LIVEMB_APP_ID)."""
     cmd = worker_command(*extra, "--broker", broker_url, "--data-dir", str(data_dir), "--web-port", str(port),
                          "--model", model, "--items", items)
     logf = open(log_path, "ab")  # noqa: SIM115 - handed to the child
     return subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, **env} if env else None)
+                            env={**os.environ, **EMBEDDED_WORKER_ENV, **(env or {})})
 
 
 def stop_process(proc: subprocess.Popen, timeout_s: float = 20.0) -> None:

@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--topic-out", default="passthrough.out")
     p.add_argument("--data-dir", default="runs/bench/passthrough")
     a = p.parse_args(argv)
-    s = load_settings(broker=a.broker, app_id=a.app_id, data_dir=a.data_dir, web_port=a.web_port)
+    s = load_settings(broker=a.broker, app_id=a.app_id, data_dir=a.data_dir, web_port=a.web_port,
+                      broker_kind="embedded")  # `livemb bench` runs it on the embedded broker, like its worker
     Path(s.data_dir).mkdir(parents=True, exist_ok=True)
     metrics = Metrics()
     server = serve(metrics, s.web_port, s.web_host)

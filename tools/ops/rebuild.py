@@ -26,9 +26,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
-from kafka.admin import NewTopic
-from kafka.errors import TopicAlreadyExistsError
+from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
 from core.errors import ConfigError, LivembError
@@ -105,18 +103,11 @@ def start_offsets(settings: Settings, from_ts_ms: int | None) -> dict[int, int]:
 
 
 def _create_scratch_topic(settings: Settings, name: str) -> None:
-    """The backfill's output topic (kept apart from the real one), created up front."""
-    sec = kafka_python_security(settings)
-    if not sec:
-        create_topics(bootstrap_of(settings.broker), [name], partitions=settings.partitions)
-        return
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap_of(settings.broker), **sec)
-    try:
-        admin.create_topics([NewTopic(name, settings.partitions, 1)])
-    except TopicAlreadyExistsError:
-        pass
-    finally:
-        admin.close()
+    """The backfill's output topic (kept apart from the real one), created up front with the
+    settings' replication and min.insync.replicas."""
+    create_topics(bootstrap_of(settings.broker), [name], partitions=settings.partitions,
+                  replication=settings.topic_replication, config=settings.topic_config(),
+                  security=kafka_python_security(settings))
 
 
 def commit_offsets(settings: Settings, group: str, offsets: dict[int, int]) -> None:
@@ -171,7 +162,9 @@ def run_rebuild(args: RebuildArgs, settings: Settings) -> int:
     source = ["--processor", args.processor] if args.processor else ["--model", args.model, "--items", args.items]
     cmd = worker_command("--broker", settings.broker, "--data-dir", data_dir, "--web-port", str(port),
                          "--partitions", str(settings.partitions), *source)
-    env = {**os.environ, "LIVEMB_APP_ID": app_id, "LIVEMB_TOPIC_OUT": scratch, "LIVEMB_IDLE_SWEEP_S": "0"}
+    env = {**os.environ, "LIVEMB_APP_ID": app_id, "LIVEMB_TOPIC_OUT": scratch, "LIVEMB_IDLE_SWEEP_S": "0",
+           "LIVEMB_BROKER_KIND": settings.broker_kind, "LIVEMB_TOPIC_REPLICATION": str(settings.topic_replication),
+           "LIVEMB_TOPIC_MIN_INSYNC": str(settings.topic_min_insync)}
     log_path = Path(data_dir).with_name(Path(data_dir).name + ".rebuild.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(cmd, env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
