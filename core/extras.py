@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from core.errors import ConfigError
+from livemb.core.errors import ConfigError
 
 EXTRA = "tools"
 # importable module -> the distribution that provides it

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.errors import DataError
+from livemb.core.errors import DataError
 
 
 def _ids_to_str(ids: np.ndarray) -> np.ndarray:

@@ -20,8 +20,8 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
-from core.choices import ExcludeSeen, IndexKind, RepeatPath  # the choices of a setting, defined once
-from core.errors import ConfigError
+from livemb.core.choices import ExcludeSeen, IndexKind, RepeatPath  # the choices of a setting, defined once
+from livemb.core.errors import ConfigError
 
 ENV_PREFIX = "LIVEMB_"
 log = logging.getLogger("livemb.settings")

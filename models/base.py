@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.choices import REPEAT_MODES
-from core.errors import DataError
-from models import repeat
+from livemb.core.choices import REPEAT_MODES
+from livemb.core.errors import DataError
+from livemb.models import repeat
 
 EVENT_TYPES: tuple[str, ...] = ("click", "view", "cart", "purchase", "other")
 _EVENT_TYPE_INDEX = {name: i for i, name in enumerate(EVENT_TYPES)}

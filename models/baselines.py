@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models import repeat
-from models.base import ModelConfig, SeqModel, SeqOut, register
+from livemb.models import repeat
+from livemb.models.base import ModelConfig, SeqModel, SeqOut, register
 
 TrainSequences = Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from core.errors import DataError
-from models.base import MODEL_REGISTRY, ModelConfig, SeqModel
-from models.repeat import Variant
+from livemb.core.errors import DataError
+from livemb.models.base import MODEL_REGISTRY, ModelConfig, SeqModel
+from livemb.models.repeat import Variant
 
 FORMAT = 3  # 3: the repeat head's slot scorer reads behaviour features only; 2: repeat mixture head, compact memory
 

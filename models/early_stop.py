@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.base import EventBatch, SeqModel
-from models.evaluation import VARIANTS, variant_name, variant_ranks
-from models.metrics import RankAccumulator
-from models.replay import MemoryCache, Sequence, next_item_predictions
+from livemb.models.base import EventBatch, SeqModel
+from livemb.models.evaluation import VARIANTS, variant_name, variant_ranks
+from livemb.models.metrics import RankAccumulator
+from livemb.models.replay import MemoryCache, Sequence, next_item_predictions
 
 
 @dataclass

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from core.errors import ConfigError
-from core.progress import progress as progress_bar
-from models import repeat
-from models.base import EVENT_TYPES, MODEL_REGISTRY, EventBatch, ModelConfig, SeqModel, opens_session
-from models.metrics import RankAccumulator, over_all_events, ranks_from_explore
-from models.replay import Sequence
+from livemb.core.errors import ConfigError
+from livemb.core.progress import progress as progress_bar
+from livemb.models import repeat
+from livemb.models.base import EVENT_TYPES, MODEL_REGISTRY, EventBatch, ModelConfig, SeqModel, opens_session
+from livemb.models.metrics import RankAccumulator, over_all_events, ranks_from_explore
+from livemb.models.replay import Sequence
 
 REPEATS, EXCLUDES = repeat.REPEATS, repeat.EXCLUDES
 VARIANTS = [(rep, excl) for rep in REPEATS for excl in EXCLUDES]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.base import SeqModel, SeqOut, register
-from models.layers import CausalTCN
+from livemb.models.base import SeqModel, SeqOut, register
+from livemb.models.layers import CausalTCN
 
 
 @register

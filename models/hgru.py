@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from models.base import SeqModel, SeqOut, register
-from models.layers import session_layout, session_runs
+from livemb.models.base import SeqModel, SeqOut, register
+from livemb.models.layers import session_layout, session_runs
 
 
 @register

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.base import ModelConfig, SeqModel, SeqOut
-from models.layers import from_grid, per_event, session_layout, to_grid
+from livemb.models.base import ModelConfig, SeqModel, SeqOut
+from livemb.models.layers import from_grid, per_event, session_layout, to_grid
 
 
 class HierarchicalModel(SeqModel):

@@ -8,9 +8,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from models.base import register
-from models.hierarchy import HierarchicalModel
-from models.layers import session_runs
+from livemb.models.base import register
+from livemb.models.hierarchy import HierarchicalModel
+from livemb.models.layers import session_runs
 
 
 @register

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.base import register
-from models.hierarchy import HierarchicalModel
-from models.layers import CausalTCN, per_event
+from livemb.models.base import register
+from livemb.models.hierarchy import HierarchicalModel
+from livemb.models.layers import CausalTCN, per_event
 
 
 @register

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.base import SeqModel, SeqOut, register
+from livemb.models.base import SeqModel, SeqOut, register
 
 _LEVEL_DIM = 4
 

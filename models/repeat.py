@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.choices import EXCLUDE_SEEN, REPEAT_PATHS
-from core.errors import ConfigError
+from livemb.core.choices import EXCLUDE_SEEN, REPEAT_PATHS
+from livemb.core.errors import ConfigError
 
 REPEATS = REPEAT_PATHS  # served repeat paths: the model's own, the fixed rule, none
 EXCLUDES = EXCLUDE_SEEN  # exclude_seen: which memory items a ranking removes

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models import repeat
-from models.base import EventBatch, SeqModel, session_flags
+from livemb.models import repeat
+from livemb.models.base import EventBatch, SeqModel, session_flags
 
 Sequence = tuple[np.ndarray, np.ndarray, np.ndarray]  # items (1-based, 0 unknown), event types, ts ms
 

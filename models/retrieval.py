@@ -29,16 +29,16 @@ import faiss
 import numpy as np
 import torch
 
-from core.choices import EXCLUDE_SEEN, INDEX_KINDS
-from core.errors import ConfigError, DataError
-from core.items import ItemTable
-from core.progress import progress as progress_bar
-from models import repeat
-from models.base import SeqModel
+from livemb.core.choices import EXCLUDE_SEEN, INDEX_KINDS
+from livemb.core.errors import ConfigError, DataError
+from livemb.core.items import ItemTable
+from livemb.core.progress import progress as progress_bar
+from livemb.models import repeat
+from livemb.models.base import SeqModel
 
 log = logging.getLogger("livemb.retrieval")
 
-# Defaults tuned on 1M structured unit-norm 64-d items, 1 thread (`python -m tools.bench.components
+# Defaults tuned on 1M structured unit-norm 64-d items, 1 thread (`python -m livemb.tools.bench.components
 # --tune`; figures in docs/BENCHMARKS.md "Offline components"). recall@20 vs exact at 1M:
 #   HNSW M=32: efConstruction 40 -> 0.922, 80 -> 0.962, 160 -> 0.979 (efSearch 128); M=16 0.936,
 #   M=48 0.957 (efConstruction 80). efConstruction is what buys recall here, and it is paid once,

@@ -16,13 +16,13 @@ import numpy as np
 import orjson
 import torch
 
-from core.choices import ExcludeSeen, IndexKind, RepeatPath
-from core.errors import ConfigError
-from core.items import ItemTable
-from models.base import EventBatch, SeqModel
-from models.checkpoint import load_checkpoint, model_version
-from models.repeat import Variant
-from models.retrieval import IndexFileError, Retriever, load_index
+from livemb.core.choices import ExcludeSeen, IndexKind, RepeatPath
+from livemb.core.errors import ConfigError
+from livemb.core.items import ItemTable
+from livemb.models.base import EventBatch, SeqModel
+from livemb.models.checkpoint import load_checkpoint, model_version
+from livemb.models.repeat import Variant
+from livemb.models.retrieval import IndexFileError, Retriever, load_index
 
 log = logging.getLogger("livemb.serving")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from models.base import SeqModel, SeqOut, register
+from livemb.models.base import SeqModel, SeqOut, register
 
 
 @register

@@ -25,17 +25,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from core.choices import LOSSES, VALID_METRICS
-from core.errors import ConfigError, DataError
-from core.progress import progress as progress_bar
-from models import repeat
-from models.base import EventBatch, SeqModel, event_type_index
-from models.early_stop import Validation, Validator, paired_gain, split_validation
-from models.evaluation import DEFAULT_VARIANT
-from models.grouping import group_by_user
-from models.logits import explore_logz
-from models.repeat import Variant
-from models.replay import MemoryCache, Sequence, first_seen_ms, next_item_predictions
+from livemb.core.choices import LOSSES, VALID_METRICS
+from livemb.core.errors import ConfigError, DataError
+from livemb.core.progress import progress as progress_bar
+from livemb.models import repeat
+from livemb.models.base import EventBatch, SeqModel, event_type_index
+from livemb.models.early_stop import Validation, Validator, paired_gain, split_validation
+from livemb.models.evaluation import DEFAULT_VARIANT
+from livemb.models.grouping import group_by_user
+from livemb.models.logits import explore_logz
+from livemb.models.repeat import Variant
+from livemb.models.replay import MemoryCache, Sequence, first_seen_ms, next_item_predictions
 
 log = logging.getLogger(__name__)
 

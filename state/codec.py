@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from core.errors import DataError
-from core.items import ItemTable
-from state.record import StateRecordError, decode, decode_rows, encode_rows
+from livemb.core.errors import DataError
+from livemb.core.items import ItemTable
+from livemb.state.record import StateRecordError, decode, decode_rows, encode_rows
 
 INDEX_FIELDS = ("mem_item", "win_item")  # state tensors that hold item indices (remapped on a table swap)
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from core.events import ValidEvent
-from core.outcomes import Outcome
-from state.record import StateRecordError, decode, encode
+from livemb.core.events import ValidEvent
+from livemb.core.outcomes import Outcome
+from livemb.state.record import StateRecordError, decode, encode
 
 _NO_TS = -(2**63)
 

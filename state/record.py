@@ -22,7 +22,7 @@ from itertools import chain
 
 import numpy as np
 
-from core.errors import DataError
+from livemb.core.errors import DataError
 
 MAGIC = b"LMBS"
 VERSION = 1

@@ -18,20 +18,20 @@ from typing import Any
 
 import faust
 
-from core.errors import ConfigError
-from core.settings import Settings
-from stream import faust_compat
-from stream.batch import BatchStep
-from stream.batching import adaptive_batches
-from stream.gap_repair import GapRepair
-from stream.kafka_io import BrokerUnreachable, bootstrap_of, plain_consumer, wait_for_broker
-from stream.lag import LagTracker
-from stream.logs import quiet_repeats
-from stream.metrics import Metrics, serve
-from stream.ports import BatchProcessor, InputRecord, OutputRecord
-from stream.reload import install_sighup, reload_tick
-from stream.security import faust_credentials, kafka_python_security
-from stream.sweep import IdleSweep
+from livemb.core.errors import ConfigError
+from livemb.core.settings import Settings
+from livemb.stream import faust_compat
+from livemb.stream.batch import BatchStep
+from livemb.stream.batching import adaptive_batches
+from livemb.stream.gap_repair import GapRepair
+from livemb.stream.kafka_io import BrokerUnreachable, bootstrap_of, plain_consumer, wait_for_broker
+from livemb.stream.lag import LagTracker
+from livemb.stream.logs import quiet_repeats
+from livemb.stream.metrics import Metrics, serve
+from livemb.stream.ports import BatchProcessor, InputRecord, OutputRecord
+from livemb.stream.reload import install_sighup, reload_tick
+from livemb.stream.security import faust_credentials, kafka_python_security
+from livemb.stream.sweep import IdleSweep
 
 log = logging.getLogger("livemb.worker")
 TABLE_NAME = "user_state"

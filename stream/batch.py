@@ -36,16 +36,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 
-from core.events import ValidEvent
-from core.outcomes import DlqReason, Outcome
-from core.settings import Settings
-from state.guard import BatchPlan, plan_batch, wrap
-from stream.contracts import OUTPUT_HEADERS
-from stream.dlq import dead_letter
-from stream.gap_repair import OffsetContinuity
-from stream.metrics import Metrics
-from stream.ports import BatchProcessor, InputLog, InputRecord, OutputRecord, OutputSink, StateStore, StepResult
-from stream.validate import Invalid, reject, too_late, validate
+from livemb.core.events import ValidEvent
+from livemb.core.outcomes import DlqReason, Outcome
+from livemb.core.settings import Settings
+from livemb.state.guard import BatchPlan, plan_batch, wrap
+from livemb.stream.contracts import OUTPUT_HEADERS
+from livemb.stream.dlq import dead_letter
+from livemb.stream.gap_repair import OffsetContinuity
+from livemb.stream.metrics import Metrics
+from livemb.stream.ports import BatchProcessor, InputLog, InputRecord, OutputRecord, OutputSink, StateStore, StepResult
+from livemb.stream.validate import Invalid, reject, too_late, validate
 
 log = logging.getLogger("livemb.worker")
 

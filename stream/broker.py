@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
 
-from core.errors import Unavailable
-from core.extras import require
+from livemb.core.errors import Unavailable
+from livemb.core.extras import require
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import orjson
 
-from models.serving import MESSAGE_FIELDS, MESSAGE_REQUIRED
-from stream.dlq import DLQ_SCHEMA_VERSION, entry_schema
-from stream.ports import Headers
-from stream.validate import INPUT_FIELDS, MAX_TS_MS
+from livemb.models.serving import MESSAGE_FIELDS, MESSAGE_REQUIRED
+from livemb.stream.dlq import DLQ_SCHEMA_VERSION, entry_schema
+from livemb.stream.ports import Headers
+from livemb.stream.validate import INPUT_FIELDS, MAX_TS_MS
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 INTERACTIONS_VERSION = 1

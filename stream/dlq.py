@@ -20,9 +20,9 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass
 
-from core.outcomes import DlqReason
-from stream.ports import Headers, OutputRecord
-from stream.validate import Invalid
+from livemb.core.outcomes import DlqReason
+from livemb.stream.ports import Headers, OutputRecord
+from livemb.stream.validate import Invalid
 
 DLQ_SCHEMA_VERSION = 1
 MAX_DLQ_VALUE_BYTES = 256 * 1024

@@ -25,7 +25,7 @@ from faust.tables.table import Table
 from faust.transport.consumer import Consumer
 from faust.transport.producer import Producer, ProducerBuffer
 
-from state.guard import keep_newer
+from livemb.state.guard import keep_newer
 
 log = logging.getLogger("livemb.worker")
 

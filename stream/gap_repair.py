@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
-from stream.ports import InputRecord
+from livemb.stream.ports import InputRecord
 
 log = logging.getLogger("livemb.worker")
 

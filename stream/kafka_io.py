@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterator
 import orjson
 from kafka import KafkaConsumer, KafkaProducer
 
-from core.errors import Unavailable
-from core.progress import progress as progress_bar
+from livemb.core.errors import Unavailable
+from livemb.core.progress import progress as progress_bar
 
 log = logging.getLogger("livemb.kafka")
 

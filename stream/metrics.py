@@ -26,8 +26,8 @@ from prometheus_client import (
     generate_latest,
 )
 
-from core.outcomes import Outcome
-from stream.health import Liveness
+from livemb.core.outcomes import Outcome
+from livemb.stream.health import Liveness
 
 OUTCOMES = tuple(Outcome)  # the `outcome` label values
 LATENCY_BUCKETS = (

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from core.events import ValidEvent
+from livemb.core.events import ValidEvent
 
 Headers = tuple[tuple[str, bytes], ...]  # Kafka record headers, in order (names may repeat)
 

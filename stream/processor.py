@@ -19,16 +19,16 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from core.errors import ConfigError
-from core.events import ValidEvent
-from core.items import ItemTable
-from core.settings import Settings
-from models.base import EventBatch, event_type_index
-from models.grouping import group_by_user
-from models.serving import Serving, build_messages
-from state.codec import StateCodec
-from stream.ports import ModelInfo, StepResult
-from stream.reload import FileWatch
+from livemb.core.errors import ConfigError
+from livemb.core.events import ValidEvent
+from livemb.core.items import ItemTable
+from livemb.core.settings import Settings
+from livemb.models.base import EventBatch, event_type_index
+from livemb.models.grouping import group_by_user
+from livemb.models.serving import Serving, build_messages
+from livemb.state.codec import StateCodec
+from livemb.stream.ports import ModelInfo, StepResult
+from livemb.stream.reload import FileWatch
 
 log = logging.getLogger("livemb.processor")
 

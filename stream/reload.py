@@ -19,8 +19,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from stream.metrics import Metrics
-from stream.ports import BatchProcessor
+from livemb.stream.metrics import Metrics
+from livemb.stream.ports import BatchProcessor
 
 log = logging.getLogger("livemb.worker")
 swap_log = logging.getLogger("livemb.processor")  # the swap's own lines keep the logger name they always had

@@ -8,7 +8,7 @@ from __future__ import annotations
 import ssl
 from typing import Any
 
-from core.settings import Settings
+from livemb.core.settings import Settings
 
 
 def ssl_context(s: Settings) -> ssl.SSLContext | None:

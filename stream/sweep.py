@@ -39,12 +39,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from core.events import ValidEvent
-from core.settings import Settings
-from state.guard import unwrap
-from stream.contracts import OUTPUT_HEADERS
-from stream.metrics import Metrics
-from stream.ports import BatchProcessor, InputRecord, OutputRecord, OutputSink, StateStore
+from livemb.core.events import ValidEvent
+from livemb.core.settings import Settings
+from livemb.state.guard import unwrap
+from livemb.stream.contracts import OUTPUT_HEADERS
+from livemb.stream.metrics import Metrics
+from livemb.stream.ports import BatchProcessor, InputRecord, OutputRecord, OutputSink, StateStore
 
 log = logging.getLogger("livemb.sweep")
 

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from core.events import ValidEvent
-from core.outcomes import DlqReason
+from livemb.core.events import ValidEvent
+from livemb.core.outcomes import DlqReason
 
 if TYPE_CHECKING:
-    from core.settings import Settings
+    from livemb.core.settings import Settings
 
 MAX_USER_ID_CHARS = 128
 MAX_TS_MS = 2**63 - 1

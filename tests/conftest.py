@@ -13,8 +13,8 @@ from typing import Any
 import orjson
 import pytest
 
-from stream.broker import EmbeddedBroker, free_port
-from tools.harness import EMBEDDED_WORKER_ENV, http_get, worker_command
+from livemb.stream.broker import EmbeddedBroker, free_port
+from livemb.tools.harness import EMBEDDED_WORKER_ENV, http_get, worker_command
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,9 +8,9 @@ import time
 import numpy as np
 import orjson
 
-from core.events import ValidEvent
-from state.record import StateRecordError, decode, encode
-from stream.ports import ModelInfo, StepResult
+from livemb.core.events import ValidEvent
+from livemb.state.record import StateRecordError, decode, encode
+from livemb.stream.ports import ModelInfo, StepResult
 
 
 class CountingProcessor:

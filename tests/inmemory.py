@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import orjson
 
-from stream.batch import BatchStep, Step
-from stream.ports import InputRecord, OutputRecord
+from livemb.stream.batch import BatchStep, Step
+from livemb.stream.ports import InputRecord, OutputRecord
 
 
 class Crash(RuntimeError):

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from models import MODEL_REGISTRY, EventBatch, ModelConfig
-from models.baselines import split_sessions
-from models.metrics import ranks_of
-from models.repeat import seen_mask
+from livemb.models import MODEL_REGISTRY, EventBatch, ModelConfig
+from livemb.models.baselines import split_sessions
+from livemb.models.metrics import ranks_of
+from livemb.models.repeat import seen_mask
 
 N, D = 9, 4
 GAP = 1_800_000

@@ -9,14 +9,14 @@ import asyncio
 import orjson
 import pytest
 
-from core.outcomes import DlqReason, Outcome
-from core.settings import Settings
-from state.guard import GuardState, unwrap, wrap
-from state.record import decode, encode
-from stream.batch import BatchStep, Step
-from stream.dlq import REASON_HEADER, header
-from stream.metrics import Metrics
-from stream.ports import StepResult
+from livemb.core.outcomes import DlqReason, Outcome
+from livemb.core.settings import Settings
+from livemb.state.guard import GuardState, unwrap, wrap
+from livemb.state.record import decode, encode
+from livemb.stream.batch import BatchStep, Step
+from livemb.stream.dlq import REASON_HEADER, header
+from livemb.stream.metrics import Metrics
+from livemb.stream.ports import StepResult
 from tests.counting import CountingProcessor
 from tests.inmemory import Crash, CrashAt, CrashingStep, MemoryLog, MemorySink, MemoryStore, record
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from tools.bench.load import bucket_quantile, per_batch
+from livemb.tools.bench.load import bucket_quantile, per_batch
 
 
 def test_bucket_quantile_of_the_observations_between_two_scrapes() -> None:
@@ -30,7 +30,7 @@ def test_per_batch_step_means_between_two_scrapes() -> None:
 
 @pytest.mark.integration
 def test_tiny_bench_run_end_to_end(tmp_path) -> None:
-    from tools.cli import main
+    from livemb.tools.cli import main
 
     out = tmp_path / "b.json"
     rc = main(["bench", "--users", "150", "--items-n", "600", "--days", "4", "--train-events", "400",

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from tools.bench.components import bench_model, bench_retrieval, bench_state, main, structured_item_vectors
+from livemb.tools.bench.components import bench_model, bench_retrieval, bench_state, main, structured_item_vectors
 
 
 def test_structured_vectors_have_neighbourhoods_unlike_noise():

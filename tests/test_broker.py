@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from stream.broker import BrokerError, EmbeddedBroker
+from livemb.stream.broker import BrokerError, EmbeddedBroker
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from stream.broker import EmbeddedBroker, free_port
+from livemb.stream.broker import EmbeddedBroker, free_port
 from tests.conftest import WorkerProc, event, produce, wait_until
 from tests.test_worker_integration import Outputs, setup_topics, table_counts
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tools.cli import main
+from livemb.tools.cli import main
 
 
 def test_offline_pipeline(tmp_path, capsys):
@@ -36,7 +36,7 @@ def test_offline_pipeline(tmp_path, capsys):
         assert res["events_scored"] > 0
     assert png.stat().st_size > 1000
     assert "| mv |" in capsys.readouterr().out
-    from tools.offline.results_doc import render
+    from livemb.tools.offline.results_doc import render
 
     doc = render(str(js), report).splitlines()
     served = report["results"]["gru"]["served_variant"]
@@ -62,12 +62,12 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
 
 def test_demo_prepares_log_items_and_model(tmp_path):
     # The demo's first step (synth log, planted items, a small HierTCN) without the broker part.
-    from core.items import ItemTable
-    from core.settings import load_settings
-    from models.checkpoint import load_checkpoint
-    from tools.args import DemoArgs, from_namespace
-    from tools.cli import build_parser
-    from tools.harness import prepare_model
+    from livemb.core.items import ItemTable
+    from livemb.core.settings import load_settings
+    from livemb.models.checkpoint import load_checkpoint
+    from livemb.tools.args import DemoArgs, from_namespace
+    from livemb.tools.cli import build_parser
+    from livemb.tools.harness import prepare_model
 
     args = from_namespace(DemoArgs, build_parser().parse_args(["demo", "--workdir", str(tmp_path)]))
     prep = prepare_model(tmp_path, load_settings(), data=args.data, model=args.model, items=args.items,
@@ -84,7 +84,7 @@ def test_seed_decides_the_trained_weights(tmp_path):
     checkpoint, another seed another one (what a spread over seeds is measured with)."""
     import torch
 
-    from models.checkpoint import read_checkpoint
+    from livemb.models.checkpoint import read_checkpoint
 
     log, items = tmp_path / "log.csv", tmp_path / "items.npz"
     assert main(["synth", "--users", "20", "--items", "40", "--days", "3", "--out", str(log)]) == 0
@@ -102,7 +102,7 @@ def test_seed_decides_the_trained_weights(tmp_path):
 
 
 def test_training_summary_names_what_was_trained():
-    from tools.offline.evaluate import _training_summary
+    from livemb.tools.offline.evaluate import _training_summary
 
     assert _training_summary({"epoch_seconds": [], "loss": []}, 0.1) == "no training"
     fixed = {"epoch_seconds": [1.0, 1.0], "chosen_epoch": 2, "early_stopping": {"used": False}}
@@ -114,28 +114,28 @@ def test_training_summary_names_what_was_trained():
 
 def _livemb_errors() -> dict[type, int]:
     """Every LivembError class of the project (their modules imported) -> the exit code livemb gives it."""
-    import models.checkpoint
-    import models.retrieval
-    import state.codec
-    import state.record
-    import stream.broker
-    import stream.kafka_io
-    import tools.ops.prom
-    import tools.ops.rebuild
-    from core import errors
+    import livemb.models.checkpoint
+    import livemb.models.retrieval
+    import livemb.state.codec
+    import livemb.state.record
+    import livemb.stream.broker
+    import livemb.stream.kafka_io
+    import livemb.tools.ops.prom
+    import livemb.tools.ops.rebuild
+    from livemb.core import errors
 
     return {
-        errors.LivembError: 1, tools.ops.rebuild.RebuildError: 1,
+        errors.LivembError: 1, livemb.tools.ops.rebuild.RebuildError: 1,
         errors.ConfigError: 2,
-        errors.DataError: 2, models.checkpoint.CheckpointError: 2, models.retrieval.IndexFileError: 2,
-        state.record.StateRecordError: 2, state.codec.ForeignState: 2,
-        errors.Unavailable: 3, stream.kafka_io.BrokerUnreachable: 3, stream.broker.BrokerError: 3,
-        tools.ops.prom.PrometheusError: 3,
+        errors.DataError: 2, livemb.models.checkpoint.CheckpointError: 2, livemb.models.retrieval.IndexFileError: 2,
+        livemb.state.record.StateRecordError: 2, livemb.state.codec.ForeignState: 2,
+        errors.Unavailable: 3, livemb.stream.kafka_io.BrokerUnreachable: 3, livemb.stream.broker.BrokerError: 3,
+        livemb.tools.ops.prom.PrometheusError: 3,
     }
 
 
 def test_exit_codes_are_set_in_core_errors_only():
-    from core.errors import ConfigError, DataError, LivembError, Unavailable
+    from livemb.core.errors import ConfigError, DataError, LivembError, Unavailable
 
     table = _livemb_errors()
     tree, todo = set(), [LivembError]
@@ -145,7 +145,7 @@ def test_exit_codes_are_set_in_core_errors_only():
         todo += cls.__subclasses__()
     assert tree == set(table)  # a new error class gets its row here
     assert {cls: cls.exit_code for cls in tree} == table
-    assert [cls for cls in tree if "exit_code" in vars(cls) and cls.__module__ != "core.errors"] == []
+    assert [cls for cls in tree if "exit_code" in vars(cls) and cls.__module__ != "livemb.core.errors"] == []
     # the classes they replaced were ValueErrors / RuntimeErrors: callers catching those still do
     assert issubclass(ConfigError, ValueError) and issubclass(DataError, ValueError)
     assert issubclass(Unavailable, RuntimeError)
@@ -153,31 +153,31 @@ def test_exit_codes_are_set_in_core_errors_only():
 
 @pytest.mark.parametrize("cls_name", sorted(c.__name__ for c in _livemb_errors()))
 def test_cli_maps_each_livemb_error_to_its_exit_code_in_one_line(cls_name, monkeypatch, capsys):
-    import tools.ops.config_doc
+    import livemb.tools.ops.config_doc
 
     cls, code = next((c, n) for c, n in _livemb_errors().items() if c.__name__ == cls_name)
 
     def fail():
         raise cls("the thing went wrong")
 
-    monkeypatch.setattr(tools.ops.config_doc, "readme_block", fail)
+    monkeypatch.setattr(livemb.tools.ops.config_doc, "readme_block", fail)
     assert main(["config"]) == code
     assert capsys.readouterr().err == "livemb config: error: the thing went wrong\n"
 
 
 def test_cli_exit_code_for_a_missing_file_and_a_bug(monkeypatch, capsys):
-    import tools.ops.config_doc
+    import livemb.tools.ops.config_doc
 
     def missing():
         open("/nonexistent/livemb.csv")
 
-    monkeypatch.setattr(tools.ops.config_doc, "readme_block", missing)
+    monkeypatch.setattr(livemb.tools.ops.config_doc, "readme_block", missing)
     assert main(["config"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
 
     def bug():
         raise ValueError("not a livemb error: a bug")
 
-    monkeypatch.setattr(tools.ops.config_doc, "readme_block", bug)
+    monkeypatch.setattr(livemb.tools.ops.config_doc, "readme_block", bug)
     with pytest.raises(ValueError, match="a bug"):  # a traceback, not a tidy exit 2
         main(["config"])

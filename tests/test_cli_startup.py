@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-import core
-from core.errors import ConfigError
+from livemb.core import __version__ as VERSION
+from livemb.core.errors import ConfigError
 from tests.test_layers import ROOT
 
 HEAVY = ("torch", "pandas", "numpy", "faust", "kafka", "aiokafka", "faiss", "pydantic", "pydantic_settings")
@@ -29,7 +29,7 @@ sys.meta_path.insert(0, Absent())
 if sys.argv[1] == "-c":
     exec(sys.argv[2])
 else:
-    from tools.cli import main
+    from livemb.tools.cli import main
     sys.exit(main(sys.argv[1:]))
 """
 
@@ -40,12 +40,12 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def livemb(*args: str, code: str | None = None, **env: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "tools.cli", *args]
+    cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "livemb.tools.cli", *args]
     return subprocess.run(cmd, cwd=ROOT, env=clean_env(**env), capture_output=True, text=True, timeout=120)
 
 
 def test_help_and_version_import_nothing_heavy() -> None:
-    probe = ("import sys; from tools.cli import build_parser; build_parser().format_help(); "
+    probe = ("import sys; from livemb.tools.cli import build_parser; build_parser().format_help(); "
              f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))")
     r = livemb(code=probe)
     assert r.returncode == 0, r.stderr
@@ -53,17 +53,17 @@ def test_help_and_version_import_nothing_heavy() -> None:
     r = livemb("--help")
     assert r.returncode == 0 and r.stdout.startswith("usage: livemb") and "worker" in r.stdout
     r = livemb("--version")
-    assert r.returncode == 0 and r.stdout.strip() == f"livemb {core.__version__}"
+    assert r.returncode == 0 and r.stdout.strip() == f"livemb {VERSION}"
 
 
 def test_the_version_has_one_source() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
-    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "core.__version__"}
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "livemb.core.__version__"}
 
 
 def test_every_handler_resolves() -> None:
-    from tools.cli import COMMANDS
+    from livemb.tools.cli import COMMANDS
 
     for name, command in COMMANDS.items():
         assert callable(command.handler()), name
@@ -86,7 +86,7 @@ def test_a_misspelled_variable_is_warned_about_with_the_closest_name() -> None:
 
 
 def test_unknown_env_and_problem_lines() -> None:
-    from core.settings import load_settings, unknown_env
+    from livemb.core.settings import load_settings, unknown_env
 
     assert unknown_env({"LIVEMB_WEBPORT": "1", "livemb_topk": "3", "LIVEMB_ZZZZ": "", "PATH": "/bin"}) == \
         {"LIVEMB_WEBPORT": "LIVEMB_WEB_PORT", "LIVEMB_ZZZZ": None}  # livemb_topk: known (case-insensitive)
@@ -100,7 +100,7 @@ def test_unknown_env_and_problem_lines() -> None:
 
 
 def test_require_names_the_extra(monkeypatch) -> None:
-    from core import extras
+    from livemb.core import extras
 
     monkeypatch.setitem(extras.DISTRIBUTIONS, "livemb_absent_pkg", "absent-pkg")
     with pytest.raises(ConfigError, match=r"^plots needs absent-pkg, which is not installed: pip install 'livemb\[tools\]'$"):
@@ -110,7 +110,7 @@ def test_require_names_the_extra(monkeypatch) -> None:
 
 
 def test_without_the_tools_extra_the_worker_imports_and_the_broker_says_what_to_install(tmp_path: Path) -> None:
-    runtime_only = "stream.app, tools.ops.worker, tools.ops.kafka_commands, tools.offline.commands, tools.ops.rebuild"
+    runtime_only = "livemb.stream.app, livemb.tools.ops.worker, livemb.tools.ops.kafka_commands, livemb.tools.offline.commands, livemb.tools.ops.rebuild"
     r = livemb("-c", f"import {runtime_only}; print('ok')", code=WITHOUT_EXTRA)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
     r = livemb("broker", "--port", "1", code=WITHOUT_EXTRA)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.settings import Settings
+from livemb.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

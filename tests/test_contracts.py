@@ -11,15 +11,15 @@ import orjson
 import pytest
 import torch
 
-from core.items import ItemTable
-from core.settings import Settings
-from models.serving import MESSAGE_FIELDS, MESSAGE_REQUIRED, build_messages
-from stream.contracts import SCHEMAS, dlq_schema, interactions_schema, recommendations_schema, stale_schemas
-from stream.dlq import DlqEntry, dead_letter
-from stream.validate import Invalid, validate
+from livemb.core.items import ItemTable
+from livemb.core.settings import Settings
+from livemb.models.serving import MESSAGE_FIELDS, MESSAGE_REQUIRED, build_messages
+from livemb.stream.contracts import SCHEMAS, dlq_schema, interactions_schema, recommendations_schema, stale_schemas
+from livemb.stream.dlq import DlqEntry, dead_letter
+from livemb.stream.validate import Invalid, validate
+from livemb.tools.cli import main
 from tests.conftest import ROOT
 from tests.schema_check import errors
-from tools.cli import main
 
 NOW = 1_700_000_000_000
 S = Settings()

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from core.settings import Settings
-from stream.metrics import Metrics
+from livemb.core.settings import Settings
+from livemb.stream.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "livemb-dashboard.json"

@@ -14,13 +14,13 @@ from collections.abc import Callable
 import orjson
 import pytest
 
-from stream.broker import EmbeddedBroker
-from stream.contracts import dlq_schema
-from stream.dlq import REASON_HEADER, DlqEntry, header
+from livemb.stream.broker import EmbeddedBroker
+from livemb.stream.contracts import dlq_schema
+from livemb.stream.dlq import REASON_HEADER, DlqEntry, header
+from livemb.tools.cli import main
 from tests.conftest import WorkerProc, consume_all, wait_until
 from tests.schema_check import errors
 from tests.test_worker_integration import Outputs, setup_topics, table_counts
-from tools.cli import main
 
 T0 = 1_700_000_000_000
 

@@ -9,11 +9,11 @@ import logging
 import pytest
 from pydantic import ValidationError
 
-from core.settings import Settings, load_settings
-from stream.app import faust_config, log_durability, make_app
-from stream.metrics import Metrics
+from livemb.core.settings import Settings, load_settings
+from livemb.stream.app import faust_config, log_durability, make_app
+from livemb.stream.metrics import Metrics
+from livemb.tools.harness import EMBEDDED_WORKER_ENV
 from tests.counting import make_processor
-from tools.harness import EMBEDDED_WORKER_ENV
 
 
 def test_defaults_suit_a_three_broker_cluster() -> None:

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from core.items import ItemTable
-from models.early_stop import Validator, paired_gain, per_target, split_validation
-from models.evaluation import build_model, evaluate_model
-from models.train import TrainConfig, WeightAverage, sequences_from_frame, train_model
-from tools.data.item_embeddings import build_item_vectors, vectors_before
-from tools.data.synth_ecommerce import synth_ecommerce
+from livemb.core.items import ItemTable
+from livemb.models.early_stop import Validator, paired_gain, per_target, split_validation
+from livemb.models.evaluation import build_model, evaluate_model
+from livemb.models.train import TrainConfig, WeightAverage, sequences_from_frame, train_model
+from livemb.tools.data.item_embeddings import build_item_vectors, vectors_before
+from livemb.tools.data.synth_ecommerce import synth_ecommerce
 
 # a high lr so that the validation curve is not monotone (epoch 5 of 6 is the best here)
 # valid_min_gain_se = 0: any gain counts, so the choice is the argmax (the SE rule has its own test)
@@ -141,7 +141,7 @@ def test_validation_metric_is_the_evaluations(data, name):
 def test_too_small_a_train_period_falls_back_to_fixed_epochs(data, caplog):
     vectors, seqs = data
     model = build_model("gru", vectors)
-    with caplog.at_level(logging.INFO, logger="models.train"):
+    with caplog.at_level(logging.INFO, logger="livemb.models.train"):
         hist = train_model(model, seqs, TrainConfig(epochs=2, valid_min_targets=10**9), progress=False)
     assert hist["chosen_epoch"] == 2 and len(hist["epoch_seconds"]) == 2
     assert not hist["early_stopping"]["used"]

@@ -5,10 +5,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.items import ItemTable
-from models.train import TrainConfig
-from tools.data.synth_ecommerce import synth_ecommerce
-from tools.offline.evaluate import event_type_table, run_evaluation
+from livemb.core.items import ItemTable
+from livemb.models.train import TrainConfig
+from livemb.tools.data.synth_ecommerce import synth_ecommerce
+from livemb.tools.offline.evaluate import event_type_table, run_evaluation
 
 
 def _next_is_same_after(df: pd.DataFrame, etype: str) -> float:

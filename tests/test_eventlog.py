@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.errors import ConfigError, DataError
-from tools.data.eventlog import dataset_stats, parse_columns, read_log, session_ids, temporal_split
+from livemb.core.errors import ConfigError, DataError
+from livemb.tools.data.eventlog import dataset_stats, parse_columns, read_log, session_ids, temporal_split
 
 YOOCHOOSE = Path("/work/shared/data/yoochoose-100k/yoochoose-clicks-100k_test.txt")
 GLOBO = Path("/work/shared/data/globo-fragment/clicks_hour_000_truncated.csv")

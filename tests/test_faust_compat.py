@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from importlib.metadata import version
 
-from stream import faust_compat
+from livemb.stream import faust_compat
 
 
 def test_private_names_still_exist() -> None:

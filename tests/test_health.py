@@ -9,8 +9,8 @@ import urllib.request
 import orjson
 import pytest
 
-from stream.health import Liveness
-from stream.metrics import Metrics, serve
+from livemb.stream.health import Liveness
+from livemb.stream.metrics import Metrics, serve
 
 
 class Clock:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import orjson
 import pytest
 
-from stream.broker import EmbeddedBroker
+from livemb.stream.broker import EmbeddedBroker
 from tests.conftest import WorkerProc, event, produce, wait_until
 from tests.test_worker_integration import setup_topics
 

@@ -12,10 +12,10 @@ from collections.abc import Callable
 import orjson
 import pytest
 
-from core.settings import Settings
-from stream.broker import EmbeddedBroker
-from stream.dlq import REASON_HEADER, header
-from stream.validate import Invalid, validate
+from livemb.core.settings import Settings
+from livemb.stream.broker import EmbeddedBroker
+from livemb.stream.dlq import REASON_HEADER, header
+from livemb.stream.validate import Invalid, validate
 from tests.conftest import WorkerProc, consume_all, event, produce, wait_until
 from tests.test_worker_integration import Outputs, setup_topics
 

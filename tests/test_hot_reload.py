@@ -21,15 +21,15 @@ import orjson
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from core.items import ItemTable
-from models.checkpoint import model_version, save_checkpoint
-from models.evaluation import build_model
-from models.train import TrainConfig, sequences_from_frame, train_model
-from stream.broker import free_port
-from stream.kafka_io import replay
+from livemb.core.items import ItemTable
+from livemb.models.checkpoint import model_version, save_checkpoint
+from livemb.models.evaluation import build_model
+from livemb.models.train import TrainConfig, sequences_from_frame, train_model
+from livemb.stream.broker import free_port
+from livemb.stream.kafka_io import replay
+from livemb.tools.data.synth import synth_log
+from livemb.tools.harness import start_worker, stop_process, wait_ready
 from tests.conftest import wait_until
-from tools.data.synth import synth_log
-from tools.harness import start_worker, stop_process, wait_ready
 
 PARTITIONS = 2
 

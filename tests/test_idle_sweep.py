@@ -10,16 +10,16 @@ import numpy as np
 import orjson
 import pytest
 
-from core.items import ItemTable
-from core.settings import Settings
-from models.checkpoint import save_checkpoint
-from models.evaluation import build_model
-from models.serving import Serving
-from stream.batch import BatchStep
-from stream.processor import ModelProcessor
-from stream.sweep import IdleSweep, OpenSessions
+from livemb.core.items import ItemTable
+from livemb.core.settings import Settings
+from livemb.models.checkpoint import save_checkpoint
+from livemb.models.evaluation import build_model
+from livemb.models.serving import Serving
+from livemb.stream.batch import BatchStep
+from livemb.stream.processor import ModelProcessor
+from livemb.stream.sweep import IdleSweep, OpenSessions
+from livemb.tools.offline.commands import embed_users
 from tests.inmemory import MemorySink, MemoryStore, record
-from tools.offline.commands import embed_users
 
 MIN = 60_000
 T0 = 1_700_000_000_000
@@ -171,7 +171,7 @@ def test_a_failing_sweep_never_raises_into_the_agent(served, caplog):
 def test_a_sweep_closes_at_most_its_cap_and_the_rest_after_the_next_batch() -> None:
     """Event time jumping (backfill -> live) makes thousands of sessions due at once: each sweep
     closes at most idle_sweep_max_sessions, and the next one runs after the next batch."""
-    from stream.sweep import OpenSessions
+    from livemb.stream.sweep import OpenSessions
 
     idx = OpenSessions()
     part = ("interactions", 0)

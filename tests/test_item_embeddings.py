@@ -6,11 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import tools.data.item_embeddings as ie
-from core.errors import ConfigError, DataError
-from tools.data.eventlog import parse_columns, read_log, session_ids, temporal_split
-from tools.data.item_embeddings import build_item_vectors
-from tools.data.synth import synth_log
+import livemb.tools.data.item_embeddings as ie
+from livemb.core.errors import ConfigError, DataError
+from livemb.tools.data.eventlog import parse_columns, read_log, session_ids, temporal_split
+from livemb.tools.data.item_embeddings import build_item_vectors
+from livemb.tools.data.synth import synth_log
 
 YOOCHOOSE = Path("/work/shared/data/yoochoose-100k/yoochoose-clicks-100k_train_full.txt")
 

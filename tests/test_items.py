@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.errors import DataError
-from core.items import ItemTable
+from livemb.core.errors import DataError
+from livemb.core.items import ItemTable
 
 
 def _table(n: int = 5, d: int = 4) -> ItemTable:

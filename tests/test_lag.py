@@ -3,7 +3,7 @@
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from stream.lag import LagTracker, partition_lag
+from livemb.stream.lag import LagTracker, partition_lag
 
 
 def test_lag_is_per_partition_from_its_last_consumed_offset() -> None:

@@ -12,13 +12,19 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ["core", "models", "state", "stream", "tools"]  # each may import only itself and those before it
 
 
+def layer_of(module: str) -> str:
+    """The project package a module name is in ("livemb.stream.batch" -> "stream"), else its top name."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "livemb" and len(parts) > 1 else parts[0]
+
+
 def imports_of(path: Path) -> list[tuple[int, str]]:
     out = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            out += [(node.lineno, a.name.split(".")[0]) for a in node.names]
+            out += [(node.lineno, layer_of(a.name)) for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            out.append((node.lineno, node.module.split(".")[0]))
+            out.append((node.lineno, layer_of(node.module)))
     return [(line, top) for line, top in out if top in LAYERS]
 
 
@@ -39,7 +45,7 @@ def test_no_upward_import_between_packages() -> None:
 def test_the_check_sees_an_upward_import(tmp_path: Path) -> None:
     fake = tmp_path / "state"
     fake.mkdir()
-    (fake / "x.py").write_text("def f():\n    from stream.batch import BatchStep\n")
+    (fake / "x.py").write_text("def f():\n    from livemb.stream.batch import BatchStep\n")
     for pkg in LAYERS:
         if pkg != "state":
             (tmp_path / pkg).mkdir()
@@ -57,7 +63,7 @@ def function_level_imports(pkg: str, root: Path = ROOT) -> list[str]:
                 mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                     [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
                 bad += [f"{path.relative_to(root)}:{node.lineno} imports {m} inside {fn.name}"
-                        for m in mods if m.split(".")[0] in LAYERS]
+                        for m in mods if layer_of(m) in LAYERS]
     return bad
 
 
@@ -67,8 +73,8 @@ def test_models_import_the_project_at_module_level_only() -> None:
 
 def test_the_check_sees_a_function_level_import(tmp_path: Path) -> None:
     (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "x.py").write_text("import math\n\ndef f():\n    import numpy\n    from models.train import g\n")
-    assert function_level_imports("models", tmp_path) == ["models/x.py:5 imports models.train inside f"]
+    (tmp_path / "models" / "x.py").write_text("import math\n\ndef f():\n    import numpy\n    from livemb.models.train import g\n")
+    assert function_level_imports("models", tmp_path) == ["models/x.py:5 imports livemb.models.train inside f"]
 
 
 def test_every_package_directory_is_a_regular_package() -> None:

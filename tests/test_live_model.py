@@ -14,20 +14,20 @@ import orjson
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from core.items import ItemTable
-from models.checkpoint import save_checkpoint
-from models.evaluation import build_model
-from models.retrieval import Retriever
-from models.serving import Serving
-from models.train import TrainConfig, sequences_from_frame, train_model
-from stream.broker import free_port
-from stream.contracts import recommendations_schema
-from stream.kafka_io import replay
+from livemb.core.items import ItemTable
+from livemb.models.checkpoint import save_checkpoint
+from livemb.models.evaluation import build_model
+from livemb.models.retrieval import Retriever
+from livemb.models.serving import Serving
+from livemb.models.train import TrainConfig, sequences_from_frame, train_model
+from livemb.stream.broker import free_port
+from livemb.stream.contracts import recommendations_schema
+from livemb.stream.kafka_io import replay
+from livemb.tools.data.synth import synth_log
+from livemb.tools.harness import start_worker, stop_process, wait_ready
+from livemb.tools.offline.commands import embed_users
 from tests.conftest import wait_until
 from tests.schema_check import errors
-from tools.data.synth import synth_log
-from tools.harness import start_worker, stop_process, wait_ready
-from tools.offline.commands import embed_users
 
 PARTITIONS = 4
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from stream.logs import RepeatFilter
+from livemb.stream.logs import RepeatFilter
 
 
 def record(msg: str, exc: BaseException | None = None) -> logging.LogRecord:

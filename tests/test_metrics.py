@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.metrics import RankAccumulator, ranks_of
+from livemb.models.metrics import RankAccumulator, ranks_of
 
 INF = math.inf
 
@@ -98,8 +98,8 @@ def test_accumulator_empty_and_merge():
 
 def test_ranks_excluding_memory_equal_masked_ranks():
     """The evaluation's fast exclude_seen ranks == ranks_of with the full (B, N+1) seen mask."""
-    from models import repeat
-    from models.metrics import ranks_excluding_memory
+    from livemb.models import repeat
+    from livemb.models.metrics import ranks_excluding_memory
 
     g = torch.Generator().manual_seed(0)
     B, N, M = 40, 30, 6
@@ -120,8 +120,8 @@ def test_ranks_from_explore_equal_ranks_of_the_merged_scores():
     """The evaluation's one-comparison ranks == ranks_of on the merged (B, N+1) matrix (explore +
     shift outside the memory, the slot scores inside), with ties, NaNs, empty slots and masks.
     Integer-valued scores and shifts keep the float arithmetic exact, so equality is exact."""
-    from models import repeat
-    from models.metrics import ranks_from_explore
+    from livemb.models import repeat
+    from livemb.models.metrics import ranks_from_explore
 
     g = torch.Generator().manual_seed(1)
     B, N, M = 60, 30, 6
@@ -148,7 +148,7 @@ def test_ranks_from_explore_equal_ranks_of_the_merged_scores():
 
 
 def test_count_below_equals_the_bool_sum():
-    from models.metrics import count_below
+    from livemb.models.metrics import count_below
 
     g = torch.Generator().manual_seed(2)
     for B, N in ((1, 1), (3, 2039), (5, 2041), (7, 5000), (2, 12345)):

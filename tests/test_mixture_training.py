@@ -7,12 +7,12 @@ import math
 import numpy as np
 import torch
 
-from models import EventBatch, repeat
-from models.base import ModelConfig
-from models.hiertcn import HierTCN
-from models.logits import explore_logz
-from models.replay import MemoryCache, first_seen_ms, next_item_predictions
-from models.train import TrainConfig, make_chunks, mixture_loss, slot_explore
+from livemb.models import EventBatch, repeat
+from livemb.models.base import ModelConfig
+from livemb.models.hiertcn import HierTCN
+from livemb.models.logits import explore_logz
+from livemb.models.replay import MemoryCache, first_seen_ms, next_item_predictions
+from livemb.models.train import TrainConfig, make_chunks, mixture_loss, slot_explore
 
 
 def _setup(N=300, D=8, users=6, T=40, seed=0):

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from core.errors import ConfigError
-from models import MODEL_REGISTRY, EventBatch, ModelConfig
-from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from models.train import LOSSES, TrainConfig, batch_loss, train_model
+from livemb.core.errors import ConfigError
+from livemb.models import MODEL_REGISTRY, EventBatch, ModelConfig
+from livemb.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from livemb.models.train import LOSSES, TrainConfig, batch_loss, train_model
 
 
 def tiny_data(seed=0, users=12, N=30, D=8):
@@ -100,8 +100,8 @@ def test_state_fits_budget(name):
     """SPEC section 6: <= 4 KiB per user at D=64, H=128 (model tensors + repeat memory)."""
     vecs = np.zeros((11, 64), np.float32)
     model = MODEL_REGISTRY[name](ModelConfig(name=name, dim=64, hidden=128), vecs)
-    from state.guard import GuardState, wrap
-    from state.record import encode
+    from livemb.state.guard import GuardState, wrap
+    from livemb.state.record import encode
 
     st = model.init_state(1)
     record = encode({k: v[0].numpy() for k, v in st.items()}, {"items": 1})
@@ -111,7 +111,7 @@ def test_state_fits_budget(name):
 
 def test_session_runs_of_a_flat_layout():
     """Two users, T = 5: user 0 has sessions [0, 1] [2, 3, 4], user 1 has [0] [1, 2] and a pad."""
-    from models.layers import session_layout, session_runs
+    from livemb.models.layers import session_layout, session_runs
 
     new_session = torch.tensor([[1, 0, 1, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
@@ -125,7 +125,7 @@ def test_session_runs_of_a_flat_layout():
 
 def test_per_event_gathers_each_events_session_row_and_its_gradient():
     """x (B=2, S=2, F=1) = [[10, 20], [30, 40]]; events of user 0 in sessions 0 0 1, user 1 in 1 1 0."""
-    from models.layers import per_event
+    from livemb.models.layers import per_event
 
     x = torch.tensor([[[10.0], [20.0]], [[30.0], [40.0]]], requires_grad=True)
     segment = torch.tensor([[0, 0, 1], [1, 1, 0]])

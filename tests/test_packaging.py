@@ -82,7 +82,7 @@ def third_party_imports(pkg: str) -> set[str]:
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
             mods |= {n.split(".")[0] for n in names}
-    return {m for m in mods if m not in sys.stdlib_module_names and m not in LAYERS and m not in UNDECLARED_OK}
+    return {m for m in mods if m not in sys.stdlib_module_names and m not in LAYERS and m != "livemb" and m not in UNDECLARED_OK}
 
 
 @pytest.mark.parametrize("pkg", LAYERS)
@@ -153,3 +153,15 @@ def test_the_build_context_leaves_artifacts_out_at_any_depth() -> None:
     for needed in ["pyproject.toml", "constraints.txt", "core/settings.py", "tools/data/synth.py",
                    "tools/data/fetch_movielens.sh", "stream/app.py"]:
         assert not ignored(needed, patterns), needed
+
+
+def test_every_package_is_installed_under_the_livemb_namespace() -> None:
+    """The repository's top-level folders install as livemb.core, livemb.models, ... (pyproject's
+    package-dir and packages), so no `core` or `tools` of ours shadows another distribution's; every
+    package directory is listed, or a wheel would leave it out."""
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setup["package-dir"] == {f"livemb.{p}": p for p in LAYERS}
+    folders = {"livemb." + ".".join(d.relative_to(ROOT).parts) for p in LAYERS
+               for d in [ROOT / p, *(ROOT / p).rglob("*")] if (d / "__init__.py").is_file()}
+    assert set(setup["packages"]) == folders
+    assert PROJECT["scripts"] == {"livemb": "livemb.tools.cli:main"}

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from models import MODEL_REGISTRY, EventBatch, ModelConfig
-from models.base import session_flags
+from livemb.models import MODEL_REGISTRY, EventBatch, ModelConfig
+from livemb.models.base import session_flags
 
 EMBEDDING_MODELS = [n for n, c in MODEL_REGISTRY.items() if c.embeds]
 
@@ -93,7 +93,7 @@ def test_session_flags_rules():
 
 
 def test_memory_eviction_is_lru_and_counts():
-    from models import repeat
+    from livemb.models import repeat
 
     M = 3
     st = {"n_events": torch.zeros(1, dtype=torch.long), **repeat.init_memory(1, M, torch.device("cpu"))}

@@ -13,11 +13,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.items import ItemTable
-from models.evaluation import DEFAULT_VARIANT
-from models.train import TrainConfig
-from tools.data.synth import synth_log
-from tools.offline.evaluate import run_evaluation
+from livemb.core.items import ItemTable
+from livemb.models.evaluation import DEFAULT_VARIANT
+from livemb.models.train import TrainConfig
+from livemb.tools.data.synth import synth_log
+from livemb.tools.offline.evaluate import run_evaluation
 
 pytestmark = pytest.mark.slow
 

@@ -5,15 +5,15 @@ import orjson
 import pytest
 import torch
 
-from core.items import ItemTable
-from core.settings import Settings
-from models.checkpoint import save_checkpoint
-from models.evaluation import build_model
-from models.train import TrainConfig, sequences_from_frame, train_model
-from stream.processor import ModelProcessor
-from stream.validate import ValidEvent
-from tools.data.synth import synth_log
-from tools.offline.commands import embed_users
+from livemb.core.items import ItemTable
+from livemb.core.settings import Settings
+from livemb.models.checkpoint import save_checkpoint
+from livemb.models.evaluation import build_model
+from livemb.models.train import TrainConfig, sequences_from_frame, train_model
+from livemb.stream.processor import ModelProcessor
+from livemb.stream.validate import ValidEvent
+from livemb.tools.data.synth import synth_log
+from livemb.tools.offline.commands import embed_users
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_hot_swap_of_items_remaps_state(served, tmp_path):
     e1 = ValidEvent("u1", table.ids[5], 1_700_000_000_000, "click", "a", 0, 0)
     e0 = ValidEvent("u0", table.ids[2], 1_700_000_000_000, "click", "z", 0, 2)
     new = proc.process([e0, e1], {"u0": None, "u1": None}).states
-    from state.record import decode, decode_rows
+    from livemb.state.record import decode, decode_rows
 
     decode(new["u1"])  # the layout is known: the rows go through the batch decoder (decode_rows)
     assert decode_rows([new["u0"], new["u1"]])[0] == [0, 1]
@@ -105,7 +105,7 @@ def test_hot_swap_of_items_remaps_state(served, tmp_path):
 
 def test_foreign_and_unreadable_rows_are_refused_per_user(served):
     """A row written by another model, or not a state record at all, refuses only its own user."""
-    from state.record import encode
+    from livemb.state.record import encode
 
     df, table, settings = served
     proc = ModelProcessor(settings)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from core.progress import LogProgress, progress
+from livemb.core.progress import LogProgress, progress
 
 
 class FakeClock:

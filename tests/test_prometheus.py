@@ -20,10 +20,10 @@ import orjson
 import pytest
 import yaml
 
-from stream.metrics import summarize_histogram
+from livemb.stream.metrics import summarize_histogram
+from livemb.tools.ops.dashboard import run_dashboard
+from livemb.tools.ops.prom import LocalPrometheus, binaries
 from tests.conftest import wait_until
-from tools.ops.dashboard import run_dashboard
-from tools.ops.prom import LocalPrometheus, binaries
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM_DIR = ROOT / "deploy" / "prometheus"
@@ -137,8 +137,8 @@ def test_real_prometheus_scrapes_a_worker_during_a_replay(bins, broker, worker_f
 
 
 def test_dashboard_cli_reports_an_unreachable_prometheus(capsys):
-    from stream.broker import free_port
-    from tools.cli import main
+    from livemb.stream.broker import free_port
+    from livemb.tools.cli import main
 
     rc = main(["dashboard", "--prometheus", f"http://127.0.0.1:{free_port()}", "--out", "/tmp/never.png"])
     assert rc == 2

@@ -10,11 +10,11 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core.events import ValidEvent
-from core.settings import Settings
-from state.record import StateRecordError, decode, encode
-from stream.dlq import MAX_DLQ_VALUE_BYTES, REASON_HEADER, dead_letter, header
-from stream.validate import MAX_USER_ID_CHARS, Invalid, validate
+from livemb.core.events import ValidEvent
+from livemb.core.settings import Settings
+from livemb.state.record import StateRecordError, decode, encode
+from livemb.stream.dlq import MAX_DLQ_VALUE_BYTES, REASON_HEADER, dead_letter, header
+from livemb.stream.validate import MAX_USER_ID_CHARS, Invalid, validate
 
 SETTINGS = Settings()
 NOW = 1_764_000_000_000

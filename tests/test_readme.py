@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from core.settings import Settings
-from tools.ops.config_doc import BEGIN, END, readme_block, settings_table
+from livemb.core.settings import Settings
+from livemb.tools.ops.config_doc import BEGIN, END, readme_block, settings_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

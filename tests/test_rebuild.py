@@ -11,17 +11,17 @@ import time
 import orjson
 import pytest
 
-from stream.broker import free_port
+from livemb.stream.broker import free_port
+from livemb.tools.cli import main
+from livemb.tools.harness import EMBEDDED_WORKER_ENV
 from tests.conftest import ROOT, WorkerProc, consume_all, event, produce, wait_until
-from tools.cli import main
-from tools.harness import EMBEDDED_WORKER_ENV
 
 T0 = 1_700_000_000_000
 
 
 def _table(broker, data_dir, tmp_path) -> dict[str, int]:
-    from state.guard import unwrap
-    from state.record import decode
+    from livemb.state.guard import unwrap
+    from livemb.state.record import decode
 
     rows = WorkerProc(broker, data_dir, tmp_path).read_table()
     return {u: int(decode(unwrap(env, 16)[1])[1]["count"]) for u, (_, env) in rows.items()}
@@ -58,7 +58,7 @@ def test_rebuild_from_timestamp_and_from_beginning_then_switch_over(broker, tmp_
     assert values["LIVEMB_APP_ID"] == "livemb-v2" and values["LIVEMB_DATA_DIR"] == str((tmp_path / "v2").resolve())
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LIVEMB_")} | EMBEDDED_WORKER_ENV | values
-    cmd = [sys.executable, "-m", "tools.cli", "worker", *common, "--web-port", str(port)]
+    cmd = [sys.executable, "-m", "livemb.tools.cli", "worker", *common, "--web-port", str(port)]
     log = open(tmp_path / "switched.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:

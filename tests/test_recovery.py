@@ -17,15 +17,15 @@ import pandas as pd
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from models.retrieval import Retriever
-from models.serving import Serving
-from stream.broker import EmbeddedBroker, free_port
-from stream.kafka_io import replay
+from livemb.models.retrieval import Retriever
+from livemb.models.serving import Serving
+from livemb.stream.broker import EmbeddedBroker, free_port
+from livemb.stream.kafka_io import replay
+from livemb.tools.harness import start_worker, stop_process, wait_ready
+from livemb.tools.offline.commands import embed_users
 from tests.conftest import WorkerProc, event, produce, wait_until
 from tests.test_live_model import PARTITIONS, LastMessages, small_hiertcn
 from tests.test_worker_integration import Outputs, setup_topics, table_counts
-from tools.harness import start_worker, stop_process, wait_ready
-from tools.offline.commands import embed_users
 
 T0 = 1_700_000_000_000
 

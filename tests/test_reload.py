@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stream.reload import FileWatch
+from livemb.stream.reload import FileWatch
 
 
 def files(tmp_path: Path) -> tuple[str, str]:

@@ -7,10 +7,10 @@ Fixed seeds; everything runs on the CPU in well under a minute."""
 
 import pytest
 
-from core.items import ItemTable
-from models.train import TrainConfig
-from tools.data.synth_ecommerce import synth_ecommerce
-from tools.offline.evaluate import run_evaluation
+from livemb.core.items import ItemTable
+from livemb.models.train import TrainConfig
+from livemb.tools.data.synth_ecommerce import synth_ecommerce
+from livemb.tools.offline.evaluate import run_evaluation
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from core.errors import ConfigError
-from models import MODEL_REGISTRY, EventBatch, ModelConfig, retrieval
-from models.retrieval import Retriever, block_topk, build_index, recall_at_k, recall_vs_exact
+from livemb.core.errors import ConfigError
+from livemb.models import MODEL_REGISTRY, EventBatch, ModelConfig, retrieval
+from livemb.models.retrieval import Retriever, block_topk, build_index, recall_at_k, recall_vs_exact
 
 
 def setup(exclude="none", topk=5, name="mv"):
@@ -93,7 +93,7 @@ def test_approximate_indexes_report_recall():
 
 # ---------------------------------------------------------------- prebuilt index files (livemb index)
 def items_file(tmp_path, seed=0, N=300, D=8, name="items.npz"):
-    from core.items import ItemTable
+    from livemb.core.items import ItemTable
 
     rng = np.random.default_rng(seed)
     table = ItemTable(np.array([f"i{k}" for k in range(N)]), rng.normal(size=(N, D)).astype(np.float32))
@@ -101,7 +101,7 @@ def items_file(tmp_path, seed=0, N=300, D=8, name="items.npz"):
 
 
 def test_index_file_roundtrip_and_refusals(tmp_path):
-    from models.retrieval import IndexFileError, build_index_file, load_index
+    from livemb.models.retrieval import IndexFileError, build_index_file, load_index
 
     table, items = items_file(tmp_path)
     out = tmp_path / "idx" / "items.hnsw"
@@ -129,7 +129,7 @@ def test_index_file_roundtrip_and_refusals(tmp_path):
 
 @pytest.mark.parametrize("kind", ["flat", "ivfpq"])
 def test_every_kind_loads_memory_mapped(tmp_path, kind):
-    from models.retrieval import build_index_file, load_index
+    from livemb.models.retrieval import build_index_file, load_index
 
     table, items = items_file(tmp_path, N=600)
     build_index_file(items, kind, tmp_path / "idx", progress=False)
@@ -140,7 +140,7 @@ def test_every_kind_loads_memory_mapped(tmp_path, kind):
 
 
 def test_livemb_index_command(tmp_path, capsys):
-    from tools.cli import main
+    from livemb.tools.cli import main
 
     table, items = items_file(tmp_path)
     out = tmp_path / "items.ivfpq"
@@ -152,7 +152,7 @@ def test_livemb_index_command(tmp_path, capsys):
 
 
 def served(tmp_path):
-    from models.checkpoint import save_checkpoint
+    from livemb.models.checkpoint import save_checkpoint
 
     table, items = items_file(tmp_path)
     model = MODEL_REGISTRY["mv"](ModelConfig(name="mv", dim=table.dim, hidden=8), table.padded_vectors())
@@ -162,8 +162,8 @@ def served(tmp_path):
 
 
 def test_serving_loads_a_prebuilt_index_and_refuses_a_stale_one(tmp_path):
-    from models.retrieval import IndexFileError, build_index_file
-    from models.serving import Serving
+    from livemb.models.retrieval import IndexFileError, build_index_file
+    from livemb.models.serving import Serving
 
     table, items, ckpt = served(tmp_path)
     idx = tmp_path / "items.hnsw"
@@ -181,10 +181,10 @@ def test_serving_loads_a_prebuilt_index_and_refuses_a_stale_one(tmp_path):
 def test_worker_refuses_a_stale_index_at_start_and_rebuilds_on_hot_swap(tmp_path, caplog):
     import os
 
-    from core.items import ItemTable
-    from core.settings import Settings
-    from models.retrieval import IndexFileError, build_index_file
-    from stream.processor import ModelProcessor
+    from livemb.core.items import ItemTable
+    from livemb.core.settings import Settings
+    from livemb.models.retrieval import IndexFileError, build_index_file
+    from livemb.stream.processor import ModelProcessor
 
     table, items, ckpt = served(tmp_path)
     idx = tmp_path / "items.hnsw"
@@ -207,8 +207,8 @@ def test_worker_refuses_a_stale_index_at_start_and_rebuilds_on_hot_swap(tmp_path
 
 
 def test_worker_cli_refuses_a_stale_index_in_one_line(tmp_path, capsys):
-    from models.retrieval import build_index_file
-    from tools.cli import main
+    from livemb.models.retrieval import build_index_file
+    from livemb.tools.cli import main
 
     _, items, ckpt = served(tmp_path)
     _, other_items = items_file(tmp_path, seed=1, name="other.npz")
@@ -222,7 +222,7 @@ def test_worker_cli_refuses_a_stale_index_in_one_line(tmp_path, capsys):
 
 def test_estimated_logz_behind_an_approximate_index_is_close_to_exact() -> None:
     """Head = the index's hits, tail = a fixed uniform sample: checked against the exact log Z."""
-    from models.retrieval import _logz_sample, estimate_logz
+    from livemb.models.retrieval import _logz_sample, estimate_logz
 
     g = torch.Generator().manual_seed(0)
     N, D, B = 50_000, 32, 64

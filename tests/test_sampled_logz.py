@@ -5,11 +5,11 @@ import math
 import numpy as np
 import torch
 
-from models import EventBatch
-from models.base import ModelConfig
-from models.flat import FlatGRU
-from models.replay import MemoryCache
-from models.train import TrainConfig, make_chunks, mixture_loss, sampled_logz
+from livemb.models import EventBatch
+from livemb.models.base import ModelConfig
+from livemb.models.flat import FlatGRU
+from livemb.models.replay import MemoryCache
+from livemb.models.train import TrainConfig, make_chunks, mixture_loss, sampled_logz
 
 
 def test_sampled_logz_is_close_to_the_exact_one():

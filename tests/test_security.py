@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from core.settings import Settings, load_settings
-from stream.app import faust_config
-from stream.security import faust_credentials, kafka_python_security
+from livemb.core.settings import Settings, load_settings
+from livemb.stream.app import faust_config
+from livemb.stream.security import faust_credentials, kafka_python_security
 
 SECRET = "s3cr3t-pa55"
 

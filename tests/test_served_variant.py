@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from core.items import ItemTable
-from models.checkpoint import load_checkpoint, save_checkpoint
-from models.early_stop import Validation, split_validation
-from models.evaluation import build_model
-from models.metrics import over_all_events
-from models.repeat import Variant
-from models.serving import Serving
-from models.train import TrainConfig, patience, sequences_from_frame, served_variant, train_model
-from tools.data.synth_ecommerce import synth_ecommerce
+from livemb.core.items import ItemTable
+from livemb.models.checkpoint import load_checkpoint, save_checkpoint
+from livemb.models.early_stop import Validation, split_validation
+from livemb.models.evaluation import build_model
+from livemb.models.metrics import over_all_events
+from livemb.models.repeat import Variant
+from livemb.models.serving import Serving
+from livemb.models.train import TrainConfig, patience, sequences_from_frame, served_variant, train_model
+from livemb.tools.data.synth_ecommerce import synth_ecommerce
 
 CFG = TrainConfig(epochs=4, valid_fraction=0.2, valid_min_targets=50, refit=False)
 
@@ -86,7 +86,7 @@ def test_the_served_mask_removes_seen_items_from_live_candidates(logs, tmp_path)
     table, df, _ = logs
     model = build_model("gru", table.padded_vectors()).eval()
     seqs = list(sequences_from_frame(df, table).values())[:8]
-    from models.evaluation import warm_up
+    from livemb.models.evaluation import warm_up
 
     st, u = warm_up(model, model.init_state(len(seqs)), seqs)
     table.save(tmp_path / "items.npz")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from core.items import ItemTable
-from state.codec import StateCodec, items_key
-from state.record import decode, encode
+from livemb.core.items import ItemTable
+from livemb.state.codec import StateCodec, items_key
+from livemb.state.record import decode, encode
 
 IDS = np.array([f"i{k}" for k in range(6)])
 TABLE = ItemTable(IDS, np.arange(12, dtype=np.float32).reshape(6, 2))

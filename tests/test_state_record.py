@@ -7,11 +7,11 @@ import struct
 import numpy as np
 import pytest
 
-from core.events import ValidEvent
-from core.outcomes import Outcome
-from state.guard import GuardState, keep_newer, plan_batch, position, unwrap, wrap
-from state.record import MAGIC, StateRecordError, decode, encode, encode_rows, fingerprint
-from stream.gap_repair import OffsetContinuity
+from livemb.core.events import ValidEvent
+from livemb.core.outcomes import Outcome
+from livemb.state.guard import GuardState, keep_newer, plan_batch, position, unwrap, wrap
+from livemb.state.record import MAGIC, StateRecordError, decode, encode, encode_rows, fingerprint
+from livemb.stream.gap_repair import OffsetContinuity
 
 
 def sample() -> tuple[dict[str, np.ndarray], dict[str, int]]:
@@ -229,7 +229,7 @@ def test_cached_layout_decodes_like_a_full_parse_and_still_checks_each_record() 
     The cache must never accept what a full parse would refuse."""
     import zlib
 
-    from state import record
+    from livemb.state import record
 
     record._DECODE_LAYOUTS.clear()
     record._ENCODE_LAYOUTS.clear()
@@ -264,7 +264,7 @@ def test_cached_layout_decodes_like_a_full_parse_and_still_checks_each_record() 
 def test_encode_rows_equals_one_encode_per_row() -> None:
     """The worker's batch writer: the same bytes as encoding each user's slice on its own, for a
     layout seen before and one that is new, with scalars, big-endian and non-contiguous fields."""
-    from state.record import encode_rows
+    from livemb.state.record import encode_rows
 
     rng = np.random.default_rng(5)
     B = 7
@@ -289,7 +289,7 @@ def test_decode_rows_stacks_what_decode_reads_and_leaves_the_rest() -> None:
     """The worker's batch reader: records of the cached layout are decoded into stacked arrays equal
     to one decode each; a corrupt record, another layout and a non-record are left out (the
     caller decodes those one by one and gets the precise error)."""
-    from state.record import decode_rows
+    from livemb.state.record import decode_rows
 
     rng = np.random.default_rng(6)
     rows = {"h": rng.normal(size=(5, 6)).astype(np.float32), "n": np.arange(5)}

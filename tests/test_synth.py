@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.errors import ConfigError
-from tools.data.eventlog import dataset_stats, read_log, session_ids
-from tools.data.synth import synth_log, write_log
+from livemb.core.errors import ConfigError
+from livemb.tools.data.eventlog import dataset_stats, read_log, session_ids
+from livemb.tools.data.synth import synth_log, write_log
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +95,8 @@ def test_write_log_adds_event_ids(tmp_path: Path) -> None:
 
 def test_ecommerce_profile_plants_the_repeat_structure() -> None:
     """`livemb synth --profile ecommerce`: the facts of issue 8, measured on the generated log."""
-    from tools.data.eventlog import repeat_profile
-    from tools.data.synth_ecommerce import synth_ecommerce
+    from livemb.tools.data.eventlog import repeat_profile
+    from livemb.tools.data.synth_ecommerce import synth_ecommerce
 
     df, ids, vec = synth_ecommerce(users=400, items=20000, days=30, seed=0)
     a, _, _ = synth_ecommerce(users=40, items=2000, days=30, seed=5)

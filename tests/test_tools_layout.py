@@ -10,20 +10,20 @@ from pathlib import Path
 
 import pytest
 
+from livemb.tools.args import BenchArgs, SoakArgs, WorkerArgs, flag_fields, from_namespace
+from livemb.tools.cli import COMMANDS, build_parser, settings_for
 from tests.test_layers import ROOT, function_level_imports
-from tools.args import BenchArgs, SoakArgs, WorkerArgs, flag_fields, from_namespace
-from tools.cli import COMMANDS, build_parser, settings_for
 
 # "path imports module inside function": why it is not at module level.
 # (The command handlers are not here: tools/cli.py names them "module:function" and imports them
 # at dispatch, tests/test_cli_startup.py.)
 LAZY_IMPORTS = {
-    "tools/cli.py imports core.settings inside settings_for":
+    "tools/cli.py imports livemb.core.settings inside settings_for":
         "pydantic, a third of the start-up of `livemb --help` and `--version`, which build no settings",
 }
 # Private names imported across modules that tools/ cannot fix on its own.
 PRIVATE_IMPORTS = {
-    "tools/experiments/epoch_curve.py imports models.train._run_epochs":
+    "tools/experiments/epoch_curve.py imports livemb.models.train._run_epochs":
         "models/ has no public per-epoch callback yet (models/ is another room's)",
 }
 MAX_LINES = 500
@@ -50,8 +50,8 @@ def test_no_private_name_is_imported_across_modules() -> None:
 
 def test_the_check_sees_a_private_import(tmp_path: Path) -> None:
     (tmp_path / "tools").mkdir()
-    (tmp_path / "tools" / "x.py").write_text("from tools.ops.demo import _prepare, run_demo\n")
-    assert private_imports("tools", tmp_path) == ["tools/x.py imports tools.ops.demo._prepare"]
+    (tmp_path / "tools" / "x.py").write_text("from livemb.tools.ops.demo import _prepare, run_demo\n")
+    assert private_imports("tools", tmp_path) == ["tools/x.py imports livemb.tools.ops.demo._prepare"]
 
 
 def test_tools_files_stay_small() -> None:
@@ -118,7 +118,7 @@ def room_imports(root: Path = ROOT) -> list[str]:
             mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
             for m in mods:
-                parts = m.split(".")
+                parts = m.split(".")[1:] if m.startswith("livemb.") else m.split(".")
                 if parts[0] == "tools" and len(parts) > 1 and parts[1] != room \
                         and ROOM_RANK[parts[1]] >= ROOM_RANK[room]:
                     bad.append(f"tools/{rel} imports {m}")

@@ -8,11 +8,11 @@ import struct
 import orjson
 import pytest
 
-import stream.validate
-from core.outcomes import DlqReason
-from core.settings import Settings
-from stream.dlq import DlqEntry, dead_letter, reason_message, redrive_headers
-from stream.validate import Invalid, ValidEvent, derive_event_id, too_late, validate
+import livemb.stream.validate
+from livemb.core.outcomes import DlqReason
+from livemb.core.settings import Settings
+from livemb.stream.dlq import DlqEntry, dead_letter, reason_message, redrive_headers
+from livemb.stream.validate import Invalid, ValidEvent, derive_event_id, too_late, validate
 
 NOW = 1_700_000_000_000
 S = Settings()
@@ -113,7 +113,7 @@ def test_every_reason_the_validator_gives_is_a_dlq_reason_member(monkeypatch: py
     def broken(*_: object) -> None:
         raise RecursionError("pathological nesting")
 
-    monkeypatch.setattr(stream.validate, "_check", broken)
+    monkeypatch.setattr(livemb.stream.validate, "_check", broken)
     given.append(reason(doc))
     assert all(type(r) is DlqReason for r in given)
     later = {DlqReason.TOO_LATE, DlqReason.STATE_UNREADABLE, DlqReason.PROCESSING_ERROR}

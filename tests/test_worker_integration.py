@@ -14,11 +14,11 @@ from collections.abc import Callable
 import orjson
 import pytest
 
-from state.guard import unwrap
-from state.record import decode
-from stream.broker import EmbeddedBroker
-from stream.dlq import DlqEntry
-from stream.metrics import Metrics, serve, summarize_histogram
+from livemb.state.guard import unwrap
+from livemb.state.record import decode
+from livemb.stream.broker import EmbeddedBroker
+from livemb.stream.dlq import DlqEntry
+from livemb.stream.metrics import Metrics, serve, summarize_histogram
 from tests.conftest import WorkerProc, consume_all, event, produce, wait_until
 
 T0 = 1_700_000_000_000  # event times are historic: replayed logs, far below "future"
@@ -222,7 +222,7 @@ def test_a_failing_agent_stops_the_worker_and_the_batch_replays(
     """Faust alone only marks a crashed agent and keeps the process up, consuming nothing. The
     worker exits with EXIT_AGENT_FAILED instead, and the batch it failed on was not acked, so a
     restarted worker applies it (state written once)."""
-    from stream.app import EXIT_AGENT_FAILED
+    from livemb.stream.app import EXIT_AGENT_FAILED
 
     setup_topics(broker)
     w = worker_factory("fail").start(processor="tests.counting:make_unpublishable")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from core.settings import Settings
+    from livemb.core.settings import Settings
 
 A = TypeVar("A")
 

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import core
-from core.choices import (
+import livemb.core
+from livemb.core.choices import (
     EXCLUDE_SEEN,
     INDEX_KINDS,
     ITEM_VECTOR_KINDS,
@@ -21,8 +21,8 @@ from core.choices import (
     REPEAT_PATHS,
     VALID_METRICS,
 )
-from core.errors import EXPECTED, exit_code
-from tools.args import (
+from livemb.core.errors import EXPECTED, exit_code
+from livemb.tools.args import (
     Args,
     BenchArgs,
     BrokerArgs,
@@ -47,7 +47,7 @@ from tools.args import (
 )
 
 if TYPE_CHECKING:
-    from core.settings import Settings
+    from livemb.core.settings import Settings
 
 # How a command runs: build_parser() declares every flag; main() reads the parsed flags once into
 # the command's frozen dataclass (tools/args.py), builds the settings from it (settings_for) and
@@ -61,11 +61,11 @@ if TYPE_CHECKING:
 
 
 def version() -> str:
-    """The installed distribution's version, else the source tree's (core.__version__)."""
+    """The installed distribution's version, else the source tree's (livemb.core.__version__)."""
     try:
         return importlib.metadata.version("livemb")
     except importlib.metadata.PackageNotFoundError:
-        return core.__version__
+        return livemb.core.__version__
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -325,26 +325,26 @@ class Command:
         return getattr(importlib.import_module(module), name)
 
 
-OFFLINE = "tools.offline.commands"
+OFFLINE = "livemb.tools.offline.commands"
 COMMANDS: dict[str, Command] = {
     "synth": Command(SynthArgs, f"{OFFLINE}:run_synth"),
     "item-embeddings": Command(ItemEmbeddingsArgs, f"{OFFLINE}:run_item_embeddings"),
     "train": Command(TrainArgs, f"{OFFLINE}:run_train"),
     "evaluate": Command(EvaluateArgs, f"{OFFLINE}:run_evaluate"),
     "embed": Command(EmbedArgs, f"{OFFLINE}:run_embed"),
-    "broker": Command(BrokerArgs, "tools.ops.kafka_commands:run_broker"),
-    "worker": Command(WorkerArgs, "tools.ops.worker:run_worker"),
+    "broker": Command(BrokerArgs, "livemb.tools.ops.kafka_commands:run_broker"),
+    "worker": Command(WorkerArgs, "livemb.tools.ops.worker:run_worker"),
     "index": Command(IndexArgs, f"{OFFLINE}:run_index"),
-    "replay": Command(ReplayArgs, "tools.ops.kafka_commands:run_replay"),
-    "tail": Command(TailArgs, "tools.ops.kafka_commands:run_tail"),
-    "rebuild-state": Command(RebuildArgs, "tools.ops.rebuild:run_rebuild"),
-    "config": Command(ConfigArgs, "tools.ops.config_doc:run_config"),
-    "schemas": Command(SchemasArgs, "tools.ops.dlq:run_schemas"),
-    "dlq": Command(DlqArgs, "tools.ops.dlq:run_dlq"),
-    "dashboard": Command(DashboardArgs, "tools.ops.dashboard:cmd_dashboard"),
-    "demo": Command(DemoArgs, "tools.ops.demo:run_demo"),
-    "soak": Command(SoakArgs, "tools.bench.soak:run_soak"),
-    "bench": Command(BenchArgs, "tools.bench.bench:run_bench"),
+    "replay": Command(ReplayArgs, "livemb.tools.ops.kafka_commands:run_replay"),
+    "tail": Command(TailArgs, "livemb.tools.ops.kafka_commands:run_tail"),
+    "rebuild-state": Command(RebuildArgs, "livemb.tools.ops.rebuild:run_rebuild"),
+    "config": Command(ConfigArgs, "livemb.tools.ops.config_doc:run_config"),
+    "schemas": Command(SchemasArgs, "livemb.tools.ops.dlq:run_schemas"),
+    "dlq": Command(DlqArgs, "livemb.tools.ops.dlq:run_dlq"),
+    "dashboard": Command(DashboardArgs, "livemb.tools.ops.dashboard:cmd_dashboard"),
+    "demo": Command(DemoArgs, "livemb.tools.ops.demo:run_demo"),
+    "soak": Command(SoakArgs, "livemb.tools.bench.soak:run_soak"),
+    "bench": Command(BenchArgs, "livemb.tools.bench.bench:run_bench"),
 }
 
 
@@ -352,7 +352,7 @@ def settings_for(args: Args) -> Settings:
     """Settings from a command's flags (unset ones: LIVEMB_* env, then the defaults)."""
     # A function-level import (tests/test_tools_layout.py): pydantic, which --help and --version
     # do not need, is a third of their start-up.
-    from core.settings import load_settings
+    from livemb.core.settings import load_settings
 
     return load_settings(**args.settings_overrides())
 

@@ -27,15 +27,15 @@ import pandas as pd
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from core.items import ItemTable
-from core.settings import Settings
-from models.train import TrainConfig
-from stream.broker import EmbeddedBroker
-from tools.args import LogFormat
-from tools.data.eventlog import load_log
-from tools.data.item_embeddings import items_for
-from tools.data.synth import synth_log, write_log
-from tools.offline.commands import train_checkpoint
+from livemb.core.items import ItemTable
+from livemb.core.settings import Settings
+from livemb.models.train import TrainConfig
+from livemb.stream.broker import EmbeddedBroker
+from livemb.tools.args import LogFormat
+from livemb.tools.data.eventlog import load_log
+from livemb.tools.data.item_embeddings import items_for
+from livemb.tools.data.synth import synth_log, write_log
+from livemb.tools.offline.commands import train_checkpoint
 
 # ------------------------------------------------------------------ processes
 
@@ -61,7 +61,7 @@ EMBEDDED_WORKER_ENV = {"LIVEMB_BROKER_KIND": "embedded"}
 
 def worker_command(*flags: str) -> list[str]:
     """`livemb worker FLAGS` run by this interpreter (the production entry point, this checkout's code)."""
-    return [sys.executable, "-m", "tools.cli", "worker", *flags]
+    return [sys.executable, "-m", "livemb.tools.cli", "worker", *flags]
 
 
 def start_worker(broker_url: str, model: str, items: str, data_dir: Path, port: int,

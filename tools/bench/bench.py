@@ -35,19 +35,19 @@ from pathlib import Path
 
 import numpy as np
 
-from core.errors import ConfigError
-from core.items import ItemTable
-from core.settings import Settings
-from models.checkpoint import save_checkpoint
-from models.evaluation import build_model
-from models.retrieval import build_index_file
-from models.train import TrainConfig
-from stream.broker import free_port
-from stream.kafka_io import replay
-from tools.args import BenchArgs
-from tools.bench import load as bench_load
-from tools.bench.components import structured_item_vectors
-from tools.harness import (
+from livemb.core.errors import ConfigError
+from livemb.core.items import ItemTable
+from livemb.core.settings import Settings
+from livemb.models.checkpoint import save_checkpoint
+from livemb.models.evaluation import build_model
+from livemb.models.retrieval import build_index_file
+from livemb.models.train import TrainConfig
+from livemb.stream.broker import free_port
+from livemb.stream.kafka_io import replay
+from livemb.tools.args import BenchArgs
+from livemb.tools.bench import load as bench_load
+from livemb.tools.bench.components import structured_item_vectors
+from livemb.tools.harness import (
     SmallModel,
     cpu_seconds,
     embedded_broker,
@@ -74,7 +74,7 @@ def _prepare(args: BenchArgs, settings: Settings, work: Path):
 
 
 def _passthrough(broker_url: str, port: int, work: Path, app_id: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "tools.bench.passthrough", "--broker", broker_url, "--web-port", str(port),
+    cmd = [sys.executable, "-m", "livemb.tools.bench.passthrough", "--broker", broker_url, "--web-port", str(port),
            "--app-id", app_id, "--data-dir", str(work / app_id)]
     logf = open(work / f"{app_id}.log", "ab")  # noqa: SIM115 - handed to the child
     return subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)

@@ -1,7 +1,7 @@
 """Offline components of `livemb bench`: retrieval, the model step and state size, without a broker.
 
 Each `bench_*` function returns a list of dict rows (one per measured configuration) and logs its
-progress; `python -m tools.bench.components [--quick] [--json OUT]` runs them all and prints tables.
+progress; `python -m livemb.tools.bench.components [--quick] [--json OUT]` runs them all and prints tables.
 
 - `structured_item_vectors`: a catalogue with structure (Zipf-sized topics on a low-rank,
   anisotropic spectrum, sub-topics, unit norm, like the project's PPMI-SVD vectors) and queries
@@ -33,15 +33,15 @@ import numpy as np
 import orjson
 import torch
 
-from core.errors import ConfigError
-from core.items import ItemTable
-from core.progress import progress
-from models.base import EventBatch, SeqModel
-from models.checkpoint import load_checkpoint
-from models.evaluation import build_model
-from models.retrieval import build_index, index_params, load_index, recall_at_k, save_index, set_search_params
-from state.guard import GuardState, event_hash, wrap
-from state.record import encode
+from livemb.core.errors import ConfigError
+from livemb.core.items import ItemTable
+from livemb.core.progress import progress
+from livemb.models.base import EventBatch, SeqModel
+from livemb.models.checkpoint import load_checkpoint
+from livemb.models.evaluation import build_model
+from livemb.models.retrieval import build_index, index_params, load_index, recall_at_k, save_index, set_search_params
+from livemb.state.guard import GuardState, event_hash, wrap
+from livemb.state.record import encode
 
 log = logging.getLogger("livemb.bench")
 
@@ -369,7 +369,7 @@ def run_all(quick: bool = False, *, threads: int = 1, checkpoint: str | None = N
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tools.bench.components", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m livemb.tools.bench.components", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="CI smoke sizes (20k items, 10k users)")
     ap.add_argument("--tune", action="store_true", help="only the retrieval tuning grid (TUNE_GRID) at --sizes (default 1M)")
     ap.add_argument("--json", help="write the rows here")

@@ -23,10 +23,10 @@ import numpy as np
 import orjson
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from core.extras import require
-from stream.gap_repair import GapRepair
-from tools.bench import components
-from tools.harness import metric_samples, rss_bytes
+from livemb.core.extras import require
+from livemb.stream.gap_repair import GapRepair
+from livemb.tools.bench import components
+from livemb.tools.harness import metric_samples, rss_bytes
 
 LAT = "livemb_event_to_publish_seconds"
 

@@ -4,7 +4,7 @@ One output per input (the input value, unchanged), no state, no model: what is l
 is Faust's per-message path, the broker and the producer. `livemb bench` runs it beside the real
 worker on the same preloaded log so the worker/passthrough ratio is measured in one run.
 
-    python -m tools.bench.passthrough --broker kafka://127.0.0.1:PORT --web-port P --app-id bench-pt \
+    python -m livemb.tools.bench.passthrough --broker kafka://127.0.0.1:PORT --web-port P --app-id bench-pt \
         --topic-in interactions --topic-out passthrough.out
 
 Same Faust config as the worker (stream.app.faust_config), the same adaptive batches, the same
@@ -21,12 +21,12 @@ from typing import Any
 
 import faust
 
-from core.settings import load_settings
-from stream import faust_compat
-from stream.app import TopicSink, faust_config
-from stream.batching import adaptive_batches
-from stream.metrics import Metrics, serve
-from stream.ports import OutputRecord
+from livemb.core.settings import load_settings
+from livemb.stream import faust_compat
+from livemb.stream.app import TopicSink, faust_config
+from livemb.stream.batching import adaptive_batches
+from livemb.stream.metrics import Metrics, serve
+from livemb.stream.ports import OutputRecord
 
 
 def main(argv: list[str] | None = None) -> int:

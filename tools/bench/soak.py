@@ -19,11 +19,11 @@ from pathlib import Path
 import orjson
 from kafka import KafkaProducer
 
-from core.settings import Settings
-from stream.broker import free_port
-from stream.kafka_io import replay
-from tools.args import SoakArgs
-from tools.harness import (
+from livemb.core.settings import Settings
+from livemb.stream.broker import free_port
+from livemb.stream.kafka_io import replay
+from livemb.tools.args import SoakArgs
+from livemb.tools.harness import (
     embedded_broker,
     interrupt,
     metric_samples,

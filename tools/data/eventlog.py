@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.errors import ConfigError, DataError
-from core.extras import require
+from livemb.core.errors import ConfigError, DataError
+from livemb.core.extras import require
 
 log = logging.getLogger(__name__)
 

@@ -32,10 +32,10 @@ import logging
 import numpy as np
 import pandas as pd
 
-from core.choices import ITEM_VECTOR_KINDS
-from core.errors import ConfigError, DataError
-from core.items import ItemTable
-from tools.data.eventlog import temporal_split
+from livemb.core.choices import ITEM_VECTOR_KINDS
+from livemb.core.errors import ConfigError, DataError
+from livemb.core.items import ItemTable
+from livemb.tools.data.eventlog import temporal_split
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.errors import ConfigError
-from core.extras import require
+from livemb.core.errors import ConfigError
+from livemb.core.extras import require
 
 T0_MS = 1_700_000_000_000  # 2023-11-14, an arbitrary but realistic epoch origin
 SESSION_GAP_MIN_MS = 3_600_001  # strictly more than 1 h between sessions

@@ -25,8 +25,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from core.errors import ConfigError
-from tools.data.synth import T0_MS
+from livemb.core.errors import ConfigError
+from livemb.tools.data.synth import T0_MS
 
 SESSIONS_MEDIAN, SESSIONS_SIGMA, SESSIONS_MAX = 15, 1.1, 800
 LENGTH_MEDIAN, LENGTH_SIGMA, LENGTH_MAX = 3, 0.75, 60

@@ -1,6 +1,6 @@
 """Test metrics after every epoch of a fixed-epoch run (a diagnostic for early stopping).
 
-    python -m tools.experiments.epoch_curve --data LOG [--items ITEMS] --models gru,hiertcn --epochs 8 --json OUT
+    python -m livemb.tools.experiments.epoch_curve --data LOG [--items ITEMS] --models gru,hiertcn --epochs 8 --json OUT
 
 Trains each model on the whole train period (the evaluation's temporal split) for --epochs with
 the same seeds as `livemb evaluate --valid-fraction 0`, and after each epoch runs the evaluation
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from models.evaluation import build_model, evaluate_model
-from models.train import TrainConfig, _run_epochs, make_chunks, sequences_from_frame
-from tools.args import add_log_args
-from tools.data.eventlog import load_log, temporal_split
-from tools.data.item_embeddings import items_for
+from livemb.models.evaluation import build_model, evaluate_model
+from livemb.models.train import TrainConfig, _run_epochs, make_chunks, sequences_from_frame
+from livemb.tools.args import add_log_args
+from livemb.tools.data.eventlog import load_log, temporal_split
+from livemb.tools.data.item_embeddings import items_for
 
 
 def main(argv: list[str] | None = None) -> dict:

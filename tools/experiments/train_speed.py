@@ -1,10 +1,10 @@
-"""Training throughput (targets/s) of several models on the same log: `python -m tools.experiments.train_speed`.
+"""Training throughput (targets/s) of several models on the same log: `python -m livemb.tools.experiments.train_speed`.
 
 Trains each model for a few epochs on the train part of the log (same split, chunks, batches and
 loss as `livemb evaluate`) and reports targets/s per epoch, the mean after the first epoch and
 the best epoch (the least disturbed by other load on the machine), and the one-off memory replay. `--profile` writes a cProfile of one model's training.
 
-    python -m tools.experiments.train_speed --data data/ml-100k.tsv --columns user=user_id:token,item=item_id:token,ts=timestamp:float \
+    python -m livemb.tools.experiments.train_speed --data data/ml-100k.tsv --columns user=user_id:token,item=item_id:token,ts=timestamp:float \
         --ts-unit s --models gru,hiertcn --epochs 3 --repeat rule
 """
 
@@ -18,11 +18,11 @@ import time
 
 import torch
 
-from models.evaluation import build_model
-from models.train import TrainConfig, sequences_from_frame, train_model
-from tools.args import add_log_args
-from tools.data.eventlog import load_log, temporal_split
-from tools.data.item_embeddings import items_for
+from livemb.models.evaluation import build_model
+from livemb.models.train import TrainConfig, sequences_from_frame, train_model
+from livemb.tools.args import add_log_args
+from livemb.tools.data.eventlog import load_log, temporal_split
+from livemb.tools.data.item_embeddings import items_for
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,6 +1,6 @@
 """The learned repeat mixture against the best fixed rule, from `livemb evaluate --json` reports.
 
-    python -m tools.experiments.versus_rule runs/i8d/eco-all.json runs/i8d/eco-refit.json "runs/i8d/yc-pop.json=pop vectors" ...
+    python -m livemb.tools.experiments.versus_rule runs/i8d/eco-all.json runs/i8d/eco-refit.json "runs/i8d/yc-pop.json=pop vectors" ...
 
 (`PATH=NOTE` adds NOTE to that report's rows; `PATH=rules-only` pools its rules, prints none of its rows.)
 

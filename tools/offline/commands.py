@@ -14,22 +14,22 @@ import numpy as np
 import pandas as pd
 import torch
 
-from core.errors import ConfigError
-from core.items import ItemTable
-from core.progress import progress as progress_bar
-from core.settings import Settings
-from models import MODEL_REGISTRY, EventBatch
-from models.checkpoint import save_checkpoint
-from models.evaluation import build_model
-from models.retrieval import build_index_file
-from models.serving import Serving
-from models.train import TrainConfig, sequences_from_frame, train_model
-from tools.args import EmbedArgs, EvaluateArgs, IndexArgs, ItemEmbeddingsArgs, SynthArgs, TrainArgs
-from tools.data.eventlog import load_log
-from tools.data.item_embeddings import build_item_vectors, items_for, vectors_before
-from tools.data.synth import synth_log, write_log
-from tools.data.synth_ecommerce import synth_ecommerce
-from tools.offline.evaluate import (
+from livemb.core.errors import ConfigError
+from livemb.core.items import ItemTable
+from livemb.core.progress import progress as progress_bar
+from livemb.core.settings import Settings
+from livemb.models import MODEL_REGISTRY, EventBatch
+from livemb.models.checkpoint import save_checkpoint
+from livemb.models.evaluation import build_model
+from livemb.models.retrieval import build_index_file
+from livemb.models.serving import Serving
+from livemb.models.train import TrainConfig, sequences_from_frame, train_model
+from livemb.tools.args import EmbedArgs, EvaluateArgs, IndexArgs, ItemEmbeddingsArgs, SynthArgs, TrainArgs
+from livemb.tools.data.eventlog import load_log
+from livemb.tools.data.item_embeddings import build_item_vectors, items_for, vectors_before
+from livemb.tools.data.synth import synth_log, write_log
+from livemb.tools.data.synth_ecommerce import synth_ecommerce
+from livemb.tools.offline.evaluate import (
     early_stopping_table,
     event_type_table,
     markdown_table,

@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.extras import require
-from models.base import EVENT_TYPES
-from models.evaluation import DEFAULT_VARIANT, REPEATS, VARIANTS, build_model, evaluate_model, variant_name
-from models.repeat import Variant
-from models.replay import Sequence
-from models.train import TrainConfig, sequences_from_frame, train_model
-from tools.data.eventlog import temporal_split
-from tools.data.item_embeddings import vectors_before
+from livemb.core.extras import require
+from livemb.models.base import EVENT_TYPES
+from livemb.models.evaluation import DEFAULT_VARIANT, REPEATS, VARIANTS, build_model, evaluate_model, variant_name
+from livemb.models.repeat import Variant
+from livemb.models.replay import Sequence
+from livemb.models.train import TrainConfig, sequences_from_frame, train_model
+from livemb.tools.data.eventlog import temporal_split
+from livemb.tools.data.item_embeddings import vectors_before
 
 log = logging.getLogger(__name__)
 

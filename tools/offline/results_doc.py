@@ -1,10 +1,10 @@
-"""Full result tables from `livemb evaluate --json` reports: `python -m tools.offline.results_doc REPORT...`.
+"""Full result tables from `livemb evaluate --json` reports: `python -m livemb.tools.offline.results_doc REPORT...`.
 
 For each report: the dataset line, a summary row per model (the default variant's metrics, the
 training it got, seconds per epoch and of the evaluation) and the full table (every model x every
 repeat variant x exclude_seen, recall@1/5/10/20, MRR, MRP). docs/RESULTS_FULL.md is this output.
 
-    python -m tools.offline.results_doc runs/s16/ml100k.json runs/s16/yc.json --out docs/RESULTS_FULL.md
+    python -m livemb.tools.offline.results_doc runs/s16/ml100k.json runs/s16/yc.json --out docs/RESULTS_FULL.md
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
-from models.evaluation import DEFAULT_VARIANT, VARIANTS, variant_name
-from tools.offline.evaluate import METRIC_COLUMNS, epochs_text
+from livemb.models.evaluation import DEFAULT_VARIANT, VARIANTS, variant_name
+from livemb.tools.offline.evaluate import METRIC_COLUMNS, epochs_text
 
 
 def training_cells(res: dict) -> tuple[str, str]:

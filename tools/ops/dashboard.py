@@ -12,11 +12,11 @@ import math
 import time
 from dataclasses import dataclass
 
-from core.errors import ConfigError
-from core.extras import require
-from core.settings import Settings
-from tools.args import DashboardArgs
-from tools.ops.prom import PromAPI, PrometheusError
+from livemb.core.errors import ConfigError
+from livemb.core.extras import require
+from livemb.core.settings import Settings
+from livemb.tools.args import DashboardArgs
+from livemb.tools.ops.prom import PromAPI, PrometheusError
 
 
 @dataclass(frozen=True)

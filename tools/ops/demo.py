@@ -17,11 +17,11 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from core.settings import Settings
-from stream.broker import free_port
-from stream.kafka_io import consume, live_clicks, replay
-from tools.args import DemoArgs
-from tools.harness import (
+from livemb.core.settings import Settings
+from livemb.stream.broker import free_port
+from livemb.stream.kafka_io import consume, live_clicks, replay
+from livemb.tools.args import DemoArgs
+from livemb.tools.harness import (
     embedded_broker,
     interrupt,
     metrics_text,
@@ -30,8 +30,8 @@ from tools.harness import (
     stop_process,
     wait_ready,
 )
-from tools.ops.dashboard import run_dashboard
-from tools.ops.prom import LocalPrometheus
+from livemb.tools.ops.dashboard import run_dashboard
+from livemb.tools.ops.prom import LocalPrometheus
 
 log = logging.getLogger("livemb.demo")
 

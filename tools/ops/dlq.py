@@ -20,13 +20,13 @@ from pathlib import Path
 import orjson
 from kafka import KafkaConsumer, KafkaProducer
 
-from core.errors import ConfigError, DataError
-from core.settings import Settings
-from stream.contracts import stale_schemas, write_schemas
-from stream.dlq import DlqEntry, redrive_headers
-from stream.kafka_io import bootstrap_of
-from stream.security import kafka_python_security
-from tools.args import DlqArgs, SchemasArgs
+from livemb.core.errors import ConfigError, DataError
+from livemb.core.settings import Settings
+from livemb.stream.contracts import stale_schemas, write_schemas
+from livemb.stream.dlq import DlqEntry, redrive_headers
+from livemb.stream.kafka_io import bootstrap_of
+from livemb.stream.security import kafka_python_security
+from livemb.tools.args import DlqArgs, SchemasArgs
 
 
 def run_schemas(a: SchemasArgs, settings: Settings) -> int:

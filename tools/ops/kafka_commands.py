@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from core.errors import ConfigError
-from core.settings import Settings
-from stream.broker import run_broker_foreground
-from stream.kafka_io import replay, tail
-from stream.security import kafka_python_security
-from tools.args import BrokerArgs, ReplayArgs, TailArgs
-from tools.data.eventlog import load_log
+from livemb.core.errors import ConfigError
+from livemb.core.settings import Settings
+from livemb.stream.broker import run_broker_foreground
+from livemb.stream.kafka_io import replay, tail
+from livemb.stream.security import kafka_python_security
+from livemb.tools.args import BrokerArgs, ReplayArgs, TailArgs
+from livemb.tools.data.eventlog import load_log
 
 
 def run_broker(a: BrokerArgs, settings: Settings) -> int:

@@ -19,8 +19,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.errors import Unavailable
-from stream.broker import free_port
+from livemb.core.errors import Unavailable
+from livemb.stream.broker import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL_BIN = ROOT / ".tools" / "prometheus" / "usr" / "bin"

@@ -29,14 +29,14 @@ from pathlib import Path
 from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
-from core.errors import ConfigError, LivembError
-from core.progress import progress as progress_bar
-from core.settings import Settings
-from stream.broker import create_topics, free_port
-from stream.kafka_io import bootstrap_of
-from stream.security import kafka_python_security
-from tools.args import RebuildArgs
-from tools.harness import stop_process, worker_command
+from livemb.core.errors import ConfigError, LivembError
+from livemb.core.progress import progress as progress_bar
+from livemb.core.settings import Settings
+from livemb.stream.broker import create_topics, free_port
+from livemb.stream.kafka_io import bootstrap_of
+from livemb.stream.security import kafka_python_security
+from livemb.tools.args import RebuildArgs
+from livemb.tools.harness import stop_process, worker_command
 
 log = logging.getLogger("livemb.rebuild")
 

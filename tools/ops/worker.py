@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import importlib
 
-from core.errors import ConfigError
-from core.settings import Settings
-from stream.app import run_worker as run_faust_worker
-from stream.processor import ModelProcessor
-from tools.args import WorkerArgs
+from livemb.core.errors import ConfigError
+from livemb.core.settings import Settings
+from livemb.stream.app import run_worker as run_faust_worker
+from livemb.stream.processor import ModelProcessor
+from livemb.tools.args import WorkerArgs
 
 
 def load_processor(spec: str | None, settings: Settings):
