@@ -95,10 +95,17 @@ class Serving:
     def messages(self, users: Sequence[str], state: dict[str, torch.Tensor], u: torch.Tensor,
                  event_ts: np.ndarray, emitted_at: int) -> Iterator[tuple[str, bytes]]:
         """Top-K for the batch (one search) and one output message per user."""
+        return self.recommend(users, state, u, event_ts, emitted_at)[1]
+
+    def recommend(self, users: Sequence[str], state: dict[str, torch.Tensor], u: torch.Tensor,
+                  event_ts: np.ndarray, emitted_at: int) -> tuple[np.ndarray, Iterator[tuple[str, bytes]]]:
+        """`messages`, and the (B, K) candidate item indices they carry (0 = none; the worker
+        stores them for its online quality metrics, stream/quality.py)."""
         items, scores = self.retriever.candidates(self.model, state, u)
         with torch.no_grad():
             next_emb = self.model.next_session_embedding(state)  # None for models without sessions
-        return build_messages(users, u, state, items, scores, self.table, event_ts, self.tag, emitted_at, next_emb)
+        return items, build_messages(users, u, state, items, scores, self.table, event_ts, self.tag, emitted_at,
+                                     next_emb)
 
 
 def build_messages(

@@ -5,7 +5,9 @@ rest one by one, so a bad row refuses only its own user. Item indices in a row (
 point into the item table the row was written under (its `items` meta): rows written under an
 older table are remapped by item id to the current one, and ids it lacks become the unknown item
 (0). Every table served so far is kept for that. The codec knows no model: the caller gives the
-state's field names and its initial tensors (`SeqModel.state_spec` / `init_state`).
+state's field names and its initial tensors (`SeqModel.state_spec` / `init_state`); `optional`
+fields (the worker's own `REC_FIELD`) may be missing from a row written before they existed, and
+then keep their initial value.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from livemb.core.errors import DataError
 from livemb.core.items import ItemTable
 from livemb.state.record import StateRecordError, decode, decode_rows, encode_rows
 
-INDEX_FIELDS = ("mem_item", "win_item")  # state tensors that hold item indices (remapped on a table swap)
+REC_FIELD = "rec_item"  # the worker's copy of the user's last published candidates (stream/quality.py)
+INDEX_FIELDS = ("mem_item", "win_item", REC_FIELD)  # state fields holding item indices (remapped on a table swap)
 
 
 def items_key(table: ItemTable) -> int:
@@ -29,6 +32,12 @@ def items_key(table: ItemTable) -> int:
 
 class ForeignState(DataError):
     """A stored state this model cannot continue (another model's fields)."""
+
+
+def _fits(names: Collection[str], fields: Collection[str], optional: Collection[str]) -> bool:
+    """A row of these field names is this model's: all of `fields`, of which `optional` may be missing."""
+    have, want = set(names), set(fields)
+    return have <= want and want - have <= set(optional)
 
 
 def _foreign(fields: Collection[str]) -> str:
@@ -51,14 +60,16 @@ class StateCodec:
     def add_table(self, table: ItemTable) -> None:
         self.tables[items_key(table)] = table
 
-    def decode(self, blobs: dict[str, bytes], fields: Collection[str], table: ItemTable) -> StoredStates:
+    def decode(self, blobs: dict[str, bytes], fields: Collection[str], table: ItemTable,
+               optional: Collection[str] = ()) -> StoredStates:
         """The users' rows (none None) as arrays in `table`'s item indices; `fields`: the names the
-        served model's state has (a row with other fields is refused as another model's)."""
+        served model's state has (a row with other fields is refused as another model's), of
+        which `optional` may be missing."""
         users = list(blobs)
         pos, arrays, metas = decode_rows([blobs[u] for u in users])
         out = StoredStates()
         if pos:
-            if set(arrays) == set(fields):
+            if _fits(arrays, fields, optional):
                 self._remap_rows(arrays, [m.get("items") for m in metas], table)
                 out.groups.append(([users[j] for j in pos], arrays))
             else:
@@ -68,7 +79,7 @@ class StateCodec:
             if j in done:
                 continue
             try:
-                one = self._decode_one(blobs[user], fields, table)
+                one = self._decode_one(blobs[user], fields, table, optional)
             except (StateRecordError, ForeignState) as e:
                 out.rejected[user] = str(e)
                 continue
@@ -96,9 +107,10 @@ class StateCodec:
         return dict(zip(users, encode_rows(host, {"items": items_key(table)}), strict=True))
 
     # ------------------------------------------------------------------ item remap
-    def _decode_one(self, blob: bytes, fields: Collection[str], table: ItemTable) -> dict[str, np.ndarray]:
+    def _decode_one(self, blob: bytes, fields: Collection[str], table: ItemTable,
+                    optional: Collection[str] = ()) -> dict[str, np.ndarray]:
         arrays, meta = decode(blob)
-        if set(arrays) != set(fields):
+        if not _fits(arrays, fields, optional):
             raise ForeignState(_foreign(arrays))
         if meta.get("items") != items_key(table):
             self._remap(arrays, meta.get("items"), table)

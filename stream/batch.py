@@ -274,6 +274,8 @@ class BatchStep:
         if result.outputs:
             m.model_step.observe(result.model_step_seconds)
             m.topk.observe(result.topk_seconds)
+        if result.quality is not None:
+            m.observe_quality(result.quality)
         for u, _ in result.outputs:
             m.event_to_publish.observe(max(0.0, (pub_ms - last_ts[u]) / 1000))
             m.ingest_to_publish.observe(elapsed)

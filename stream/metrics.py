@@ -27,7 +27,9 @@ from prometheus_client import (
 )
 
 from livemb.core.outcomes import Outcome
+from livemb.models.base import EVENT_TYPES
 from livemb.stream.health import Liveness
+from livemb.stream.quality import KS, SOURCES, OnlineQuality
 
 OUTCOMES = tuple(Outcome)  # the `outcome` label values
 LATENCY_BUCKETS = (
@@ -110,6 +112,20 @@ class Metrics:
         )
         for res in ("ok", "refused"):
             self.model_reloads.labels(res)
+        # online quality (stream/quality.py): bounded labels, every series exported from the start
+        self.online_targets = Counter(p + "online_targets_total", "Applied events of users who had been sent a "
+                                      "recommendation list, by event type", ["event_type"], registry=r)
+        self.online_hits = Counter(p + "online_hits_total", "Targets whose item was in the first k candidates of "
+                                   "the user's last list, by the hit candidate's source", ["k", "source", "event_type"],
+                                   registry=r)
+        self.online_rr = Counter(p + "online_reciprocal_rank_total", "Sum over targets of 1 / (rank of the item in "
+                                 "the user's last list), 0 when absent", ["event_type"], registry=r)
+        for et in EVENT_TYPES:
+            self.online_targets.labels(et)
+            self.online_rr.labels(et)
+            for k in KS:
+                for src in SOURCES:
+                    self.online_hits.labels(str(k), src, et)
         self.readiness = Readiness("tables_recovered", "model_loaded")
         self.liveness = Liveness(stall_s)
         self._model: tuple[str, str, str] | None = None
@@ -118,6 +134,17 @@ class Metrics:
         for k, v in outcomes.items():
             if v:
                 self.events.labels(k).inc(v)
+
+    def observe_quality(self, q: OnlineQuality) -> None:
+        """Add one batch's online quality counts."""
+        for t, et in enumerate(EVENT_TYPES):
+            if q.targets[t]:
+                self.online_targets.labels(et).inc(int(q.targets[t]))
+                self.online_rr.labels(et).inc(float(q.rr_sum[t]))
+            for j, k in enumerate(KS):
+                for s, src in enumerate(SOURCES):
+                    if q.hits[j, s, t]:
+                        self.online_hits.labels(str(k), src, et).inc(int(q.hits[j, s, t]))
 
     def observe_recovery(self, recovering: bool, to_restore: int, remaining: int, seconds: float) -> None:
         """Recovery progress and duration, from Faust's recovery state (stream.faust_compat)."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from livemb.core.events import ValidEvent
+from livemb.stream.quality import OnlineQuality
 
 Headers = tuple[tuple[str, bytes], ...]  # Kafka record headers, in order (names may repeat)
 
@@ -86,6 +87,8 @@ class StepResult:
     sessions_started: int = 0
     model_step_seconds: float = 0.0
     topk_seconds: float = 0.0
+    quality: OnlineQuality | None = None  # the batch's online quality counts (stream/quality.py)
+    quality_seconds: float = 0.0
 
 
 class BatchProcessor(Protocol):

@@ -26,8 +26,9 @@ from livemb.core.settings import Settings
 from livemb.models.base import EventBatch, event_type_index
 from livemb.models.grouping import group_by_user
 from livemb.models.serving import Serving, build_messages
-from livemb.state.codec import StateCodec
+from livemb.state.codec import REC_FIELD, StateCodec
 from livemb.stream.ports import ModelInfo, StepResult
+from livemb.stream.quality import put_rec, score_events, split_rec, with_rec
 from livemb.stream.reload import FileWatch
 
 log = logging.getLogger("livemb.processor")
@@ -86,42 +87,51 @@ class ModelProcessor:
     def process(self, events: list[ValidEvent], states: dict[str, bytes | None]) -> StepResult:
         self.maybe_reload()
         sv = self.serving
-        stored = self.codec.decode({u: b for u, b in states.items() if b is not None}, sv.model.state_spec(), sv.table)
+        stored = self.codec.decode({u: b for u, b in states.items() if b is not None}, self._fields(sv), sv.table,
+                                   optional=(REC_FIELD,))
         rejected = stored.rejected
         if rejected:
             events = [e for e in events if e.user_id not in rejected]
         if not events:
             return StepResult(states={}, outputs=[], rejected=rejected)
         users, seqs, unknown = self._sequences(events, sv.table)
-        st = self.codec.stack(stored, users, sv.model.init_state(len(users)))
+        st, rec = split_rec(self.codec.stack(stored, users, with_rec(sv.model.init_state(len(users)), len(users))))
+        tq = time.perf_counter()
+        lengths = np.fromiter((len(x) for x in seqs[0]), np.int64, len(users))
+        quality = score_events(rec, st["mem_item"].cpu().numpy(), np.repeat(np.arange(len(users)), lengths),
+                               np.concatenate(seqs[0]), np.concatenate(seqs[1]))
+        quality_s = time.perf_counter() - tq
         before = st["session"].clone()
         t0 = time.perf_counter()
         st, u = sv.advance(st, EventBatch.from_sequences(*seqs))
         t1 = time.perf_counter()
         event_ts = np.fromiter((int(t[-1]) for t in seqs[2]), np.int64, len(users))
-        messages = sv.messages(users, st, u, event_ts, emitted_at=int(time.time() * 1000))
+        items, messages = sv.recommend(users, st, u, event_ts, emitted_at=int(time.time() * 1000))
+        outputs = list(messages)
         t2 = time.perf_counter()
         return StepResult(
-            states=self.codec.encode(users, st, sv.table),
-            outputs=list(messages),
+            states=self.codec.encode(users, put_rec(st, items), sv.table),
+            outputs=outputs,
             rejected=rejected,
             unknown_items=unknown,
             sessions_started=int((st["session"] - before).sum()),
             model_step_seconds=t1 - t0,
             topk_seconds=t2 - t1,
+            quality=quality,
+            quality_seconds=quality_s,
         )
 
     def idle_messages(self, states: dict[str, bytes], last_ts: dict[str, int]) -> list[tuple[str, bytes]]:
         """The idle-session sweep (stream/sweep.py): for each user, a message whose embedding is the
         model's next-session embedding (the open session folded in). [] for models without sessions."""
         sv = self.serving
-        stored = self.codec.decode(states, sv.model.state_spec(), sv.table)
+        stored = self.codec.decode(states, self._fields(sv), sv.table, optional=(REC_FIELD,))
         for user, why in stored.rejected.items():
             log.warning("idle sweep skips user %r: %s", user, why)
         users = [u for u in states if u not in stored.rejected]
         if not users:
             return []
-        st = self.codec.stack(stored, users, sv.model.init_state(len(users)))
+        st, _ = split_rec(self.codec.stack(stored, users, with_rec(sv.model.init_state(len(users)), len(users))))
         with torch.no_grad():
             nxt = sv.model.next_session_embedding(st)
         if nxt is None:
@@ -131,6 +141,11 @@ class ModelProcessor:
         # marked, so a consumer keeping "the user's last in-session embedding" can tell them apart
         return list(build_messages(users, nxt, st, items, scores, sv.table, event_ts, sv.tag, int(time.time() * 1000),
                                    nxt, extra={"session_closed": True}))
+
+    @staticmethod
+    def _fields(sv: Serving) -> tuple[str, ...]:
+        """A stored row's fields: the model's state + the last published list (stream/quality.py)."""
+        return (*sv.model.state_spec(), REC_FIELD)
 
     @staticmethod
     def _sequences(events: Sequence[ValidEvent], table: ItemTable):
