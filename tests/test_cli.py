@@ -6,6 +6,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from livemb.core.errors import ConfigError
 from livemb.tools.cli import main
 
 
@@ -181,3 +182,20 @@ def test_cli_exit_code_for_a_missing_file_and_a_bug(monkeypatch, capsys):
     monkeypatch.setattr(livemb.tools.ops.config_doc, "readme_block", bug)
     with pytest.raises(ValueError, match="a bug"):  # a traceback, not a tidy exit 2
         main(["config"])
+
+
+def test_replay_takes_the_log_as_train_and_evaluate_do_or_positionally():
+    from livemb.tools.args import ReplayArgs, from_namespace
+    from livemb.tools.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert from_namespace(ReplayArgs, parse(["replay", "a.csv"])).source == "a.csv"
+    assert from_namespace(ReplayArgs, parse(["replay", "--data", "b.csv", "--rate", "10"])).source == "b.csv"
+    for argv in (["replay"], ["replay", "a.csv", "--data", "b.csv"]):
+        with pytest.raises(ConfigError, match="replay needs the event log once"):
+            _ = from_namespace(ReplayArgs, parse(argv)).source
+
+
+def test_replay_without_a_log_is_one_line_and_exit_2(capsys):
+    assert main(["replay", "--broker", "kafka://127.0.0.1:1"]) == 2
+    assert capsys.readouterr().err.startswith("livemb replay: error: replay needs the event log once")

@@ -19,6 +19,8 @@ import typing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from livemb.core.errors import ConfigError
+
 if TYPE_CHECKING:
     from livemb.core.settings import Settings
 
@@ -226,10 +228,18 @@ class IndexArgs(Args):
 
 @dataclass(frozen=True)
 class ReplayArgs(SettingsArgs):
-    log: str
+    log: str | None
+    data: str | None
     rate: str
     log_format: LogFormat
     settings: SettingsFlags
+
+    @property
+    def source(self) -> str:
+        """The event log: LOG or --data LOG (one of them, not both)."""
+        if (self.log is None) == (self.data is None):
+            raise ConfigError("replay needs the event log once: `livemb replay LOG` or `livemb replay --data LOG`")
+        return self.log or self.data
 
 
 @dataclass(frozen=True)

@@ -221,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="index file; its sidecar goes to OUT.json")
 
     p = sub.add_parser("replay", help="produce an event log into the input topic")
-    p.add_argument("log")
+    p.add_argument("log", nargs="?", help="the event log (CSV/TSV, Parquet, JSONL)")
+    p.add_argument("--data", help="the event log, as `train` and `evaluate` take it (instead of LOG)")
     p.add_argument("--rate", default="max", help="events/s or 'max'")
     add_log_args(p)
     _settings_args(p)

@@ -24,7 +24,7 @@ def _rate(text: str) -> float | None:
 
 
 def run_replay(a: ReplayArgs, settings: Settings) -> int:
-    df = load_log(a.log, a.log_format.columns, a.log_format.ts_unit)
+    df = load_log(a.source, a.log_format.columns, a.log_format.ts_unit)
     replay(df, settings.broker, settings.topic_in, _rate(a.rate), security=kafka_python_security(settings))
     return 0
 
