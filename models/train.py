@@ -447,10 +447,10 @@ def _early_stopped(model: SeqModel, chunks: list[Sequence], split, cfg: TrainCon
                    progress: bool, vectors_before: VectorsBefore | None) -> None:
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
     t0 = time.perf_counter()
-    own_vectors = vectors_before is None
-    with _item_vectors(model, None if own_vectors else vectors_before(split.cut_ms)):
+    rebuilt = vectors_before(split.cut_ms) if vectors_before is not None else None  # None: could not be built
+    with _item_vectors(model, rebuilt):
         _choose_epoch(model, split, cfg, history, progress, t0)
-    history["early_stopping"]["item_vectors"] = "the model's own" if own_vectors else "rebuilt without the held-out tail"
+    history["early_stopping"]["item_vectors"] = "the model's own" if rebuilt is None else "rebuilt without the held-out tail"
     if cfg.refit:
         model.load_state_dict(init)
         history["fit_epoch_seconds"] = history["epoch_seconds"]
