@@ -27,6 +27,7 @@ catalogues of a few hundred thousand items.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
@@ -216,6 +217,7 @@ def vectors_before(train_df: pd.DataFrame, table: ItemTable, kind: str = DEFAULT
     dim) from the events of `train_df` before cut_ms only; items absent there get zeros. Early
     stopping chooses on them (models/train.train_model) so that its held-out tail is unseen."""
 
+    @functools.lru_cache(maxsize=2)  # `livemb evaluate` asks once per model, at the same cut
     def build(cut_ms: int) -> np.ndarray | None:
         try:
             part = build_item_vectors(train_df[train_df["ts"] < cut_ms], dim=table.dim, kind=kind)
