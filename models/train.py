@@ -327,11 +327,12 @@ def _run_epochs(model: SeqModel, chunks: list[Sequence], cfg: TrainConfig, epoch
         averaged.load()  # the model leaves training with the averaged weights
 
 
-def _early_stop_plan(seqs: list[Sequence], cfg: TrainConfig):
-    """The validation split, or (None, reason) when training runs a fixed cfg.epochs."""
+def _early_stop_plan(seqs: list[Sequence], cfg: TrainConfig, choose_epochs: bool = True):
+    """The validation split, or (None, reason) when training runs a fixed cfg.epochs.
+    choose_epochs=False (a model with nothing to train: only its variant is chosen) ignores epochs."""
     if cfg.valid_fraction <= 0:
         return None, "valid_fraction = 0"
-    if cfg.epochs <= 1:
+    if choose_epochs and cfg.epochs <= 1:
         return None, f"epochs = {cfg.epochs}: nothing to choose"
     split = split_validation(seqs, cfg.valid_fraction, cfg.valid_max_targets, cfg.seed)
     if split.targets < cfg.valid_min_targets or not make_chunks(split.fit, cfg.max_len):
@@ -407,7 +408,7 @@ def _fit_counting(model: SeqModel, seqs: list[Sequence], cfg: TrainConfig, histo
     user already rated first (MovieLens-100K: `last` 0.0167 recall@10 as rep+none, 0.1369 as
     rep+history)."""
     fit = getattr(model, "fit", None)
-    split, reason = _early_stop_plan(seqs, cfg)
+    split, reason = _early_stop_plan(seqs, cfg, choose_epochs=False)
     if split is not None:
         t0 = time.perf_counter()
         with _item_vectors(model, vectors_before(split.cut_ms) if vectors_before else None):

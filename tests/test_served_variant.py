@@ -68,6 +68,15 @@ def test_a_model_with_nothing_to_train_still_chooses_its_variant(logs, name):
         assert int(model.pop.sum()) == int((table.lookup(few["item_id"].to_numpy()) > 0).sum())
 
 
+def test_a_counting_model_chooses_whatever_the_epoch_count(logs):
+    """Epochs mean nothing to a model that only counts: `--epochs 1` must not skip its choice."""
+    table, _, once = logs
+    model = build_model("last", table.padded_vectors())
+    hist = train_model(model, list(sequences_from_frame(once, table).values()),
+                       TrainConfig(**{**CFG.__dict__, "epochs": 1}), progress=False)
+    assert hist["early_stopping"]["variant_chosen"] and model.served.exclude_seen == "history"
+
+
 def test_the_checkpoint_carries_the_variant_and_flags_override_it(logs, tmp_path):
     table, _, _ = logs
     model = build_model("gru", table.padded_vectors())
