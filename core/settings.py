@@ -120,6 +120,16 @@ class Settings(BaseSettings):
     reload_check_s: float = Field(
         2.0, gt=0, description="seconds between checks of the checkpoint/items mtimes for a hot swap; SIGHUP checks at once"
     )
+    # A challenger stepped on the same batches as the served model (stream/shadow.py); its state
+    # rows live in the same table rows, its online metrics carry model="shadow".
+    shadow_model_path: str | None = Field(
+        None, description="challenger checkpoint stepped in shadow beside --model: its own state, the same online "
+        "metrics with model=\"shadow\", nothing published to the output topic; --shadow-model (unset: no shadow)")
+    shadow_items_path: str | None = Field(
+        None, description="items.npz of the shadow checkpoint; --shadow-items (unset: the items of --model)")
+    shadow_publish: bool = Field(
+        False, description="also publish the shadow's messages, to the topic <topic_out>.shadow (off: the shadow "
+        "publishes nothing)")
 
     # --- worker ----------------------------------------------------------------------------
     data_dir: str = Field("runs/worker", description="RocksDB state directory of the worker (created if missing)")
@@ -164,6 +174,17 @@ class Settings(BaseSettings):
             raise ValueError(f"topic_min_insync {self.topic_min_insync} > topic_replication {self.topic_replication}: "
                              "no write could ever be acknowledged")
         return self
+
+    @model_validator(mode="after")
+    def _shadow_is_complete(self) -> Settings:
+        if (self.shadow_items_path or self.shadow_publish) and not self.shadow_model_path:
+            raise ValueError("shadow_items_path and shadow_publish need shadow_model_path (--shadow-model)")
+        return self
+
+    @property
+    def topic_shadow(self) -> str:
+        """Where the shadow's messages go with shadow_publish."""
+        return f"{self.topic_out}.shadow"
 
     def topic_config(self) -> dict[str, str]:
         """Kafka topic configs of every topic the worker (or rebuild-state) creates."""

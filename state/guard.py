@@ -3,8 +3,10 @@
 Every table row is an *envelope* (a `state.record`) holding
   - the processor's own state blob (opaque bytes, array `inner`),
   - the (partition, offset) of the last input event decided for this user,
-  - last_ts (max event time applied) and a ring of recent event-id hashes (int64).
-Offset and state are one value, written in one RocksDB put, so they cannot disagree. Per-user
+  - last_ts (max event time applied) and a ring of recent event-id hashes (int64),
+  - with a shadow model (stream/shadow.py), the shadow's own state blob (array `shadow`, absent
+    otherwise: a row without a shadow is byte for byte what it was before shadows existed).
+Offset and states are one value, written in one RocksDB put, so they cannot disagree. Per-user
 offsets equal a per-partition offset: the input is keyed by user_id, so all of a user's events
 live in one partition, in offset order; "offset <= stored" means "this user already saw it".
 """
@@ -87,9 +89,11 @@ def source_key(partition: int, log_id: int) -> int:
     return ((log_id & 0x3FFF_FFFF) << 32) | partition
 
 
-def wrap(g: GuardState, inner: bytes | None) -> bytes:
-    """Envelope = guard fields + the processor's blob, in one record (one RocksDB value)."""
+def wrap(g: GuardState, inner: bytes | None, shadow: bytes | None = None) -> bytes:
+    """Envelope = guard fields + the processor's blob (+ the shadow's), in one record (one RocksDB value)."""
     arrays = {"dedupe": g.ring, "inner": np.frombuffer(inner or b"", np.uint8)}
+    if shadow is not None:
+        arrays["shadow"] = np.frombuffer(shadow, np.uint8)
     meta = {
         "partition": g.partition,
         "offset": g.offset,
@@ -102,8 +106,14 @@ def wrap(g: GuardState, inner: bytes | None) -> bytes:
 
 
 def unwrap(blob: bytes | None, size: int) -> tuple[GuardState, bytes | None]:
+    g, inner, _ = unwrap_all(blob, size)
+    return g, inner
+
+
+def unwrap_all(blob: bytes | None, size: int) -> tuple[GuardState, bytes | None, bytes | None]:
+    """(guard, processor blob, shadow blob); None for a blob the row does not hold."""
     if blob is None:
-        return GuardState(size), None
+        return GuardState(size), None, None
     arrays, meta = decode(blob)
     try:
         g = GuardState(
@@ -118,7 +128,8 @@ def unwrap(blob: bytes | None, size: int) -> tuple[GuardState, bytes | None]:
         inner = arrays["inner"].tobytes() if meta["has_inner"] else None
     except KeyError as exc:
         raise StateRecordError(f"table row is not a livemb guard envelope (missing {exc})") from None
-    return g, inner
+    shadow = arrays["shadow"].tobytes() if "shadow" in arrays else None
+    return g, inner, shadow
 
 
 def position(blob: bytes) -> tuple[int, int]:
@@ -154,6 +165,7 @@ class BatchPlan:
     dirty: set[str]  # users whose guard changed (must be written even if nothing applied)
     unreadable: dict[str, str] = field(default_factory=dict)  # user -> StateRecordError text
     rejected: list[ValidEvent] = field(default_factory=list)  # events of unreadable users
+    shadow: dict[str, bytes | None] = field(default_factory=dict)  # user -> the shadow's stored blob
 
     def counts(self) -> Counter[Outcome]:
         """The guard's decisions (the batch step's own count also knows which applied events failed)."""
@@ -172,10 +184,11 @@ def plan_batch(
     log_ids = log_ids or {}
     guards: dict[str, GuardState] = {}
     inner: dict[str, bytes | None] = {}
+    shadow: dict[str, bytes | None] = {}
     unreadable: dict[str, str] = {}
     for uid in _unique(e.user_id for e in events):
         try:
-            guards[uid], inner[uid] = unwrap(rows.get(uid), dedupe_memory)
+            guards[uid], inner[uid], shadow[uid] = unwrap_all(rows.get(uid), dedupe_memory)
         except StateRecordError as exc:  # keep the row for inspection, refuse its events
             unreadable[uid] = str(exc)
     decisions: list[tuple[ValidEvent, Outcome]] = []
@@ -191,7 +204,7 @@ def plan_batch(
             dirty.add(ev.user_id)
         if d in APPLIED:
             to_apply.append(ev)
-    return BatchPlan(guards, inner, to_apply, decisions, dirty, unreadable, rejected)
+    return BatchPlan(guards, inner, to_apply, decisions, dirty, unreadable, rejected, shadow)
 
 
 def _unique(xs: Iterable[str]) -> list[str]:

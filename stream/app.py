@@ -31,6 +31,7 @@ from livemb.stream.metrics import Metrics, serve
 from livemb.stream.ports import BatchProcessor, InputRecord, OutputRecord
 from livemb.stream.reload import install_sighup, reload_tick
 from livemb.stream.security import faust_credentials, kafka_python_security
+from livemb.stream.shadow import Shadow
 from livemb.stream.sweep import IdleSweep
 
 log = logging.getLogger("livemb.worker")
@@ -108,9 +109,10 @@ def faust_config(settings: Settings) -> dict[str, Any]:
 
 
 def make_app(settings: Settings, processor: BatchProcessor, metrics: Metrics,
-             on_fatal: Callable[[BaseException], None] | None = None) -> faust.App:
+             on_fatal: Callable[[BaseException], None] | None = None, shadow: Shadow | None = None) -> faust.App:
     """`on_fatal`: called when the agent loop raises (e.g. the broker refused a batch's outputs
-    for good). Faust would only mark the agent crashed and leave the process up doing nothing."""
+    for good). Faust would only mark the agent crashed and leave the process up doing nothing.
+    `shadow`: a challenger stepped beside `processor` (stream/shadow.py)."""
     faust_compat.tune_fetch_wait(settings.fetch_max_wait_ms)
     security = kafka_python_security(settings)
     faust_compat.install_exact_recovery(lambda: plain_consumer(settings.broker, security))
@@ -126,7 +128,7 @@ def make_app(settings: Settings, processor: BatchProcessor, metrics: Metrics,
     )
     step = BatchStep(
         settings, processor, TableStore(table), TopicSink(app),
-        metrics, GapRepair(bootstrap_of(settings.broker), group_id=settings.app_id, security=security),
+        metrics, GapRepair(bootstrap_of(settings.broker), group_id=settings.app_id, security=security), shadow,
     )  # fmt: skip
 
     sweep = IdleSweep(settings, processor, TableStore(table), TopicSink(app), metrics)
@@ -210,13 +212,16 @@ def log_durability(settings: Settings, brokers: int) -> None:
                     brokers, settings.topic_replication)
 
 
-def run_worker(settings: Settings, processor: BatchProcessor, loglevel: str = "info") -> None:
+def run_worker(settings: Settings, processor: BatchProcessor, loglevel: str = "info",
+               shadow: Shadow | None = None) -> None:
     """Blocking: serve HTTP, run the Faust worker until SIGTERM/SIGINT (then exit)."""
     try:  # Faust's RocksDB store needs the directory; a fresh checkout has none
         Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"cannot create the data directory {settings.data_dir!r}: {e.strerror}") from None
     metrics = Metrics(stall_s=settings.healthz_stall_s)
+    if shadow is not None:
+        metrics.enable_shadow()
     server = serve(metrics, settings.web_port, settings.web_host)  # /readyz answers 503 while waiting
     log.info("metrics on http://%s:%s/metrics", settings.web_host, server.server_port)
     quiet_repeats()
@@ -237,7 +242,7 @@ def run_worker(settings: Settings, processor: BatchProcessor, loglevel: str = "i
         logging.shutdown()
         os._exit(EXIT_AGENT_FAILED)
 
-    app = make_app(settings, processor, metrics, on_fatal=exit_on_fatal)
+    app = make_app(settings, processor, metrics, on_fatal=exit_on_fatal, shadow=shadow)
     install_sighup(processor)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     try:

@@ -16,8 +16,12 @@ The commit order (docs/STREAMING.md quotes this list; the code marks each step `
      take the GIL back from the busy loop, which made live batches 3-8x slower (docs/BENCHMARKS.md).
      A user whose stored state the processor refuses (unreadable, another model's) goes to the
      DLQ alone; a processor failure sends the batch's applied events to the DLQ.
-  6. Publish: outputs and DLQ records are sent, and the step waits for the broker's acks.
-  7. Write: ONE put per touched user = new state + guard (input offset, dedupe memory, last_ts).
+     With a shadow model (stream/shadow.py), the shadow then steps the same applied events from
+     its own stored states; it publishes nothing to `topic_out` and cannot fail the batch.
+  6. Publish: outputs and DLQ records (and the shadow's messages, with shadow_publish) are sent,
+     and the step waits for the broker's acks.
+  7. Write: ONE put per touched user = new state + guard (input offset, dedupe memory, last_ts)
+     + the shadow's new state, all in one value.
   8. Commit: the caller acks the records; Faust flushes the changelog producer, then commits
      the consumer offsets.
 
@@ -45,6 +49,7 @@ from livemb.stream.dlq import dead_letter
 from livemb.stream.gap_repair import OffsetContinuity
 from livemb.stream.metrics import Metrics
 from livemb.stream.ports import BatchProcessor, InputLog, InputRecord, OutputRecord, OutputSink, StateStore, StepResult
+from livemb.stream.shadow import Shadow, ShadowResult
 from livemb.stream.validate import Invalid, reject, too_late, validate
 
 log = logging.getLogger("livemb.worker")
@@ -91,9 +96,10 @@ class BatchStep:
         sink: OutputSink,
         metrics: Metrics | None = None,
         gaps: InputLog | None = None,
+        shadow: Shadow | None = None,
     ) -> None:
         self.settings, self.processor, self.store, self.sink = settings, processor, store, sink
-        self.metrics, self.gaps = metrics, gaps
+        self.metrics, self.gaps, self.shadow = metrics, gaps, shadow
         self.continuity = OffsetContinuity()
         self.log_ids: dict[str, int] = {}  # topic -> id of its incarnation, refreshed per assignment
         self.lateness_ms = int(settings.max_lateness_s * 1000)
@@ -116,15 +122,17 @@ class BatchStep:
         plan = self.guard(valid, rows, bad)  # Step 4
         self.finished(Step.GUARD, marks)
         result, failed = self.process(plan, bad, report)  # Step 5
+        shadow = self.step_shadow(plan, result)  # Step 5, the shadow model
         self.finished(Step.PROCESS, marks)
-        published = await self.publish(result, bad)  # Step 6
+        published = await self.publish(result, bad, shadow.outputs)  # Step 6
         self.finished(Step.PUBLISH, marks)
-        self.write_states(plan, result, at, rows, report)  # Step 7
+        self.write_states(plan, result, at, rows, report, shadow)  # Step 7
         self.finished(Step.WRITE, marks)
         report.applied = [e for e in plan.to_apply if e.user_id in result.states]
         report.counts = outcomes(invalid, plan, failed, result.unknown_items)
         # Step 8 is the caller's: ack the records; Faust then commits the offsets.
         self.observe(records, result, bad, report, {e.user_id: e.ts for e in plan.to_apply}, marks, published)
+        self.observe_shadow(shadow)
         return report
 
     def finished(self, step: Step, marks: list[float]) -> None:
@@ -239,23 +247,35 @@ class BatchStep:
         report.sessions_started += result.sessions_started
         return result, refused
 
-    async def publish(self, result: StepResult, bad: Sequence[Invalid]) -> tuple[float, float]:
+    def step_shadow(self, plan: BatchPlan, result: StepResult) -> ShadowResult:
+        """Step 5, second part: the shadow steps the applied events of the users whose new state
+        step 7 writes (none when the served model failed the batch: no state changes then)."""
+        if self.shadow is None:
+            return ShadowResult()
+        events = [e for e in plan.to_apply if e.user_id in result.states]
+        return self.shadow.step(events, {e.user_id: plan.shadow.get(e.user_id) for e in events})
+
+    async def publish(self, result: StepResult, bad: Sequence[Invalid], extra: Sequence[OutputRecord] = ()
+                      ) -> tuple[float, float]:
         """Step 6. Returns once the broker acknowledged every output and DLQ record, with the
         time of that moment (wall-clock ms, perf_counter s) for the latency metrics."""
         s, now_ms = self.settings, int(time.time() * 1000)
         out = [OutputRecord(s.topic_out, u.encode(), v, OUTPUT_HEADERS) for u, v in result.outputs]
         out += [dead_letter(b, s.topic_dlq, now_ms) for b in bad]
+        out += extra
         if out:
             await self.sink.publish(out)
         return time.time() * 1000, time.perf_counter()
 
     def write_states(self, plan: BatchPlan, result: StepResult, at: dict[str, InputRecord],
-                     rows: dict[str, bytes | None], report: BatchReport) -> None:
-        """Step 7. One put per touched user (a refused user's row is kept as it is)."""
+                     rows: dict[str, bytes | None], report: BatchReport, shadow: ShadowResult) -> None:
+        """Step 7. One put per touched user (a refused user's row is kept as it is). The shadow's
+        blob rides in the same value: its new one, else the stored one; none without a shadow."""
         for uid in rows:  # first-appearance order: a crash part-way leaves a deterministic prefix
             if uid not in plan.dirty or uid in result.rejected:
                 continue
-            self.store.put(uid, wrap(plan.guards[uid], result.states.get(uid, plan.inner[uid])), at[uid])
+            sh = shadow.states.get(uid, plan.shadow.get(uid)) if self.shadow is not None else None
+            self.store.put(uid, wrap(plan.guards[uid], result.states.get(uid, plan.inner[uid]), sh), at[uid])
             report.new_users += rows.get(uid) is None
 
     def observe(self, records: Sequence[InputRecord], result: StepResult, bad: Sequence[Invalid],
@@ -275,7 +295,7 @@ class BatchStep:
             m.model_step.observe(result.model_step_seconds)
             m.topk.observe(result.topk_seconds)
         if result.quality is not None:
-            m.observe_quality(result.quality)
+            m.observe_quality(result.quality, "champion")
         for u, _ in result.outputs:
             m.event_to_publish.observe(max(0.0, (pub_ms - last_ts[u]) / 1000))
             m.ingest_to_publish.observe(elapsed)
@@ -286,6 +306,22 @@ class BatchStep:
         m.input_gaps.inc(report.gap_records)
         for reason, n in report.dlq.items():
             m.dlq.labels(reason).inc(n)
+
+    def observe_shadow(self, shadow: ShadowResult) -> None:
+        """The shadow's metrics (model="shadow")."""
+        m = self.metrics
+        if m is None or self.shadow is None:
+            return
+        info = self.shadow.model_info()
+        if info is not None:
+            m.set_shadow_model(info.model, info.version, info.device)
+        if shadow.seconds:
+            m.shadow_step.observe(shadow.seconds)
+        if shadow.quality is not None:
+            m.observe_quality(shadow.quality, "shadow")
+        if shadow.failed:
+            m.shadow_failures.inc()
+        m.shadow_restarts.inc(shadow.restarted)
 
 
 def outcomes(invalid: int, plan: BatchPlan, failed: Sequence[ValidEvent], unknown_items: int) -> Counter[Outcome]:

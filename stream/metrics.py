@@ -32,6 +32,7 @@ from livemb.stream.health import Liveness
 from livemb.stream.quality import KS, SOURCES, OnlineQuality
 
 OUTCOMES = tuple(Outcome)  # the `outcome` label values
+MODELS = ("champion", "shadow")  # the `model` label of the online quality series (stream/shadow.py)
 LATENCY_BUCKETS = (
     0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
@@ -112,20 +113,25 @@ class Metrics:
         )
         for res in ("ok", "refused"):
             self.model_reloads.labels(res)
-        # online quality (stream/quality.py): bounded labels, every series exported from the start
+        # online quality (stream/quality.py): bounded labels, every series of the served model
+        # (model="champion") exported from the start, the shadow's once one runs (`enable_shadow`)
         self.online_targets = Counter(p + "online_targets_total", "Applied events of users who had been sent a "
-                                      "recommendation list, by event type", ["event_type"], registry=r)
+                                      "recommendation list, by event type", ["event_type", "model"], registry=r)
         self.online_hits = Counter(p + "online_hits_total", "Targets whose item was in the first k candidates of "
-                                   "the user's last list, by the hit candidate's source", ["k", "source", "event_type"],
-                                   registry=r)
+                                   "the user's last list, by the hit candidate's source",
+                                   ["k", "source", "event_type", "model"], registry=r)
         self.online_rr = Counter(p + "online_reciprocal_rank_total", "Sum over targets of 1 / (rank of the item in "
-                                 "the user's last list), 0 when absent", ["event_type"], registry=r)
-        for et in EVENT_TYPES:
-            self.online_targets.labels(et)
-            self.online_rr.labels(et)
-            for k in KS:
-                for src in SOURCES:
-                    self.online_hits.labels(str(k), src, et)
+                                 "the user's last list), 0 when absent", ["event_type", "model"], registry=r)
+        self._export_online("champion")
+        self.shadow_step = Histogram(p + "shadow_step_seconds", "The shadow model's whole step per batch (decode, "
+                                     "model, top-K, encode)", buckets=STEP_BUCKETS, registry=r)
+        self.shadow_model_info = Gauge(p + "shadow_model_info", "The shadow (challenger) model",
+                                       ["model", "version", "device"], registry=r)
+        self.shadow_failures = Counter(p + "shadow_failures_total", "Batches the shadow model failed (its users' "
+                                       "shadow state starts over)", registry=r)
+        self.shadow_restarts = Counter(p + "shadow_restarts_total", "Stored shadow states the shadow refused "
+                                       "(another model's) and started over", registry=r)
+        self._shadow: tuple[str, str, str] | None = None
         self.readiness = Readiness("tables_recovered", "model_loaded")
         self.liveness = Liveness(stall_s)
         self._model: tuple[str, str, str] | None = None
@@ -135,16 +141,36 @@ class Metrics:
             if v:
                 self.events.labels(k).inc(v)
 
-    def observe_quality(self, q: OnlineQuality) -> None:
-        """Add one batch's online quality counts."""
+    def _export_online(self, model: str) -> None:
+        for et in EVENT_TYPES:
+            self.online_targets.labels(et, model)
+            self.online_rr.labels(et, model)
+            for k in KS:
+                for src in SOURCES:
+                    self.online_hits.labels(str(k), src, et, model)
+
+    def enable_shadow(self) -> None:
+        """A shadow model runs: export its online quality series (model="shadow") at zero."""
+        self._export_online("shadow")
+
+    def observe_quality(self, q: OnlineQuality, model: str = "champion") -> None:
+        """Add one batch's online quality counts of `model` (one of `MODELS`)."""
+        assert model in MODELS, model
         for t, et in enumerate(EVENT_TYPES):
             if q.targets[t]:
-                self.online_targets.labels(et).inc(int(q.targets[t]))
-                self.online_rr.labels(et).inc(float(q.rr_sum[t]))
+                self.online_targets.labels(et, model).inc(int(q.targets[t]))
+                self.online_rr.labels(et, model).inc(float(q.rr_sum[t]))
             for j, k in enumerate(KS):
                 for s, src in enumerate(SOURCES):
                     if q.hits[j, s, t]:
-                        self.online_hits.labels(str(k), src, et).inc(int(q.hits[j, s, t]))
+                        self.online_hits.labels(str(k), src, et, model).inc(int(q.hits[j, s, t]))
+
+    def set_shadow_model(self, model: str, version: str, device: str) -> None:
+        if self._shadow == (model, version, device):
+            return
+        self._shadow = (model, version, device)
+        self.shadow_model_info.clear()
+        self.shadow_model_info.labels(model, version, device).set(1)
 
     def observe_recovery(self, recovering: bool, to_restore: int, remaining: int, seconds: float) -> None:
         """Recovery progress and duration, from Faust's recovery state (stream.faust_compat)."""

@@ -124,9 +124,10 @@ def test_processor_scores_each_event_against_the_previous_message(served):
             last[u] = [c["item_id"] for c in orjson.loads(raw)["candidates"]]
     assert want["targets"] > 0.5 * len(events)  # most events had a previous list
     assert sum(want["hits"].values()) > 0  # hits are checked per batch above
-    total = sum(metrics.registry.get_sample_value("livemb_online_targets_total", {"event_type": et}) or 0
+    total = sum(metrics.registry.get_sample_value("livemb_online_targets_total", {"event_type": et, "model": "champion"}) or 0
                 for et in EVENT_TYPES)
-    rr = sum(metrics.registry.get_sample_value("livemb_online_reciprocal_rank_total", {"event_type": et}) or 0
+    rr = sum(metrics.registry.get_sample_value("livemb_online_reciprocal_rank_total",
+                                                {"event_type": et, "model": "champion"}) or 0
              for et in EVENT_TYPES)
     assert total == want["targets"] and rr == pytest.approx(want["rr"])
 

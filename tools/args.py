@@ -207,11 +207,16 @@ class WorkerArgs(SettingsArgs):
     reload_check_s: float | None
     standby_replicas: int | None
     index_path: str | None
+    shadow_model: str | None
+    shadow_items: str | None
+    shadow_publish: bool | None
     loglevel: str
     settings: SettingsFlags
 
     def settings_overrides(self) -> dict[str, Any]:
         return {**self.settings.overrides(), "model_path": self.model, "items_path": self.items,
+                "shadow_model_path": self.shadow_model, "shadow_items_path": self.shadow_items,
+                "shadow_publish": self.shadow_publish,
                 "data_dir": self.data_dir, "web_port": self.web_port, "partitions": self.partitions,
                 "batch_max_events": self.batch_max_events, "batch_max_wait_ms": self.batch_max_wait_ms,
                 "reload_check_s": self.reload_check_s, "standby_replicas": self.standby_replicas,

@@ -210,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reload-check-s", type=float, help="seconds between hot-swap checks (SIGHUP: at once)")
     p.add_argument("--standby-replicas", type=int, help="standby copies of other workers' state partitions")
     p.add_argument("--index-path", help="prebuilt index (livemb index) for --items and --index; unset: built at start")
+    p.add_argument("--shadow-model", metavar="CKPT", help="challenger stepped in shadow on the same batches: own state, "
+                   "online metrics with model=\"shadow\", publishes nothing (docs/STREAMING.md, Shadow model)")
+    p.add_argument("--shadow-items", metavar="ITEMS", help="items.npz of --shadow-model (default: --items)")
+    p.add_argument("--shadow-publish", action="store_true", default=None,
+                   help="also publish the shadow's messages to <topic_out>.shadow")
     p.add_argument("--loglevel", default="info")
     _settings_args(p)
 

@@ -12,6 +12,7 @@ from livemb.core.errors import ConfigError
 from livemb.core.settings import Settings
 from livemb.stream.app import run_worker as run_faust_worker
 from livemb.stream.processor import ModelProcessor
+from livemb.stream.shadow import Shadow
 from livemb.tools.args import WorkerArgs
 
 
@@ -30,5 +31,6 @@ def load_processor(spec: str | None, settings: Settings):
 
 
 def run_worker(a: WorkerArgs, settings: Settings) -> int:
-    run_faust_worker(settings, load_processor(a.processor, settings), a.loglevel)
+    processor = load_processor(a.processor, settings)
+    run_faust_worker(settings, processor, a.loglevel, shadow=Shadow.from_settings(settings))
     return 0
