@@ -128,8 +128,8 @@ class Settings(BaseSettings):
     shadow_items_path: str | None = Field(
         None, description="items.npz of the shadow checkpoint; --shadow-items (unset: the items of --model)")
     shadow_publish: bool = Field(
-        False, description="also publish the shadow's messages, to the topic <topic_out>.shadow (off: the shadow "
-        "publishes nothing)")
+        False, description="also publish the shadow's messages, to the topic named topic_out + \".shadow\" "
+        "(recommendations.shadow by default; off: the shadow publishes nothing)")
 
     # --- worker ----------------------------------------------------------------------------
     data_dir: str = Field("runs/worker", description="RocksDB state directory of the worker (created if missing)")

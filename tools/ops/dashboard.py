@@ -9,6 +9,7 @@ deploy/grafana/livemb-dashboard.json with the rate window as a parameter.
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from livemb.tools.ops.prom import PromAPI, PrometheusError
 
 @dataclass(frozen=True)
 class Query:
-    expr: str  # {w}: rate window, {sel}: the job selector
+    expr: str  # {w}: rate window, {sel}: the job selector, {sel,L="v"}: it with one more matcher
     legend: str  # {label} placeholders from the series' labels
 
 
@@ -58,6 +59,13 @@ PANELS = (
           (Query(_q(0.5, "livemb_model_step_seconds"), "model step p50"),
            Query(_q(0.99, "livemb_model_step_seconds"), "model step p99"),
            Query(_q(0.99, "livemb_topk_seconds"), "top-K p99")), log_y=True),
+    # online quality per model: champion = served, shadow = --shadow-model (docs/STREAMING.md)
+    Panel("live recall@10: champion vs shadow", "recall@10",
+          (Query('sum by (model) (rate(livemb_online_hits_total{sel,k="10"}[{w}])) / '
+                 "sum by (model) (rate(livemb_online_targets_total{sel}[{w}]))", "{model}"),)),
+    Panel("live MRR: champion vs shadow", "MRR@20",
+          (Query("sum by (model) (rate(livemb_online_reciprocal_rank_total{sel}[{w}])) / "
+                 "sum by (model) (rate(livemb_online_targets_total{sel}[{w}]))", "{model}"),)),
 )  # fmt: skip
 
 
@@ -69,7 +77,8 @@ def fetch(api: PromAPI, start: float, end: float, step: float, window: str, job:
     for panel in PANELS:
         lines = []
         for q in panel.queries:
-            expr = q.expr.replace("{sel}", sel).replace("{w}", window)
+            expr = re.sub(r"\{sel,([^}]*)\}", lambda m: f'{{job="{job}",{m[1]}}}' if job else f"{{{m[1]}}}", q.expr)
+            expr = expr.replace("{sel}", sel).replace("{w}", window)
             for series in api.query_range(expr, start, end, step):
                 labels = series["metric"]
                 legend = q.legend.format_map(_Default(labels))
@@ -77,6 +86,8 @@ def fetch(api: PromAPI, start: float, end: float, step: float, window: str, job:
                 vs = [float(v) for _, v in series["values"]]
                 if panel.title.startswith("input events") and not any(vs):
                     continue  # outcomes that never happened (the worker exports every outcome at 0)
+                if panel.title.startswith("live ") and all(math.isnan(v) for v in vs):
+                    continue  # no target yet (0 / 0)
                 lines.append((legend, ts, vs))
         out.append(lines)
     return out
@@ -92,7 +103,7 @@ def render(data, out: str, title: str, t0: float) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(3, 2, figsize=(13, 10), constrained_layout=True)
+    fig, axes = plt.subplots(4, 2, figsize=(13, 13), constrained_layout=True)
     for ax, panel, lines in zip(axes.flat, PANELS, data, strict=True):
         for legend, ts, vs in lines:
             ax.plot([t - t0 for t in ts], vs, label=legend, linewidth=1.4)
