@@ -82,9 +82,12 @@ def _passthrough(broker_url: str, port: int, work: Path, app_id: str) -> subproc
 
 def worker_flags(settings: Settings) -> tuple[str, ...]:
     """The bench's worker options (--index, --topk, ...) as `livemb worker` flags: without them
-    `livemb bench --index hnsw` measured a flat worker."""
+    `livemb bench --index hnsw` measured a flat worker. A shadow model (LIVEMB_SHADOW_MODEL_PATH,
+    LIVEMB_SHADOW_ITEMS_PATH) is passed on too, so the report names it: its cost is measured."""
     variant = tuple(f for flag, value in (("--exclude-seen", settings.exclude_seen),
-                                          ("--repeat-path", settings.repeat_path)) if value for f in (flag, value))
+                                          ("--repeat-path", settings.repeat_path),
+                                          ("--shadow-model", settings.shadow_model_path),
+                                          ("--shadow-items", settings.shadow_items_path)) if value for f in (flag, value))
     return ("--index", settings.index, "--topk", str(settings.topk), *variant,
             "--device", settings.device, "--session-gap-s", str(settings.session_gap_s))
 
