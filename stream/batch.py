@@ -16,10 +16,11 @@ The commit order (docs/STREAMING.md quotes this list; the code marks each step `
      take the GIL back from the busy loop, which made live batches 3-8x slower (docs/BENCHMARKS.md).
      A user whose stored state the processor refuses (unreadable, another model's) goes to the
      DLQ alone; a processor failure sends the batch's applied events to the DLQ.
+  6. Publish: outputs and DLQ records are sent, and the step waits for the broker's acks.
      With a shadow model (stream/shadow.py), the shadow then steps the same applied events from
-     its own stored states; it publishes nothing to `topic_out` and cannot fail the batch.
-  6. Publish: outputs and DLQ records (and the shadow's messages, with shadow_publish) are sent,
-     and the step waits for the broker's acks.
+     its own stored states (after the acks: the served messages do not wait for it); it publishes
+     nothing to `topic_out` (its messages go to `<topic_out>.shadow` with shadow_publish, acked
+     here too) and cannot fail the batch.
   7. Write: ONE put per touched user = new state + guard (input offset, dedupe memory, last_ts)
      + the shadow's new state, all in one value.
   8. Commit: the caller acks the records; Faust flushes the changelog producer, then commits
@@ -122,9 +123,9 @@ class BatchStep:
         plan = self.guard(valid, rows, bad)  # Step 4
         self.finished(Step.GUARD, marks)
         result, failed = self.process(plan, bad, report)  # Step 5
-        shadow = self.step_shadow(plan, result)  # Step 5, the shadow model
         self.finished(Step.PROCESS, marks)
-        published = await self.publish(result, bad, shadow.outputs)  # Step 6
+        published = await self.publish(result, bad)  # Step 6
+        shadow = await self.step_shadow(plan, result)  # Step 6, after the acks: the shadow model
         self.finished(Step.PUBLISH, marks)
         self.write_states(plan, result, at, rows, report, shadow)  # Step 7
         self.finished(Step.WRITE, marks)
@@ -247,22 +248,24 @@ class BatchStep:
         report.sessions_started += result.sessions_started
         return result, refused
 
-    def step_shadow(self, plan: BatchPlan, result: StepResult) -> ShadowResult:
-        """Step 5, second part: the shadow steps the applied events of the users whose new state
-        step 7 writes (none when the served model failed the batch: no state changes then)."""
+    async def step_shadow(self, plan: BatchPlan, result: StepResult) -> ShadowResult:
+        """Step 6, second part: the shadow steps the applied events of the users whose new state
+        step 7 writes (none when the served model failed the batch: no state changes then), and
+        its messages (shadow_publish) are sent and acked."""
         if self.shadow is None:
             return ShadowResult()
         events = [e for e in plan.to_apply if e.user_id in result.states]
-        return self.shadow.step(events, {e.user_id: plan.shadow.get(e.user_id) for e in events})
+        out = self.shadow.step(events, {e.user_id: plan.shadow.get(e.user_id) for e in events})
+        if out.outputs:
+            await self.sink.publish(out.outputs)
+        return out
 
-    async def publish(self, result: StepResult, bad: Sequence[Invalid], extra: Sequence[OutputRecord] = ()
-                      ) -> tuple[float, float]:
+    async def publish(self, result: StepResult, bad: Sequence[Invalid]) -> tuple[float, float]:
         """Step 6. Returns once the broker acknowledged every output and DLQ record, with the
         time of that moment (wall-clock ms, perf_counter s) for the latency metrics."""
         s, now_ms = self.settings, int(time.time() * 1000)
         out = [OutputRecord(s.topic_out, u.encode(), v, OUTPUT_HEADERS) for u, v in result.outputs]
         out += [dead_letter(b, s.topic_dlq, now_ms) for b in bad]
-        out += extra
         if out:
             await self.sink.publish(out)
         return time.time() * 1000, time.perf_counter()

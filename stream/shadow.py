@@ -1,11 +1,12 @@
 """The shadow model: a challenger stepped on the same batches as the served model, publishing nothing.
 
 `livemb worker --shadow-model CKPT [--shadow-items ITEMS]` (settings `shadow_model_path`,
-`shadow_items_path`, `shadow_publish`). In step 5 of every batch (stream/batch.py), after the
-served model, the shadow's own `ModelProcessor` takes the same applied events (those of users the
-served model accepted) and its own stored states, and returns its new states, its online quality
-counts (stream/quality.py; the metrics carry model="shadow") and its messages. The messages go
-nowhere unless `shadow_publish` is on (then to `<topic_out>.shadow`, in step 6 with the others).
+`shadow_items_path`, `shadow_publish`). In step 6 of every batch (stream/batch.py), once the
+served model's messages are acked (so they never wait for the shadow), the shadow's own
+`ModelProcessor` takes the same applied events (those of users the served model accepted) and
+its own stored states, and returns its new states, its online quality counts (stream/quality.py;
+the metrics carry model="shadow") and its messages. The messages go nowhere unless
+`shadow_publish` is on (then to `<topic_out>.shadow`, sent and acked before step 7).
 
 State: the shadow's blob is a field of the same table row as the served model's (the guard
 envelope's `shadow` array, state/guard.py), written by the same put in step 7. So the commit order,
@@ -32,6 +33,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from livemb.core.errors import ConfigError
 from livemb.core.events import ValidEvent
 from livemb.core.settings import Settings
 from livemb.stream.contracts import OUTPUT_HEADERS
@@ -65,6 +67,8 @@ class Shadow:
         model's except the checkpoint and items (and no prebuilt index, which is the served items')."""
         if not settings.shadow_model_path:
             return None
+        if not (settings.shadow_items_path or settings.items_path):
+            raise ConfigError("--shadow-model needs --shadow-items ITEMS (or the served model's --items)")
         s = settings.model_copy(update={"model_path": settings.shadow_model_path,
                                         "items_path": settings.shadow_items_path or settings.items_path,
                                         "index_path": None})

@@ -97,6 +97,28 @@ def test_shadow_publishes_nothing_unless_asked() -> None:
     assert Settings(shadow_model_path="x.pt", shadow_publish=True).topic_shadow == "recommendations.shadow"
 
 
+def test_shadow_steps_after_the_served_messages_are_acked_and_before_the_write() -> None:
+    """The served messages never wait for the shadow; the shadow's are acked before the row is written."""
+    journal: list = []
+    sink = MemorySink(journal)
+    run(step_with(MemoryStore(journal), sink, Shadow(CountingProcessor(), "recommendations.shadow")), stream_of()[:8])
+    assert journal == [("ack", "recommendations")] * 4 + [("ack", "recommendations.shadow")] * 4 + [
+        ("put", f"u{u}") for u in range(4)]
+
+
+def test_shadow_settings_need_a_shadow_model() -> None:
+    from livemb.core.errors import ConfigError
+    from livemb.core.settings import load_settings
+
+    with pytest.raises(ConfigError, match="shadow_model_path"):
+        load_settings(shadow_items_path="x.npz")
+    with pytest.raises(ConfigError, match="shadow_model_path"):
+        load_settings(shadow_publish=True)
+    assert Shadow.from_settings(Settings()) is None
+    with pytest.raises(ConfigError, match="--shadow-items"):
+        Shadow.from_settings(Settings(shadow_model_path="x.pt"))
+
+
 def test_shadow_failure_leaves_the_served_batch_alone_and_starts_its_users_over() -> None:
     recs = stream_of()
     journal: list = []
