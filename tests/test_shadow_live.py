@@ -103,6 +103,7 @@ def test_online_metrics_rank_a_good_and_a_bad_challenger(broker, tmp_path):
 
         wait_until(lambda: done(ports[0]) and done(ports[1]), 240, "both workers applied and scored every event")
         qa, qb = online(ports[0]), online(ports[1])
+        print(f"\nworker a (good served, bad in shadow): {qa}\nworker b (bad served, good in shadow): {qb}")
     finally:
         stop_process(a, 30)
         stop_process(b, 30)
@@ -136,6 +137,7 @@ class Last:
 @pytest.mark.integration
 def test_shadow_state_exact_across_sigkill(broker, tmp_path):
     df, good, bad, good_model, bad_model, table, bad_table = good_and_bad(tmp_path)
+    df = df[df["user_id"].isin(sorted(df["user_id"].unique())[:100])]  # half the users: a faster test
     broker.create_topics(["interactions", "recommendations", "recommendations.shadow"], partitions=PARTITIONS)
     broker.create_topics(["interactions.dlq"], partitions=1)
     last_ts = df.groupby("user_id")["ts"].max().to_dict()
