@@ -58,23 +58,30 @@ def machine() -> dict:
 
 
 def batch_figures(port: int) -> dict:
-    """Mean batch and the mean model-step / top-K seconds per batch, from the worker's histograms."""
+    """Mean batch and the mean model-step / top-K seconds per batch, from the worker's histograms
+    (and the shadow model's whole step, when one runs)."""
     v = {s.name: s.value for s in metric_samples(port) if s.name.endswith(("_sum", "_count"))}
     n = max(v.get("livemb_batch_size_count", 0), 1)
     steps = max(v.get("livemb_model_step_seconds_count", 0), 1)
-    return {"mean_batch": round(v.get("livemb_batch_size_sum", 0) / n, 1),
-            "model_step_ms": round(1000 * v.get("livemb_model_step_seconds_sum", 0) / steps, 2),
-            "topk_ms": round(1000 * v.get("livemb_topk_seconds_sum", 0) / steps, 2)}
+    out = {"mean_batch": round(v.get("livemb_batch_size_sum", 0) / n, 1),
+           "model_step_ms": round(1000 * v.get("livemb_model_step_seconds_sum", 0) / steps, 2),
+           "topk_ms": round(1000 * v.get("livemb_topk_seconds_sum", 0) / steps, 2)}
+    if v.get("livemb_shadow_step_seconds_count"):
+        out["shadow_step_ms"] = round(1000 * v["livemb_shadow_step_seconds_sum"] / v["livemb_shadow_step_seconds_count"], 2)
+    return out
 
 
 def step_sums(port: int) -> dict[str, float]:
-    """Sum and count of the batch size and of every step's seconds (livemb_batch_step_seconds)."""
+    """Sum and count of the batch size and of every step's seconds (livemb_batch_step_seconds), and
+    the shadow model's step ("shadow", part of "publish") when one runs."""
     out: dict[str, float] = {}
     for smp in metric_samples(port):
         if smp.name in ("livemb_batch_size_sum", "livemb_batch_size_count"):
             out[smp.name] = smp.value
         elif smp.name == "livemb_batch_step_seconds_sum":
             out[smp.labels["step"]] = smp.value
+        elif smp.name == "livemb_shadow_step_seconds_sum" and smp.value:
+            out["shadow"] = smp.value
     return out
 
 
@@ -204,7 +211,8 @@ def markdown(r: dict) -> str:
         f"{w['broker_cpu_cores']}; RSS {w['rss_mb']} MB |",
         f"| worker / passthrough | {r['ratio_worker_passthrough']:.2f} |",
         f"| worker mean batch / model step / top-K | {w['mean_batch']} events / {w['model_step_ms']} ms / "
-        f"{w['topk_ms']} ms |",
+        f"{w['topk_ms']} ms" + (f"; shadow model {w['shadow_step_ms']} ms (its whole step)" if "shadow_step_ms" in w
+                                else "") + " |",
         f"| worker, 2 processes | {r['two_workers']['events_per_s']} events/s; CPU cores: workers "
         f"{r['two_workers']['cpu_cores']}, broker {r['two_workers']['broker_cpu_cores']} |",
         f"| 2 workers / 1 worker | {r['scale_out_ratio']:.2f} |", "",
@@ -215,7 +223,8 @@ def markdown(r: dict) -> str:
         pb = s.get("per_batch") or {}
         lines.append(f"| {s['load']:.0%} | {s['offered_per_s']} | {s['applied_per_s']} | {s['p50_ms']} | "
                      f"{s['p95_ms']} | {s['p99_ms']} | {s['worker_p99_le_ms']:.0f} | {pb.get('mean_batch', '-')} | "
-                     f"{pb.get('process_ms', '-')} / {pb.get('publish_ms', '-')} |")
+                     f"{pb.get('process_ms', '-')} / {pb.get('publish_ms', '-')}"
+                     + (f" (shadow {pb['shadow_ms']})" if "shadow_ms" in pb else "") + " |")
     if "big_catalogue" in r:
         b = r["big_catalogue"]
         lines[7:7] = [f"| worker, {b['items']} items, {b['index']} (prebuilt in {b['index_build']['build_seconds_measured']} s) "
