@@ -31,8 +31,9 @@ from livemb.models import repeat
 
 EVENT_TYPES: tuple[str, ...] = ("click", "view", "cart", "purchase", "other")
 _EVENT_TYPE_INDEX = {name: i for i, name in enumerate(EVENT_TYPES)}
-# common aliases in public logs
-_EVENT_TYPE_INDEX.update({"buy": 3, "transaction": 3, "addtocart": 2, "add_to_cart": 2})
+# common aliases in public logs (Taobao's pv is a page view; favourites/likes stay `other`)
+_EVENT_TYPE_INDEX.update({"buy": 3, "transaction": 3, "addtocart": 2, "add_to_cart": 2,
+                          "pv": 1, "page_view": 1, "pageview": 1, "detail": 1})
 
 
 def event_type_index(names: np.ndarray | list[str]) -> np.ndarray:
