@@ -89,8 +89,9 @@ def split_rec(st: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], np.
 
 def put_rec(st: dict[str, torch.Tensor], items: np.ndarray) -> dict[str, torch.Tensor]:
     """The state to store: the model's new state + the published candidates (B, K), as the
-    (B, REC_LEN) int32 field, 0-padded (the list `score_events` will read at the next event)."""
+    (B, REC_LEN) int32 field, 0-padded (the list `score_events` will read at the next event).
+    The open catalogue's new items are stored as 0: they never count as online hits."""
     out = np.zeros((items.shape[0], REC_LEN), np.int32)
     n = min(REC_LEN, items.shape[1])
-    out[:, :n] = items[:, :n]
+    out[:, :n] = np.maximum(items[:, :n], 0)  # a new item (negative, models/newitems.py) is kept as 0
     return {**st, REC_FIELD: torch.from_numpy(out)}
