@@ -1,0 +1,150 @@
+"""The open catalogue (models/newitems.py): item ids absent from the item table enter the user's
+new-item pool, come back as candidates under their real id, survive the stored row, stay bounded,
+and the live batch step, `livemb embed` and the evaluation's test phase advance them alike."""
+
+import hashlib
+
+import numpy as np
+import orjson
+import pytest
+import torch
+
+from livemb.core.items import ItemTable
+from livemb.core.settings import Settings
+from livemb.models import newitems
+from livemb.models.checkpoint import save_checkpoint
+from livemb.models.evaluation import build_model, evaluate_model, warm_up
+from livemb.models.train import TrainConfig, sequences_from_frame, train_model
+from livemb.state.record import decode
+from livemb.stream.processor import ModelProcessor
+from livemb.stream.validate import ValidEvent
+from livemb.tools.data.synth import synth_log
+from livemb.tools.offline.commands import embed_users
+
+T0 = 1_700_000_000_000
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A small HierTCN whose item table lacks a quarter of the log's items (born after training)."""
+    tmp = tmp_path_factory.mktemp("open")
+    df, ids, vecs = synth_log(users=30, items=80, days=4, seed=7, dim=16)
+    keep = np.arange(len(ids)) % 4 != 0
+    table = ItemTable(ids[keep], vecs[keep])
+    table.save(tmp / "items.npz")
+    torch.manual_seed(0)
+    model = build_model("hiertcn", table.padded_vectors(), hidden=32, channels=16)
+    train_model(model, list(sequences_from_frame(df, table).values()), TrainConfig(epochs=1), progress=False)
+    save_checkpoint(tmp / "m.pt", model, table.fingerprint)
+    settings = Settings(model_path=str(tmp / "m.pt"), items_path=str(tmp / "items.npz"), topk=10)
+    return df, table, settings
+
+
+def ev(user, item, i, etype="click"):
+    return ValidEvent(user, item, T0 + i * 1000, etype, f"{user}-{i}", 0, i)
+
+
+def test_keys_need_no_registry():
+    keys, raw = newitems.keys_of(["sku-9", 123, "x" * 33, ""])
+    want = int.from_bytes(hashlib.blake2b(b"sku-9", digest_size=8).digest(), "little") & ((1 << 63) - 1)
+    assert keys[0] == want  # a pure function of the id: every worker, every restart
+    assert keys[1] == newitems.keys_of(["123"])[0][0]  # an integer id is its decimal string, as in the item table
+    assert keys[2] == keys[3] == 0  # too long / empty: not remembered
+    assert bytes(raw[0]).rstrip(b"\0") == b"sku-9"
+
+
+def test_new_item_clicked_twice_comes_back_after_the_row_is_stored(served):
+    df, table, settings = served
+    proc = ModelProcessor(settings)
+    first = proc.process([ev("u", "fresh-1", 0), ev("u", table.ids[3], 1)], {"u": None})
+    res = proc.process([ev("u", "fresh-1", 2, "cart")], first.states)
+    assert res.unknown_items == 1  # still counted: it is absent from the item table
+    cands = [c["item_id"] for c in orjson.loads(res.outputs[0][1])["candidates"]]
+    assert "fresh-1" in cands
+    # a restarted worker (a new processor) continues from the stored row alone
+    again = ModelProcessor(settings).process([ev("u", table.ids[4], 3)], res.states)
+    assert "fresh-1" in [c["item_id"] for c in orjson.loads(again.outputs[0][1])["candidates"]]
+    row = decode(again.states["u"])[0]
+    slot = int(np.flatnonzero(row["new_key"])[0])
+    assert row["new_count"][slot] == 2 and len(again.states["u"]) <= 4096
+    # off: nothing of the pool is written, and a row written with it is still read
+    off = ModelProcessor(settings.model_copy(update={"open_catalogue": False}))
+    closed = off.process([ev("u", table.ids[5], 4)], again.states)
+    assert not closed.rejected and "new_key" not in decode(closed.states["u"])[0]
+    assert "fresh-1" not in [c["item_id"] for c in orjson.loads(closed.outputs[0][1])["candidates"]]
+    # and a row written without it (before it existed, or with it off) is read with it on
+    back = proc.process([ev("u", "fresh-2", 5), ev("u", "fresh-2", 6)], closed.states)
+    assert "fresh-2" in [c["item_id"] for c in orjson.loads(back.outputs[0][1])["candidates"]]
+
+
+def test_one_off_ids_keep_the_row_bounded(served):
+    """A stream of ids never seen twice: the pool keeps the NEW_SLOTS most recent, the row's size
+    never changes, and the known memory is untouched."""
+    df, table, settings = served
+    proc = ModelProcessor(settings)
+    states = {"u": None}
+    proc_states = proc.process([ev("u", table.ids[1], 0)], states).states
+    sizes = set()
+    n = 0
+    for batch in range(12):
+        evs = [ev("u", f"once-{n + j}", 1 + n + j) for j in range(17)]
+        n += len(evs)
+        proc_states = proc.process(evs, proc_states).states
+        sizes.add(len(proc_states["u"]))
+    row = decode(proc_states["u"])[0]
+    kept = {bytes(r).rstrip(b"\0").decode() for r in row["new_id"]}
+    assert kept == {f"once-{i}" for i in range(n - newitems.NEW_SLOTS, n)}  # least recent evicted first
+    assert len(sizes) == 1 and sizes.pop() <= 4096
+    assert set(row["mem_item"][row["mem_item"] > 0].tolist()) == {1 + int(np.flatnonzero(table.ids == table.ids[1])[0])}
+
+
+def test_live_microbatches_equal_embed_and_the_evaluation_replay(served):
+    """Live = offline with new items: micro-batches through stored rows give `livemb embed`'s
+    candidates (new ids included), and the evaluation's warm-up builds the same pools."""
+    df, table, settings = served
+    proc = ModelProcessor(settings)
+    events = [ValidEvent(r.user_id, r.item_id, int(r.ts), r.event_type, r.event_id, 0, i)
+              for i, r in enumerate(df.itertuples(index=False))]
+    blobs: dict[str, bytes] = {}
+    last: dict[str, dict] = {}
+    for chunk in np.array_split(np.arange(len(events)), 5):
+        batch = [events[i] for i in chunk]
+        res = proc.process(batch, {e.user_id: blobs.get(e.user_id) for e in batch})
+        blobs.update(res.states)
+        last.update({u: orjson.loads(m) for u, m in res.outputs})
+    offline = {u: orjson.loads(m) for u, m in embed_users(proc.serving, df)}
+    known = set(table.ids.tolist())
+    n_new = 0
+    for u, want in offline.items():
+        got = [c["item_id"] for c in last[u]["candidates"]]
+        assert got == [c["item_id"] for c in want["candidates"]]
+        n_new += sum(c not in known for c in got)
+    assert n_new > 0  # new items do reach the candidates
+    users = sorted(offline)
+    seqs = sequences_from_frame(df, table)
+    keys = newitems.key_sequences(df, table)
+    model = proc.serving.model
+    st, _ = warm_up(model, newitems.with_pool(model.init_state(len(users))), [seqs[u] for u in users],
+                    [keys[u] for u in users])
+    for b, u in enumerate(users):
+        row = decode(blobs[u])[0]
+        for f in ("new_key", "new_count", "new_seq", "new_ts", "new_sess", "new_etype", "new_seen"):
+            assert np.array_equal(row[f], st[f][b].numpy()), (u, f)
+
+
+def test_evaluation_ranks_new_item_repeats_and_keeps_the_closed_ranking(served):
+    df, table, settings = served
+    model = ModelProcessor(settings).serving.model
+    cut = int(np.quantile(df["ts"], 0.7))
+    tr, te = df[df["ts"] < cut], df[df["ts"] >= cut]
+    train, test = sequences_from_frame(tr, table), sequences_from_frame(te, table)
+    closed = evaluate_model(model, train, test, progress=False)
+    both = evaluate_model(model, train, test, progress=False,
+                          open_keys=(newitems.key_sequences(tr, table), newitems.key_sequences(te, table)))
+    opened = both.pop("open_catalogue")
+    assert both["rep+none"] == closed["rep+none"]  # the pool changes no other state
+    assert opened["targets_new_item"] == closed["targets_skipped_unknown_item"] > 0
+    assert 0 < opened["targets_new_item_in_pool"] < opened["targets_new_item"]
+    scored = opened["rep+none"]["events_scored"]
+    assert scored == closed["rep+none"]["events_scored"] + opened["targets_new_item_in_pool"]
+    assert opened["rep+none"]["all_events"]["recall@20"] > closed["rep+none"]["all_events"]["recall@20"]
