@@ -86,7 +86,7 @@ def test_one_off_ids_keep_the_row_bounded(served):
     proc_states = proc.process([ev("u", table.ids[1], 0)], states).states
     sizes = set()
     n = 0
-    for batch in range(12):
+    for _ in range(12):
         evs = [ev("u", f"once-{n + j}", 1 + n + j) for j in range(17)]
         n += len(evs)
         proc_states = proc.process(evs, proc_states).states

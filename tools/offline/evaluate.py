@@ -70,6 +70,8 @@ def run_evaluation(df, table, models: list[str], train_cfg: TrainConfig, test_fr
         opened = variants.pop("open_catalogue", None)
         skipped = variants.pop("targets_skipped_unknown_item")
         in_memory = variants.pop("targets_in_memory")
+        for key in ("targets_new_item", "targets_new_item_in_pool"):  # in the open-catalogue block
+            variants.pop(key)
         session_start = variants.pop("session_start")
         after_type = variants.pop("after_event_type")
         by_memory = variants.pop("by_memory")
