@@ -148,3 +148,20 @@ def test_evaluation_ranks_new_item_repeats_and_keeps_the_closed_ranking(served):
     scored = opened["rep+none"]["events_scored"]
     assert scored == closed["rep+none"]["events_scored"] + opened["targets_new_item_in_pool"]
     assert opened["rep+none"]["all_events"]["recall@20"] > closed["rep+none"]["all_events"]["recall@20"]
+
+
+@pytest.mark.parametrize("index", ["flat", "hnsw"])
+def test_only_the_repeat_path_ranks_new_items(served, index):
+    """The explore search (flat or faiss) never holds a new item: without a repeat path, or with
+    the memory's items excluded, it cannot come back; with the rule it does."""
+    df, table, settings = served
+    events = [ev("u", "fresh-9", 0), ev("u", table.ids[2], 1), ev("u", "fresh-9", 2)]
+
+    def candidates(**update):
+        proc = ModelProcessor(settings.model_copy(update={"index": index, **update}))
+        return [c["item_id"] for c in orjson.loads(proc.process(events, {"u": None}).outputs[0][1])["candidates"]]
+
+    assert "fresh-9" in candidates(repeat_path="rule")
+    assert "fresh-9" not in candidates(repeat_path="norep")
+    assert "fresh-9" not in candidates(repeat_path="rule", exclude_seen="history")
+    assert set(candidates(repeat_path="norep")) <= set(table.ids.tolist())
