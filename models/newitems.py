@@ -170,3 +170,38 @@ def candidate_ids(items: np.ndarray, table, state: dict[str, Tensor]) -> np.ndar
     ids = ids.astype(object)
     ids[b, k] = [bytes(r).rstrip(b"\0").decode("utf-8") for r in raw]
     return ids
+
+
+def absorb(arrays: dict[str, np.ndarray], table) -> None:
+    """Stored rows (B, ...) read under a new item table: pool slots whose id the table now knows
+    leave the pool, in place, into the memory (merged with the item's memory slot if it has one,
+    else into the least recent slot when that one is older; else dropped, as the memory's LRU
+    would have). A Python step per absorbed item, at an item-table swap only."""
+    if "new_key" not in arrays or "mem_item" not in arrays:
+        return
+    rows, slots = np.nonzero(arrays["new_key"] > 0)
+    if not len(rows):
+        return
+    raw = arrays[ID_FIELD][rows, slots]
+    idx = table.lookup(np.array([bytes(r).rstrip(b"\0").decode("utf-8", "replace") for r in raw], dtype=object))
+    keep = idx > 0
+    rows, slots, idx = rows[keep], slots[keep], idx[keep]
+    for j in np.argsort(arrays["new_seq"][rows, slots], kind="stable"):  # least recent first
+        b, s, item = rows[j], slots[j], idx[j]
+        pool = {m: arrays[new][b, s] for new, m in _AS_MEM.items()}
+        same = np.flatnonzero(arrays["mem_item"][b] == item)
+        m = int(same[0]) if len(same) else int(np.argmin(arrays["mem_seq"][b]))
+        if len(same):
+            newer = pool["mem_seq"] > arrays["mem_seq"][b, m]
+            count = min(int(arrays["mem_count"][b, m]) + int(pool["mem_count"]), repeat.COUNT_MAX)
+            seen = arrays["mem_seen"][b, m] | pool["mem_seen"]
+            if newer:
+                for f in ("mem_seq", "mem_ts", "mem_sess", "mem_etype"):
+                    arrays[f][b, m] = pool[f]
+            arrays["mem_count"][b, m], arrays["mem_seen"][b, m] = count, seen
+        elif arrays["mem_seq"][b, m] < pool["mem_seq"]:
+            for f, v in pool.items():
+                arrays[f][b, m] = item if f == "mem_item" else v
+        for new in _AS_MEM:  # the slot is empty again
+            arrays[new][b, s] = -1 if new in ("new_seq", "new_sess") else 0
+        arrays[ID_FIELD][b, s] = 0

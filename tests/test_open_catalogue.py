@@ -165,3 +165,27 @@ def test_only_the_repeat_path_ranks_new_items(served, index):
     assert "fresh-9" not in candidates(repeat_path="norep")
     assert "fresh-9" not in candidates(repeat_path="rule", exclude_seen="history")
     assert set(candidates(repeat_path="norep")) <= set(table.ids.tolist())
+
+
+def test_a_swapped_in_table_absorbs_the_new_items_it_knows(served, tmp_path):
+    """Items born after training, then added to the item table by a hot swap: the stored pools
+    give them to the memory (with their counts), and a message lists each id once."""
+    import os
+
+    df, table, settings = served
+    items_path = tmp_path / "items.npz"
+    table.save(items_path)
+    proc = ModelProcessor(settings.model_copy(update={"items_path": str(items_path)}), reload_check_s=0.0)
+    rows = proc.process([ev("u", "fresh-1", 0), ev("u", "fresh-2", 1), ev("u", "fresh-1", 2)], {"u": None}).states
+    grown = ItemTable(np.append(table.ids, "fresh-1"), np.vstack([table.vectors, table.vectors[:1]]))
+    grown.save(items_path)
+    os.utime(items_path, (1e9, 2e9))
+    res = proc.process([ev("u", table.ids[0], 3)], rows)
+    assert proc.serving.table.fingerprint == grown.fingerprint
+    row = decode(res.states["u"])[0]
+    slot = np.flatnonzero(row["mem_item"] == grown.lookup(["fresh-1"])[0])
+    assert len(slot) == 1 and row["mem_count"][slot[0]] == 2  # its two touches came along
+    kept = {bytes(r).rstrip(b"\0").decode() for r in row["new_id"][row["new_key"] > 0]}
+    assert kept == {"fresh-2"}  # still unknown: still in the pool
+    ids = [c["item_id"] for c in orjson.loads(res.outputs[0][1])["candidates"]]
+    assert len(ids) == len(set(ids)) and "fresh-1" in ids
