@@ -8,10 +8,12 @@ import numpy as np
 import orjson
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from livemb.core.items import ItemTable
 from livemb.core.settings import Settings
-from livemb.models import newitems
+from livemb.models import EventBatch, newitems
 from livemb.models.checkpoint import save_checkpoint
 from livemb.models.evaluation import build_model, evaluate_model, warm_up
 from livemb.models.train import TrainConfig, sequences_from_frame, train_model
@@ -189,3 +191,41 @@ def test_a_swapped_in_table_absorbs_the_new_items_it_knows(served, tmp_path):
     assert kept == {"fresh-2"}  # still unknown: still in the pool
     ids = [c["item_id"] for c in orjson.loads(res.outputs[0][1])["candidates"]]
     assert len(ids) == len(set(ids)) and "fresh-1" in ids
+
+
+def reference_pool(stream: list[tuple[int, int]], S: int) -> dict[int, tuple[int, int]]:
+    """The pool a plain LRU of S keys would hold after (key, etype) events: key -> (count, last seq)."""
+    pool: dict[int, tuple[int, int]] = {}
+    for seq, (key, _) in enumerate(stream):
+        if key in pool:
+            pool[key] = (pool[key][0] + 1, seq)
+            continue
+        if len(pool) == S:
+            del pool[min(pool, key=lambda k: pool[k][1])]
+        pool[key] = (1, seq)
+    return pool
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.lists(st.tuples(st.integers(1, 20), st.integers(0, 4)), min_size=1, max_size=60),
+       st.integers(1, 7))
+def test_pool_is_a_bounded_lru_of_keys(stream, split):
+    """Any stream of new-item keys, in any batching: the pool holds exactly the NEW_SLOTS most
+    recently touched keys with their counts, and never grows."""
+    model = build_model("last", np.zeros((3, 4), np.float32))
+    state = newitems.with_pool(model.init_state(1))
+    cuts = sorted({0, len(stream), *range(split, len(stream), split)})
+    for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+        part = stream[a:b]
+        ev_batch = EventBatch(torch.zeros(1, len(part), dtype=torch.int64), torch.tensor([[e for _, e in part]]),
+                              torch.tensor([[T0 + 1000 * (a + j) for j in range(len(part))]]),
+                              torch.ones(1, len(part), dtype=torch.bool))
+        keys = torch.tensor([[k for k, _ in part]])
+        pool = newitems.update_pool(model, state, ev_batch, keys)
+        state, _ = model.step(state, ev_batch)
+        state.update(pool)
+        assert state["new_key"].shape == (1, newitems.NEW_SLOTS)
+    want = reference_pool(stream, newitems.NEW_SLOTS)
+    got = {int(k): (int(c), int(s)) for k, c, s in zip(state["new_key"][0], state["new_count"][0], state["new_seq"][0], strict=True)
+           if k > 0}
+    assert got == want
