@@ -134,10 +134,12 @@ class StateCodec:
 
     def _remap(self, arrays: dict[str, np.ndarray], old_key: int | None, table: ItemTable) -> None:
         """Index fields from the table `old_key` names to `table`, by item id (any shape); a table
-        no longer known (or no tag) leaves only unknown items."""
+        no longer known (or no tag) leaves only unknown items. Negative entries (the open
+        catalogue's new-item tags in `REC_FIELD`) name no table's item and are kept."""
         old = self.tables.get(old_key) if old_key is not None else None
         for k in INDEX_FIELDS:
             if k in arrays:
                 a = arrays[k]
-                arrays[k] = (table.lookup(old.id_of(a.ravel())).reshape(a.shape).astype(a.dtype) if old is not None
-                             else np.zeros_like(a))
+                new = (table.lookup(old.id_of(np.maximum(a, 0).ravel())).reshape(a.shape) if old is not None
+                       else np.zeros(a.shape, np.int64))
+                arrays[k] = np.where(a < 0, a, new).astype(a.dtype)

@@ -29,7 +29,7 @@ from livemb.models.grouping import group_by_user
 from livemb.models.serving import Serving, build_messages
 from livemb.state.codec import REC_FIELD, StateCodec
 from livemb.stream.ports import ModelInfo, StepResult
-from livemb.stream.quality import put_rec, score_events, split_rec, with_rec
+from livemb.stream.quality import open_targets, put_rec, score_events, split_rec, with_rec
 from livemb.stream.reload import FileWatch
 
 log = logging.getLogger("livemb.processor")
@@ -100,8 +100,8 @@ class ModelProcessor:
         st, rec = split_rec(self._stack(stored, users, sv))
         tq = time.perf_counter()
         lengths = np.fromiter((len(x) for x in seqs[0]), np.int64, len(users))
-        quality = score_events(rec, st["mem_item"].cpu().numpy(), np.repeat(np.arange(len(users)), lengths),
-                               np.concatenate(seqs[0]), np.concatenate(seqs[1]))
+        targets, mem = open_targets(np.concatenate(seqs[0]), st["mem_item"].cpu().numpy(), st, new_keys, lengths)
+        quality = score_events(rec, mem, np.repeat(np.arange(len(users)), lengths), targets, np.concatenate(seqs[1]))
         quality_s = time.perf_counter() - tq
         before = st["session"].clone()
         t0 = time.perf_counter()

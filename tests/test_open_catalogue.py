@@ -229,3 +229,18 @@ def test_pool_is_a_bounded_lru_of_keys(stream, split):
     got = {int(k): (int(c), int(s)) for k, c, s in zip(state["new_key"][0], state["new_count"][0], state["new_seq"][0], strict=True)
            if k > 0}
     assert got == want
+
+
+def test_online_quality_counts_a_new_item_hit(served):
+    """The published list keeps a new item as its tag, so the user's next touch of it is an
+    online hit from the repeat path, as for a known item."""
+    from livemb.stream.quality import KS, SOURCES
+
+    df, table, settings = served
+    proc = ModelProcessor(settings.model_copy(update={"repeat_path": "rule"}))
+    rows = proc.process([ev("u", "fresh-1", 0), ev("u", "fresh-1", 1)], {"u": None}).states
+    rec = decode(rows["u"])[0]["rec_item"]
+    assert (rec <= -2).sum() == 1  # the new item, tagged
+    q = proc.process([ev("u", "fresh-1", 2)], rows).quality
+    assert q.targets.sum() == 1 and q.hits[KS.index(20), SOURCES.index("repeat")].sum() == 1
+    assert q.rr_sum.sum() > 0
