@@ -96,6 +96,10 @@ class Settings(BaseSettings):
     repeat_path: RepeatPath | None = Field(
         None, description="served repeat path: rep (the model's own), rule (recent items first) or norep (unset: the "
         "checkpoint's choice)")
+    open_catalogue: bool = Field(
+        True, description="items absent from the item table enter each user's repeat memory (a pool of 8 new items "
+        "per user, keyed by a hash of the id, scored by the repeat path only, never in the faiss index); off: they "
+        "are only counted as unknown_item")
     index: IndexKind = Field("flat", description="faiss index of the explore path: flat (exact), hnsw or ivfpq")
     index_path: str | None = Field(
         None, description="prebuilt faiss index (livemb index) loaded at start instead of building one; it must match "

@@ -31,8 +31,9 @@ from livemb.models import repeat
 
 EVENT_TYPES: tuple[str, ...] = ("click", "view", "cart", "purchase", "other")
 _EVENT_TYPE_INDEX = {name: i for i, name in enumerate(EVENT_TYPES)}
-# common aliases in public logs
-_EVENT_TYPE_INDEX.update({"buy": 3, "transaction": 3, "addtocart": 2, "add_to_cart": 2})
+# common aliases in public logs (Taobao's pv is a page view; favourites/likes stay `other`)
+_EVENT_TYPE_INDEX.update({"buy": 3, "transaction": 3, "addtocart": 2, "add_to_cart": 2,
+                          "pv": 1, "page_view": 1, "pageview": 1, "detail": 1})
 
 
 def event_type_index(names: np.ndarray | list[str]) -> np.ndarray:
@@ -329,7 +330,7 @@ class SeqModel(nn.Module):
 
     def memory_scores(self, state: dict[str, Tensor], u: Tensor, mode: str | None = None, logz: Tensor | None = None,
                       gate_state: Tensor | None = None, explore_all: Tensor | None = None,
-                      explore_mem: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                      explore_mem: Tensor | None = None, novec: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """THE explore+repeat score, split for a merge with any explore retrieval (full catalogue or faiss):
 
         returns shift (B,) and mem (B, M): an item outside the memory scores <u, x_i> + shift, the
@@ -339,6 +340,9 @@ class SeqModel(nn.Module):
         `explore_all` (B, N+1), when the caller has the catalogue's explore scores, or
         `explore_mem` (B, M), the slots' own explore scores <u, x_m> (training computes them per
         chunk, models/train.slot_explore), saves the (B, M, D) gather of the memory's vectors.
+        `novec`: S more slots of items without a vector (the open catalogue's new items,
+        models/newitems.as_memory): they join the repeat softmax by their behaviour features, have no
+        explore term, and their scores follow the memory's, mem (B, M + S).
         """
         mode = self.repeat_mode if mode is None else mode
         mem_item = state["mem_item"].long()
@@ -350,19 +354,36 @@ class SeqModel(nn.Module):
         else:
             explore = explore_all.gather(1, mem_item).masked_fill(~filled, 0.0)
         shift = torch.zeros(u.shape[0], dtype=u.dtype, device=u.device)
+        M = filled.shape[1]
+        nv_filled = None if novec is None else novec["mem_item"] > 0
+        extra = None  # (B, S) scores of the novec slots
         if mode == "none":
             mem = explore
+            if novec is not None:  # no repeat path: nothing can rank an item without a vector
+                extra = torch.full(nv_filled.shape, -math.inf, dtype=mem.dtype, device=mem.device)
         elif mode == "rule" or self.repeat_head is None:
             mem = explore + repeat.heuristic_bonus(state)
+            if novec is not None:
+                extra = repeat.heuristic_bonus(novec).to(mem.dtype)
         else:
             if logz is None:
                 logz = self.log_partition(self.explore_scores(u))
             feats = repeat.memory_features(state, len(EVENT_TYPES))
+            all_filled = filled
+            if novec is not None:
+                feats = torch.cat([feats, repeat.memory_features(novec, len(EVENT_TYPES))], dim=1)
+                all_filled = torch.cat([filled, nv_filled], dim=1)
             gs = self.gate_state(state) if gate_state is None else gate_state
-            rep_logp, a = self.repeat_head(feats, filled, u, gs)
+            rep_logp, a = self.repeat_head(feats, all_filled, u, gs)
             shift = F.logsigmoid(-a) - logz  # log(1 - g) - log Z
-            mem = torch.logaddexp(explore + shift[:, None], F.logsigmoid(a)[:, None] + rep_logp)
-        return shift, mem.masked_fill(~filled, -math.inf)
+            rep = F.logsigmoid(a)[:, None] + rep_logp
+            mem = torch.logaddexp(explore + shift[:, None], rep[:, :M])
+            if novec is not None:
+                extra = rep[:, M:]
+        mem = mem.masked_fill(~filled, -math.inf)
+        if extra is not None:
+            mem = torch.cat([mem, extra.masked_fill(~nv_filled, -math.inf)], dim=1)
+        return shift, mem
 
     def scores(self, state: dict[str, Tensor], u: Tensor, repeat_mode: str | None = None,
                explore: Tensor | None = None, running: Tensor | None = None) -> Tensor:

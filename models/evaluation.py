@@ -19,7 +19,7 @@ from torch import Tensor
 
 from livemb.core.errors import ConfigError
 from livemb.core.progress import progress as progress_bar
-from livemb.models import repeat
+from livemb.models import newitems, repeat
 from livemb.models.base import EVENT_TYPES, MODEL_REGISTRY, EventBatch, ModelConfig, SeqModel, opens_session
 from livemb.models.metrics import RankAccumulator, over_all_events, ranks_from_explore
 from livemb.models.replay import Sequence
@@ -42,9 +42,11 @@ def _put(st: dict[str, torch.Tensor], new: dict[str, torch.Tensor], k: int) -> N
         st[key][:k] = v
 
 
-def warm_up(model: SeqModel, st: dict[str, torch.Tensor], seqs: list[Sequence]) -> tuple[dict, torch.Tensor]:
+def warm_up(model: SeqModel, st: dict[str, torch.Tensor], seqs: list[Sequence],
+            keys: list[np.ndarray] | None = None) -> tuple[dict, torch.Tensor]:
     """Step B users through their histories; per-step work is proportional to the users still
-    active (rows are processed longest-first, so the active ones are a prefix)."""
+    active (rows are processed longest-first, so the active ones are a prefix). `keys`: each
+    user's new-item keys (models/newitems.py) when `st` carries the open catalogue's pool."""
     B = len(seqs)
     u = torch.zeros(B, model.cfg.dim, device=model.device)
     lengths = np.fromiter((len(s[0]) for s in seqs), np.int64, B)
@@ -55,12 +57,15 @@ def warm_up(model: SeqModel, st: dict[str, torch.Tensor], seqs: list[Sequence]) 
     st = {k: v[perm] for k, v in st.items()}
     ev = EventBatch.from_sequences(*zip(*(seqs[i] for i in order), strict=True)).to(model.device)
     active = np.searchsorted(-lengths[order], -np.arange(ev.item.shape[1]), side="left")  # users with len > t
+    kp = None if keys is None else newitems.pad([keys[i] for i in order], ev.item.shape[1], model.device)
     u_sorted = torch.zeros_like(u)
     step = 32  # events per call: fewer Python round trips, still close to the active count
     for t0 in range(0, ev.item.shape[1], step):
         k = int(active[t0])
         sub = EventBatch(*(x[:k, t0 : t0 + step] for x in (ev.item, ev.etype, ev.ts, ev.mask)))
         new, u_k = model.step(_take(st, k), sub)
+        if kp is not None:
+            new.update(newitems.update_pool(model, _take(st, k), sub, kp[:k, t0 : t0 + step]))
         _put(st, new, k)
         u_sorted[:k] = torch.where(sub.mask.any(1)[:, None], u_k, u_sorted[:k])
     inv = torch.empty_like(perm)
@@ -70,28 +75,39 @@ def warm_up(model: SeqModel, st: dict[str, torch.Tensor], seqs: list[Sequence]) 
 
 def repeat_parts(model: SeqModel, st: dict[str, Tensor], u: Tensor, base: Tensor, mode: str | None,
                  gate_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(shift (B,), slot scores (B, M)) of repeat mode `mode` (None: the model's own) on top of the
+    """(shift (B,), slot scores (B, M), or (B, M + S) with the open catalogue's pool in `st`) of
+    repeat mode `mode` (None: the model's own) on top of the
     explore scores `base` (B, N+1): what `model.scores(st, u, mode)` would put outside / inside the
     memory. The learned mixture goes through `memory_scores` (the serving definition); the rule
     and "none" are the explore score plus the fixed bonus / nothing, for every model.
     `gate_state`: the mixture gate's long-term state when `st` lacks it (the validation's replay)."""
     mode = model.repeat_mode if mode is None else mode
     mem_item = st["mem_item"].long()
+    pool = newitems.as_memory(st)
     if mode == "mixture":
-        return model.memory_scores(st, u, "mixture", model.log_partition(base), gate_state, explore_all=base)
+        return model.memory_scores(st, u, "mixture", model.log_partition(base), gate_state, explore_all=base, novec=pool)
     mem = base.gather(1, mem_item)
     if mode == "rule":
         mem = mem + repeat.heuristic_bonus(st).to(mem.dtype)
-    return torch.zeros(base.shape[0], dtype=base.dtype, device=base.device), mem.masked_fill(mem_item <= 0, -math.inf)
+    mem = mem.masked_fill(mem_item <= 0, -math.inf)
+    if pool is not None:  # the pool's items: the rule's bonus alone (no vector); no repeat path, no score
+        extra = repeat.heuristic_bonus(pool).to(mem.dtype) if mode == "rule" else torch.zeros_like(pool["mem_count"], dtype=mem.dtype)
+        mem = torch.cat([mem, extra.masked_fill((pool["mem_item"] <= 0) | (mode == "none"), -math.inf)], dim=1)
+    return torch.zeros(base.shape[0], dtype=base.dtype, device=base.device), mem
 
 
 def variant_ranks(model: SeqModel, st: dict[str, Tensor], u: Tensor, base: Tensor, target: Tensor,
-                  reps: tuple[str, ...] = REPEATS, gate_state: Tensor | None = None) -> dict[str, dict[str, Tensor]]:
+                  reps: tuple[str, ...] = REPEATS, gate_state: Tensor | None = None,
+                  target_key: Tensor | None = None) -> dict[str, dict[str, Tensor]]:
     """THE ranking of targets, shared by `evaluate_model` and the early-stopping validation:
     {rep: {exclude_seen: ranks (B,)}} of each repeat variant in `reps` on top of the explore
     scores `base` (B, N+1), for every exclude_seen. Variants that are the same repeat mode (a
-    counting model's own path is the rule) share one computation."""
+    counting model's own path is the rule) share one computation. With the open catalogue's pool
+    in `st`, `target_key` (B,) is each target's new-item key (0 for a catalogue item)."""
     slots = {e: repeat.excluded_slots(st, e) for e in EXCLUDES if e != "none"}
+    pool = newitems.as_memory(st)
+    if pool is not None:
+        slots = {e: torch.cat([ex, repeat.excluded_slots(pool, e)], 1) for e, ex in slots.items()}
     own = model.repeat_mode
     out: dict[str, dict[str, Tensor]] = {}
     done: dict[str, dict[str, Tensor]] = {}  # repeat mode -> ranks
@@ -99,7 +115,8 @@ def variant_ranks(model: SeqModel, st: dict[str, Tensor], u: Tensor, base: Tenso
         mode = repeat.Variant(rep).mode(own)
         if mode not in done:
             shift, mem = repeat_parts(model, st, u, base, mode, gate_state)
-            done[mode] = ranks_from_explore(base, target, st["mem_item"], shift, mem, slots)
+            done[mode] = ranks_from_explore(base, target, st["mem_item"], shift, mem, slots,
+                                            None if pool is None else pool["mem_item"], target_key)
         out[rep] = done[mode]
     return out
 
@@ -115,8 +132,10 @@ class Tallies:
         self.session_start = RankAccumulator()  # where the cross-session state has to earn its keep
         self.after = {(rep, ty): RankAccumulator() for rep in REPEATS for ty in range(len(EVENT_TYPES))}
         self.by_mem = {(rep, hit): RankAccumulator() for rep in REPEATS for hit in (True, False)}
-        self.skipped = 0  # targets without an item vector
-        self.in_memory = 0  # scored targets already in the recent-items memory
+        self.skipped = 0  # targets without an item vector (with the open catalogue: and not in the pool)
+        self.in_memory = 0  # scored targets already in the recent-items memory (or the pool)
+        self.new_items = 0  # targets whose item is absent from the catalogue (a new item)
+        self.new_in_pool = 0  # of those, the ones in the user's new-item pool (scored)
 
     def add(self, ranks: dict[str, dict[str, Tensor]], prev_type: Tensor, hit: Tensor, opens: Tensor) -> None:
         """ranks from `variant_ranks` for k scored targets; prev_type, hit, opens (k,)."""
@@ -145,6 +164,8 @@ class Tallies:
                                    for rep in REPEATS}
         out["targets_skipped_unknown_item"] = self.skipped
         out["targets_in_memory"] = self.in_memory
+        out["targets_new_item"] = self.new_items
+        out["targets_new_item_in_pool"] = self.new_in_pool
         return out
 
 
@@ -152,6 +173,7 @@ class Tallies:
 def evaluate_model(
     model: SeqModel, train: dict[str, Sequence], test: dict[str, Sequence], batch_users: int = 256, progress: bool = True,
     group_types: tuple[dict[str, Sequence], dict[str, Sequence]] | None = None,
+    open_keys: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None,
 ) -> dict:
     """Score every test event of every test user; returns {variant: metrics} plus the splits of
     `Tallies` and the skip counts.
@@ -160,6 +182,12 @@ def evaluate_model(
     `group_types` (train, test) when given (the real types while the model sees none), else from
     train/test themselves.
 
+    `open_keys` (train, test): each user's new-item keys (`models.newitems.key_sequences`): the
+    states then carry the open catalogue's pool, advanced as the live worker advances it, and
+    the same pass also ranks every target with it: the result gains "open_catalogue", the
+    `Tallies` summary of that ranking (a new-item target in the user's pool is scored; the
+    ranking without the pool is unchanged, the pool touches no other state).
+
     Users are batched by test length (longest first, as training buckets by length) and, inside a
     batch, the users still active at step t are a prefix: every per-step tensor op runs on those
     rows only, so the work is proportional to the events, not to batch x longest history.
@@ -167,13 +195,19 @@ def evaluate_model(
     model.eval()
     users = sorted(test, key=lambda x: (-len(test[x][0]), x))
     tallies = Tallies(model.n_items)
+    opened = Tallies(model.n_items) if open_keys is not None else None
     gap = model.cfg.session_gap_ms
     empty = (np.zeros(0, np.int64),) * 3
     bar = progress_bar(total=sum(len(test[x][0]) for x in users), desc=f"eval {model.name}", unit="ev",
                        disable=not progress, leave=False)
     for i in range(0, len(users), batch_users):
         group = users[i : i + batch_users]
-        st, u = warm_up(model, model.init_state(len(group)), [train.get(x, empty) for x in group])
+        st = model.init_state(len(group))
+        train_keys = None
+        if open_keys is not None:
+            st = newitems.with_pool(st)
+            train_keys = [open_keys[0].get(g, np.zeros(len(train.get(g, empty)[0]), np.int64)) for g in group]
+        st, u = warm_up(model, st, [train.get(x, empty) for x in group], train_keys)
         run = model.init_running(st)  # a model's own evaluation cache (MaxItem's running max) or None
         g_train, g_test = group_types or (train, test)
         prev_type = torch.tensor([int(g_train[g][1][-1]) if g in g_train and len(g_train[g][1]) else -1 for g in group],
@@ -181,6 +215,7 @@ def evaluate_model(
         ev = EventBatch.from_sequences(*zip(*(test[g] for g in group), strict=True)).to(model.device)
         ev_type = ev.etype if group_types is None else \
             EventBatch.from_sequences(*zip(*(g_test[g] for g in group), strict=True)).etype.to(model.device)
+        keys = None if open_keys is None else newitems.pad([open_keys[1][g] for g in group], ev.item.shape[1], model.device)
         n_active = ev.mask.sum(0).tolist()  # users sorted by test length: the active ones are a prefix
         for t in range(ev.item.shape[1]):
             k = n_active[t]
@@ -188,7 +223,14 @@ def evaluate_model(
             target = ev.item[:k, t]
             scored = target > 0
             tallies.skipped += int((~scored).sum())
-            if scored.any():
+            if keys is not None:
+                tkey = keys[:k, t]
+                in_pool = ((sk["new_key"] == tkey[:, None]) & (tkey > 0)[:, None]).any(1)
+                scored_open = scored | in_pool
+                opened.skipped += int((~scored_open).sum())
+                opened.new_items += int((tkey > 0).sum())
+                opened.new_in_pool += int(in_pool.sum())
+            if scored.any() or (keys is not None and scored_open.any()):
                 opens = opens_session(ev.ts[:k, t], sk["last_ts"], gap)
                 u_next = model.next_session_embedding(sk)
                 # the serving side knows the request time, so a returning user gets the start embedding
@@ -197,13 +239,27 @@ def evaluate_model(
                 # (k, M) slots: one (k, N) comparison of the shared explore scores per variant, no
                 # merged (k, N+1) matrix (models.metrics.ranks_from_explore)
                 base = model.scores(sk, u_eval, "none", running=None if run is None else run[:k])
-                sk_s = sk
-                if not bool(scored.all()):  # (k, N+1) copy only when some target has no vector
-                    base, sk_s, u_eval = base[scored], {key: v[scored] for key, v in sk.items()}, u_eval[scored]
-                tallies.add(variant_ranks(model, sk_s, u_eval, base, target[scored]), prev_type[:k][scored],
-                            hit=(sk_s["mem_item"] == target[scored, None]).any(1),
-                            opens=(opens & (sk["last_ts"] >= 0))[scored])
-            new, u_new = model.step(sk, EventBatch(*(x[:k, t : t + 1] for x in (ev.item, ev.etype, ev.ts, ev.mask))))
+                ptype, first = prev_type[:k], (opens & (sk["last_ts"] >= 0))
+                closed = newitems.drop_pool(sk)
+                rows = [(tallies, scored, closed, None)]
+                if keys is not None:
+                    rows.append((opened, scored_open, sk, tkey))
+                for tally, sel, sk_t, tk in rows:
+                    if not sel.any():
+                        continue
+                    b, s_t, u_t = base, sk_t, u_eval
+                    if not bool(sel.all()):  # (k, N+1) copy only when some target is not scored
+                        b, s_t, u_t = base[sel], {key: v[sel] for key, v in sk_t.items()}, u_eval[sel]
+                    tk_s = None if tk is None else tk[sel]
+                    hit = (s_t["mem_item"] == target[sel, None]).any(1)
+                    if tk_s is not None:
+                        hit |= ((s_t["new_key"] == tk_s[:, None]) & (tk_s > 0)[:, None]).any(1)
+                    tally.add(variant_ranks(model, s_t, u_t, b, target[sel], target_key=tk_s), ptype[sel], hit=hit,
+                              opens=first[sel])
+            step_ev = EventBatch(*(x[:k, t : t + 1] for x in (ev.item, ev.etype, ev.ts, ev.mask)))
+            new, u_new = model.step(sk, step_ev)
+            if keys is not None:
+                new.update(newitems.update_pool(model, sk, step_ev, keys[:k, t : t + 1]))
             _put(st, new, k)
             u[:k] = u_new
             prev_type[:k] = ev_type[:k, t]
@@ -211,7 +267,10 @@ def evaluate_model(
                 model.update_running(run[:k], ev.item[:k, t])
             bar.update(k)
     bar.close()
-    return tallies.summary()
+    out = tallies.summary()
+    if opened is not None:
+        out["open_catalogue"] = opened.summary()
+    return out
 
 
 def build_model(name: str, vectors: np.ndarray, **cfg_overrides) -> SeqModel:

@@ -144,7 +144,8 @@ def count_below(x: Tensor, thr: Tensor) -> Tensor:
 
 
 def ranks_from_explore(base: Tensor, target: Tensor, mem_item: Tensor, shift: Tensor, mem: Tensor,
-                       excluded: dict[str, Tensor]) -> dict[str, Tensor]:
+                       excluded: dict[str, Tensor], pool_key: Tensor | None = None,
+                       target_key: Tensor | None = None) -> dict[str, Tensor]:
     """The ranks of `ranks_excluding_memory` for the merged score "base + shift outside the memory,
     `mem` at the memory's slots", without building that (B, N+1) matrix: ONE (B, N) comparison of
     the shared explore scores `base` against a per-row threshold, corrected on the (B, M) slots.
@@ -153,16 +154,26 @@ def ranks_from_explore(base: Tensor, target: Tensor, mem_item: Tensor, shift: Te
     items (0 = empty), shift (B,), mem (B, M) merged scores of the slots, excluded: name -> (B, M)
     bool. A non-memory item j beats the target iff base_j + shift >= t, i.e. base_j >= t - shift
     (the same test up to float rounding of the shift: exact when shift is 0). NaN competes as >=;
-    a NaN target loses to every competitor, as in `ranks_of`."""
+    a NaN target loses to every competitor, as in `ranks_of`.
+
+    `pool_key` (B, S): the open catalogue's new items (models/newitems.py), whose merged scores
+    follow the memory's in `mem` (B, M + S) and in each excluded mask; `target_key` (B,): the
+    target's new-item key (0 for a catalogue item). A target found in the pool is ranked by its
+    slot's score; the pool's other items compete like memory items."""
     B, n_cols = base.shape
     N = n_cols - 1
     target = target.to(device=base.device, dtype=torch.int64).view(B)
     mem_item = mem_item.to(device=base.device, dtype=torch.int64)
     filled = mem_item > 0
     is_target = filled & (mem_item == target[:, None])
-    in_mem = is_target.any(dim=1)
+    filled_all, is_target_all = filled, is_target
+    if pool_key is not None:
+        p_filled = pool_key > 0
+        p_target = p_filled & (pool_key == target_key[:, None]) & (target_key > 0)[:, None]
+        filled_all, is_target_all = torch.cat([filled, p_filled], 1), torch.cat([is_target, p_target], 1)
+    in_mem = is_target_all.any(dim=1)
     base_t = base.gather(1, target[:, None]).squeeze(1)
-    mem_t = mem.masked_fill(~is_target, -math.inf).amax(dim=1)
+    mem_t = mem.masked_fill(~is_target_all, -math.inf).amax(dim=1)
     t = torch.where(in_mem, mem_t, base_t + shift)  # (B,) the target's merged score
     thr = (t - shift)[:, None]
     # catalogue items (1..N) whose explore score is not below the threshold: NaN counts
@@ -171,13 +182,13 @@ def ranks_from_explore(base: Tensor, target: Tensor, mem_item: Tensor, shift: Te
     mem_ge_base = filled & ~(base_mem < thr)  # the memory items counted in n_ge (by their explore score)
     target_counted = ~in_mem & ~(base_t < thr.squeeze(1)) & (target > 0)  # the target itself, outside memory
     outside = n_ge - mem_ge_base.sum(dim=1) - target_counted.long()
-    beats = filled & ~is_target & ~(mem < t[:, None])  # memory competitors by their merged score
+    beats = filled_all & ~is_target_all & ~(mem < t[:, None])  # memory competitors by their merged score
     rank = 1 + outside + beats.sum(dim=1)
-    worst = target <= 0  # a NaN target already counts every other item as a competitor
+    worst = (target <= 0) & ~in_mem  # a NaN target already counts every other item as a competitor
     full = torch.full_like(rank, N)
     out = {"none": torch.where(worst, full, rank)}
     for name, ex in excluded.items():
         ex = ex.to(device=base.device, dtype=torch.bool)
         drop = (beats & ex).sum(dim=1)
-        out[name] = torch.where(worst | (ex & is_target).any(dim=1), full, rank - drop)
+        out[name] = torch.where(worst | (ex & is_target_all).any(dim=1), full, rank - drop)
     return out

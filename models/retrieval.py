@@ -33,7 +33,7 @@ from livemb.core.choices import EXCLUDE_SEEN, INDEX_KINDS
 from livemb.core.errors import ConfigError, DataError
 from livemb.core.items import ItemTable
 from livemb.core.progress import progress as progress_bar
-from livemb.models import repeat
+from livemb.models import newitems, repeat
 from livemb.models.base import SeqModel
 
 log = logging.getLogger("livemb.retrieval")
@@ -287,7 +287,8 @@ class Retriever:
         return estimate_logz(top.float(), s, self.n_items)
 
     def candidates(self, model: SeqModel, state: dict[str, torch.Tensor], u: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """(B, K) item indices (1-based, 0 = no candidate) and scores, best first."""
+        """(B, K) item indices (1-based, 0 = no candidate; -(s + 1): the open catalogue's new item
+        in slot s of the user's pool, models/newitems.py) and scores, best first."""
         M = state["mem_item"].shape[1]
         k = min(self.topk + M, self.n_items)
         logz = None
@@ -305,10 +306,12 @@ class Retriever:
                 logz = self.estimated_logz(model, u, f_scores.to(u.device).masked_fill(f_items.to(u.device) == 0, -np.inf))
 
         mem_item = state["mem_item"].long().cpu()
+        pool = newitems.as_memory(state)  # the open catalogue's new items: scored, never searched
         with torch.no_grad():  # the one explore+repeat score (models.base.SeqModel.memory_scores)
-            shift, m_scores = model.memory_scores(state, u, mode, logz=logz)
+            shift, m_scores = model.memory_scores(state, u, mode, logz=logz, novec=pool)
         f_scores = f_scores + shift.float().cpu()[:, None]
-        m_scores = m_scores.float().cpu().masked_fill(mem_item == 0, -np.inf)
+        refs = mem_item if pool is None else torch.cat([mem_item, newitems.slot_refs(state).cpu()], dim=1)
+        m_scores = m_scores.float().cpu().masked_fill(refs == 0, -np.inf)
         # drop faiss hits that the memory already scores (with the repeat bonus)
         dup = (f_items[:, :, None] == mem_item[:, None, :]).any(-1) | (f_items == 0)
         f_scores = f_scores.masked_fill(dup, -np.inf)
@@ -316,8 +319,11 @@ class Retriever:
         excluded = repeat.seen_mask({k: state[k].cpu() for k in seen_fields}, self.n_items + 1, exclude_seen)
         if excluded is not None:
             f_scores = f_scores.masked_fill(excluded.gather(1, f_items), -np.inf)
-            m_scores = m_scores.masked_fill(excluded.gather(1, mem_item), -np.inf)
-        items = torch.cat([f_items, mem_item], dim=1)
+            gone = excluded.gather(1, mem_item)
+            if pool is not None:
+                gone = torch.cat([gone, repeat.excluded_slots({k: v.cpu() for k, v in pool.items()}, exclude_seen)], 1)
+            m_scores = m_scores.masked_fill(gone, -np.inf)
+        items = torch.cat([f_items, refs], dim=1)
         scores = torch.cat([f_scores, m_scores], dim=1)
         K = min(self.topk, scores.shape[1])
         top_scores, pos = scores.topk(K, dim=1)

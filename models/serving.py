@@ -21,6 +21,7 @@ from livemb.core.errors import ConfigError
 from livemb.core.items import ItemTable
 from livemb.models.base import EventBatch, SeqModel
 from livemb.models.checkpoint import load_checkpoint, model_version
+from livemb.models.newitems import candidate_ids
 from livemb.models.repeat import Variant
 from livemb.models.retrieval import IndexFileError, Retriever, load_index
 
@@ -128,10 +129,10 @@ def build_messages(
     emb = u.detach().float().cpu().numpy()
     nxt = next_emb.detach().float().cpu().numpy() if next_emb is not None else None
     sessions = state["session"].cpu().numpy()
-    ids = table.id_of(items)  # (B, K) str, '' for "no candidate"
+    ids = candidate_ids(items, table, state)  # (B, K) str, '' for "no candidate", new items' own ids
     dim = int(emb.shape[1])
     for b, user in enumerate(users):
-        keep = items[b] > 0
+        keep = items[b] != 0
         cands = [{"item_id": i, "score": float(s)} for i, s in zip(ids[b][keep].tolist(), scores[b][keep].tolist(), strict=True)]
         yield user, orjson.dumps(
             {

@@ -4,7 +4,8 @@ Rows of the common layout are decoded in one vectorized pass (`state.record.deco
 rest one by one, so a bad row refuses only its own user. Item indices in a row (`INDEX_FIELDS`)
 point into the item table the row was written under (its `items` meta): rows written under an
 older table are remapped by item id to the current one, and ids it lacks become the unknown item
-(0). Every table served so far is kept for that. The codec knows no model: the caller gives the
+(0). Every table served so far is kept for that; the open catalogue's new items that the current
+table now knows move from the row's pool into its memory (`models.newitems.absorb`). The codec knows no model: the caller gives the
 state's field names and its initial tensors (`SeqModel.state_spec` / `init_state`); `optional`
 fields (the worker's own `REC_FIELD`) may be missing from a row written before they existed, and
 then keep their initial value.
@@ -20,6 +21,7 @@ import torch
 
 from livemb.core.errors import DataError
 from livemb.core.items import ItemTable
+from livemb.models import newitems
 from livemb.state.record import StateRecordError, decode, decode_rows, encode_rows
 
 REC_FIELD = "rec_item"  # the worker's copy of the user's last published candidates (stream/quality.py)
@@ -114,6 +116,8 @@ class StateCodec:
             raise ForeignState(_foreign(arrays))
         if meta.get("items") != items_key(table):
             self._remap(arrays, meta.get("items"), table)
+            one = {k: v[None] for k, v in arrays.items()}  # views: absorbed in place
+            newitems.absorb(one, table)
         return arrays
 
     def _remap_rows(self, arrays: dict[str, np.ndarray], keys: list[int | None], table: ItemTable) -> None:
@@ -123,15 +127,19 @@ class StateCodec:
             rows = np.array([j for j, k in enumerate(keys) if k == old])
             part = {k: arrays[k][rows] for k in INDEX_FIELDS if k in arrays}
             self._remap(part, old, table)
+            part.update({k: arrays[k][rows] for k in arrays if k not in part})
+            newitems.absorb(part, table)  # the open catalogue's new items the table now knows
             for k, v in part.items():
                 arrays[k][rows] = v
 
     def _remap(self, arrays: dict[str, np.ndarray], old_key: int | None, table: ItemTable) -> None:
         """Index fields from the table `old_key` names to `table`, by item id (any shape); a table
-        no longer known (or no tag) leaves only unknown items."""
+        no longer known (or no tag) leaves only unknown items. Negative entries (the open
+        catalogue's new-item tags in `REC_FIELD`) name no table's item and are kept."""
         old = self.tables.get(old_key) if old_key is not None else None
         for k in INDEX_FIELDS:
             if k in arrays:
                 a = arrays[k]
-                arrays[k] = (table.lookup(old.id_of(a.ravel())).reshape(a.shape).astype(a.dtype) if old is not None
-                             else np.zeros_like(a))
+                new = (table.lookup(old.id_of(np.maximum(a, 0).ravel())).reshape(a.shape) if old is not None
+                       else np.zeros(a.shape, np.int64))
+                arrays[k] = np.where(a < 0, a, new).astype(a.dtype)

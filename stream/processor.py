@@ -23,15 +23,17 @@ from livemb.core.errors import ConfigError
 from livemb.core.events import ValidEvent
 from livemb.core.items import ItemTable
 from livemb.core.settings import Settings
+from livemb.models import newitems
 from livemb.models.base import EventBatch, event_type_index
 from livemb.models.grouping import group_by_user
 from livemb.models.serving import Serving, build_messages
 from livemb.state.codec import REC_FIELD, StateCodec
 from livemb.stream.ports import ModelInfo, StepResult
-from livemb.stream.quality import put_rec, score_events, split_rec, with_rec
+from livemb.stream.quality import open_targets, put_rec, score_events, split_rec, with_rec
 from livemb.stream.reload import FileWatch
 
 log = logging.getLogger("livemb.processor")
+OPTIONAL = (REC_FIELD, *newitems.POOL_FIELDS)  # fields a stored row may lack (written before they existed)
 
 
 class ModelProcessor:
@@ -88,22 +90,25 @@ class ModelProcessor:
         self.maybe_reload()
         sv = self.serving
         stored = self.codec.decode({u: b for u, b in states.items() if b is not None}, self._fields(sv), sv.table,
-                                   optional=(REC_FIELD,))
+                                   optional=OPTIONAL)
         rejected = stored.rejected
         if rejected:
             events = [e for e in events if e.user_id not in rejected]
         if not events:
             return StepResult(states={}, outputs=[], rejected=rejected)
-        users, seqs, unknown = self._sequences(events, sv.table)
-        st, rec = split_rec(self.codec.stack(stored, users, with_rec(sv.model.init_state(len(users)), len(users))))
+        users, seqs, unknown, new_keys = self._sequences(events, sv.table, self.settings.open_catalogue)
+        st, rec = split_rec(self._stack(stored, users, sv))
         tq = time.perf_counter()
         lengths = np.fromiter((len(x) for x in seqs[0]), np.int64, len(users))
-        quality = score_events(rec, st["mem_item"].cpu().numpy(), np.repeat(np.arange(len(users)), lengths),
-                               np.concatenate(seqs[0]), np.concatenate(seqs[1]))
+        targets, mem = open_targets(np.concatenate(seqs[0]), st["mem_item"].cpu().numpy(), st, new_keys, lengths)
+        quality = score_events(rec, mem, np.repeat(np.arange(len(users)), lengths), targets, np.concatenate(seqs[1]))
         quality_s = time.perf_counter() - tq
         before = st["session"].clone()
         t0 = time.perf_counter()
-        st, u = sv.advance(st, EventBatch.from_sequences(*seqs))
+        ev = EventBatch.from_sequences(*seqs)
+        st_before, (st, u) = st, sv.advance(st, ev)
+        if new_keys is not None:  # the open catalogue: new item ids into the users' pools (models/newitems.py)
+            st.update(newitems.update_pool(sv.model, st_before, ev.to(self.device), *new_keys))
         t1 = time.perf_counter()
         event_ts = np.fromiter((int(t[-1]) for t in seqs[2]), np.int64, len(users))
         items, messages = sv.recommend(users, st, u, event_ts, emitted_at=int(time.time() * 1000))
@@ -125,13 +130,13 @@ class ModelProcessor:
         """The idle-session sweep (stream/sweep.py): for each user, a message whose embedding is the
         model's next-session embedding (the open session folded in). [] for models without sessions."""
         sv = self.serving
-        stored = self.codec.decode(states, self._fields(sv), sv.table, optional=(REC_FIELD,))
+        stored = self.codec.decode(states, self._fields(sv), sv.table, optional=OPTIONAL)
         for user, why in stored.rejected.items():
             log.warning("idle sweep skips user %r: %s", user, why)
         users = [u for u in states if u not in stored.rejected]
         if not users:
             return []
-        st, _ = split_rec(self.codec.stack(stored, users, with_rec(sv.model.init_state(len(users)), len(users))))
+        st, _ = split_rec(self._stack(stored, users, sv))
         with torch.no_grad():
             nxt = sv.model.next_session_embedding(st)
         if nxt is None:
@@ -144,16 +149,28 @@ class ModelProcessor:
 
     @staticmethod
     def _fields(sv: Serving) -> tuple[str, ...]:
-        """A stored row's fields: the model's state + the last published list (stream/quality.py)."""
-        return (*sv.model.state_spec(), REC_FIELD)
+        """A stored row's fields: the model's state + the last published list (stream/quality.py)
+        + the open catalogue's pool (models/newitems.py; optional, dropped when it is off)."""
+        return (*sv.model.state_spec(), *OPTIONAL)
 
-    @staticmethod
-    def _sequences(events: Sequence[ValidEvent], table: ItemTable):
-        """Group the batch by user (arrival order kept) into per-user (items, etypes, ts) arrays."""
+    def _stack(self, stored, users: list[str], sv: Serving) -> dict[str, torch.Tensor]:
+        st = self.codec.stack(stored, users, newitems.with_pool(with_rec(sv.model.init_state(len(users)), len(users))))
+        return st if self.settings.open_catalogue else newitems.drop_pool(st)
+
+    def _sequences(self, events: Sequence[ValidEvent], table: ItemTable, open_catalogue: bool = False):
+        """Group the batch by user (arrival order kept) into per-user (items, etypes, ts) arrays;
+        with the open catalogue also the (B, T) new-item keys and (B, T, ID_BYTES) raw ids."""
         n = len(events)
-        item_idx = table.lookup(np.array([e.item_id for e in events], dtype=object))
+        ids = np.array([e.item_id for e in events], dtype=object)
+        item_idx = table.lookup(ids)
         etype = event_type_index([e.event_type for e in events])
         ts = np.fromiter((e.ts for e in events), np.int64, n)
         users, groups = group_by_user(np.array([e.user_id for e in events], dtype=object))
         seqs = ([item_idx[g] for g in groups], [etype[g] for g in groups], [ts[g] for g in groups])
-        return [str(x) for x in users], seqs, int((item_idx == 0).sum())
+        new_keys = None
+        if open_catalogue and (item_idx == 0).any():
+            keys, raw = newitems.event_keys(ids, item_idx)
+            T = max(len(g) for g in groups)
+            new_keys = (newitems.pad([keys[g] for g in groups], T, self.device),
+                        newitems.pad([raw[g] for g in groups], T, self.device))
+        return [str(x) for x in users], seqs, int((item_idx == 0).sum()), new_keys

@@ -11,7 +11,7 @@ memory entry), else `explore`.
 
 How it stays cheap and exact: the processor keeps the published list in the user's state row
 (`state.codec.REC_FIELD`, the first `REC_LEN` candidates as int32 item indices, 80 bytes, remapped with the
-memory on an item-table swap), so an event is scored against exactly what was published, from
+memory on an item-table swap; the open catalogue's new items as their tags, `new_item_tags`), so an event is scored against exactly what was published, from
 the stored (pre-event) row the batch already decodes: one (E, 20) comparison for the batch's E
 events, no second search. A user's events of one batch are all scored against the list stored
 before the batch (no message was published between them). The idle sweep's `session_closed`
@@ -45,8 +45,8 @@ class OnlineQuality:
 
 def ranks(rec: np.ndarray, item: np.ndarray) -> np.ndarray:
     """1-based position of item[e] in rec[e] (E, L) (its first occurrence), 0 when absent;
-    the unknown item (0) and empty slots (0) never match."""
-    eq = (rec == item[:, None]) & (item[:, None] > 0)
+    the unknown item (0) and empty slots (0) never match; a new item matches by its tag."""
+    eq = (rec == item[:, None]) & (item[:, None] != 0)
     return np.where(eq.any(axis=1), eq.argmax(axis=1) + 1, 0)
 
 
@@ -89,8 +89,36 @@ def split_rec(st: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], np.
 
 def put_rec(st: dict[str, torch.Tensor], items: np.ndarray) -> dict[str, torch.Tensor]:
     """The state to store: the model's new state + the published candidates (B, K), as the
-    (B, REC_LEN) int32 field, 0-padded (the list `score_events` will read at the next event)."""
+    (B, REC_LEN) int32 field, 0-padded (the list `score_events` will read at the next event).
+    A new item of the open catalogue (a negative pool reference, models/newitems.py) is stored
+    as its tag (`new_item_tags`)."""
     out = np.zeros((items.shape[0], REC_LEN), np.int32)
     n = min(REC_LEN, items.shape[1])
-    out[:, :n] = items[:, :n]
+    head = items[:, :n]
+    if (head < 0).any():
+        b, k = np.nonzero(head < 0)
+        head = head.copy()
+        head[b, k] = new_item_tags(st["new_key"].cpu().numpy()[b, -head[b, k] - 1])
+    out[:, :n] = head
     return {**st, REC_FIELD: torch.from_numpy(out)}
+
+
+def new_item_tags(keys: np.ndarray) -> np.ndarray:
+    """The int32 stand-in of a new item's 63-bit key in the stored list and in the targets:
+    -2 - (key mod 2^30), never 0 (no item) or `NO_REC`; 0 for key 0. Two new items of one user
+    share a tag with odds ~1e-9."""
+    keys = np.asarray(keys, np.int64)
+    return np.where(keys > 0, -2 - (keys & ((1 << 30) - 1)), 0).astype(np.int32)
+
+
+def open_targets(items: np.ndarray, mem: np.ndarray, st: dict[str, torch.Tensor], new_keys, lengths: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """`score_events`' targets and memory with the open catalogue: the batch's new-item events
+    (item 0 with a key in `new_keys`, (B, T) padded) target their tag, and the pool's tags join
+    the memory (a hit on a new item is a `repeat` hit). Unchanged without new items."""
+    if new_keys is None or "new_key" not in st:
+        return items, mem
+    keys = new_keys[0].cpu().numpy()
+    flat = keys[np.arange(keys.shape[1])[None, :] < lengths[:, None]]  # the events in `items`' order
+    items = np.where(items == 0, new_item_tags(flat), items)
+    return items, np.concatenate([mem, new_item_tags(st["new_key"].cpu().numpy())], axis=1)

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from livemb.core.items import ItemTable
+from livemb.models.base import EVENT_TYPES, event_type_index
 from livemb.models.train import TrainConfig
 from livemb.tools.data.synth_ecommerce import synth_ecommerce
 from livemb.tools.offline.evaluate import event_type_table, run_evaluation
@@ -70,3 +71,8 @@ def test_memory_split_partitions_the_targets(report):
     assert split["in_memory"]["events_scored"] / res["events_scored"] == pytest.approx(res["memory_hit_rate"], abs=1e-4)
     # the rule puts every memory item above the catalogue: what it gains, it gains on memory targets
     assert split["in_memory"]["recall@10"] > split["not_in_memory"]["recall@10"]
+
+
+def test_public_log_aliases_map_to_the_model_types():
+    got = event_type_index(["pv", "PV", "fav", "buy", "cart", "addtocart", "detail", "nonsense"])
+    assert [EVENT_TYPES[i] for i in got] == ["view", "view", "other", "purchase", "cart", "cart", "view", "other"]

@@ -97,13 +97,17 @@ def test_nan_loss_is_refused():
 
 @pytest.mark.parametrize("name", ["hiertcn", "hiergru", "hgru", "hrnn", "gru", "tcn"])
 def test_state_fits_budget(name):
-    """SPEC section 6: <= 4 KiB per user at D=64, H=128 (model tensors + repeat memory)."""
+    """SPEC section 6: <= 4 KiB per user at D=64, H=128 (model tensors + repeat memory), with what
+    the worker adds: the open catalogue's new-item pool and the last published list."""
     vecs = np.zeros((11, 64), np.float32)
     model = MODEL_REGISTRY[name](ModelConfig(name=name, dim=64, hidden=128), vecs)
+    from livemb.models.newitems import with_pool
     from livemb.state.guard import GuardState, wrap
     from livemb.state.record import encode
+    from livemb.stream.quality import REC_LEN, with_rec
 
-    st = model.init_state(1)
+    st = with_rec(with_pool(model.init_state(1)), 1)
+    assert st["rec_item"].shape == (1, REC_LEN)
     record = encode({k: v[0].numpy() for k, v in st.items()}, {"items": 1})
     row = wrap(GuardState(size=16), record)  # what the RocksDB table stores for one user
     assert len(row) <= 4096, f"{name}: {len(row)} bytes per user"

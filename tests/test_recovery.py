@@ -83,8 +83,17 @@ def test_two_workers_one_killed_then_back(broker: EmbeddedBroker, tmp_path, stan
     """Two `livemb worker`s in one group on 4 partitions; one is SIGKILLed mid-replay. The survivor
     takes its partitions, rebuilds their state from the changelog and finishes: every user's last
     output equals offline `embed` (1e-4). The killed one restarts, partitions rebalance back, more
-    events arrive for every user, and the outputs still equal `embed` on the whole log."""
+    events arrive for every user, and the outputs still equal `embed` on the whole log.
+    Every user also clicks an item of their own that the item table lacks, twice, at the end of
+    the log: it comes back in the candidates of the same users as offline, on whichever worker
+    serves them, across the kill and the rebalance (the open catalogue's pool, models/newitems.py)."""
     df, ids, table, items, model, ckpt = small_hiertcn(tmp_path, seed=5)
+    ends = df.groupby("user_id")["ts"].max()
+    fresh = pd.DataFrame({"user_id": np.repeat(ends.index.to_numpy(), 2), "event_type": "click",
+                          "ts": np.repeat(ends.to_numpy(), 2) + np.tile([1000, 2000], len(ends))})
+    fresh["item_id"] = "new-" + fresh["user_id"].astype(str)
+    fresh["event_id"] = fresh["item_id"] + "-" + fresh["ts"].astype(str)
+    df = pd.concat([df, fresh[df.columns]], ignore_index=True)
     broker.create_topics(["interactions", "recommendations"], partitions=PARTITIONS)
     broker.create_topics(["interactions.dlq"], partitions=1)
     extra = ("--partitions", str(PARTITIONS), "--topk", "10", "--batch-max-events", "128",
@@ -110,6 +119,11 @@ def test_two_workers_one_killed_then_back(broker: EmbeddedBroker, tmp_path, stan
         worst = max(np.abs(np.array(live[u]["embedding"]) - np.array(offline[u]["embedding"])).max() for u in offline)
         assert worst <= 1e-4, f"live vs offline max abs diff {worst}"
         assert all(live[u]["session_id"] == offline[u]["session_id"] for u in offline)
+        # the users whose own new item came back (its score against the explore hits is the model's):
+        # the same live as offline, and the new items' pools really served
+        back = {u for u in offline if f"new-{u}" in [c["item_id"] for c in live[u]["candidates"]]}
+        assert back == {u for u in offline if f"new-{u}" in [c["item_id"] for c in offline[u]["candidates"]]}
+        assert len(back) >= 10, f"{len(back)} of {len(offline)} users got their new item back"  # 29 at seed 5
 
     (a, port_a), (b, port_b) = start("a"), start("b")
     out = LastMessages(broker.bootstrap)

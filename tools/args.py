@@ -70,6 +70,7 @@ class SettingsFlags:
     topk: int | None = None
     exclude_seen: str | None = None
     repeat_path: str | None = None
+    open_catalogue: bool | None = None
     index: str | None = None
     session_gap_s: float | None = None
 

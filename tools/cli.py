@@ -113,6 +113,9 @@ def _settings_args(p: argparse.ArgumentParser) -> None:
                    help="remove seen items: none, session or history (default: what the checkpoint chose)")
     p.add_argument("--repeat-path", choices=REPEAT_PATHS,
                    help="rep (the model's own), rule (recent items first) or norep (default: the checkpoint's choice)")
+    p.add_argument("--open-catalogue", action=argparse.BooleanOptionalAction, default=None,
+                   help="new item ids (absent from the items) enter each user's repeat memory (default: on; "
+                        "evaluate: also rank with them)")
     p.add_argument("--index", choices=INDEX_KINDS)
     p.add_argument("--session-gap-s", type=float)
 

@@ -18,9 +18,10 @@ from livemb.core.errors import ConfigError
 from livemb.core.items import ItemTable
 from livemb.core.progress import progress as progress_bar
 from livemb.core.settings import Settings
-from livemb.models import MODEL_REGISTRY, EventBatch
+from livemb.models import MODEL_REGISTRY, EventBatch, newitems
 from livemb.models.checkpoint import save_checkpoint
 from livemb.models.evaluation import build_model
+from livemb.models.grouping import group_by_user
 from livemb.models.retrieval import build_index_file
 from livemb.models.serving import Serving
 from livemb.models.train import TrainConfig, sequences_from_frame, train_model
@@ -34,6 +35,7 @@ from livemb.tools.offline.evaluate import (
     event_type_table,
     markdown_table,
     memory_split_table,
+    open_catalogue_table,
     run_evaluation,
     session_start_table,
     variants_table,
@@ -93,13 +95,17 @@ def evaluate(a: EvaluateArgs, settings: Settings) -> dict:
                             device=settings.resolved_device(), model_overrides=a.train.model_overrides(settings),
                             drop_event_types=a.drop_event_types, repeat_path=settings.repeat_path,
                             exclude_seen=settings.exclude_seen,
-                            item_vectors_kind=None if a.items else a.train.item_vectors)
+                            item_vectors_kind=None if a.items else a.train.item_vectors,
+                            open_catalogue=settings.open_catalogue)
     report["dataset"]["source"] = str(a.data)
     report["dataset"]["items_source"] = (str(a.items) if a.items
                                          else f"built from the train part ({a.train.item_vectors})")
     write_outputs(report, a.json, a.plot)
     print(markdown_table(report))
     print()
+    if report["dataset"]["open_catalogue"]:
+        print(open_catalogue_table(report))
+        print()
     print(variants_table(report, "recall@10"))
     print()
     print(variants_table(report, "mrr"))
@@ -114,16 +120,30 @@ def evaluate(a: EvaluateArgs, settings: Settings) -> dict:
     return report
 
 
-def embed_users(serving: Serving, df, batch_users: int = 512):
+def embed_users(serving: Serving, df, batch_users: int = 512, open_catalogue: bool = True):
     """Final embedding and candidates per user after all events of `df` (output-topic format),
-    through the same `Serving` unit as the live worker."""
+    through the same `Serving` unit as the live worker (`open_catalogue`: with its new-item pool,
+    models/newitems.py)."""
     seqs = sequences_from_frame(df, serving.table)
     users = sorted(seqs)
     last_ts = df.groupby("user_id")["ts"].max()
+    raw_ids = {}
+    if open_catalogue:
+        keys, raw = newitems.event_keys(df["item_id"].to_numpy(), serving.table.lookup(df["item_id"].to_numpy()))
+        names, groups = group_by_user(df["user_id"].to_numpy())
+        raw_ids = {str(n): (keys[g], raw[g]) for n, g in zip(names, groups, strict=True)}
     for i in progress_bar(range(0, len(users), batch_users), desc="embed", unit="batch"):
         group = users[i : i + batch_users]
         ev = EventBatch.from_sequences(*zip(*(seqs[u] for u in group), strict=True))
-        st, u = serving.advance(serving.model.init_state(len(group)), ev)
+        init = serving.model.init_state(len(group))
+        if not open_catalogue:
+            st, u = serving.advance(init, ev)
+        else:
+            st, u = serving.advance(newitems.with_pool(init), ev)
+            T, dev = ev.item.shape[1], serving.model.device
+            st.update(newitems.update_pool(serving.model, newitems.with_pool(init), ev.to(dev),
+                                           newitems.pad([raw_ids[x][0] for x in group], T, dev),
+                                           newitems.pad([raw_ids[x][1] for x in group], T, dev)))
         yield from serving.messages(group, st, u, last_ts.loc[group].to_numpy(), emitted_at=int(time.time() * 1000))
 
 
@@ -134,7 +154,7 @@ def run_embed(a: EmbedArgs, settings: Settings) -> int:
     n = 0
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     with open(a.out, "wb") as f:
-        for _user, msg in embed_users(serving, df):
+        for _user, msg in embed_users(serving, df, open_catalogue=settings.open_catalogue):
             f.write(msg + b"\n")
             n += 1
     print(f"wrote {n} users to {a.out}")

@@ -17,6 +17,7 @@ import torch
 from livemb.core.extras import require
 from livemb.models.base import EVENT_TYPES
 from livemb.models.evaluation import DEFAULT_VARIANT, REPEATS, VARIANTS, build_model, evaluate_model, variant_name
+from livemb.models.newitems import key_sequences
 from livemb.models.repeat import Variant
 from livemb.models.replay import Sequence
 from livemb.models.train import TrainConfig, sequences_from_frame, train_model
@@ -34,14 +35,18 @@ def _as_views(seqs: dict[str, Sequence]) -> dict[str, Sequence]:
 def run_evaluation(df, table, models: list[str], train_cfg: TrainConfig, test_frac: float = 0.2,
                    device: str = "cpu", model_overrides: dict | None = None, progress: bool = True,
                    drop_event_types: bool = False, repeat_path: str | None = None,
-                   exclude_seen: str | None = None, item_vectors_kind: str | None = None) -> dict:
+                   exclude_seen: str | None = None, item_vectors_kind: str | None = None,
+                   open_catalogue: bool = False) -> dict:
     """Split, train each model, evaluate; returns the SPEC section 9 JSON structure.
     Each model's headline figures are those of the variant it serves (chosen from its training
     data, `SeqModel.served`); `repeat_path` / `exclude_seen` override its parts, as on the worker.
     drop_event_types: the models train and run as if every event were a view (what the type signal
     is worth); `after_event_type` still groups the targets by their real previous type.
     item_vectors_kind: `table` was built from this log's train part with this kind, so early
-    stopping chooses on vectors rebuilt without its held-out tail (tools.data.item_embeddings.vectors_before)."""
+    stopping chooses on vectors rebuilt without its held-out tail (tools.data.item_embeddings.vectors_before).
+    open_catalogue: the test phase also ranks with the new-item pool of the live worker
+    (models/newitems.py); each result gains "open_catalogue" (its served-variant figures, the
+    all-events ones included, and how many targets were new items / in the user's pool)."""
     train_df, test_df = temporal_split(df, test_frac)
     train = sequences_from_frame(train_df, table)
     test = sequences_from_frame(test_df, table)
@@ -52,6 +57,7 @@ def run_evaluation(df, table, models: list[str], train_cfg: TrainConfig, test_fr
     vectors = table.padded_vectors()
     before = vectors_before(train_df, table, item_vectors_kind) if item_vectors_kind else None
     test_items = table.lookup(test_df["item_id"].to_numpy())
+    open_keys = (key_sequences(train_df, table), key_sequences(test_df, table)) if open_catalogue else None
     results = {}
     for name in models:
         torch.manual_seed(train_cfg.seed)  # the initial weights depend on the seed only, not on the models before
@@ -60,9 +66,12 @@ def run_evaluation(df, table, models: list[str], train_cfg: TrainConfig, test_fr
         hist = train_model(model, list(train.values()), train_cfg, progress=progress, vectors_before=before)
         train_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
-        variants = evaluate_model(model, train, test, progress=progress, group_types=group_types)
+        variants = evaluate_model(model, train, test, progress=progress, group_types=group_types, open_keys=open_keys)
+        opened = variants.pop("open_catalogue", None)
         skipped = variants.pop("targets_skipped_unknown_item")
         in_memory = variants.pop("targets_in_memory")
+        for key in ("targets_new_item", "targets_new_item_in_pool"):  # in the open-catalogue block
+            variants.pop(key)
         session_start = variants.pop("session_start")
         after_type = variants.pop("after_event_type")
         by_memory = variants.pop("by_memory")
@@ -75,6 +84,11 @@ def run_evaluation(df, table, models: list[str], train_cfg: TrainConfig, test_fr
                    targets_skipped_unknown_item=skipped, session_start=session_start, variants=variants,
                    after_event_type=after_type, by_memory=by_memory,
                    memory_hit_rate=round(in_memory / max(res["events_scored"], 1), 4))
+        if opened is not None:
+            res["open_catalogue"] = _open_summary(opened, served, len(test_df))
+            log.info("%s open catalogue: %.4f / %.4f on all events, %d of %d targets new items (%d in the pool)", name,
+                     opened[served]["all_events"]["recall@10"], opened[served]["all_events"]["mrr"],
+                     opened["targets_new_item"], len(test_df), opened["targets_new_item_in_pool"])
         results[name] = res
         log.info("%s (serves %s): recall@10 %.4f mrr %.4f on known targets, %.4f / %.4f on all events (%s, eval %.1fs)",
                  name, served, res["recall@10"], res["mrr"], res["all_events"]["recall@10"], res["all_events"]["mrr"],
@@ -86,8 +100,22 @@ def run_evaluation(df, table, models: list[str], train_cfg: TrainConfig, test_fr
         "default_variant": "each model's served variant (results.<model>.served_variant)",
         "variant_overrides": {"repeat_path": repeat_path, "exclude_seen": exclude_seen},
         "event_types_dropped": drop_event_types,
+        "open_catalogue": open_catalogue,
     }
     return {"dataset": dataset, "results": results}
+
+
+def _open_summary(opened: dict, served: str, test_events: int) -> dict:
+    """The open-catalogue ranking of one model: its served variant's figures (scored targets and
+    all events), the new-item target counts and every variant's all-events figures."""
+    out = dict(opened[served])
+    new = opened["targets_new_item"]
+    out.update(targets_new_item=new, targets_new_item_in_pool=opened["targets_new_item_in_pool"],
+               share_new_item=round(new / max(test_events, 1), 4),
+               share_new_item_in_pool=round(opened["targets_new_item_in_pool"] / max(test_events, 1), 4),
+               targets_skipped_unknown_item=opened["targets_skipped_unknown_item"],
+               variants_all_events={v: opened[v]["all_events"] for v in (variant_name(r, e) for r, e in VARIANTS)})
+    return out
 
 
 def epochs_text(res: dict) -> str | None:
@@ -124,6 +152,22 @@ def markdown_table(report: dict, variant: str | None = None) -> str:
         rows.append(f"| {name} | {v} | " + " | ".join(f"{m[c]:.4f}" for c in METRIC_COLUMNS)
                     + f" | {m['all_events']['recall@10']:.4f} | {m['all_events']['mrr']:.4f}"
                     + f" | {res['train_seconds']:.1f} | {best} {res['variants'][best]['recall@10']:.4f} |")
+    return "\n".join(rows)
+
+
+def open_catalogue_table(report: dict) -> str:
+    """All-events recall@10 / MRR of each model's served variant without and with the open
+    catalogue's new-item pool, and the share of test targets that were new items."""
+    rows = ["| model | served | all events: recall@10 | mrr | open catalogue: recall@10 | mrr | new-item targets "
+            "| in the user's pool |", "|---" * 8 + "|"]
+    for name, res in report["results"].items():
+        o = res.get("open_catalogue")
+        if o is None:
+            continue
+        c = res["variants"][res["served_variant"]]["all_events"]
+        rows.append(f"| {name} | {res['served_variant']} | {c['recall@10']:.4f} | {c['mrr']:.4f} "
+                    f"| {o['all_events']['recall@10']:.4f} | {o['all_events']['mrr']:.4f} "
+                    f"| {o['share_new_item']:.1%} | {o['share_new_item_in_pool']:.1%} |")
     return "\n".join(rows)
 
 
