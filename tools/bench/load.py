@@ -249,7 +249,8 @@ def markdown(r: dict) -> str:
         f"| worker mean batch / model step / top-K | {w['mean_batch']} events / {w['model_step_ms']} ms / "
         f"{w['topk_ms']} ms |",
         f"| worker, 2 processes | {r['two_workers']['events_per_s']} events/s; CPU cores: workers "
-        f"{r['two_workers']['cpu_cores']}, broker {r['two_workers']['broker_cpu_cores']} |",
+        f"{r['two_workers']['cpu_cores']}, broker {r['two_workers']['broker_cpu_cores']}; CPU s per 1k events: workers "
+        f"{r['two_workers'].get('cpu_s_per_1k_events', '-')} |",
         f"| 2 workers / 1 worker | {r['scale_out_ratio']:.2f} |", "",
         "| load | offered/s | applied/s | p50 ms | p95 ms | p99 ms | worker p99 <= ms | mean batch | process / publish "
         "ms per batch | worker CPU s per 1k events |", "|---|---|---|---|---|---|---|---|---|---|",
