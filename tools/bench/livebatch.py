@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import io
 import json
 import pstats
 import random
@@ -134,7 +135,6 @@ def profile(lb: LiveBatches, B: int, reps: int = 100, top: int = 25) -> str:
     for _ in range(reps):
         lb.batch(B)
     prof.disable()
-    import io
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
     return out.getvalue()
