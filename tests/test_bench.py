@@ -62,3 +62,15 @@ def test_tiny_bench_run_end_to_end(tmp_path) -> None:
     assert r["worker"]["cpu_s_per_1k_events"] > 0 and step["cpu_s_per_1k_events"] > 0  # cost per click
     assert step["per_user"]["users_per_batch"] >= 1 and step["per_user"]["model_step_ms"] > 0
     assert (tmp_path / "b.png").stat().st_size > 0
+
+
+def test_live_batch_step_by_step_in_process(tmp_path) -> None:
+    """tools/bench/livebatch.py: every step of a live batch is timed and the steps add up to the batch."""
+    from livemb.tools.bench.livebatch import STEPS, LiveBatches, measure
+
+    lb = LiveBatches(tmp_path, users=40, items=300, warm_events=2)
+    one = lb.batch(3)
+    assert all(one[k] > 0 for k in STEPS)  # each wrapped object was called in the batch
+    assert abs(sum(one[k] for k in (*STEPS, "other")) - one["total"]) < 1e-9
+    (row,) = measure(lb, [5], reps=3)
+    assert row["batch"] == 5 and abs(row["ms_per_user"]["total"] - row["ms"]["total"] / 5) <= 1e-3
