@@ -16,6 +16,8 @@ import pandas as pd
 
 from livemb.core.errors import DataError
 
+_FEW_IDS = 64  # up to this many ids per lookup: one hash probe each (get_loc) instead of get_indexer
+
 
 def _ids_to_str(ids: np.ndarray) -> np.ndarray:
     """Ids as a numpy str array; integer ids (or integral floats) become their decimal string."""
@@ -151,6 +153,15 @@ class ItemTable:
             q = q.reshape(1)
         if q.dtype.kind in "iuf" or q.dtype.kind == "S":
             q = _ids_to_str(q)
+        if q.size <= _FEW_IDS:  # a live batch: get_indexer's index of the query alone cost ~0.1-0.7 ms
+            get = self._index.get_loc
+            out = np.zeros(q.size, np.int64)
+            for j, x in enumerate(q.ravel().tolist()):
+                try:
+                    out[j] = get(x) + 1
+                except KeyError:
+                    pass
+            return out.reshape(q.shape)
         return (self._index.get_indexer(q.astype(object)) + 1).astype(np.int64)
 
     def id_of(self, index: np.ndarray | list) -> np.ndarray:

@@ -285,8 +285,12 @@ class SeqModel(nn.Module):
             model_st, u = self.cell(st, inp[:, t], ev.item[:, t], ev.etype[:, t], ns, level[:, t])
             upd = {**model_st, **common}
             upd.update(repeat.update_memory(st, ev.item[:, t], ev.ts[:, t], ev.etype[:, t], common["session"], st["n_events"]))
-            st = {k: (torch.where(_expand(m, v), upd[k], v) if k in upd else v) for k, v in st.items()}
-            u_last = torch.where(m[:, None], u, u_last)
+            if bool(m.all()):  # every user has an event at t (a live batch: one click each): no merge
+                st = {k: upd.get(k, v) for k, v in st.items()}
+                u_last = u
+            else:
+                st = {k: (torch.where(_expand(m, v), upd[k], v) if k in upd else v) for k, v in st.items()}
+                u_last = torch.where(m[:, None], u, u_last)
             if return_all:
                 outs.append(u)
         if return_all:

@@ -72,9 +72,12 @@ class HierarchicalModel(SeqModel):
 
     def cell(self, st, inp, item, etype, new_session, level):
         close = new_session & (st["session"] >= 0)  # a previous session exists and just ended
-        agg = st["agg_sum"] / st["agg_n"].clamp(min=1.0)[:, None]
-        h_closed = self.long_gru(agg[:, None, :], st["h"][None])[1][0]
-        h = torch.where(close[:, None], h_closed, st["h"])
+        if close.any():  # most live events continue a session: no long-term step to take
+            agg = st["agg_sum"] / st["agg_n"].clamp(min=1.0)[:, None]
+            h_closed = self.long_gru(agg[:, None, :], st["h"][None])[1][0]
+            h = torch.where(close[:, None], h_closed, st["h"])
+        else:
+            h = st["h"]
         agg_sum = torch.where(new_session[:, None], torch.zeros_like(st["agg_sum"]), st["agg_sum"])
         agg_n = torch.where(new_session, torch.zeros_like(st["agg_n"]), st["agg_n"])
         enc_st, o = self.encode_step(st, inp, item, etype, h, new_session)

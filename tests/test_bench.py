@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from livemb.tools.bench.load import bucket_quantile, per_batch
+from livemb.tools.bench.load import bucket_quantile, cpu_per_1k, per_batch, per_user
 
 
 def test_bucket_quantile_of_the_observations_between_two_scrapes() -> None:
@@ -26,6 +26,18 @@ def test_per_batch_step_means_between_two_scrapes() -> None:
     # 6 new batches of 60 events: process 90 ms / 6, publish 60 ms / 6
     assert per_batch(before, after) == {"mean_batch": 10.0, "process_ms": 15.0, "publish_ms": 10.0}
     assert per_batch(after, after) == {}
+
+
+def test_per_user_step_means_and_cpu_per_1k_events() -> None:
+    before = {"livemb_batch_size_sum": 100.0, "livemb_batch_size_count": 4.0, "livemb_outputs_total": 90.0,
+              "process": 0.2, "model_step": 0.05, "topk": 0.08, "publish": 0.04}
+    after = {"livemb_batch_size_sum": 160.0, "livemb_batch_size_count": 10.0, "livemb_outputs_total": 150.0,
+             "process": 0.29, "model_step": 0.065, "topk": 0.11, "publish": 0.10}
+    # 6 new batches, 60 users: process 90 ms / 60, model step 15, top-K 30, publish 60
+    assert per_user(before, after) == {"users_per_batch": 10.0, "process_ms": 1.5, "model_step_ms": 0.25,
+                                       "topk_ms": 0.5, "publish_ms": 1.0, "process_other_ms": 0.75}
+    assert per_user(after, after) == {}
+    assert cpu_per_1k(3.0, 1500) == 2.0 and cpu_per_1k(1.0, 0) is None
 
 
 @pytest.mark.integration
@@ -47,4 +59,18 @@ def test_tiny_bench_run_end_to_end(tmp_path) -> None:
     (step,) = r["latency"]
     assert step["sent"] > 0 and step["messages"] > 0  # live clicks came back as recommendations
     assert 0 < step["p50_ms"] <= step["p99_ms"]
+    assert r["worker"]["cpu_s_per_1k_events"] > 0 and step["cpu_s_per_1k_events"] > 0  # cost per click
+    assert step["per_user"]["users_per_batch"] >= 1 and step["per_user"]["model_step_ms"] > 0
     assert (tmp_path / "b.png").stat().st_size > 0
+
+
+def test_live_batch_step_by_step_in_process(tmp_path) -> None:
+    """tools/bench/livebatch.py: every step of a live batch is timed and the steps add up to the batch."""
+    from livemb.tools.bench.livebatch import STEPS, LiveBatches, measure
+
+    lb = LiveBatches(tmp_path, users=40, items=300, warm_events=2)
+    one = lb.batch(3)
+    assert all(one[k] > 0 for k in STEPS)  # each wrapped object was called in the batch
+    assert abs(sum(one[k] for k in (*STEPS, "other")) - one["total"]) < 1e-9
+    (row,) = measure(lb, [5], reps=3)
+    assert row["batch"] == 5 and abs(row["ms_per_user"]["total"] - row["ms"]["total"] / 5) <= 1e-3

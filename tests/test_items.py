@@ -115,3 +115,16 @@ def test_lookup_is_fast() -> None:
     assert time.perf_counter() - start < 1.0
     expected = np.where(k < n, k + 1, 0)
     np.testing.assert_array_equal(idx, expected)
+
+
+def test_lookup_of_a_few_ids_equals_the_vectorised_lookup() -> None:
+    n = 500
+    t = ItemTable(np.array([f"item{k}" for k in range(n)]), np.zeros((n, 2), np.float32))
+    rng = np.random.default_rng(1)
+    many = np.array([f"item{x}" for x in rng.integers(0, n + 50, size=400)] + ["", "nope"])
+    want = t.lookup(many)  # above the few-ids bound: get_indexer
+    assert (want == 0).any() and (want > 0).any()
+    for j in range(0, len(many), 7):  # the same ids a few at a time: one hash probe each
+        np.testing.assert_array_equal(t.lookup(many[j:j + 7]), want[j:j + 7])
+    assert t.lookup(np.array([["item3", "x"], ["item0", "item4"]])).tolist() == [[4, 0], [1, 5]]
+    assert t.lookup(np.array([], dtype=str)).tolist() == []

@@ -116,3 +116,16 @@ def test_foreign_and_unreadable_rows_are_refused_per_user(served):
     assert set(res.rejected) == {"foreign", "junk"}
     assert "another model" in res.rejected["foreign"]
     assert set(res.states) == {"good"} and [u for u, _ in res.outputs] == ["good"]
+
+
+@pytest.mark.parametrize("n", [1, 5, 64, 65, 300])
+def test_group_by_user_of_few_and_many_events(n):
+    """The dict pass of a live batch (<= 64 events) and the sort of a big one give the same
+    groups: users in order of first appearance, each user's events in arrival order."""
+    from livemb.models import grouping
+    rng = np.random.default_rng(n)
+    users = np.array([f"u{k}" for k in rng.integers(0, max(1, n // 3), size=n)], dtype=object)
+    got_users, got = grouping.group_by_user(users)
+    want_users = list(dict.fromkeys(users.tolist()))
+    assert got_users.tolist() == want_users and got_users.dtype == object
+    assert [g.tolist() for g in got] == [[i for i, u in enumerate(users) if u == w] for w in want_users]

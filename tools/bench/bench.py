@@ -144,10 +144,12 @@ def drain_rate(procs: list[tuple[subprocess.Popen, int]], n: int, label: str, br
     rate = (c - c0) / dt
     cpu = [cpu_seconds(p.pid) for p, _ in procs] + [cpu_seconds(broker_pid)]
     used = [round((b - a) / dt, 2) for a, b in zip(cpu0, cpu, strict=True)]
+    per_1k = bench_load.cpu_per_1k(sum(b - a for a, b in zip(cpu0[:-1], cpu[:-1], strict=True)), c - c0)
     print(f"{label}: {c - c0} events in {dt:.1f}s = {rate:.0f} events/s; CPU cores used: processes {used[:-1]}, "
-          f"broker {used[-1]}", flush=True)
+          f"broker {used[-1]}; CPU s per 1k events (processes) {per_1k}", flush=True)
     return {"events": c - c0, "seconds": round(dt, 2), "events_per_s": round(rate), "cpu_cores": used[:-1],
-            "broker_cpu_cores": used[-1]}
+            "broker_cpu_cores": used[-1], "cpu_s_per_1k_events": per_1k,
+            "broker_cpu_s_per_1k_events": bench_load.cpu_per_1k(cpu[-1] - cpu0[-1], c - c0)}
 
 
 def run_bench(args: BenchArgs, settings: Settings) -> int:
@@ -223,10 +225,10 @@ def run_bench(args: BenchArgs, settings: Settings) -> int:
             steps = []
             for f in args.loads:
                 steps.append(bench_load.latency_step(gen, broker.bootstrap, settings.topic_out, wport, f, f * mx,
-                                                     args.step_seconds))
+                                                     args.step_seconds, pid=w.pid))
             if args.soak:
                 soak = bench_load.latency_step(gen, broker.bootstrap, settings.topic_out, wport, args.soak_load,
-                                               args.soak_load * mx, args.soak, rss_pid=w.pid)
+                                               args.soak_load * mx, args.soak, rss_pid=w.pid, pid=w.pid)
                 report["soak"] = soak
             report["latency"] = steps
             gen.close()

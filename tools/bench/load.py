@@ -26,7 +26,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from livemb.core.extras import require
 from livemb.stream.gap_repair import GapRepair
 from livemb.tools.bench import components
-from livemb.tools.harness import metric_samples, rss_bytes
+from livemb.tools.harness import cpu_seconds, metric_samples, rss_bytes
 
 LAT = "livemb_event_to_publish_seconds"
 
@@ -71,17 +71,24 @@ def batch_figures(port: int) -> dict:
     return out
 
 
+# inside the `process` step: the model step and the top-K search (with the output messages)
+_INNER = {"livemb_model_step_seconds_sum": "model_step", "livemb_topk_seconds_sum": "topk"}
+
+
 def step_sums(port: int) -> dict[str, float]:
-    """Sum and count of the batch size and of every step's seconds (livemb_batch_step_seconds), and
-    the shadow model's step ("shadow", part of "publish") when one runs."""
+    """Sum and count of the batch size, every step's seconds (livemb_batch_step_seconds), the
+    model step's and top-K's seconds, the messages published (one per user of a batch), and the
+    shadow model's step ("shadow", part of "publish") when one runs."""
     out: dict[str, float] = {}
     for smp in metric_samples(port):
-        if smp.name in ("livemb_batch_size_sum", "livemb_batch_size_count"):
+        if smp.name in ("livemb_batch_size_sum", "livemb_batch_size_count", "livemb_outputs_total"):
             out[smp.name] = smp.value
         elif smp.name == "livemb_batch_step_seconds_sum":
             out[smp.labels["step"]] = smp.value
         elif smp.name == "livemb_shadow_step_seconds_sum" and smp.value:
             out["shadow"] = smp.value
+        elif smp.name in _INNER:
+            out[_INNER[smp.name]] = smp.value
     return out
 
 
@@ -95,6 +102,28 @@ def per_batch(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
         if not k.startswith("livemb_"):
             out[f"{k}_ms"] = round(1000 * (v - before.get(k, 0)) / n, 2)
     return out
+
+
+def per_user(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Mean users per batch and ms per step per user (a live batch's cost is per user: one model
+    row, one search, one message each) between two `step_sums` scrapes; `process_other_ms` is
+    the process step less the model step and the top-K (state decode/encode, grouping, quality)."""
+    users = after.get("livemb_outputs_total", 0) - before.get("livemb_outputs_total", 0)
+    n = after.get("livemb_batch_size_count", 0) - before.get("livemb_batch_size_count", 0)
+    if users <= 0 or n <= 0:
+        return {}
+    out = {"users_per_batch": round(users / n, 2)}
+    for k, v in after.items():
+        if not k.startswith("livemb_"):
+            out[f"{k}_ms"] = round(1000 * (v - before.get(k, 0)) / users, 3)
+    if {"process_ms", "model_step_ms", "topk_ms"} <= set(out):
+        out["process_other_ms"] = round(out["process_ms"] - out["model_step_ms"] - out["topk_ms"], 3)
+    return out
+
+
+def cpu_per_1k(cpu_s: float, events: float) -> float | None:
+    """CPU-seconds per 1,000 events (None without events)."""
+    return round(1000 * cpu_s / events, 3) if events > 0 else None
 
 
 def _buckets(port: int) -> list[tuple[float, float]]:
@@ -162,16 +191,20 @@ class OutputWatch(threading.Thread):
 
 
 def latency_step(gen: LoadGenerator, bootstrap: str, topic_out: str, port: int, fraction: float, rate: float,
-                 seconds: float, rss_pid: int | None = None) -> dict:
+                 seconds: float, rss_pid: int | None = None, pid: int | None = None) -> dict:
+    """`pid`: the worker's process, for its CPU-seconds per 1,000 applied events."""
     watch = OutputWatch(bootstrap, topic_out, int(time.time() * 1000))
     watch.start()
     before, steps0 = _buckets(port), step_sums(port)
     ok0, t0 = ok_count([port]), time.perf_counter()
+    cpu0 = cpu_seconds(pid) if pid is not None else 0.0
     sent = gen.run(rate, seconds)
     time.sleep(1.0)  # the last clicks' messages
     done = ok_count([port]) - ok0
+    cpu = cpu_seconds(pid) - cpu0 if pid is not None else 0.0
     el = time.perf_counter() - t0
-    after, steps = _buckets(port), per_batch(steps0, step_sums(port))
+    steps1 = step_sums(port)
+    after, steps, users = _buckets(port), per_batch(steps0, steps1), per_user(steps0, steps1)
     watch.stop.set()
     watch.join(5)
     lat = np.asarray(watch.lat_ms)
@@ -180,12 +213,15 @@ def latency_step(gen: LoadGenerator, bootstrap: str, topic_out: str, port: int, 
            "messages": len(lat), "p50_ms": q(50), "p95_ms": q(95), "p99_ms": q(99),
            "worker_p50_le_ms": 1000 * bucket_quantile(before, after, 0.5),
            "worker_p99_le_ms": 1000 * bucket_quantile(before, after, 0.99),
-           "per_batch": steps, "cdf_ms": [round(float(x), 1) for x in np.percentile(lat, np.arange(0, 101))] if len(lat) else []}
+           "per_batch": steps, "per_user": users,
+           "cpu_cores": round(cpu / el, 2) if pid is not None else None,
+           "cpu_s_per_1k_events": cpu_per_1k(cpu, done) if pid is not None else None, "cdf_ms": [round(float(x), 1) for x in np.percentile(lat, np.arange(0, 101))] if len(lat) else []}
     if rss_pid is not None:
         row["rss_mb_end"] = round(rss_bytes(rss_pid) / 2**20)
     print(f"load {fraction:.0%} ({rate:.0f}/s for {seconds:.0f}s): applied {row['applied_per_s']}/s, "
           f"event-to-publish p50 {row['p50_ms']} p95 {row['p95_ms']} p99 {row['p99_ms']} ms (consumer side), "
-          f"worker p99 <= {row['worker_p99_le_ms']:.0f} ms; per batch {steps}", flush=True)
+          f"worker p99 <= {row['worker_p99_le_ms']:.0f} ms; CPU s per 1k events {row['cpu_s_per_1k_events']}; "
+          f"per batch {steps}; per user {users}", flush=True)
     return row
 
 
@@ -199,6 +235,12 @@ def offline_components(quick: bool, checkpoint: str | None = None, items: str | 
     return {"rows": rows, "table": text.getvalue()}
 
 
+# the per-user columns: the process step's parts (model step, top-K search + output messages, the
+# rest of process: state rows, grouping), then the other steps of the batch (stream/batch.py)
+USER_STEPS = ("model_step", "topk", "process_other", "process", "publish", "write", "read", "validate", "guard",
+              "gaps")
+
+
 def markdown(r: dict) -> str:
     pt, w = r["passthrough"], r["worker"]
     lines = [
@@ -206,25 +248,35 @@ def markdown(r: dict) -> str:
         f"{r['log']['users']} users", "",
         "| figure | value |", "|---|---|",
         f"| passthrough (trivial Faust agent) | {pt['events_per_s']} events/s; CPU cores: agent {pt['cpu_cores'][0]}, "
-        f"broker {pt['broker_cpu_cores']} |",
+        f"broker {pt['broker_cpu_cores']}; CPU s per 1k events: agent {pt.get('cpu_s_per_1k_events', '-')} |",
         f"| worker, 1 process | {w['events_per_s']} events/s; CPU cores: worker {w['cpu_cores'][0]}, broker "
-        f"{w['broker_cpu_cores']}; RSS {w['rss_mb']} MB |",
+        f"{w['broker_cpu_cores']}; RSS {w['rss_mb']} MB; CPU s per 1k backfill events: worker "
+        f"{w.get('cpu_s_per_1k_events', '-')} |",
         f"| worker / passthrough | {r['ratio_worker_passthrough']:.2f} |",
         f"| worker mean batch / model step / top-K | {w['mean_batch']} events / {w['model_step_ms']} ms / "
         f"{w['topk_ms']} ms" + (f"; shadow model {w['shadow_step_ms']} ms (its whole step)" if "shadow_step_ms" in w
                                 else "") + " |",
         f"| worker, 2 processes | {r['two_workers']['events_per_s']} events/s; CPU cores: workers "
-        f"{r['two_workers']['cpu_cores']}, broker {r['two_workers']['broker_cpu_cores']} |",
+        f"{r['two_workers']['cpu_cores']}, broker {r['two_workers']['broker_cpu_cores']}; CPU s per 1k events: workers "
+        f"{r['two_workers'].get('cpu_s_per_1k_events', '-')} |",
         f"| 2 workers / 1 worker | {r['scale_out_ratio']:.2f} |", "",
         "| load | offered/s | applied/s | p50 ms | p95 ms | p99 ms | worker p99 <= ms | mean batch | process / publish "
-        "ms per batch |", "|---|---|---|---|---|---|---|---|---|",
+        "ms per batch | worker CPU s per 1k events |", "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for s in r["latency"] + ([r["soak"]] if "soak" in r else []):
+    live = r["latency"] + ([r["soak"]] if "soak" in r else [])
+    for s in live:
         pb = s.get("per_batch") or {}
         lines.append(f"| {s['load']:.0%} | {s['offered_per_s']} | {s['applied_per_s']} | {s['p50_ms']} | "
                      f"{s['p95_ms']} | {s['p99_ms']} | {s['worker_p99_le_ms']:.0f} | {pb.get('mean_batch', '-')} | "
                      f"{pb.get('process_ms', '-')} / {pb.get('publish_ms', '-')}"
-                     + (f" (shadow {pb['shadow_ms']})" if "shadow_ms" in pb else "") + " |")
+                     + (f" (shadow {pb['shadow_ms']})" if "shadow_ms" in pb else "")
+                     + f" | {s.get('cpu_s_per_1k_events', '-')} |")
+    lines += ["", "Live batches, ms per user (" + ", ".join(f"{k}" for k in USER_STEPS) + "):", "",
+              "| load | users per batch | " + " | ".join(USER_STEPS) + " |", "|---|---|" + "---|" * len(USER_STEPS)]
+    for s in live:
+        pu = s.get("per_user") or {}
+        lines.append(f"| {s['load']:.0%} | {pu.get('users_per_batch', '-')} | "
+                     + " | ".join(str(pu.get(f"{k}_ms", "-")) for k in USER_STEPS) + " |")
     if "big_catalogue" in r:
         b = r["big_catalogue"]
         lines[7:7] = [f"| worker, {b['items']} items, {b['index']} (prebuilt in {b['index_build']['build_seconds_measured']} s) "
