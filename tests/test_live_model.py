@@ -12,6 +12,7 @@ import signal
 import numpy as np
 import orjson
 import pytest
+import torch
 from kafka import KafkaConsumer, TopicPartition
 
 from livemb.core.items import ItemTable
@@ -59,7 +60,9 @@ class LastMessages:
 
 
 def small_hiertcn(tmp_path, seed: int):
-    """A synthetic log, its item table (saved), a 1-epoch HierTCN and its checkpoint: what a worker test serves."""
+    """A synthetic log, its item table (saved), a 1-epoch HierTCN and its checkpoint: what a worker test serves.
+    The weights depend on `seed` alone, not on the tests that ran before in the process."""
+    torch.manual_seed(seed)
     df, ids, vecs = synth_log(users=200, items=300, days=3, seed=seed, dim=16)
     table = ItemTable(ids, vecs)
     items = table.save(tmp_path / "items.npz")

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from livemb.models.repeat import Variant
 from livemb.models.retrieval import Retriever
 from livemb.models.serving import Serving
 from livemb.stream.broker import EmbeddedBroker, free_port
@@ -86,7 +87,9 @@ def test_two_workers_one_killed_then_back(broker: EmbeddedBroker, tmp_path, stan
     events arrive for every user, and the outputs still equal `embed` on the whole log.
     Every user also clicks an item of their own that the item table lacks, twice, at the end of
     the log: it comes back in the candidates of the same users as offline, on whichever worker
-    serves them, across the kill and the rebalance (the open catalogue's pool, models/newitems.py)."""
+    serves them, across the kill and the rebalance (the open catalogue's pool, models/newitems.py).
+    The workers serve the `rule` repeat path (recent items first), so whether a new item makes the
+    top 10 does not hang on a 1-epoch model's weights."""
     df, ids, table, items, model, ckpt = small_hiertcn(tmp_path, seed=5)
     ends = df.groupby("user_id")["ts"].max()
     fresh = pd.DataFrame({"user_id": np.repeat(ends.index.to_numpy(), 2), "event_type": "click",
@@ -97,7 +100,8 @@ def test_two_workers_one_killed_then_back(broker: EmbeddedBroker, tmp_path, stan
     broker.create_topics(["interactions", "recommendations"], partitions=PARTITIONS)
     broker.create_topics(["interactions.dlq"], partitions=1)
     extra = ("--partitions", str(PARTITIONS), "--topk", "10", "--batch-max-events", "128",
-             "--standby-replicas", str(standby))
+             "--standby-replicas", str(standby), "--repeat-path", "rule")
+    model.served = Variant("rule", model.served.exclude_seen)  # offline serves what the workers serve
     serving = Serving(model, table, Retriever(table.padded_vectors(), "flat", 10, "none"), "x")
 
     def start(name: str) -> tuple[object, int]:
@@ -119,11 +123,11 @@ def test_two_workers_one_killed_then_back(broker: EmbeddedBroker, tmp_path, stan
         worst = max(np.abs(np.array(live[u]["embedding"]) - np.array(offline[u]["embedding"])).max() for u in offline)
         assert worst <= 1e-4, f"live vs offline max abs diff {worst}"
         assert all(live[u]["session_id"] == offline[u]["session_id"] for u in offline)
-        # the users whose own new item came back (its score against the explore hits is the model's):
+        # the users whose own new item came back:
         # the same live as offline, and the new items' pools really served
         back = {u for u in offline if f"new-{u}" in [c["item_id"] for c in live[u]["candidates"]]}
         assert back == {u for u in offline if f"new-{u}" in [c["item_id"] for c in offline[u]["candidates"]]}
-        assert len(back) >= 10, f"{len(back)} of {len(offline)} users got their new item back"  # 29 at seed 5
+        assert len(back) >= len(offline) // 2, f"{len(back)} of {len(offline)} users got their new item back"  # 199, 189
 
     (a, port_a), (b, port_b) = start("a"), start("b")
     out = LastMessages(broker.bootstrap)
