@@ -166,11 +166,7 @@ class Metrics:
                         self.online_hits.labels(str(k), src, et, model).inc(int(q.hits[j, s, t]))
 
     def set_shadow_model(self, model: str, version: str, device: str) -> None:
-        if self._shadow == (model, version, device):
-            return
-        self._shadow = (model, version, device)
-        self.shadow_model_info.clear()
-        self.shadow_model_info.labels(model, version, device).set(1)
+        self._shadow = _set_info(self.shadow_model_info, self._shadow, (model, version, device))
 
     def observe_recovery(self, recovering: bool, to_restore: int, remaining: int, seconds: float) -> None:
         """Recovery progress and duration, from Faust's recovery state (stream.faust_compat)."""
@@ -180,11 +176,7 @@ class Metrics:
         self.recovery_seconds.set(seconds)
 
     def set_model(self, model: str, version: str, device: str) -> None:
-        if self._model == (model, version, device):
-            return
-        self._model = (model, version, device)
-        self.model_info.clear()
-        self.model_info.labels(model, version, device).set(1)
+        self._model = _set_info(self.model_info, self._model, (model, version, device))
 
     def event_count(self, outcome: str) -> float:
         return float(self.registry.get_sample_value("livemb_events_total", {"outcome": outcome}) or 0.0)
@@ -267,3 +259,11 @@ def serve(metrics: Metrics, port: int, host: str = "127.0.0.1") -> ThreadingHTTP
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="livemb-http", daemon=True).start()
     return server
+
+
+def _set_info(gauge: Gauge, held: tuple[str, ...] | None, labels: tuple[str, ...]) -> tuple[str, ...]:
+    """An info gauge shows exactly one label set: `labels` replaces `held` (nothing to do when equal)."""
+    if held != labels:
+        gauge.clear()
+        gauge.labels(*labels).set(1)
+    return labels
