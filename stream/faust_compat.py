@@ -46,6 +46,7 @@ PRIVATE_API: tuple[tuple[object, str], ...] = (
     (Recovery, "_recovery_started_at"),
     (Recovery, "_recovery_ended_at"),
     (Consumer, "_committed_offset"),  # an instance attribute: found by its annotation
+    (Consumer, "_read_offset"),  # likewise
     (Producer, "buffer"),  # an instance attribute: found by its annotation (ProducerT)
     (ProducerBuffer, "max_messages"),
 )
@@ -143,10 +144,15 @@ def widen_producer_buffer(app: Any, max_messages: int) -> None:
 # ---------------------------------------------------------------------------- consumer offsets
 def committed_offset(app: Any, tp: Any) -> int | None:
     """The group's committed offset of an assigned partition as Faust last knew it (the next offset
-    to read: read from the broker at assignment, updated after each of Faust's commits), without a
-    broker round trip. None when there is none (offset 0 included: Faust stores it as None).
-    Private `Consumer._committed_offset` of 0.15.3."""
-    return app.consumer._committed_offset.get(tp)
+    to read: read from the broker when the partition is sought after an assignment, updated after
+    each of Faust's commits), without a broker round trip. 0 when the group has none; None while the
+    partition is assigned but not yet sought (just after a rebalance Faust has dropped the old value
+    and not read the new one: "none" would claim the whole partition is still to process).
+    Private `Consumer._committed_offset` and `_read_offset` of 0.15.3 (the seek fills both)."""
+    consumer = app.consumer
+    if tp not in consumer._read_offset:
+        return None
+    return consumer._committed_offset.get(tp) or 0
 
 
 def fetch_highwater(app: Any, tp: Any) -> int | None:

@@ -9,8 +9,10 @@ agent shows a growing lag instead of the value of its last batch) and after each
 partition's series is removed at once (a stale copy would double-count after a rebalance):
 
 - processed position: the next offset after the last batch this worker finished on the partition
-  since it was assigned; before its first batch, the group's committed offset; with no commit
-  either (a new group reads from the start, auto_offset_reset=earliest), offset 0;
+  since it was assigned; before its first batch, the group's committed offset (0 when the group has
+  none: a new group reads from the start, auto_offset_reset=earliest); while the commit is not
+  known yet (just after a rebalance, before the partition is sought) the partition has no series:
+  0 would stand for "read it all again" and show the whole partition as a false lag spike;
 - lag = high-water - processed position, never negative;
 - before the partition's first fetch response the high-water mark is unknown: the partition has
   no series (0 would claim "caught up"; ListOffsets is no substitute on the embedded broker).
@@ -81,9 +83,11 @@ class LagTracker(Generic[TP]):
                 continue
             pos = self.done.get(tp)
             if pos is None:
-                pos = committed(tp) or 0
+                pos = committed(tp)
+            if pos is None:  # commit not read yet: unknown, no series
+                continue
             lag[tp] = max(0, hw - pos)
-        for tp in self.lag.keys() - lag.keys():  # assigned, but its high-water is unknown again
+        for tp in self.lag.keys() - lag.keys():  # assigned, but its high-water or commit is unknown again
             self._remove(tp)
         self._report(lag)
         return dict(self.lag)

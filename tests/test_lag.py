@@ -31,12 +31,13 @@ def _series(reg: CollectorRegistry) -> dict[str, float]:
 def test_refresh_reports_every_assigned_partition_from_its_processed_position() -> None:
     g, reg = _gauge()
     t = LagTracker(g)
-    hw = {("in", 0): 10, ("in", 1): 7, ("in", 2): 40, ("in", 3): None}
+    hw = {("in", 0): 10, ("in", 1): 7, ("in", 2): 40, ("in", 3): None, ("in", 4): 9}
     t.batch_done([(("in", 0), 4), (("in", 0), 5)], hw.get)  # p0 processed up to offset 5
     assert _series(reg) == {"0": 4.0}
-    committed = {("in", 1): 3}.get  # p1: no batch yet, the group's commit says 3; p2: nothing at all
+    # p1: no batch yet, the group's commit says 3; p2: the group has no commit (0); p4: not sought yet
+    committed = {("in", 1): 3, ("in", 2): 0, ("in", 3): 0}.get
     got = t.refresh(hw.keys(), hw.get, committed)
-    # p0: 10 - 6; p1: 7 - 3; p2: read from the start, 40 - 0; p3: no fetch yet -> no series
+    # p0: 10 - 6; p1: 7 - 3; p2: read from the start, 40 - 0; p3: no fetch yet, p4: commit unknown -> no series
     assert got == {("in", 0): 4, ("in", 1): 4, ("in", 2): 40}
     assert _series(reg) == {"0": 4.0, "1": 4.0, "2": 40.0}
     assert t.total() == 48
@@ -67,7 +68,10 @@ def test_revoked_partitions_lose_their_series_and_position() -> None:
     t.forget([("in", 1)])
     assert _series(reg) == {"0": 0.0}
     assert t.total() == 0 and ("in", 1) not in t.done
-    # assigned again later (another worker committed 25 meanwhile): the commit counts, not the old position
+    # assigned again later, before the seek has read the group's commit: no series (not 30, "all of it")
+    t.refresh([("in", 0), ("in", 1)], hw.get, {}.get)
+    assert _series(reg) == {"0": 0.0} and t.total() == 0
+    # once sought (another worker committed 25 meanwhile): the commit counts, not the old position
     t.refresh([("in", 0), ("in", 1)], hw.get, {("in", 1): 25}.get)
     assert _series(reg) == {"0": 0.0, "1": 5.0}
     t.forget([("in", 7)])  # never seen: no error
@@ -77,11 +81,12 @@ def test_refresh_drops_partitions_no_longer_assigned_even_without_a_revoke() -> 
     g, reg = _gauge()
     t = LagTracker(g)
     hw = {("in", 0): 10, ("in", 1): 30}
-    t.refresh(hw.keys(), hw.get, {}.get)
+    no_commit = dict.fromkeys(hw, 0).get
+    t.refresh(hw.keys(), hw.get, no_commit)
     assert _series(reg) == {"0": 10.0, "1": 30.0}
-    t.refresh([("in", 0)], hw.get, {}.get)
+    t.refresh([("in", 0)], hw.get, no_commit)
     assert _series(reg) == {"0": 10.0}
-    t.refresh([], hw.get, {}.get)
+    t.refresh([], hw.get, no_commit)
     assert _series(reg) == {} and t.total() == 0
 
 
