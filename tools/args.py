@@ -79,6 +79,16 @@ class SettingsFlags:
 
 
 @dataclass(frozen=True)
+class BrokerFlags:
+    """The one settings flag of the commands that only produce or consume a topic (`replay`, `tail`)."""
+
+    broker: str | None = None
+
+    def overrides(self) -> dict[str, Any]:
+        return {"broker": self.broker}
+
+
+@dataclass(frozen=True)
 class TrainFlags:
     """The training flags of `train` and `evaluate`; unset (None): models.train.TrainConfig's default."""
 
@@ -124,7 +134,8 @@ class Args:
 
 
 class SettingsArgs(Args):
-    """A command with the shared settings flags (its dataclass has a `settings: SettingsFlags` field)."""
+    """A command with settings flags (its dataclass has a `settings: SettingsFlags` field, or
+    `BrokerFlags` for a command that only talks to a topic)."""
 
     settings: SettingsFlags
 
@@ -238,7 +249,7 @@ class ReplayArgs(SettingsArgs):
     data: str | None
     rate: str
     log_format: LogFormat
-    settings: SettingsFlags
+    settings: BrokerFlags  # type: ignore[assignment]
 
     @property
     def source(self) -> str:
@@ -250,7 +261,7 @@ class ReplayArgs(SettingsArgs):
 
 @dataclass(frozen=True)
 class TailArgs(SettingsArgs):
-    settings: SettingsFlags
+    settings: BrokerFlags  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)

@@ -105,8 +105,12 @@ def _item_kind_arg(p: argparse.ArgumentParser) -> None:
                    help="PPMI-SVD kind when vectors are built from the log (docs/MODELS.md)")
 
 
+def _broker_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker", help="kafka://host:port (default: LIVEMB_BROKER)")
+
+
 def _settings_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--broker", help="kafka://host:port")
+    _broker_arg(p)
     p.add_argument("--device", help="auto | cpu | cuda")
     p.add_argument("--topk", type=int)
     p.add_argument("--exclude-seen", choices=EXCLUDE_SEEN,
@@ -233,10 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="the event log, as `train` and `evaluate` take it (instead of LOG)")
     p.add_argument("--rate", default="max", help="events/s or 'max'")
     add_log_args(p)
-    _settings_args(p)
+    _broker_arg(p)
 
     p = sub.add_parser("tail", help="print recommendations as they arrive")
-    _settings_args(p)
+    _broker_arg(p)
 
     p = sub.add_parser("rebuild-state", help="replay the input topic into a fresh state table, then switch over")
     g = p.add_mutually_exclusive_group()
