@@ -182,6 +182,8 @@ def ranks_from_explore(base: Tensor, target: Tensor, mem_item: Tensor, shift: Te
     mem_t = mem.masked_fill(~is_target_all, -math.inf).amax(dim=1)
     t = torch.where(in_mem, mem_t, base_t + shift)  # (B,) the target's merged score
     in_ext = torch.zeros_like(in_mem)
+    if ext is not None and not ext.shape[1]:
+        ext = None  # an empty extension
     if ext is not None:
         in_ext = ext_target.any(dim=1) & ~in_mem
         t = torch.where(in_ext, ext.masked_fill(~ext_target, -math.inf).amax(dim=1), t)
