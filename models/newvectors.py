@@ -31,6 +31,11 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import numpy as np
+import torch
+from torch import Tensor
+
+from livemb.models import newitems, repeat
+from livemb.models.base import session_flags
 
 EVAL_STEP_MS = 600_000  # the evaluation's snapshot interval (10 min)
 SCALE = float(1 << 24)  # fixed-point step of the evidence sums (vectors of norm ~1: 6e-8)
@@ -75,6 +80,7 @@ class Evidence:
 
     def __init__(self, dim: int, cap: int, min_evidence: int):
         self.dim, self.cap, self.min_evidence = dim, cap, min_evidence
+        self.raw = np.zeros((cap, newitems.ID_BYTES), np.uint8)  # each key's id bytes (live: the message's id)
         self.rows: OrderedDict[int, int] = OrderedDict()  # key -> row, least recent first
         self.sums = np.zeros((cap, dim), np.int64)
         self.norms = np.zeros(cap, np.int64)
@@ -86,9 +92,10 @@ class Evidence:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def add(self, keys: np.ndarray, vecs: np.ndarray) -> None:
-        """Fold pairs in: keys (n,) int64 > 0, vecs (n, D) the partners' item vectors. Keys are
-        touched in the order of their first pair here."""
+    def add(self, keys: np.ndarray, vecs: np.ndarray, raw: np.ndarray | None = None) -> None:
+        """Fold pairs in: keys (n,) int64 > 0, vecs (n, D) the partners' item vectors, raw (n,
+        ID_BYTES) the keys' id bytes (None: not kept). Keys are touched in the order of their
+        first pair here."""
         keys = np.asarray(keys, np.int64)
         if not len(keys):
             return
@@ -99,6 +106,8 @@ class Evidence:
         for j in np.argsort(first, kind="stable"):
             row_of[j] = self._row(int(uniq[j]))
         rows = row_of[inv]
+        if raw is not None:
+            self.raw[row_of] = np.asarray(raw, np.uint8)[first]
         np.add.at(self.sums, rows, fixed)
         np.add.at(self.norms, rows, norm)
         np.add.at(self.count, rows, 1)
@@ -115,11 +124,12 @@ class Evidence:
             _, row = self.rows.popitem(last=False)
             self.evicted += 1
         self.rows[key] = row
-        self.keys[row], self.sums[row], self.norms[row], self.count[row] = key, 0, 0, 0
+        self.keys[row], self.sums[row], self.norms[row], self.count[row], self.raw[row] = key, 0, 0, 0, 0
         return row
 
-    def admitted(self) -> tuple[np.ndarray, np.ndarray]:
-        """(keys (E,) int64 sorted, vectors (E, D) float32) of the keys with min_evidence pairs."""
+    def admitted(self, with_raw: bool = False) -> tuple[np.ndarray, ...]:
+        """(keys (E,) int64 sorted, vectors (E, D) float32[, raw ids (E, ID_BYTES)]) of the keys
+        with min_evidence pairs."""
         n = len(self.rows)
         ok = np.flatnonzero(self.count[:n] >= self.min_evidence)
         ok = ok[np.argsort(self.keys[ok], kind="stable")]
@@ -127,7 +137,23 @@ class Evidence:
         length = np.linalg.norm(s, axis=1, keepdims=True)
         scale = (self.norms[ok].astype(np.float64) / (self.count[ok] * SCALE))[:, None]  # the partners' mean norm
         vec = np.divide(s, length, out=np.zeros_like(s), where=length > 0) * scale
+        if with_raw:
+            return self.keys[ok].copy(), vec.astype(np.float32), self.raw[ok].copy()
         return self.keys[ok].copy(), vec.astype(np.float32)
+
+    def forget(self, keys: np.ndarray) -> int:
+        """Drop these keys (new items an item table now holds); returns how many were kept."""
+        gone = [int(k) for k in keys if int(k) in self.rows]
+        if not gone:
+            return 0
+        live = [(k, r) for k, r in self.rows.items() if k not in set(gone)]
+        fields = (self.sums, self.norms, self.count, self.keys, self.raw)
+        rows = np.array([r for _, r in live], np.int64)
+        for f in fields:  # compact: the kept keys in rows 0..n-1, LRU order unchanged
+            f[: len(rows)] = f[rows]
+            f[len(rows):] = 0
+        self.rows = OrderedDict((k, i) for i, (k, _) in enumerate(live))
+        return len(gone)
 
 
 class Timeline:
@@ -178,3 +204,59 @@ def log_timeline(seqs: dict[str, tuple], keys: dict[str, np.ndarray], vectors: n
     bounds = (np.asarray(query_ts, np.int64) // step_ms) * step_ms
     return Timeline(ts, key, np.asarray(vectors, np.float32)[item], bounds, dim=vectors.shape[1], cap=cap,
                     min_evidence=min_evidence)
+
+
+def state_pairs(before: dict[str, Tensor], ev, keys: Tensor, gap_ms: int, dt_buckets: int, window: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The live evidence of a batch, from the users' state instead of their whole log:
+    (row b, new-item key, known item index) of `window_pairs` for the events `ev` (B, T) with
+    new-item keys `keys` (B, T), `before` the state before them (memory, pool, clocks). A known
+    item within `window` events in the session is still in the memory (an LRU of M >= window
+    slots) and a new item in the pool (NEW_SLOTS >= window), so both give the same pairs
+    (tests/test_newvectors.py). Sorted by (event, key, item) within a row."""
+    new_session, _ = session_flags(ev.ts, ev.mask, before["last_ts"], gap_ms, dt_buckets)
+    session = before["session"][:, None] + new_session.long().cumsum(1)
+    mem = {f: before[f] for f in repeat.MEMORY_FIELDS}
+    pool = newitems.as_memory(before)
+    pool = {f: pool[f] for f in repeat.MEMORY_FIELDS}
+    out: list[np.ndarray] = []
+    for t in torch.nonzero(ev.mask.any(0)).flatten().tolist():
+        m, seq, sess = ev.mask[:, t], before["n_events"] + t, session[:, t]
+        item, key = ev.item[:, t].long(), keys[:, t]
+
+        a = _near(mem, sess, seq, window) & (m & (key > 0))[:, None]  # a new item after known ones
+        b = _near(pool, sess, seq, window) & (m & (item > 0))[:, None]  # a known item after new ones
+        ra, sa = torch.nonzero(a, as_tuple=True)
+        rb, sb = torch.nonzero(b, as_tuple=True)
+        out.append(torch.stack([torch.cat([ra, rb]), torch.full_like(torch.cat([ra, rb]), t),
+                                torch.cat([key[ra], pool["mem_item"][rb, sb].long()]),
+                                torch.cat([mem["mem_item"][ra, sa].long(), item[rb]])], 1).cpu().numpy())
+        known = torch.where(m, item, torch.zeros_like(item))
+        upd = repeat.update_memory(mem, known, ev.ts[:, t], ev.etype[:, t], sess, seq)
+        mem = {f: torch.where(m[:, None], upd[f], mem[f]) for f in mem}
+        nk = torch.where(m, key, torch.zeros_like(key))
+        upd = repeat.update_memory(pool, nk, ev.ts[:, t], ev.etype[:, t], sess, seq)
+        pool = {f: torch.where(m[:, None], upd[f], pool[f]) for f in pool}
+    if not out:
+        return (np.zeros(0, np.int64),) * 3
+    q = np.concatenate(out)
+    q = q[np.lexsort((q[:, 3], q[:, 2], q[:, 1], q[:, 0]))]
+    return q[:, 0], q[:, 2], q[:, 3]
+
+
+def _near(st: dict[str, Tensor], sess: Tensor, seq: Tensor, window: int) -> Tensor:
+    """(B, S) slots touched at most `window` events before event clock `seq` in session `sess`."""
+    return (st["mem_item"] > 0) & (st["mem_sess"] == sess[:, None]) & (seq[:, None] - st["mem_seq"] <= window)
+
+
+class Extension:
+    """The explore extension a batch searches: admitted keys (E,), their vectors (E, D) on the
+    model's device and raw ids (E, ID_BYTES); rebuilt from the `Evidence` when it changed."""
+
+    def __init__(self, evidence: Evidence, device: torch.device | str = "cpu"):
+        keys, vecs, raw = evidence.admitted(with_raw=True)
+        self.keys, self.raw = keys, raw
+        self.vecs = torch.from_numpy(vecs).to(device)
+
+    def __len__(self) -> int:
+        return len(self.keys)

@@ -166,3 +166,40 @@ def test_evaluation_with_the_extension(small):
     assert vec["rep+none"]["events_scored"] == pool["rep+none"]["events_scored"] + vec["targets_new_item_in_index"]
     assert vec["via_index"]["rep+none"]["events_scored"] == vec["targets_new_item_in_index"]
     assert some["rep+none"] == none["rep+none"]  # the closed ranking is untouched
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return build_model("hiertcn", np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32), hidden=8, channels=4,
+                       session_gap_ms=GAP)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 2500)), min_size=1, max_size=30), st.integers(1, 30),
+       st.integers(1, 8))
+def test_live_pairs_from_the_state_equal_the_log_pairs(tiny_model, events, split, window):
+    """`state_pairs` over micro-batches of any size == `window_pairs` over the user's whole log."""
+    from collections import Counter
+
+    from livemb.models import EventBatch
+    from livemb.models.newvectors import state_pairs
+
+    model = tiny_model
+    items = np.array([v + 1 if v < 4 else 0 for v, _ in events], np.int64)  # known items 1..4
+    keys = np.array([0 if v < 4 else 100 + v for v, _ in events], np.int64)  # new items 104..106
+    ts = np.cumsum([g for _, g in events]).astype(np.int64)
+    et = np.zeros(len(events), np.int64)
+    _, k_log, i_log = window_pairs(items, keys, ts, GAP, window)
+    state = newitems.with_pool(model.init_state(1))
+    live = Counter()
+    for a in range(0, len(events), split):
+        sl = slice(a, a + split)
+        ev = EventBatch.from_sequences([items[sl]], [et[sl]], [ts[sl]])
+        kt = torch.from_numpy(keys[sl])[None]
+        _, k, i = state_pairs(state, ev, kt, GAP, model.cfg.dt_buckets, window)
+        live.update(zip(k.tolist(), i.tolist(), strict=True))
+        new, _ = model.step(state, ev)
+        new.update(newitems.update_pool(model, state, ev, kt))
+        state = new
+    assert live == Counter(zip(k_log.tolist(), i_log.tolist(), strict=True))
