@@ -141,20 +141,6 @@ class Evidence:
             return self.keys[ok].copy(), vec.astype(np.float32), self.raw[ok].copy()
         return self.keys[ok].copy(), vec.astype(np.float32)
 
-    def forget(self, keys: np.ndarray) -> int:
-        """Drop these keys (new items an item table now holds); returns how many were kept."""
-        gone = [int(k) for k in keys if int(k) in self.rows]
-        if not gone:
-            return 0
-        live = [(k, r) for k, r in self.rows.items() if k not in set(gone)]
-        fields = (self.sums, self.norms, self.count, self.keys, self.raw)
-        rows = np.array([r for _, r in live], np.int64)
-        for f in fields:  # compact: the kept keys in rows 0..n-1, LRU order unchanged
-            f[: len(rows)] = f[rows]
-            f[len(rows):] = 0
-        self.rows = OrderedDict((k, i) for i, (k, _) in enumerate(live))
-        return len(gone)
-
 
 class Timeline:
     """The extension over time for the evaluation: pairs (ts, key, vector) folded in time order

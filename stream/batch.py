@@ -299,6 +299,9 @@ class BatchStep:
             m.topk.observe(result.topk_seconds)
         if result.quality is not None:
             m.observe_quality(result.quality, "champion")
+        m.new_item_evidence.inc(result.new_item_pairs)
+        if result.new_items_indexed is not None:
+            m.new_items_indexed.set(result.new_items_indexed)
         for u, _ in result.outputs:
             m.event_to_publish.observe(max(0.0, (pub_ms - last_ts[u]) / 1000))
             m.ingest_to_publish.observe(elapsed)
