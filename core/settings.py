@@ -101,9 +101,10 @@ class Settings(BaseSettings):
         "per user, keyed by a hash of the id, scored by the repeat path only, never in the faiss index); off: they "
         "are only counted as unknown_item")
     new_item_vectors: bool = Field(
-        True, description="with open_catalogue: a new item that co-occurs in sessions with known items gets the "
-        "mean of their vectors and joins an exact explore extension beside the index (models/newvectors.py); "
-        "livemb evaluate reports the ranking with it")
+        False, description="with open_catalogue: a new item that co-occurs in sessions with known items gets the "
+        "mean of their vectors and joins an exact explore extension beside the index, per worker "
+        "(models/newvectors.py); livemb evaluate also ranks with it. Off by default: on taobao-dev it did not "
+        "help (docs/MODELS.md)")
     new_item_min_evidence: int = Field(
         3, ge=1, description="co-occurrences with known items a new item needs before it gets a vector")
     new_item_window: int = Field(

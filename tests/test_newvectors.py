@@ -203,3 +203,58 @@ def test_live_pairs_from_the_state_equal_the_log_pairs(tiny_model, events, split
         new.update(newitems.update_pool(model, state, ev, kt))
         state = new
     assert live == Counter(zip(k_log.tolist(), i_log.tolist(), strict=True))
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A checkpoint + item table for the worker's processor (a quarter of the log's items left out)."""
+    from livemb.core.settings import Settings
+    from livemb.models.checkpoint import save_checkpoint
+
+    tmp = tmp_path_factory.mktemp("newvec")
+    df, ids, vecs = synth_log(users=30, items=80, days=4, seed=7, dim=16)
+    keep = np.arange(len(ids)) % 4 != 0
+    table = ItemTable(ids[keep], vecs[keep])
+    table.save(tmp / "items.npz")
+    torch.manual_seed(0)
+    model = build_model("hiertcn", table.padded_vectors(), hidden=32, channels=16)
+    train_model(model, list(sequences_from_frame(df, table).values()), TrainConfig(epochs=1), progress=False)
+    save_checkpoint(tmp / "m.pt", model, table.fingerprint)
+    # topk above the catalogue: every candidate is listed, so membership is a test of the wiring alone
+    settings = Settings(model_path=str(tmp / "m.pt"), items_path=str(tmp / "items.npz"), topk=len(table) + 10,
+                        new_item_vectors=True, new_item_min_evidence=2)
+    return table, settings
+
+
+def test_worker_new_item_joins_the_explore_candidates_of_another_user(served):
+    """A new item clicked between known items by one user enters another user's candidates (who
+    never touched it) once it has min_evidence pairs; with new_item_vectors off it does not."""
+    import orjson
+
+    from livemb.core.events import ValidEvent
+    from livemb.state.codec import REC_FIELD
+    from livemb.state.record import decode
+    from livemb.stream.quality import REC_LEN, new_item_tags
+    from livemb.stream.processor import ModelProcessor
+
+    table, settings = served
+    T0 = 1_700_000_000_000
+
+    def ev(user, item, i):
+        return ValidEvent(user, item, T0 + i * 1000, "click", f"{user}-{i}", 0, i)
+
+    def cands(res, user):
+        return [c["item_id"] for c in orjson.loads(dict(res.outputs)[user])["candidates"]]
+
+    for on in (True, False):
+        proc = ModelProcessor(settings.model_copy(update={"new_item_vectors": on}))
+        a = proc.process([ev("a", table.ids[1], 0), ev("a", "born-1", 1), ev("a", table.ids[2], 2)], {"a": None})
+        assert a.new_item_pairs == (2 if on else 0)  # (born-1, item 1) and (born-1, item 2)
+        assert a.new_items_indexed == (1 if on else None)
+        b = proc.process([ev("b", table.ids[1], 3)], {"b": None})
+        assert ("born-1" in cands(b, "b")) is on
+        if on:  # the stored list (online quality) carries it as its key's tag, where it is in the list's head
+            rec = decode(b.states["b"])[0][REC_FIELD]
+            pos = cands(b, "b").index("born-1")
+            tag = new_item_tags(newitems.keys_of(["born-1"])[0])[0]
+            assert (rec[pos] == tag) if pos < REC_LEN else (tag not in rec)
