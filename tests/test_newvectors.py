@@ -234,8 +234,8 @@ def test_worker_new_item_joins_the_explore_candidates_of_another_user(served):
     from livemb.core.events import ValidEvent
     from livemb.state.codec import REC_FIELD
     from livemb.state.record import decode
-    from livemb.stream.quality import REC_LEN, new_item_tags
     from livemb.stream.processor import ModelProcessor
+    from livemb.stream.quality import REC_LEN, new_item_tags
 
     table, settings = served
     T0 = 1_700_000_000_000
