@@ -110,6 +110,9 @@ class Settings(BaseSettings):
     new_item_window: int = Field(
         3, ge=1, le=8, description="a new item and a known item co-occur when at most this many events apart in one "
         "session (at most 8: the new-item pool's slots)")
+    new_item_topic: str = Field(
+        "new-item-evidence", description="topic of the new items' co-occurrence pairs (ONE partition): every "
+        "worker publishes its batches' pairs and folds the whole topic, so all hold the same explore extension")
     new_item_cap: int = Field(
         50_000, ge=1, description="new items whose evidence is kept (least recently touched evicted first)")
     index: IndexKind = Field("flat", description="faiss index of the explore path: flat (exact), hnsw or ivfpq")

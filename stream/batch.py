@@ -266,6 +266,8 @@ class BatchStep:
         s, now_ms = self.settings, int(time.time() * 1000)
         out = [OutputRecord(s.topic_out, u.encode(), v, OUTPUT_HEADERS) for u, v in result.outputs]
         out += [dead_letter(b, s.topic_dlq, now_ms) for b in bad]
+        if result.new_item_evidence is not None:  # one partition: every worker reads it in one order
+            out.append(OutputRecord(s.new_item_topic, None, result.new_item_evidence, ()))
         if out:
             await self.sink.publish(out)
         return time.time() * 1000, time.perf_counter()
@@ -299,9 +301,6 @@ class BatchStep:
             m.topk.observe(result.topk_seconds)
         if result.quality is not None:
             m.observe_quality(result.quality, "champion")
-        m.new_item_evidence.inc(result.new_item_pairs)
-        if result.new_items_indexed is not None:
-            m.new_items_indexed.set(result.new_items_indexed)
         for u, _ in result.outputs:
             m.event_to_publish.observe(max(0.0, (pub_ms - last_ts[u]) / 1000))
             m.ingest_to_publish.observe(elapsed)

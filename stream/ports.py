@@ -89,8 +89,7 @@ class StepResult:
     topk_seconds: float = 0.0
     quality: OnlineQuality | None = None  # the batch's online quality counts (stream/quality.py)
     quality_seconds: float = 0.0
-    new_item_pairs: int = 0  # evidence pairs the batch folded into the new-item extension (models/newvectors.py)
-    new_items_indexed: int | None = None  # new items in the extension after the batch (None: extension off)
+    new_item_evidence: bytes | None = None  # the batch's new-item co-occurrence pairs (stream/evidence.py)
 
 
 class BatchProcessor(Protocol):

@@ -228,7 +228,9 @@ def served(tmp_path_factory):
 
 def test_worker_new_item_joins_the_explore_candidates_of_another_user(served):
     """A new item clicked between known items by one user enters another user's candidates (who
-    never touched it) once it has min_evidence pairs; with new_item_vectors off it does not."""
+    never touched it) once its pairs, read back as the evidence topic's record, reach
+    min_evidence; a processor that folds the same records holds the same extension; with
+    new_item_vectors off nothing is published."""
     import orjson
 
     from livemb.core.events import ValidEvent
@@ -249,8 +251,15 @@ def test_worker_new_item_joins_the_explore_candidates_of_another_user(served):
     for on in (True, False):
         proc = ModelProcessor(settings.model_copy(update={"new_item_vectors": on}))
         a = proc.process([ev("a", table.ids[1], 0), ev("a", "born-1", 1), ev("a", table.ids[2], 2)], {"a": None})
-        assert a.new_item_pairs == (2 if on else 0)  # (born-1, item 1) and (born-1, item 2)
-        assert a.new_items_indexed == (1 if on else None)
+        assert (a.new_item_evidence is not None) is on
+        if on:
+            assert proc.indexed == 0  # nothing folded until the record is read back
+            assert proc.apply_evidence(a.new_item_evidence) == 2  # (born-1, item 1) and (born-1, item 2)
+            assert proc.indexed == 1
+            other = ModelProcessor(settings)  # another worker reading the same record
+            other.apply_evidence(a.new_item_evidence)
+            assert np.array_equal(other.extension.keys, proc.extension.keys)
+            assert torch.equal(other.extension.vecs, proc.extension.vecs)
         b = proc.process([ev("b", table.ids[1], 3)], {"b": None})
         assert ("born-1" in cands(b, "b")) is on
         if on:  # the stored list (online quality) carries it as its key's tag, where it is in the list's head

@@ -65,10 +65,12 @@ def main(argv: list[str] | None = None) -> None:
             for on in modes:
                 t0, w0 = time.process_time(), time.perf_counter()
                 res = procs[on].process(batch, {e.user_id: rows[on].get(e.user_id) for e in batch})
+                if res.new_item_evidence is not None:  # the fold of the record it reads back from the topic
+                    procs[on].apply_evidence(res.new_item_evidence)
+                    indexed = procs[on].indexed
                 times[on].append(time.process_time() - t0)
                 walls[on].append(time.perf_counter() - w0)
                 rows[on].update(res.states)
-                indexed = res.new_items_indexed if on == "on+vectors" else indexed
     print(f"new items with a stream vector at the end (the last round's worker): {indexed}")
     for on in modes:
         cpu, wall = float(np.sum(times[on])), float(np.median(walls[on]))
