@@ -68,7 +68,8 @@ class TopicSink:
 
     async def publish(self, records: Sequence[OutputRecord]) -> None:
         send = self.app.producer.send
-        futs = [await send(r.topic, r.key, r.value, partition=None, timestamp=None, headers=list(r.headers) or None)
+        futs = [await send(r.topic, r.key, r.value, partition=r.partition, timestamp=None,
+                           headers=list(r.headers) or None)
                 for r in records]
         await asyncio.gather(*futs)
 

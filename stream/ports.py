@@ -36,6 +36,7 @@ class OutputRecord:
     key: bytes | None
     value: bytes
     headers: Headers = ()  # `recommendations`: stream.contracts.OUTPUT_HEADERS; DLQ: stream.dlq
+    partition: int | None = None  # None: the key partitioner; the new-item evidence: 0 (stream/evidence.py)
 
 
 class StateStore(Protocol):

@@ -267,3 +267,12 @@ def test_worker_new_item_joins_the_explore_candidates_of_another_user(served):
             pos = cands(b, "b").index("born-1")
             tag = new_item_tags(newitems.keys_of(["born-1"])[0])[0]
             assert (rec[pos] == tag) if pos < REC_LEN else (tag not in rec)
+
+
+def test_evidence_record_round_trip_and_a_bad_record():
+    from livemb.stream import evidence
+
+    keys, new, known = evidence.decode(evidence.encode(np.array([5, 7]), ["n-1", "n-2"], ["a", "b"]))
+    assert keys.tolist() == [5, 7] and new == ["n-1", "n-2"] and known == ["a", "b"]
+    for bad in (b"{", b'{"k": [1], "n": [], "i": []}', b'{"k": 1}'):
+        assert len(evidence.decode(bad)[0]) == 0  # skipped, never raised into the worker's timer
