@@ -100,6 +100,21 @@ class Settings(BaseSettings):
         True, description="items absent from the item table enter each user's repeat memory (a pool of 8 new items "
         "per user, keyed by a hash of the id, scored by the repeat path only, never in the faiss index); off: they "
         "are only counted as unknown_item")
+    new_item_vectors: bool = Field(
+        False, description="with open_catalogue: a new item that co-occurs in sessions with known items gets the "
+        "mean of their vectors and joins an exact explore extension beside the index, per worker "
+        "(models/newvectors.py); livemb evaluate also ranks with it. Off by default: on taobao-dev it did not "
+        "help (docs/MODELS.md)")
+    new_item_min_evidence: int = Field(
+        3, ge=1, description="co-occurrences with known items a new item needs before it gets a vector")
+    new_item_window: int = Field(
+        3, ge=1, le=8, description="a new item and a known item co-occur when at most this many events apart in one "
+        "session (at most 8: the new-item pool's slots)")
+    new_item_topic: str = Field(
+        "new-item-evidence", description="topic of the new items' co-occurrence pairs (ONE partition): every "
+        "worker publishes its batches' pairs and folds the whole topic, so all hold the same explore extension")
+    new_item_cap: int = Field(
+        50_000, ge=1, description="new items whose evidence is kept (least recently touched evicted first)")
     index: IndexKind = Field("flat", description="faiss index of the explore path: flat (exact), hnsw or ivfpq")
     index_path: str | None = Field(
         None, description="prebuilt faiss index (livemb index) loaded at start instead of building one; it must match "

@@ -22,6 +22,7 @@ from livemb.core.progress import progress as progress_bar
 from livemb.models import newitems, repeat
 from livemb.models.base import EVENT_TYPES, MODEL_REGISTRY, EventBatch, ModelConfig, SeqModel, opens_session
 from livemb.models.metrics import RankAccumulator, over_all_events, ranks_from_explore
+from livemb.models.newvectors import Timeline
 from livemb.models.replay import Sequence
 
 REPEATS, EXCLUDES = repeat.REPEATS, repeat.EXCLUDES
@@ -98,12 +99,15 @@ def repeat_parts(model: SeqModel, st: dict[str, Tensor], u: Tensor, base: Tensor
 
 def variant_ranks(model: SeqModel, st: dict[str, Tensor], u: Tensor, base: Tensor, target: Tensor,
                   reps: tuple[str, ...] = REPEATS, gate_state: Tensor | None = None,
-                  target_key: Tensor | None = None) -> dict[str, dict[str, Tensor]]:
+                  target_key: Tensor | None = None, ext: Tensor | None = None,
+                  ext_target: Tensor | None = None) -> dict[str, dict[str, Tensor]]:
     """THE ranking of targets, shared by `evaluate_model` and the early-stopping validation:
     {rep: {exclude_seen: ranks (B,)}} of each repeat variant in `reps` on top of the explore
     scores `base` (B, N+1), for every exclude_seen. Variants that are the same repeat mode (a
     counting model's own path is the rule) share one computation. With the open catalogue's pool
-    in `st`, `target_key` (B,) is each target's new-item key (0 for a catalogue item)."""
+    in `st`, `target_key` (B,) is each target's new-item key (0 for a catalogue item); `ext` (B, E)
+    the explore scores of the new-item extension (models/newvectors.py; -inf: no item) and
+    `ext_target` (B, E) the target's column there: they take each variant's shift."""
     slots = {e: repeat.excluded_slots(st, e) for e in EXCLUDES if e != "none"}
     pool = newitems.as_memory(st)
     if pool is not None:
@@ -116,7 +120,8 @@ def variant_ranks(model: SeqModel, st: dict[str, Tensor], u: Tensor, base: Tenso
         if mode not in done:
             shift, mem = repeat_parts(model, st, u, base, mode, gate_state)
             done[mode] = ranks_from_explore(base, target, st["mem_item"], shift, mem, slots,
-                                            None if pool is None else pool["mem_item"], target_key)
+                                            None if pool is None else pool["mem_item"], target_key,
+                                            None if ext is None else ext + shift[:, None].to(ext.dtype), ext_target)
         out[rep] = done[mode]
     return out
 
@@ -136,10 +141,18 @@ class Tallies:
         self.in_memory = 0  # scored targets already in the recent-items memory (or the pool)
         self.new_items = 0  # targets whose item is absent from the catalogue (a new item)
         self.new_in_pool = 0  # of those, the ones in the user's new-item pool (scored)
+        self.new_in_index = 0  # of those, the ones outside the pool with a stream vector (scored by explore)
+        self.via_index = {rep: RankAccumulator() for rep in REPEATS}  # their ranks ("rep+none" style)
 
-    def add(self, ranks: dict[str, dict[str, Tensor]], prev_type: Tensor, hit: Tensor, opens: Tensor) -> None:
-        """ranks from `variant_ranks` for k scored targets; prev_type, hit, opens (k,)."""
+    def add(self, ranks: dict[str, dict[str, Tensor]], prev_type: Tensor, hit: Tensor, opens: Tensor,
+            in_index: Tensor | None = None) -> None:
+        """ranks from `variant_ranks` for k scored targets; prev_type, hit, opens (k,); in_index
+        (k,): the targets ranked through the new-item extension."""
         self.in_memory += int(hit.sum())
+        if in_index is not None:
+            self.new_in_index += int(in_index.sum())
+            for rep in REPEATS:
+                self.via_index[rep].add(ranks[rep]["none"][in_index])
         for rep in REPEATS:
             for excl in EXCLUDES:
                 self.variants[variant_name(rep, excl)].add(ranks[rep][excl])
@@ -166,6 +179,8 @@ class Tallies:
         out["targets_in_memory"] = self.in_memory
         out["targets_new_item"] = self.new_items
         out["targets_new_item_in_pool"] = self.new_in_pool
+        out["targets_new_item_in_index"] = self.new_in_index
+        out["via_index"] = {variant_name(rep, "none"): self.via_index[rep].summary(n) for rep in REPEATS}
         return out
 
 
@@ -174,6 +189,7 @@ def evaluate_model(
     model: SeqModel, train: dict[str, Sequence], test: dict[str, Sequence], batch_users: int = 256, progress: bool = True,
     group_types: tuple[dict[str, Sequence], dict[str, Sequence]] | None = None,
     open_keys: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None,
+    new_vectors: Timeline | None = None,
 ) -> dict:
     """Score every test event of every test user; returns {variant: metrics} plus the splits of
     `Tallies` and the skip counts.
@@ -188,6 +204,11 @@ def evaluate_model(
     `Tallies` summary of that ranking (a new-item target in the user's pool is scored; the
     ranking without the pool is unchanged, the pool touches no other state).
 
+    `new_vectors` (with `open_keys`): the new-item extension over time (models/newvectors.py):
+    the result gains "open_catalogue_vectors", the ranking with the pool AND the extension's
+    snapshot at each target's time (a new-item target outside the pool with a vector is scored
+    by explore; the extension's items compete with every target).
+
     Users are batched by test length (longest first, as training buckets by length) and, inside a
     batch, the users still active at step t are a prefix: every per-step tensor op runs on those
     rows only, so the work is proportional to the events, not to batch x longest history.
@@ -196,6 +217,7 @@ def evaluate_model(
     users = sorted(test, key=lambda x: (-len(test[x][0]), x))
     tallies = Tallies(model.n_items)
     opened = Tallies(model.n_items) if open_keys is not None else None
+    vectored = Tallies(model.n_items) if open_keys is not None and new_vectors is not None else None
     gap = model.cfg.session_gap_ms
     empty = (np.zeros(0, np.int64),) * 3
     bar = progress_bar(total=sum(len(test[x][0]) for x in users), desc=f"eval {model.name}", unit="ev",
@@ -230,7 +252,14 @@ def evaluate_model(
                 opened.skipped += int((~scored_open).sum())
                 opened.new_items += int((tkey > 0).sum())
                 opened.new_in_pool += int(in_pool.sum())
-            if scored.any() or (keys is not None and scored_open.any()):
+            if vectored is not None:
+                ext_items, ext_snap = _extension(new_vectors, ev.ts[:k, t], sk["new_key"])
+                ext_target = (ext_items == tkey[:, None]) & (tkey > 0)[:, None] & ~in_pool[:, None]
+                scored_vec = scored_open | ext_target.any(1)
+                vectored.skipped += int((~scored_vec).sum())
+                vectored.new_items += int((tkey > 0).sum())
+                vectored.new_in_pool += int(in_pool.sum())
+            if scored.any() or (keys is not None and scored_open.any()) or (vectored is not None and scored_vec.any()):
                 opens = opens_session(ev.ts[:k, t], sk["last_ts"], gap)
                 u_next = model.next_session_embedding(sk)
                 # the serving side knows the request time, so a returning user gets the start embedding
@@ -241,10 +270,13 @@ def evaluate_model(
                 base = model.scores(sk, u_eval, "none", running=None if run is None else run[:k])
                 ptype, first = prev_type[:k], (opens & (sk["last_ts"] >= 0))
                 closed = newitems.drop_pool(sk)
-                rows = [(tallies, scored, closed, None)]
+                rows = [(tallies, scored, closed, None, None)]
                 if keys is not None:
-                    rows.append((opened, scored_open, sk, tkey))
-                for tally, sel, sk_t, tk in rows:
+                    rows.append((opened, scored_open, sk, tkey, None))
+                if vectored is not None:
+                    ext = _extension_scores(new_vectors, ext_snap, u_eval).masked_fill(ext_items == 0, -math.inf)
+                    rows.append((vectored, scored_vec, sk, tkey, (ext, ext_target)))
+                for tally, sel, sk_t, tk, ex in rows:
                     if not sel.any():
                         continue
                     b, s_t, u_t = base, sk_t, u_eval
@@ -254,8 +286,9 @@ def evaluate_model(
                     hit = (s_t["mem_item"] == target[sel, None]).any(1)
                     if tk_s is not None:
                         hit |= ((s_t["new_key"] == tk_s[:, None]) & (tk_s > 0)[:, None]).any(1)
-                    tally.add(variant_ranks(model, s_t, u_t, b, target[sel], target_key=tk_s), ptype[sel], hit=hit,
-                              opens=first[sel])
+                    e_s, et_s = (None, None) if ex is None else (ex[0][sel], ex[1][sel])
+                    tally.add(variant_ranks(model, s_t, u_t, b, target[sel], target_key=tk_s, ext=e_s, ext_target=et_s),
+                              ptype[sel], hit=hit, opens=first[sel], in_index=None if et_s is None else et_s.any(1))
             step_ev = EventBatch(*(x[:k, t : t + 1] for x in (ev.item, ev.etype, ev.ts, ev.mask)))
             new, u_new = model.step(sk, step_ev)
             if keys is not None:
@@ -270,6 +303,31 @@ def evaluate_model(
     out = tallies.summary()
     if opened is not None:
         out["open_catalogue"] = opened.summary()
+    if vectored is not None:
+        out["open_catalogue_vectors"] = vectored.summary()
+    return out
+
+
+def _extension(timeline: Timeline, ts: Tensor, pool_key: Tensor) -> tuple[Tensor, np.ndarray]:
+    """The new-item extension each of k users sees at its target's time: (keys (k, E) int64, 0 =
+    padding and the users' own pool items, which the pool scores; the snapshot index per user)."""
+    snap = timeline.at(ts.cpu().numpy())
+    parts = {int(i): timeline.snapshot(int(i))[0] for i in np.unique(snap)}
+    keys = np.zeros((len(snap), max(len(p) for p in parts.values())), np.int64)
+    for i, ks in parts.items():
+        keys[np.flatnonzero(snap == i), : len(ks)] = ks
+    keys_t = torch.from_numpy(keys).to(pool_key.device)
+    return keys_t.masked_fill((keys_t[:, :, None] == pool_key[:, None, :]).any(2), 0), snap
+
+
+def _extension_scores(timeline: Timeline, snap: np.ndarray, u: Tensor) -> Tensor:
+    """(k, E) explore scores <u, v> of each user's snapshot (columns as `_extension`'s keys)."""
+    E = max([len(timeline.snapshot(int(i))[0]) for i in np.unique(snap)])
+    out = torch.zeros(len(snap), E, device=u.device)
+    for i in np.unique(snap):
+        vecs = torch.from_numpy(timeline.snapshot(int(i))[1]).to(u.device)
+        rows = torch.from_numpy(np.flatnonzero(snap == i)).to(u.device)
+        out[rows, : vecs.shape[0]] = u[rows].float() @ vecs.T
     return out
 
 

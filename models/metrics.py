@@ -145,7 +145,8 @@ def count_below(x: Tensor, thr: Tensor) -> Tensor:
 
 def ranks_from_explore(base: Tensor, target: Tensor, mem_item: Tensor, shift: Tensor, mem: Tensor,
                        excluded: dict[str, Tensor], pool_key: Tensor | None = None,
-                       target_key: Tensor | None = None) -> dict[str, Tensor]:
+                       target_key: Tensor | None = None, ext: Tensor | None = None,
+                       ext_target: Tensor | None = None) -> dict[str, Tensor]:
     """The ranks of `ranks_excluding_memory` for the merged score "base + shift outside the memory,
     `mem` at the memory's slots", without building that (B, N+1) matrix: ONE (B, N) comparison of
     the shared explore scores `base` against a per-row threshold, corrected on the (B, M) slots.
@@ -159,7 +160,12 @@ def ranks_from_explore(base: Tensor, target: Tensor, mem_item: Tensor, shift: Te
     `pool_key` (B, S): the open catalogue's new items (models/newitems.py), whose merged scores
     follow the memory's in `mem` (B, M + S) and in each excluded mask; `target_key` (B,): the
     target's new-item key (0 for a catalogue item). A target found in the pool is ranked by its
-    slot's score; the pool's other items compete like memory items."""
+    slot's score; the pool's other items compete like memory items.
+
+    `ext` (B, E): merged scores of the explore extension's new items (models/newvectors.py; -inf
+    for padding and for the user's pool items, which the pool scores), `ext_target` (B, E) bool:
+    the target's column. A target found there (and not in the pool) is ranked by that score; the
+    extension's other items compete like catalogue items."""
     B, n_cols = base.shape
     N = n_cols - 1
     target = target.to(device=base.device, dtype=torch.int64).view(B)
@@ -175,16 +181,24 @@ def ranks_from_explore(base: Tensor, target: Tensor, mem_item: Tensor, shift: Te
     base_t = base.gather(1, target[:, None]).squeeze(1)
     mem_t = mem.masked_fill(~is_target_all, -math.inf).amax(dim=1)
     t = torch.where(in_mem, mem_t, base_t + shift)  # (B,) the target's merged score
+    in_ext = torch.zeros_like(in_mem)
+    if ext is not None and not ext.shape[1]:
+        ext = None  # an empty extension
+    if ext is not None:
+        in_ext = ext_target.any(dim=1) & ~in_mem
+        t = torch.where(in_ext, ext.masked_fill(~ext_target, -math.inf).amax(dim=1), t)
     thr = (t - shift)[:, None]
     # catalogue items (1..N) whose explore score is not below the threshold: NaN counts
     n_ge = N - count_below(base[:, 1:], thr)
     base_mem = base.gather(1, mem_item)
     mem_ge_base = filled & ~(base_mem < thr)  # the memory items counted in n_ge (by their explore score)
-    target_counted = ~in_mem & ~(base_t < thr.squeeze(1)) & (target > 0)  # the target itself, outside memory
+    target_counted = ~in_mem & ~in_ext & ~(base_t < thr.squeeze(1)) & (target > 0)  # the target itself, outside memory
     outside = n_ge - mem_ge_base.sum(dim=1) - target_counted.long()
     beats = filled_all & ~is_target_all & ~(mem < t[:, None])  # memory competitors by their merged score
     rank = 1 + outside + beats.sum(dim=1)
-    worst = (target <= 0) & ~in_mem  # a NaN target already counts every other item as a competitor
+    if ext is not None:  # the extension's items (padding is -inf: never >= a finite target score)
+        rank = rank + (~ext_target & (ext > -math.inf) & ~(ext < t[:, None])).sum(dim=1)
+    worst = (target <= 0) & ~in_mem & ~in_ext  # a NaN target already counts every other item as a competitor
     full = torch.full_like(rank, N)
     out = {"none": torch.where(worst, full, rank)}
     for name, ex in excluded.items():

@@ -158,15 +158,34 @@ def slot_refs(state: dict[str, Tensor]) -> Tensor:
     return torch.where(state["new_key"] > 0, ref, torch.zeros_like(ref))
 
 
-def candidate_ids(items: np.ndarray, table, state: dict[str, Tensor]) -> np.ndarray:
-    """(B, K) ids of candidate references: table ids for 1..N, '' for 0, the pool's raw id for
-    -(s + 1) (`slot_refs`)."""
+def ref_rows(items: np.ndarray, state: dict[str, Tensor], ext_keys: np.ndarray | None = None,
+             ext_raw: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The new items among candidate references (B, K): (b, k, key, raw id bytes) of every negative
+    one: -(s + 1) for pool slot s (`slot_refs`), -(S + 1 + e) for row e of the new-item extension
+    (models/newvectors.py: `ext_keys` (E,), `ext_raw` (E, ID_BYTES))."""
+    b, k = np.nonzero(items < 0)
+    j = -items[b, k] - 1
+    S = state["new_key"].shape[1] if len(b) else 0
+    keys = np.zeros(len(b), np.int64)
+    raw = np.zeros((len(b), ID_BYTES), np.uint8)
+    slot = j < S
+    if slot.any():
+        bt, st_ = torch.from_numpy(b[slot]), torch.from_numpy(j[slot])
+        keys[slot] = state["new_key"][bt, st_].cpu().numpy()
+        raw[slot] = state[ID_FIELD][bt, st_].cpu().numpy()
+    if (~slot).any():
+        e = j[~slot] - S
+        keys[~slot], raw[~slot] = ext_keys[e], ext_raw[e]
+    return b, k, keys, raw
+
+
+def candidate_ids(items: np.ndarray, table, state: dict[str, Tensor], extension=None) -> np.ndarray:
+    """(B, K) ids of candidate references: table ids for 1..N, '' for 0, the new item's raw id for
+    a negative reference (`ref_rows`; `extension`: the models/newvectors.Extension searched)."""
     ids = table.id_of(np.maximum(items, 0))
-    neg = items < 0
-    if not neg.any():
+    if not (items < 0).any():
         return ids
-    b, k = np.nonzero(neg)
-    raw = state[ID_FIELD][torch.from_numpy(b), torch.from_numpy(-items[b, k] - 1)].cpu().numpy()
+    b, k, _, raw = ref_rows(items, state, *((extension.keys, extension.raw) if extension is not None else (None, None)))
     ids = ids.astype(object)
     ids[b, k] = [bytes(r).rstrip(b"\0").decode("utf-8") for r in raw]
     return ids

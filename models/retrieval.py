@@ -35,6 +35,7 @@ from livemb.core.items import ItemTable
 from livemb.core.progress import progress as progress_bar
 from livemb.models import newitems, repeat
 from livemb.models.base import SeqModel
+from livemb.models.newvectors import Extension
 
 log = logging.getLogger("livemb.retrieval")
 
@@ -286,9 +287,11 @@ class Retriever:
             s = u.float() @ model.item_vecs[sample].float().T  # (B, S)
         return estimate_logz(top.float(), s, self.n_items)
 
-    def candidates(self, model: SeqModel, state: dict[str, torch.Tensor], u: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def candidates(self, model: SeqModel, state: dict[str, torch.Tensor], u: torch.Tensor,
+                   extension: Extension | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(B, K) item indices (1-based, 0 = no candidate; -(s + 1): the open catalogue's new item
-        in slot s of the user's pool, models/newitems.py) and scores, best first."""
+        in slot s of the user's pool, models/newitems.py; -(S + 1 + e): row e of the new-item
+        `extension`, models/newvectors.py, searched exactly beside the index) and scores, best first."""
         M = state["mem_item"].shape[1]
         k = min(self.topk + M, self.n_items)
         logz = None
@@ -325,10 +328,29 @@ class Retriever:
             m_scores = m_scores.masked_fill(gone, -np.inf)
         items = torch.cat([f_items, refs], dim=1)
         scores = torch.cat([f_scores, m_scores], dim=1)
+        if extension is not None and len(extension) and pool is not None:
+            e_items, e_scores = self.extension_hits(extension, state, u)
+            items = torch.cat([items, e_items], dim=1)
+            scores = torch.cat([scores, e_scores + shift.float().cpu()[:, None]], dim=1)
         K = min(self.topk, scores.shape[1])
         top_scores, pos = scores.topk(K, dim=1)
         top_items = items.gather(1, pos).masked_fill(~torch.isfinite(top_scores), 0)
         return top_items.numpy(), top_scores.numpy()
+
+
+    def extension_hits(self, extension: Extension, state: dict[str, torch.Tensor], u: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top `topk` of the new-item extension per user, exact: (B, k) references
+        -(S + 1 + e) and explore scores <u, v_e> (-inf for none), the user's own pool items left
+        out (the pool scores them)."""
+        S = state["new_key"].shape[1]
+        with torch.no_grad():
+            s = u.float() @ extension.vecs.T  # (B, E)
+        keys = torch.from_numpy(extension.keys).to(s.device)
+        s = s.masked_fill((keys[None, :, None] == state["new_key"][:, None, :].to(s.device)).any(2), -np.inf)
+        top_s, top_e = s.topk(min(self.topk, s.shape[1]), dim=1)
+        refs = (-(S + 1) - top_e).masked_fill(~torch.isfinite(top_s), 0)
+        return refs.cpu(), top_s.cpu()
 
 
 SCORE_BLOCK = 64  # items per block of the exact top-k's first pass

@@ -22,6 +22,7 @@ from livemb.core.items import ItemTable
 from livemb.models.base import EventBatch, SeqModel
 from livemb.models.checkpoint import load_checkpoint, model_version
 from livemb.models.newitems import candidate_ids
+from livemb.models.newvectors import Extension
 from livemb.models.repeat import Variant
 from livemb.models.retrieval import IndexFileError, Retriever, load_index
 
@@ -99,14 +100,16 @@ class Serving:
         return self.recommend(users, state, u, event_ts, emitted_at)[1]
 
     def recommend(self, users: Sequence[str], state: dict[str, torch.Tensor], u: torch.Tensor,
-                  event_ts: np.ndarray, emitted_at: int) -> tuple[np.ndarray, Iterator[tuple[str, bytes]]]:
+                  event_ts: np.ndarray, emitted_at: int, extension: Extension | None = None
+                  ) -> tuple[np.ndarray, Iterator[tuple[str, bytes]]]:
         """`messages`, and the (B, K) candidate item indices they carry (0 = none; the worker
-        stores them for its online quality metrics, stream/quality.py)."""
-        items, scores = self.retriever.candidates(self.model, state, u)
+        stores them for its online quality metrics, stream/quality.py). `extension`: the new
+        items with a stream vector (models/newvectors.py), searched beside the index."""
+        items, scores = self.retriever.candidates(self.model, state, u, extension)
         with torch.no_grad():
             next_emb = self.model.next_session_embedding(state)  # None for models without sessions
         return items, build_messages(users, u, state, items, scores, self.table, event_ts, self.tag, emitted_at,
-                                     next_emb)
+                                     next_emb, extension=extension)
 
 
 def build_messages(
@@ -121,6 +124,7 @@ def build_messages(
     emitted_at: int,
     next_emb: torch.Tensor | None = None,
     extra: dict | None = None,
+    extension: Extension | None = None,
 ) -> Iterator[tuple[str, bytes]]:
     """Yield (user_id, JSON bytes). One device->host copy per batch; a Python loop per user only
     to assemble each user's JSON (never per dimension). `next_emb` (B, D): each user's
@@ -129,7 +133,7 @@ def build_messages(
     emb = u.detach().float().cpu().numpy()
     nxt = next_emb.detach().float().cpu().numpy() if next_emb is not None else None
     sessions = state["session"].cpu().numpy()
-    ids = candidate_ids(items, table, state)  # (B, K) str, '' for "no candidate", new items' own ids
+    ids = candidate_ids(items, table, state, extension)  # (B, K) str, '' for "no candidate", new items' own ids
     dim = int(emb.shape[1])
     for b, user in enumerate(users):
         keep = items[b] != 0

@@ -23,6 +23,7 @@ from livemb.core.settings import Settings
 from livemb.stream import faust_compat
 from livemb.stream.batch import BatchStep
 from livemb.stream.batching import adaptive_batches
+from livemb.stream.evidence import EvidenceReader
 from livemb.stream.gap_repair import GapRepair
 from livemb.stream.kafka_io import BrokerUnreachable, bootstrap_of, plain_consumer, wait_for_broker
 from livemb.stream.lag import LagTracker
@@ -67,7 +68,8 @@ class TopicSink:
 
     async def publish(self, records: Sequence[OutputRecord]) -> None:
         send = self.app.producer.send
-        futs = [await send(r.topic, r.key, r.value, partition=None, timestamp=None, headers=list(r.headers) or None)
+        futs = [await send(r.topic, r.key, r.value, partition=r.partition, timestamp=None,
+                           headers=list(r.headers) or None)
                 for r in records]
         await asyncio.gather(*futs)
 
@@ -177,6 +179,14 @@ def make_app(settings: Settings, processor: BatchProcessor, metrics: Metrics,
         assigned = [tp for tp in app.consumer.assignment() if tp.topic == settings.topic_in]
         lag.refresh(assigned, highwater, functools.partial(faust_compat.committed_offset, app))
         metrics.liveness.observe(lag.total(), metrics.readiness.ready)
+
+    if settings.open_catalogue and settings.new_item_vectors and hasattr(processor, "apply_evidence"):
+        reader = EvidenceReader(settings, processor, lambda: plain_consumer(settings.broker, security), metrics)
+
+        @app.timer(0.25)
+        async def new_item_evidence() -> None:
+            """Fold the evidence topic (stream/evidence.py) between batches, on the agent's loop."""
+            reader.poll()
 
     counted = False
 

@@ -266,6 +266,8 @@ class BatchStep:
         s, now_ms = self.settings, int(time.time() * 1000)
         out = [OutputRecord(s.topic_out, u.encode(), v, OUTPUT_HEADERS) for u, v in result.outputs]
         out += [dead_letter(b, s.topic_dlq, now_ms) for b in bad]
+        if result.new_item_evidence is not None:  # one partition: every worker reads it in one order
+            out.append(OutputRecord(s.new_item_topic, None, result.new_item_evidence, (), partition=0))
         if out:
             await self.sink.publish(out)
         return time.time() * 1000, time.perf_counter()

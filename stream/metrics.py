@@ -88,6 +88,10 @@ class Metrics:
         self.consumer_lag = Gauge(p + "consumer_lag", "Input records still to process, per assigned partition "
                                   "(fetch high-water - processed position; stream/lag.py)", ["partition"], registry=r)
         self.users_in_state = Gauge(p + "users_in_state", "Users with a state row", registry=r)
+        self.new_items_indexed = Gauge(p + "new_items_indexed", "New items (absent from the item table) with a "
+                                       "stream vector in this worker's explore extension", registry=r)
+        self.new_item_evidence = Counter(p + "new_item_evidence_total", "Co-occurrence pairs of a new item with a "
+                                         "known item folded into the explore extension", registry=r)
         self.model_info = Gauge(p + "model_info", "Served model", ["model", "version", "device"], registry=r)
         self.outputs = Counter(p + "outputs_total", "Messages published to the output topic", registry=r)
         self.dlq = Counter(p + "dlq_total", "Messages published to the DLQ", ["reason"], registry=r)

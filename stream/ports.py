@@ -36,6 +36,7 @@ class OutputRecord:
     key: bytes | None
     value: bytes
     headers: Headers = ()  # `recommendations`: stream.contracts.OUTPUT_HEADERS; DLQ: stream.dlq
+    partition: int | None = None  # None: the key partitioner; the new-item evidence: 0 (stream/evidence.py)
 
 
 class StateStore(Protocol):
@@ -89,6 +90,7 @@ class StepResult:
     topk_seconds: float = 0.0
     quality: OnlineQuality | None = None  # the batch's online quality counts (stream/quality.py)
     quality_seconds: float = 0.0
+    new_item_evidence: bytes | None = None  # the batch's new-item co-occurrence pairs (stream/evidence.py)
 
 
 class BatchProcessor(Protocol):

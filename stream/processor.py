@@ -23,11 +23,13 @@ from livemb.core.errors import ConfigError
 from livemb.core.events import ValidEvent
 from livemb.core.items import ItemTable
 from livemb.core.settings import Settings
-from livemb.models import newitems
+from livemb.models import newitems, newvectors
 from livemb.models.base import EventBatch, event_type_index
 from livemb.models.grouping import group_by_user
+from livemb.models.newvectors import Evidence, Extension
 from livemb.models.serving import Serving, build_messages
 from livemb.state.codec import REC_FIELD, StateCodec
+from livemb.stream import evidence
 from livemb.stream.ports import ModelInfo, StepResult
 from livemb.stream.quality import open_targets, put_rec, score_events, split_rec, with_rec
 from livemb.stream.reload import FileWatch
@@ -49,6 +51,7 @@ class ModelProcessor:
         self.watch = FileWatch((settings.model_path, settings.items_path), check_s)
         self.codec = StateCodec()
         self.serving = self._load(stale_index="refuse")
+        self._reset_extension()
 
     @property
     def ready(self) -> bool:
@@ -77,8 +80,20 @@ class ModelProcessor:
         new = self.watch.poll(self._load, self.serving.tag)
         if new is None:
             return False
+        table_changed = new.table.fingerprint != self.serving.table.fingerprint
         self.serving = new  # a batch sees either the old or the new set
+        if table_changed:  # the evidence sums are in the old table's vector space: start over
+            self._reset_extension()
         return True
+
+    def _reset_extension(self) -> None:
+        """The new-item explore extension (models/newvectors.py), when the open catalogue and
+        `new_item_vectors` are on: this worker's evidence and the extension its batches search."""
+        s = self.settings
+        on = s.open_catalogue and s.new_item_vectors
+        self.evidence = Evidence(self.serving.table.dim, s.new_item_cap, s.new_item_min_evidence) if on else None
+        self.extension: Extension | None = Extension(self.evidence, self.device) if on else None
+        self.generation = getattr(self, "generation", -1) + 1  # the evidence reader reads the topic again
 
     def model_info(self) -> ModelInfo:
         """For the livemb_model_info metric; changes on a hot swap."""
@@ -111,11 +126,14 @@ class ModelProcessor:
             st.update(newitems.update_pool(sv.model, st_before, ev.to(self.device), *new_keys))
         t1 = time.perf_counter()
         event_ts = np.fromiter((int(t[-1]) for t in seqs[2]), np.int64, len(users))
-        items, messages = sv.recommend(users, st, u, event_ts, emitted_at=int(time.time() * 1000))
+        ext = self.extension
+        items, messages = sv.recommend(users, st, u, event_ts, emitted_at=int(time.time() * 1000), extension=ext)
         outputs = list(messages)
         t2 = time.perf_counter()
+        states = self.codec.encode(users, put_rec(st, items, ext), sv.table)
+        record = self._batch_evidence(sv, st_before, ev, new_keys) if self.evidence is not None else None
         return StepResult(
-            states=self.codec.encode(users, put_rec(st, items), sv.table),
+            states=states,
             outputs=outputs,
             rejected=rejected,
             unknown_items=unknown,
@@ -124,7 +142,55 @@ class ModelProcessor:
             topk_seconds=t2 - t1,
             quality=quality,
             quality_seconds=quality_s,
+            new_item_evidence=record,
         )
+
+    def _batch_evidence(self, sv: Serving, before: dict[str, torch.Tensor],
+                        ev: EventBatch, new_keys) -> bytes | None:
+        """The batch's co-occurrence pairs (`newvectors.state_pairs`) as one record of the evidence
+        topic (stream/evidence.py), by ids; None when there are none. Nothing is folded here: the
+        worker folds what it reads back from the topic, as every other worker does."""
+        if not newitems.has_pool(before):
+            return None
+        ev = ev.to(self.device)
+        keys = new_keys[0] if new_keys is not None else torch.zeros_like(ev.item, dtype=torch.int64)
+        cfg = sv.model.cfg
+        _, key, item = newvectors.state_pairs(before, ev, keys, cfg.session_gap_ms, cfg.dt_buckets,
+                                              self.settings.new_item_window)
+        if not len(key):
+            return None
+        # each key's id: from the pools before the batch or the batch's own events (a pair's key is in one)
+        raw_of: dict[int, bytes] = {}
+        sources = [(before["new_key"], before[newitems.ID_FIELD])] + ([new_keys] if new_keys is not None else [])
+        for k_t, r_t in sources:
+            k = k_t.cpu().numpy().ravel()
+            r = r_t.cpu().numpy().reshape(len(k), -1)
+            raw_of.update((int(k[i]), bytes(r[i]).rstrip(b"\0")) for i in np.flatnonzero(k > 0))
+        keep = [j for j, k in enumerate(key.tolist()) if k in raw_of]
+        new_ids = [raw_of[int(key[j])].decode("utf-8", "replace") for j in keep]
+        return evidence.encode(key[keep], new_ids, [str(x) for x in sv.table.id_of(item[keep])])
+
+    @property
+    def indexed(self) -> int:
+        """New items in the explore extension (livemb_new_items_indexed)."""
+        return 0 if self.extension is None else len(self.extension)
+
+    def apply_evidence(self, value: bytes) -> int:
+        """Fold one record of the evidence topic (stream/evidence.py) and rebuild the extension the
+        next batch searches; returns the pairs folded (a pair whose known item this worker's item
+        table lacks is skipped)."""
+        if self.evidence is None:
+            return 0
+        keys, new_ids, known = evidence.decode(value)
+        idx = self.serving.table.lookup(np.array(known, dtype=object)) if known else np.zeros(0, np.int64)
+        ok = np.flatnonzero((idx > 0) & (keys > 0))
+        if not len(ok):
+            return 0
+        _, raw = newitems.keys_of([new_ids[j] for j in ok])
+        vecs = self.serving.model.item_vecs[torch.from_numpy(idx[ok]).to(self.device)].cpu().numpy()
+        self.evidence.add(keys[ok], vecs, raw)
+        self.extension = newvectors.Extension(self.evidence, self.device)
+        return len(ok)
 
     def idle_messages(self, states: dict[str, bytes], last_ts: dict[str, int]) -> list[tuple[str, bytes]]:
         """The idle-session sweep (stream/sweep.py): for each user, a message whose embedding is the
@@ -141,11 +207,11 @@ class ModelProcessor:
             nxt = sv.model.next_session_embedding(st)
         if nxt is None:
             return []
-        items, scores = sv.retriever.candidates(sv.model, st, nxt)
+        items, scores = sv.retriever.candidates(sv.model, st, nxt, self.extension)
         event_ts = np.array([last_ts[u] for u in users], np.int64)
         # marked, so a consumer keeping "the user's last in-session embedding" can tell them apart
         return list(build_messages(users, nxt, st, items, scores, sv.table, event_ts, sv.tag, int(time.time() * 1000),
-                                   nxt, extra={"session_closed": True}))
+                                   nxt, extra={"session_closed": True}, extension=self.extension))
 
     @staticmethod
     def _fields(sv: Serving) -> tuple[str, ...]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from livemb.models import newitems
 from livemb.models.base import EVENT_TYPES
 from livemb.state.codec import REC_FIELD
 
@@ -87,18 +88,19 @@ def split_rec(st: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], np.
     return rest, rest.pop(REC_FIELD).cpu().numpy()
 
 
-def put_rec(st: dict[str, torch.Tensor], items: np.ndarray) -> dict[str, torch.Tensor]:
+def put_rec(st: dict[str, torch.Tensor], items: np.ndarray, extension=None) -> dict[str, torch.Tensor]:
     """The state to store: the model's new state + the published candidates (B, K), as the
     (B, REC_LEN) int32 field, 0-padded (the list `score_events` will read at the next event).
     A new item of the open catalogue (a negative pool reference, models/newitems.py) is stored
-    as its tag (`new_item_tags`)."""
+    as its tag (`new_item_tags`), as is one of the new-item `extension` (models/newvectors.py)."""
     out = np.zeros((items.shape[0], REC_LEN), np.int32)
     n = min(REC_LEN, items.shape[1])
     head = items[:, :n]
     if (head < 0).any():
-        b, k = np.nonzero(head < 0)
+        ext = (extension.keys, extension.raw) if extension is not None else (None, None)
+        b, k, keys, _ = newitems.ref_rows(head, st, *ext)
         head = head.copy()
-        head[b, k] = new_item_tags(st["new_key"].cpu().numpy()[b, -head[b, k] - 1])
+        head[b, k] = new_item_tags(keys)
     out[:, :n] = head
     return {**st, REC_FIELD: torch.from_numpy(out)}
 

@@ -71,6 +71,7 @@ class SettingsFlags:
     exclude_seen: str | None = None
     repeat_path: str | None = None
     open_catalogue: bool | None = None
+    new_item_vectors: bool | None = None
     index: str | None = None
     session_gap_s: float | None = None
 

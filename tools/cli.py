@@ -120,6 +120,9 @@ def _settings_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--open-catalogue", action=argparse.BooleanOptionalAction, default=None,
                    help="new item ids (absent from the items) enter each user's repeat memory (default: on; "
                         "evaluate: also rank with them)")
+    p.add_argument("--new-item-vectors", action=argparse.BooleanOptionalAction, default=None,
+                   help="with the open catalogue: new items get a vector from their co-occurrences and join an "
+                        "exact explore extension (default: off; evaluate: also rank with it)")
     p.add_argument("--index", choices=INDEX_KINDS)
     p.add_argument("--session-gap-s", type=float)
 

@@ -1,11 +1,11 @@
 """What the open catalogue (models/newitems.py) costs the live batch step: processor time per
-micro-batch with it on and off, on the events of a real log whose item table holds only the items
+micro-batch with it off, on, and on with the new items' stream vectors (models/newvectors.py), on the events of a real log whose item table holds only the items
 of its train part (so the test part's new items are what the worker meets), and the stored row.
 
     python -m livemb.tools.experiments.open_catalogue_cost --data LOG [--columns ..] [--ts-unit s]
 
 The model is an untrained HierTCN (the step's cost depends on the shapes, not on the weights) over
-random unit vectors of the train part's items. Batches alternate on/off, each setting with its own
+random unit vectors of the train part's items. Batches alternate between the settings, each with its own
 processor, so both see the same load; the figures are the mean process (CPU) time per batch (the
 CPU clock can tick coarsely: a mean over many batches, not a median) and the median wall time.
 """
@@ -51,21 +51,28 @@ def main(argv: list[str] | None = None) -> None:
     events = [ValidEvent(str(r.user_id), r.item_id, int(r.ts), r.event_type, f"e{i}", 0, i)
               for i, r in enumerate(test.itertuples(index=False))]
     new_share = float((table.lookup(test["item_id"].to_numpy()) == 0).mean())
-    procs = {on: ModelProcessor(base.model_copy(update={"open_catalogue": on})) for on in (False, True)}
-    rows: dict[bool, dict[str, bytes]] = {False: {}, True: {}}
-    times: dict[bool, list[float]] = {False: [], True: []}
-    walls: dict[bool, list[float]] = {False: [], True: []}
+    modes = {"off": {"open_catalogue": False}, "on": {"open_catalogue": True},
+             "on+vectors": {"open_catalogue": True, "new_item_vectors": True}}
+    procs = {on: ModelProcessor(base.model_copy(update=upd)) for on, upd in modes.items()}
+    rows: dict[str, dict[str, bytes]] = {m: {} for m in modes}
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    walls: dict[str, list[float]] = {m: [] for m in modes}
+    indexed = 0
     for _ in range(a.rounds):
-        rows = {False: {}, True: {}}  # each round replays the test part from empty states
+        rows = {m: {} for m in modes}  # each round replays the test part from empty states
         for i in range(0, len(events), a.batch):
             batch = events[i : i + a.batch]
-            for on in (False, True):
+            for on in modes:
                 t0, w0 = time.process_time(), time.perf_counter()
                 res = procs[on].process(batch, {e.user_id: rows[on].get(e.user_id) for e in batch})
+                if res.new_item_evidence is not None:  # the fold of the record it reads back from the topic
+                    procs[on].apply_evidence(res.new_item_evidence)
+                    indexed = procs[on].indexed
                 times[on].append(time.process_time() - t0)
                 walls[on].append(time.perf_counter() - w0)
                 rows[on].update(res.states)
-    for on in (False, True):
+    print(f"new items with a stream vector at the end (the last round's worker): {indexed}")
+    for on in modes:
         cpu, wall = float(np.sum(times[on])), float(np.median(walls[on]))
         size = np.array([len(b) for b in rows[on].values()])
         print(f"open_catalogue={on}: {len(events)} events ({new_share:.1%} new items) x {a.rounds}, batch {a.batch}: "

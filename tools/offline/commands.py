@@ -96,7 +96,10 @@ def evaluate(a: EvaluateArgs, settings: Settings) -> dict:
                             drop_event_types=a.drop_event_types, repeat_path=settings.repeat_path,
                             exclude_seen=settings.exclude_seen,
                             item_vectors_kind=None if a.items else a.train.item_vectors,
-                            open_catalogue=settings.open_catalogue)
+                            open_catalogue=settings.open_catalogue,
+                            new_vectors={"window": settings.new_item_window, "cap": settings.new_item_cap,
+                                         "min_evidence": settings.new_item_min_evidence}
+                            if settings.new_item_vectors else None)
     report["dataset"]["source"] = str(a.data)
     report["dataset"]["items_source"] = (str(a.items) if a.items
                                          else f"built from the train part ({a.train.item_vectors})")

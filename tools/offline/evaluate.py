@@ -18,6 +18,7 @@ from livemb.core.extras import require
 from livemb.models.base import EVENT_TYPES
 from livemb.models.evaluation import DEFAULT_VARIANT, REPEATS, VARIANTS, build_model, evaluate_model, variant_name
 from livemb.models.newitems import key_sequences
+from livemb.models.newvectors import EVAL_STEP_MS, Timeline, log_timeline
 from livemb.models.repeat import Variant
 from livemb.models.replay import Sequence
 from livemb.models.train import TrainConfig, sequences_from_frame, train_model
@@ -36,7 +37,7 @@ def run_evaluation(df, table, models: list[str], train_cfg: TrainConfig, test_fr
                    device: str = "cpu", model_overrides: dict | None = None, progress: bool = True,
                    drop_event_types: bool = False, repeat_path: str | None = None,
                    exclude_seen: str | None = None, item_vectors_kind: str | None = None,
-                   open_catalogue: bool = False) -> dict:
+                   open_catalogue: bool = False, new_vectors: dict | None = None) -> dict:
     """Split, train each model, evaluate; returns the SPEC section 9 JSON structure.
     Each model's headline figures are those of the variant it serves (chosen from its training
     data, `SeqModel.served`); `repeat_path` / `exclude_seen` override its parts, as on the worker.
@@ -46,7 +47,10 @@ def run_evaluation(df, table, models: list[str], train_cfg: TrainConfig, test_fr
     stopping chooses on vectors rebuilt without its held-out tail (tools.data.item_embeddings.vectors_before).
     open_catalogue: the test phase also ranks with the new-item pool of the live worker
     (models/newitems.py); each result gains "open_catalogue" (its served-variant figures, the
-    all-events ones included, and how many targets were new items / in the user's pool)."""
+    all-events ones included, and how many targets were new items / in the user's pool).
+    new_vectors (with open_catalogue): {window, cap, min_evidence} of the new-item extension
+    (models/newvectors.py); each result gains "open_catalogue_vectors", the same figures with the
+    pool and the extension, and how many targets the extension ranked."""
     train_df, test_df = temporal_split(df, test_frac)
     train = sequences_from_frame(train_df, table)
     test = sequences_from_frame(test_df, table)
@@ -66,11 +70,16 @@ def run_evaluation(df, table, models: list[str], train_cfg: TrainConfig, test_fr
         hist = train_model(model, list(train.values()), train_cfg, progress=progress, vectors_before=before)
         train_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
-        variants = evaluate_model(model, train, test, progress=progress, group_types=group_types, open_keys=open_keys)
+        timeline = None
+        if open_keys is not None and new_vectors is not None:
+            timeline = _timeline(train, test, open_keys, vectors, model.cfg.session_gap_ms, new_vectors)
+        variants = evaluate_model(model, train, test, progress=progress, group_types=group_types, open_keys=open_keys,
+                                  new_vectors=timeline)
         opened = variants.pop("open_catalogue", None)
+        vectored = variants.pop("open_catalogue_vectors", None)
         skipped = variants.pop("targets_skipped_unknown_item")
         in_memory = variants.pop("targets_in_memory")
-        for key in ("targets_new_item", "targets_new_item_in_pool"):  # in the open-catalogue block
+        for key in ("targets_new_item", "targets_new_item_in_pool", "targets_new_item_in_index", "via_index"):
             variants.pop(key)
         session_start = variants.pop("session_start")
         after_type = variants.pop("after_event_type")
@@ -89,6 +98,18 @@ def run_evaluation(df, table, models: list[str], train_cfg: TrainConfig, test_fr
             log.info("%s open catalogue: %.4f / %.4f on all events, %d of %d targets new items (%d in the pool)", name,
                      opened[served]["all_events"]["recall@10"], opened[served]["all_events"]["mrr"],
                      opened["targets_new_item"], len(test_df), opened["targets_new_item_in_pool"])
+        if vectored is not None:
+            res["open_catalogue_vectors"] = _open_summary(vectored, served, len(test_df))
+            ext = timeline.evidence
+            res["open_catalogue_vectors"].update(
+                targets_new_item_in_index=vectored["targets_new_item_in_index"],
+                share_new_item_in_index=round(vectored["targets_new_item_in_index"] / max(len(test_df), 1), 4),
+                via_index=vectored["via_index"][variant_name(Variant.parse(served).repeat, "none")],
+                extension={"new_items_with_evidence": len(ext), "new_items_with_vector": len(ext.admitted()[0]),
+                           "pairs": ext.applied, "evicted": ext.evicted, **new_vectors, "step_ms": EVAL_STEP_MS})
+            log.info("%s open catalogue + vectors: %.4f / %.4f on all events, %d targets ranked through the extension",
+                     name, vectored[served]["all_events"]["recall@10"], vectored[served]["all_events"]["mrr"],
+                     vectored["targets_new_item_in_index"])
         results[name] = res
         log.info("%s (serves %s): recall@10 %.4f mrr %.4f on known targets, %.4f / %.4f on all events (%s, eval %.1fs)",
                  name, served, res["recall@10"], res["mrr"], res["all_events"]["recall@10"], res["all_events"]["mrr"],
@@ -103,6 +124,21 @@ def run_evaluation(df, table, models: list[str], train_cfg: TrainConfig, test_fr
         "open_catalogue": open_catalogue,
     }
     return {"dataset": dataset, "results": results}
+
+
+def _timeline(train: dict[str, Sequence], test: dict[str, Sequence], keys: tuple[dict, dict], vectors: np.ndarray,
+              gap_ms: int, cfg: dict) -> Timeline:
+    """The new-item extension over the whole log (train then test per user), snapshots at the
+    `EVAL_STEP_MS` boundaries of the test targets' times."""
+    empty = (np.zeros(0, np.int64),) * 3
+    seqs, ks = {}, {}
+    for user in set(train) | set(test):
+        a, b = train.get(user, empty), test.get(user, empty)
+        seqs[user] = tuple(np.concatenate([x, y]) for x, y in zip(a, b, strict=True))
+        ks[user] = np.concatenate([keys[0].get(user, np.zeros(len(a[0]), np.int64)),
+                                   keys[1].get(user, np.zeros(len(b[0]), np.int64))])
+    query = np.concatenate([s[2] for s in test.values()]) if test else np.zeros(0, np.int64)
+    return log_timeline(seqs, ks, vectors, query, gap_ms=gap_ms, step_ms=EVAL_STEP_MS, **cfg)
 
 
 def _open_summary(opened: dict, served: str, test_events: int) -> dict:
@@ -168,6 +204,14 @@ def open_catalogue_table(report: dict) -> str:
         rows.append(f"| {name} | {res['served_variant']} | {c['recall@10']:.4f} | {c['mrr']:.4f} "
                     f"| {o['all_events']['recall@10']:.4f} | {o['all_events']['mrr']:.4f} "
                     f"| {o['share_new_item']:.1%} | {o['share_new_item_in_pool']:.1%} |")
+    vec = [(name, res["open_catalogue_vectors"]) for name, res in report["results"].items() if "open_catalogue_vectors" in res]
+    if vec:
+        rows += ["", "| model | pool + stream vectors: recall@10 | mrr | new-item targets ranked by the extension "
+                 "| their recall@10 | new items with a vector |", "|---" * 6 + "|"]
+        for name, v in vec:
+            rows.append(f"| {name} | {v['all_events']['recall@10']:.4f} | {v['all_events']['mrr']:.4f} "
+                        f"| {v['share_new_item_in_index']:.1%} | {v['via_index']['recall@10']:.4f} "
+                        f"| {v['extension']['new_items_with_vector']} |")
     return "\n".join(rows)
 
 
