@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import orjson
+from kafka import TopicPartition
 
 from livemb.core.settings import Settings
 
@@ -64,8 +65,6 @@ class EvidenceReader:
         self.records = 0
 
     def poll(self) -> int:
-        from kafka import TopicPartition
-
         if self._consumer is None:
             self._consumer = self._factory()
             self._consumer.assign([TopicPartition(self.topic, 0)])
