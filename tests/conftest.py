@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import time
@@ -10,8 +11,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
+import torch
 
 from livemb.stream.broker import EmbeddedBroker, free_port
 from livemb.tools.harness import EMBEDDED_WORKER_ENV, http_get, worker_command
@@ -23,6 +26,16 @@ def pytest_configure(config: pytest.Config) -> None:
     # kafka-python 3 loads its protocol schemas with deprecated importlib.resources calls.
     config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:kafka.protocol.schemas.load_json")
     config.addinivalue_line("filterwarnings", "ignore:.*is deprecated. Use files:DeprecationWarning")
+
+
+@pytest.fixture(autouse=True)
+def _same_random_start() -> None:
+    """Every test starts from the same global RNG state, whatever ran before it in the process:
+    a model built without its own seed (initial weights from torch's global generator) then
+    trains the same in CI's full run as in a single test's rerun."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
 
 
 def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
