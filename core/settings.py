@@ -102,7 +102,7 @@ class Settings(BaseSettings):
         "are only counted as unknown_item")
     new_item_vectors: bool = Field(
         False, description="with open_catalogue: a new item that co-occurs in sessions with known items gets the "
-        "mean of their vectors and joins an exact explore extension beside the index, per worker "
+        "mean of their vectors and joins an exact explore extension beside the index, the same on every worker "
         "(models/newvectors.py); livemb evaluate also ranks with it. Off by default: on taobao-dev it did not "
         "help (docs/MODELS.md)")
     new_item_min_evidence: int = Field(
