@@ -117,7 +117,7 @@ def live_clicks(broker: str, topic: str, users: list[str], items: list[str], n: 
 def consume(broker: str, topic: str, timeout_s: float, stop: Callable[[dict], bool] | None = None,
             from_beginning: bool = True, security: dict | None = None) -> Iterator[dict]:
     """Yield decoded messages until `stop(msg)` is true or nothing arrives for `timeout_s`."""
-    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap_of(broker), group_id=None,
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap_of(broker), group_id=None, enable_auto_commit=False,
                              auto_offset_reset="earliest" if from_beginning else "latest",
                              consumer_timeout_ms=int(timeout_s * 1000), **(security or {}))
     try:
