@@ -46,7 +46,7 @@ def test_tiny_bench_run_end_to_end(tmp_path) -> None:
 
     out = tmp_path / "b.json"
     rc = main(["bench", "--users", "150", "--items-n", "600", "--days", "4", "--train-events", "400",
-               "--loads", "0.3", "--step-seconds", "3", "--skip-offline", "--workdir", str(tmp_path),
+               "--loads", "0.3", "--step-seconds", "3", "--live-max", "100", "--skip-offline", "--workdir", str(tmp_path),
                "--json", str(out), "--plot", str(tmp_path / "b.png")])
     assert rc == 0
     r = json.loads(out.read_text())
@@ -57,6 +57,8 @@ def test_tiny_bench_run_end_to_end(tmp_path) -> None:
     assert r["worker"]["events_per_s"] > 0 and r["passthrough"]["events_per_s"] > 0
     assert r["ratio_worker_passthrough"] == round(r["worker"]["events_per_s"] / r["passthrough"]["events_per_s"], 3)
     (step,) = r["latency"]
+    assert r["live_max_per_s"] == 100 and step["offered_per_s"] == 30  # --live-max pins the offered rate
+    assert r["scale_out_ratio"] == round(r["two_workers"]["events_per_s"] / r["worker"]["events_per_s"], 3)
     assert step["sent"] > 0 and step["messages"] > 0  # live clicks came back as recommendations
     assert 0 < step["p50_ms"] <= step["p99_ms"]
     assert r["worker"]["cpu_s_per_1k_events"] > 0 and step["cpu_s_per_1k_events"] > 0  # cost per click

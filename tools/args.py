@@ -332,6 +332,7 @@ class BenchArgs(SettingsArgs):
     train_events: int
     loads: list[float]
     step_seconds: float
+    live_max: float
     soak: float
     soak_load: float
     big_items: int

@@ -303,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loads", type=lambda v: [float(x) for x in v.split(",")], default=[0.1, 0.25, 0.5, 0.75],
                    help="offered load steps, fractions of the measured max")
     p.add_argument("--step-seconds", type=float, default=15.0)
+    p.add_argument("--live-max", type=float, default=0.0, metavar="EVENTS_PER_S",
+                   help="the 100 %% of --loads in events/s (default: the worker's measured backfill max); "
+                   "pins the offered rates so that two runs offer the same clicks")
     p.add_argument("--soak", type=float, default=0.0, metavar="SECONDS", help="add a long step at --soak-load")
     p.add_argument("--soak-load", type=float, default=0.5)
     p.add_argument("--big-items", type=int, default=0, metavar="N",
