@@ -1,4 +1,4 @@
-"""Where a live batch's time goes, in process (no broker): `ModelProcessor.process` step by step.
+"""Where a live batch's time goes, in process (no broker): `ModelProcessor.process` or the whole batch step.
 
     python -m livemb.tools.bench.livebatch                      # 4,000 warm users, 50,000 items, HierTCN
     python -m livemb.tools.bench.livebatch --profile 10         # plus cProfile of batches of 10 users
