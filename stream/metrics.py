@@ -14,6 +14,7 @@ import threading
 from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import orjson
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -160,14 +161,12 @@ class Metrics:
     def observe_quality(self, q: OnlineQuality, model: str = "champion") -> None:
         """Add one batch's online quality counts of `model` (one of `MODELS`)."""
         assert model in MODELS, model
-        for t, et in enumerate(EVENT_TYPES):
-            if q.targets[t]:
-                self.online_targets.labels(et, model).inc(int(q.targets[t]))
-                self.online_rr.labels(et, model).inc(float(q.rr_sum[t]))
-            for j, k in enumerate(KS):
-                for s, src in enumerate(SOURCES):
-                    if q.hits[j, s, t]:
-                        self.online_hits.labels(str(k), src, et, model).inc(int(q.hits[j, s, t]))
+        for t in np.flatnonzero(q.targets):  # the nonzero counts only (a live batch has a few)
+            et = EVENT_TYPES[t]
+            self.online_targets.labels(et, model).inc(int(q.targets[t]))
+            self.online_rr.labels(et, model).inc(float(q.rr_sum[t]))
+        for j, s, t in zip(*np.nonzero(q.hits), strict=True):
+            self.online_hits.labels(str(KS[j]), SOURCES[s], EVENT_TYPES[t], model).inc(int(q.hits[j, s, t]))
 
     def set_shadow_model(self, model: str, version: str, device: str) -> None:
         self._shadow = _set_info(self.shadow_model_info, self._shadow, (model, version, device))

@@ -76,3 +76,19 @@ def test_live_batch_step_by_step_in_process(tmp_path) -> None:
     assert abs(sum(one[k] for k in (*STEPS, "other")) - one["total"]) < 1e-9
     (row,) = measure(lb, [5], reps=3)
     assert row["batch"] == 5 and abs(row["ms_per_user"]["total"] - row["ms"]["total"] / 5) <= 1e-3
+
+
+def test_live_batch_whole_step_in_process(tmp_path) -> None:
+    """tools/bench/livebatch.py --step: the worker's batch step over RocksDB rows; every event is
+    applied (the warm rows hold the users' offsets), one message per user, the parts add up."""
+    from livemb.tools.bench.livebatch import STEP_PARTS, LiveBatches, LiveSteps, measure
+
+    ls = LiveSteps(LiveBatches(tmp_path, users=40, items=300, warm_events=1), tmp_path, idle_ms=1)
+    one = ls.batch(3)
+    assert len(ls.sink.records) == 3 and {r.topic for r in ls.sink.records} == {"recommendations"}
+    assert ls.step.metrics.event_count("ok") == 3 + 3 * 40  # the warm-up's and this batch's, none skipped
+    assert all(one[k] > 0 for k in ("validate", "read", "guard", "process", "write", "observe", "cpu"))
+    parts = sum(one[k] for k in STEP_PARTS if k != "cpu")
+    assert abs(parts - one["total"]) < 1e-9
+    (row,) = measure(ls, [2], reps=2)
+    assert row["batch"] == 2

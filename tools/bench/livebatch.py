@@ -1,7 +1,8 @@
-"""Where a live batch's time goes, in process (no broker): `ModelProcessor.process` step by step.
+"""Where a live batch's time goes, in process (no broker): `ModelProcessor.process` or the whole batch step.
 
     python -m livemb.tools.bench.livebatch                      # 4,000 warm users, 50,000 items, HierTCN
     python -m livemb.tools.bench.livebatch --profile 10         # plus cProfile of batches of 10 users
+    python -m livemb.tools.bench.livebatch --step               # the worker's whole batch step instead
 
 Random users, one click each (what `livemb bench`'s live steps send), batches of 1-30 users over
 warm states (each user stepped through a few events first). The processor's own objects are
@@ -11,16 +12,28 @@ timed by the processor), model step, candidates (faiss / flat search + the
 repeat path), messages (the output JSON), encode (tensors -> rows), and the rest of `process`
 (grouping). Figures are ms per batch and per user (median of the
 repeats); `--profile B` prints the top functions by own time for batches of B users.
+
+`--step` times the worker's whole batch step (stream/batch.py, steps 1-7 and the metrics) instead:
+input records (the bench's click JSON) -> validate -> state rows read from RocksDB (rocksdict
+with Faust's options, one db per partition, as the worker's table store; no changelog producer)
+-> guard -> the same processor -> an in-memory sink (no broker round trip) -> rows written ->
+Prometheus metrics. Figures: ms per batch per step (wall clock), `process` the processor call
+inside step 5, `step5_rest` the rest of step 5, `observe` the metrics after step 7, `loop` the
+event loop running the step's task, `cpu` the thread's CPU time of the whole step (below `total`
+on a busy machine). `--idle-ms T` sleeps T ms before each batch, as the worker waits for acks and
+the next fetch between batches: the caches cool down.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import cProfile
 import io
 import json
 import pstats
 import random
+import shutil
 import sys
 import time
 from collections import defaultdict
@@ -28,12 +41,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import orjson
 import torch
+from faust.stores.rocksdb import RocksDBOptions
 
 from livemb.core.items import ItemTable
 from livemb.core.settings import Settings
 from livemb.models.checkpoint import save_checkpoint
 from livemb.models.evaluation import build_model
+from livemb.stream.batch import TIMED_STEPS, BatchStep, Step
+from livemb.stream.metrics import Metrics
+from livemb.stream.ports import InputRecord, OutputRecord
 from livemb.stream.processor import ModelProcessor
 from livemb.stream.validate import ValidEvent
 from livemb.tools.bench.components import structured_item_vectors
@@ -118,7 +136,101 @@ class LiveBatches:
         return out
 
 
-def measure(lb: LiveBatches, sizes: list[int], reps: int = 60) -> list[dict]:
+class RocksStore:
+    """StateStore over one rocksdict db per partition, opened with Faust's RocksDB options (what the
+    worker's table store reads and writes, without Faust's table wrapper and changelog)."""
+
+    def __init__(self, path: Path, partitions: int) -> None:
+        shutil.rmtree(path, ignore_errors=True)  # a fresh store: the offsets start at 0
+        opts = RocksDBOptions(use_rocksdict=True)
+        self.dbs = [opts.open(path / f"p{p}") for p in range(partitions)]
+
+    def get(self, user_id: str, at: InputRecord) -> bytes | None:
+        return self.dbs[at.partition].get(user_id.encode())
+
+    def put(self, user_id: str, row: bytes, at: InputRecord) -> None:
+        self.dbs[at.partition].put(user_id.encode(), row)
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.records: list[OutputRecord] = []
+
+    async def publish(self, records) -> None:
+        self.records.extend(records)
+
+
+class TimedStep(BatchStep):
+    """The batch step with its own step marks kept (the metrics' marks, `livemb_batch_step_seconds`)."""
+
+    async def run(self, records: list[InputRecord]):
+        report = await super().run(records)
+        self.end = time.perf_counter()
+        return report
+
+    def finished(self, step: Step, marks: list[float]) -> None:
+        super().finished(step, marks)
+        self.marks = marks
+
+
+STEP_PARTS = ("gaps", "validate", "read", "guard", "process", "step5_rest", "publish", "write", "observe", "loop", "cpu")
+
+
+class LiveSteps:
+    """The worker's batch step over the processor of `lb` and a RocksDB store of its warm users."""
+
+    def __init__(self, lb: LiveBatches, work: Path, partitions: int = 4, idle_ms: float = 0.0) -> None:
+        self.lb, self.partitions, self.idle_s = lb, partitions, idle_ms / 1000
+        self.store = RocksStore(work / "rocks", partitions)
+        self.sink = ListSink()
+        self.offsets = [0] * partitions
+        self.loop = asyncio.new_event_loop()
+        self.step = TimedStep(lb.proc.settings, lb.proc, self.store, self.sink, Metrics())
+        self.acc: dict[str, float] = defaultdict(float)
+        users = lb.users
+        for i in range(0, len(users), 500):  # warm: the users' rows through the step itself
+            for _ in range(3):
+                self._run(users[i:i + 500])
+        p = lb.proc
+        p.process = _timed(p.process, "process", self.acc)
+
+    def _records(self, users: list[str]) -> list[InputRecord]:
+        out = []
+        for u in users:
+            part = int(u[1:]) % self.partitions
+            self.lb.seq += 1
+            doc = {"user_id": u, "item_id": self.lb.rng.choice(self.lb.item_ids), "ts": int(time.time() * 1000),
+                   "event_id": f"bench-{self.lb.seq}"}
+            out.append(InputRecord("interactions", part, self.offsets[part], u.encode(), orjson.dumps(doc)))
+            self.offsets[part] += 1
+        return out
+
+    def _run(self, users: list[str]) -> tuple[float, float]:
+        """One batch step over one click of each user: its wall-clock and CPU seconds."""
+        self.sink.records.clear()
+        records = self._records(users)
+        t, c = time.perf_counter(), time.thread_time()
+        self.loop.run_until_complete(self.step.run(records))
+        return time.perf_counter() - t, time.thread_time() - c
+
+    def batch(self, B: int) -> dict[str, float]:
+        self.acc.clear()
+        users = self.lb.rng.sample(self.lb.users, B)
+        if self.idle_s:  # the worker waits between batches (acks, the next fetch): caches cool down
+            time.sleep(self.idle_s)
+        total, cpu = self._run(users)
+        m = self.step.marks
+        out = {s.value: b - a for s, (a, b) in zip(TIMED_STEPS, zip(m, m[1:], strict=False), strict=True)}
+        out["step5_rest"] = out.pop("process") - self.acc["process"]
+        out["process"] = self.acc["process"]
+        out["observe"] = self.step.end - m[-1]  # the batch's metrics and counts, after step 7
+        out["loop"] = total - (self.step.end - m[0])  # the event loop running the step's task
+        out["cpu"], out["total"] = cpu, total
+        out = {k: out[k] for k in (*STEP_PARTS, "total")}
+        return out
+
+
+def measure(lb: LiveBatches | LiveSteps, sizes: list[int], reps: int = 60) -> list[dict]:
     """Median ms per step per batch and per user, for each batch size."""
     rows = []
     for B in sizes:
@@ -131,7 +243,7 @@ def measure(lb: LiveBatches, sizes: list[int], reps: int = 60) -> list[dict]:
     return rows
 
 
-def profile(lb: LiveBatches, B: int, reps: int = 100, top: int = 25) -> str:
+def profile(lb: LiveBatches | LiveSteps, B: int, reps: int = 100, top: int = 25) -> str:
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(reps):
@@ -142,8 +254,8 @@ def profile(lb: LiveBatches, B: int, reps: int = 100, top: int = 25) -> str:
     return out.getvalue()
 
 
-def table(rows: list[dict]) -> str:
-    head = ["batch", *STEPS, "other", "total"]
+def table(rows: list[dict], parts: tuple[str, ...] = (*STEPS, "other")) -> str:
+    head = ["batch", *parts, "total"]
     lines = ["| users | " + " | ".join(head[1:]) + " | total per user |", "|" + "---|" * (len(head) + 1)]
     for r in rows:
         lines.append(f"| {r['batch']} | " + " | ".join(f"{r['ms'][k]:.2f}" for k in head[1:])
@@ -159,14 +271,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="1,3,10,30")
     ap.add_argument("--reps", type=int, default=60)
     ap.add_argument("--profile", type=int, default=0, help="cProfile batches of this many users")
+    ap.add_argument("--step", action="store_true", help="time the worker's whole batch step (RocksDB rows, "
+                    "metrics; no broker) instead of the processor's parts")
+    ap.add_argument("--idle-ms", type=float, default=0.0, help="with --step: sleep this long before each batch "
+                    "(the worker's wait between batches; 0: back to back)")
     ap.add_argument("--workdir", default="runs/livebatch")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    lb = LiveBatches(work, a.users, a.items, a.model)
+    lb: LiveBatches | LiveSteps = LiveBatches(work, a.users, a.items, a.model)
+    if a.step:
+        lb = LiveSteps(lb, work, idle_ms=a.idle_ms)
     rows = measure(lb, [int(x) for x in a.sizes.split(",")], a.reps)
-    print(table(rows))
+    print(table(rows, STEP_PARTS if a.step else (*STEPS, "other")))
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     if a.profile:
