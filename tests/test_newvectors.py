@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from livemb.core.items import ItemTable
+from livemb.core.settings import Settings
 from livemb.models import newitems, repeat
 from livemb.models.base import session_flags
 from livemb.models.evaluation import build_model, evaluate_model
@@ -14,6 +15,7 @@ from livemb.models.metrics import ranks_from_explore, ranks_of
 from livemb.models.newvectors import Evidence, Timeline, log_timeline, sessions, window_pairs
 from livemb.models.train import TrainConfig, sequences_from_frame, train_model
 from livemb.tools.data.synth import synth_log
+from tests.test_open_catalogue import new_items_checkpoint
 
 GAP = 1000
 
@@ -208,18 +210,8 @@ def test_live_pairs_from_the_state_equal_the_log_pairs(tiny_model, events, split
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A checkpoint + item table for the worker's processor (a quarter of the log's items left out)."""
-    from livemb.core.settings import Settings
-    from livemb.models.checkpoint import save_checkpoint
-
     tmp = tmp_path_factory.mktemp("newvec")
-    df, ids, vecs = synth_log(users=30, items=80, days=4, seed=7, dim=16)
-    keep = np.arange(len(ids)) % 4 != 0
-    table = ItemTable(ids[keep], vecs[keep])
-    table.save(tmp / "items.npz")
-    torch.manual_seed(0)
-    model = build_model("hiertcn", table.padded_vectors(), hidden=32, channels=16)
-    train_model(model, list(sequences_from_frame(df, table).values()), TrainConfig(epochs=1), progress=False)
-    save_checkpoint(tmp / "m.pt", model, table.fingerprint)
+    _, table = new_items_checkpoint(tmp)
     # topk above the catalogue: every candidate is listed, so membership is a test of the wiring alone
     settings = Settings(model_path=str(tmp / "m.pt"), items_path=str(tmp / "items.npz"), topk=len(table) + 10,
                         new_item_vectors=True, new_item_min_evidence=2)

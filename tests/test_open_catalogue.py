@@ -26,10 +26,9 @@ from livemb.tools.offline.commands import embed_users
 T0 = 1_700_000_000_000
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """A small HierTCN whose item table lacks a quarter of the log's items (born after training)."""
-    tmp = tmp_path_factory.mktemp("open")
+def new_items_checkpoint(tmp):
+    """A small HierTCN whose item table lacks a quarter of the log's items (born after training),
+    saved as tmp/m.pt + tmp/items.npz; returns (log, table). Shared with tests/test_newvectors.py."""
     df, ids, vecs = synth_log(users=30, items=80, days=4, seed=7, dim=16)
     keep = np.arange(len(ids)) % 4 != 0
     table = ItemTable(ids[keep], vecs[keep])
@@ -38,6 +37,13 @@ def served(tmp_path_factory):
     model = build_model("hiertcn", table.padded_vectors(), hidden=32, channels=16)
     train_model(model, list(sequences_from_frame(df, table).values()), TrainConfig(epochs=1), progress=False)
     save_checkpoint(tmp / "m.pt", model, table.fingerprint)
+    return df, table
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("open")
+    df, table = new_items_checkpoint(tmp)
     settings = Settings(model_path=str(tmp / "m.pt"), items_path=str(tmp / "items.npz"), topk=10)
     return df, table, settings
 
