@@ -50,7 +50,7 @@ def decode(value: bytes) -> tuple[np.ndarray, list[str], list[str]]:
 class EvidenceSink(Protocol):
     generation: int  # changes when the sink started over (an item-table swap): read again from the start
 
-    def apply_evidence(self, value: bytes) -> int: ...
+    def apply_evidence(self, *values: bytes) -> int: ...
 
 
 class EvidenceReader:
@@ -73,10 +73,9 @@ class EvidenceReader:
             self._generation = self.sink.generation
             log.info("reading new-item evidence from the start of %s", self.topic)
         batch = self._consumer.poll(timeout_ms=0, max_records=POLL_RECORDS)
-        pairs = 0
-        for rec in sorted((r for rs in batch.values() for r in rs), key=lambda r: r.offset):
-            pairs += self.sink.apply_evidence(rec.value)
-            self.records += 1
+        records = sorted((r for rs in batch.values() for r in rs), key=lambda r: r.offset)
+        pairs = self.sink.apply_evidence(*(r.value for r in records)) if records else 0
+        self.records += len(records)
         if self.metrics is not None:
             self.metrics.new_item_evidence.inc(pairs)
             self.metrics.new_items_indexed.set(self.sink.indexed)

@@ -175,22 +175,26 @@ class ModelProcessor:
         """New items in the explore extension (livemb_new_items_indexed)."""
         return 0 if self.extension is None else len(self.extension)
 
-    def apply_evidence(self, value: bytes) -> int:
-        """Fold one record of the evidence topic (stream/evidence.py) and rebuild the extension the
-        next batch searches; returns the pairs folded (a pair whose known item this worker's item
-        table lacks is skipped)."""
+    def apply_evidence(self, *values: bytes) -> int:
+        """Fold records of the evidence topic (stream/evidence.py), in the order given, and rebuild
+        the extension the next batch searches once; returns the pairs folded (a pair whose known
+        item this worker's item table lacks is skipped)."""
         if self.evidence is None:
             return 0
-        keys, new_ids, known = evidence.decode(value)
-        idx = self.serving.table.lookup(np.array(known, dtype=object)) if known else np.zeros(0, np.int64)
-        ok = np.flatnonzero((idx > 0) & (keys > 0))
-        if not len(ok):
-            return 0
-        _, raw = newitems.keys_of([new_ids[j] for j in ok])
-        vecs = self.serving.model.item_vecs[torch.from_numpy(idx[ok]).to(self.device)].cpu().numpy()
-        self.evidence.add(keys[ok], vecs, raw)
-        self.extension = newvectors.Extension(self.evidence, self.device)
-        return len(ok)
+        folded = 0
+        for value in values:
+            keys, new_ids, known = evidence.decode(value)
+            idx = self.serving.table.lookup(np.array(known, dtype=object)) if known else np.zeros(0, np.int64)
+            ok = np.flatnonzero((idx > 0) & (keys > 0))
+            if not len(ok):
+                continue
+            _, raw = newitems.keys_of([new_ids[j] for j in ok])
+            vecs = self.serving.model.item_vecs[torch.from_numpy(idx[ok]).to(self.device)].cpu().numpy()
+            self.evidence.add(keys[ok], vecs, raw)
+            folded += len(ok)
+        if folded:  # one rebuild per poll, not per record
+            self.extension = newvectors.Extension(self.evidence, self.device)
+        return folded
 
     def idle_messages(self, states: dict[str, bytes], last_ts: dict[str, int]) -> list[tuple[str, bytes]]:
         """The idle-session sweep (stream/sweep.py): for each user, a message whose embedding is the
