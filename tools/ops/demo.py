@@ -141,7 +141,7 @@ def run_demo(args: DemoArgs, settings: Settings) -> int:
             if lat:
                 lat.sort()
                 p50, p99 = lat[len(lat) // 2], lat[min(len(lat) - 1, int(0.99 * len(lat)))]
-                print(f"  live phase: {n_live} clicks at {rate:.0f}/s -> {len(lat)} messages; "
+                print(f"  live phase: {n_live} clicks at {rate:.0f}/s -> {len(lat)} messages (one per user and batch); "
                       f"event-to-publish p50 {p50} ms, p99 {p99} ms (from the messages' event_ts/emitted_at)")
             q = {p: quantile_from_text(text, "livemb_ingest_to_publish_seconds", p) for p in (0.5, 0.99)}
             print(f"  ingest-to-publish (histogram bucket bounds, all events): p50 <= {q[0.5] * 1000:.0f} ms, "
