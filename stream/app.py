@@ -25,6 +25,7 @@ from livemb.stream.batch import BatchStep
 from livemb.stream.batching import adaptive_batches
 from livemb.stream.evidence import EvidenceReader
 from livemb.stream.gap_repair import GapRepair
+from livemb.stream.heap import freeze_startup_objects
 from livemb.stream.kafka_io import BrokerUnreachable, bootstrap_of, plain_consumer, wait_for_broker
 from livemb.stream.lag import LagTracker
 from livemb.stream.logs import quiet_repeats
@@ -146,6 +147,7 @@ def make_app(settings: Settings, processor: BatchProcessor, metrics: Metrics,
     @app.agent(t_in)
     async def interactions(stream: Any) -> None:
         faust_compat.widen_producer_buffer(app, 2 * settings.batch_max_events)
+        freeze_startup_objects()  # start-up is over: full collections walk only what comes later
         try:
             async for batch in adaptive_batches(stream, settings.batch_max_events, settings.batch_max_wait_ms / 1000):
                 await debug_stall()

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+from livemb.stream.heap import refreeze
 from livemb.stream.metrics import Metrics
 from livemb.stream.ports import BatchProcessor
 
@@ -84,7 +85,8 @@ def install_sighup(processor: BatchProcessor) -> None:
 
 
 def reload_tick(processor: BatchProcessor, metrics: Metrics) -> None:
-    processor.maybe_reload()
+    if processor.maybe_reload():
+        refreeze()  # the old set's cycles are collected, the new set leaves the full scans (stream/heap.py)
     for result, n in processor.reload_counts.items():
         seen = metrics.registry.get_sample_value("livemb_model_reloads_total", {"result": result}) or 0.0
         if n > seen:  # counters only go up: add what happened since the last tick

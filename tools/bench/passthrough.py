@@ -25,6 +25,7 @@ from livemb.core.settings import load_settings
 from livemb.stream import faust_compat
 from livemb.stream.app import TopicSink, faust_config
 from livemb.stream.batching import adaptive_batches
+from livemb.stream.heap import freeze_startup_objects
 from livemb.stream.metrics import Metrics, serve
 from livemb.stream.ports import OutputRecord
 
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     @app.agent(t_in)
     async def passthrough(stream: Any) -> None:
         faust_compat.widen_producer_buffer(app, 2 * s.batch_max_events)
+        freeze_startup_objects()  # as the worker does: the ceiling runs the same runtime
         async for batch in adaptive_batches(stream, s.batch_max_events, s.batch_max_wait_ms / 1000):
             await sink.publish([OutputRecord(a.topic_out, ev.message.key, ev.message.value) for ev in batch])
             metrics.count(Counter(ok=len(batch)))
