@@ -70,7 +70,15 @@ class Settings(BaseSettings):
     # for the whole wait even when data arrives meanwhile: events waited ~wait/2 before the agent
     # saw them (live at 600/s: p50 182 ms at 50, 156 ms at 10). A correct broker answers as soon as
     # data arrives, so a low wait only adds idle fetches (100/s per broker connection at 10).
-    fetch_max_wait_ms: int = Field(10, ge=1, description="longest a consumer fetch waits for data (ms)")
+    fetch_max_wait_ms: int = Field(
+        10, ge=1, description="how long a consumer fetch waits for data (ms); raised towards fetch_max_wait_cap_ms "
+        "only while the broker returns nothing that it holds")
+    # Tansu also stops looking for records when the wait is up, and its look grows with the
+    # partition: the worker raises the wait while the broker returns nothing it has
+    # (stream/fetch_wait.py), up to this.
+    fetch_max_wait_cap_ms: int = Field(
+        1000, ge=1, description="highest fetch wait the worker raises to while the broker returns nothing that it "
+        "holds (ms)")
     # aiokafka's 16 KiB default holds ~6 output messages (2.6 KB each): every further send waited
     # for a broker round trip, 0.5-0.8 ms per message (docs/BENCHMARKS.md). Kept under the
     # broker's default message.max.bytes (1 MiB).
@@ -192,6 +200,13 @@ class Settings(BaseSettings):
         if self.topic_min_insync > self.topic_replication:
             raise ValueError(f"topic_min_insync {self.topic_min_insync} > topic_replication {self.topic_replication}: "
                              "no write could ever be acknowledged")
+        return self
+
+    @model_validator(mode="after")
+    def _fetch_wait_fits(self) -> Settings:
+        if self.fetch_max_wait_cap_ms < self.fetch_max_wait_ms:
+            raise ValueError(f"fetch_max_wait_cap_ms {self.fetch_max_wait_cap_ms} < fetch_max_wait_ms "
+                             f"{self.fetch_max_wait_ms}: the cap is the highest the wait may be raised to")
         return self
 
     @model_validator(mode="after")

@@ -19,6 +19,7 @@ from typing import Any
 
 import aiokafka
 import faust.streams
+from aiokafka.consumer.fetcher import Fetcher
 from faust.stores.rocksdb import Store as RocksDBStore
 from faust.tables.recovery import Recovery
 from faust.tables.table import Table
@@ -26,6 +27,7 @@ from faust.transport.consumer import Consumer
 from faust.transport.producer import Producer, ProducerBuffer
 
 from livemb.state.guard import keep_newer
+from livemb.stream.fetch_wait import FetchWait
 
 log = logging.getLogger("livemb.worker")
 
@@ -39,6 +41,7 @@ PRIVATE_API: tuple[tuple[object, str], ...] = (
     (Table, "_new_store_by_url"),
     (faust.streams, "_current_event"),
     (aiokafka, "AIOKafkaConsumer"),
+    (Fetcher, "_proc_fetch_request"),  # and its instance attributes, checked in adapt_fetch_wait
     (Recovery, "_build_highwaters"),
     (Recovery, "_build_offsets"),
     (Recovery, "active_remaining_total"),
@@ -115,13 +118,15 @@ def current_event(event: Any) -> Iterator[None]:
         faust.streams._current_event.reset(token)
 
 
-def tune_fetch_wait(ms: int) -> None:
-    """Give every aiokafka consumer created afterwards `fetch_max_wait_ms=ms`.
+def tune_fetch_wait(floor_ms: int, cap_ms: int, on_change: Callable[[int], None] | None = None) -> None:
+    """Give every aiokafka consumer created afterwards a fetch wait of `floor_ms`, raised towards
+    `cap_ms` while the broker returns nothing that it has (stream/fetch_wait.py says when and why).
 
-    Why: faust-streaming 0.15.3 hard-codes fetch_max_wait_ms=1500 with no setting. Measured on
-    Tansu, a fetch that finds no data waits that long even when data arrives meanwhile, which
-    dominated event-to-publish latency. Faust's driver looks the class up on the module when it
-    creates the consumer, so the module attribute is replaced (idempotent: it wraps the original).
+    Why the floor: faust-streaming 0.15.3 hard-codes fetch_max_wait_ms=1500 with no setting.
+    Measured on Tansu, a fetch that finds no data waits that long even when data arrives meanwhile,
+    which dominated event-to-publish latency. Faust's driver looks the class up on the module when
+    it creates the consumer, so the module attribute is replaced (idempotent: it wraps the original).
+    `on_change(ms)`: called when the wait changes (a gauge).
     """
     base = getattr(aiokafka.AIOKafkaConsumer, "_livemb_base", aiokafka.AIOKafkaConsumer)
 
@@ -129,10 +134,46 @@ def tune_fetch_wait(ms: int) -> None:
         _livemb_base = base
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            kwargs["fetch_max_wait_ms"] = ms
+            kwargs["fetch_max_wait_ms"] = floor_ms
             super().__init__(*args, **kwargs)
 
+        async def start(self) -> None:
+            await super().start()
+            adapt_fetch_wait(self._fetcher, FetchWait(floor_ms, cap_ms), on_change)
+
     aiokafka.AIOKafkaConsumer = Consumer
+
+
+def adapt_fetch_wait(fetcher: Fetcher, wait: FetchWait, on_change: Callable[[int], None] | None = None) -> None:
+    """Wrap the fetcher's per-request coroutine: after each response, `wait.after_fetch` sets the
+    wait of the next request (aiokafka reads `_fetch_max_wait_ms` whenever it builds one).
+    A request asks only for partitions with nothing buffered, so a partition found in `_records`
+    after the response got records (or an error) from it."""
+    for name in ("_fetch_max_wait_ms", "_records"):
+        if not hasattr(fetcher, name):
+            raise RuntimeError(f"aiokafka's Fetcher has no {name} (pinned for aiokafka 0.14): fetch wait not adaptable")
+    inner = fetcher._proc_fetch_request
+    fetcher._fetch_max_wait_ms = wait.ms
+    peak = [wait.ms]
+
+    async def proc_fetch_request(assignment: Any, node_id: int, request: Any) -> bool:
+        t0 = time.monotonic()
+        woke = await inner(assignment, node_id, request)
+        asked = [(aiokafka.TopicPartition(topic, p), offset) for topic, parts in request.topics for p, offset, _ in parts]
+        got = any(tp in fetcher._records for tp, _ in asked)
+        states = [(assignment.state_value(tp), offset) for tp, offset in asked] if assignment.active else []
+        more = any(st is not None and st.highwater is not None and st.highwater > offset for st, offset in states)
+        before = fetcher._fetch_max_wait_ms
+        now = fetcher._fetch_max_wait_ms = wait.after_fetch(1000 * (time.monotonic() - t0), got, more)
+        if now != before and on_change is not None:
+            on_change(now)
+        if now > peak[0]:  # a new high only: the wait goes up and down as the partition's walk nears it
+            peak[0] = now
+            log.info("fetch wait raised to %d ms (a new high): the broker returned nothing though it holds records "
+                     "past the fetch offset (it stops looking when the wait is up)", now)
+        return woke
+
+    fetcher._proc_fetch_request = proc_fetch_request
 
 
 def widen_producer_buffer(app: Any, max_messages: int) -> None:

@@ -89,6 +89,9 @@ class Metrics:
         self.consumer_lag = Gauge(p + "consumer_lag", "Input records still to process, per assigned partition "
                                   "(fetch high-water - processed position; stream/lag.py)", ["partition"], registry=r)
         self.users_in_state = Gauge(p + "users_in_state", "Users with a state row", registry=r)
+        self.fetch_wait = Gauge(p + "fetch_max_wait_seconds", "The input consumer's current fetch wait: raised above "
+                                "fetch_max_wait_ms while the broker returns nothing it holds (stream/fetch_wait.py)",
+                                registry=r)
         self.new_items_indexed = Gauge(p + "new_items_indexed", "New items (absent from the item table) with a "
                                        "stream vector in this worker's explore extension", registry=r)
         self.new_item_evidence = Counter(p + "new_item_evidence_total", "Co-occurrence pairs of a new item with a "
