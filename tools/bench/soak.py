@@ -5,7 +5,7 @@ a long time, watching what leaks: RSS growth after warm-up, consumer lag, error 
 2. max rate: the log replayed as fast as possible, events/s from the worker's own counter
 3. soak: wall-clock-stamped clicks at `--load` x max for `--seconds`, sampled every `--every` s
 4. a JSON report and a table; exit 1 when the worker fell behind (more than KEPT_UP_S seconds of
-   clicks still waiting at the end); everything started is stopped (by PID)
+   the offered clicks sent and not applied when the clicks stop); everything started is stopped (by PID)
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def run_soak(args: SoakArgs, settings: Settings) -> int:
         rss_after_warmup_mb=warm[0]["rss_mb"], rss_end_mb=samples[-1]["rss_mb"],
         rss_growth_pct=round(100 * (samples[-1]["rss_mb"] / warm[0]["rss_mb"] - 1), 1),
         lag_max=max(s["lag"] for s in samples), lag_end=samples[-1]["lag"], error_log_lines=len(errors),
-        events_sent=samples[-1]["sent"], fetch_wait_end_ms=samples[-1]["fetch_wait_ms"],
+        events_sent=sent, fetch_wait_end_ms=samples[-1]["fetch_wait_ms"],
         kept_up=report["backlog_end"] <= KEPT_UP_S * rate,
     )
     if args.json:
