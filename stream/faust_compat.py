@@ -144,6 +144,16 @@ def tune_fetch_wait(floor_ms: int, cap_ms: int, on_change: Callable[[int], None]
     aiokafka.AIOKafkaConsumer = Consumer
 
 
+async def started_consumer(floor_ms: int, cap_ms: int, **kwargs: Any) -> aiokafka.AIOKafkaConsumer:
+    """aiokafka's own consumer (not the class `tune_fetch_wait` installs for Faust), started, with
+    the same adaptive fetch wait: for readers outside the worker (the bench's output reader)."""
+    base = getattr(aiokafka.AIOKafkaConsumer, "_livemb_base", aiokafka.AIOKafkaConsumer)
+    consumer = base(fetch_max_wait_ms=floor_ms, **kwargs)
+    await consumer.start()
+    adapt_fetch_wait(consumer._fetcher, FetchWait(floor_ms, cap_ms))
+    return consumer
+
+
 def adapt_fetch_wait(fetcher: Fetcher, wait: FetchWait, on_change: Callable[[int], None] | None = None) -> None:
     """Wrap the fetcher's per-request coroutine: after each response, `wait.after_fetch` sets the
     wait of the next request (aiokafka reads `_fetch_max_wait_ms` whenever it builds one).

@@ -91,3 +91,18 @@ def test_a_consumer_keeps_reading_a_partition_too_long_for_a_10_ms_fetch(broker:
         aiokafka.AIOKafkaConsumer = installed
     assert got == tail, f"read {got} of the last {tail} records of {n}"
     assert 10 < wait_ms <= 1000
+
+    async def read_with_started_consumer() -> int:  # the bench's output reader builds its consumer so
+        c = await faust_compat.started_consumer(5, 1000, bootstrap_servers=broker.bootstrap, enable_auto_commit=False)
+        try:
+            tp = aiokafka.TopicPartition(topic, 0)
+            c.assign([tp])
+            c.seek(tp, n - tail)
+            read, deadline = 0, time.monotonic() + 10.0
+            while read < tail and time.monotonic() < deadline:
+                read += sum(len(v) for v in (await c.getmany(tp, timeout_ms=200)).values())
+            return read
+        finally:
+            await c.stop()
+
+    assert asyncio.run(read_with_started_consumer()) == tail

@@ -10,6 +10,7 @@ Latency of a step, two views:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import os
@@ -19,11 +20,13 @@ import threading
 import time
 from pathlib import Path
 
+import aiokafka
 import numpy as np
 import orjson
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer
 
 from livemb.core.extras import require
+from livemb.stream import faust_compat
 from livemb.stream.gap_repair import GapRepair
 from livemb.tools.bench import components
 from livemb.tools.harness import cpu_seconds, metric_samples, rss_bytes
@@ -166,28 +169,52 @@ class LoadGenerator:
 
 
 class OutputWatch(threading.Thread):
-    """Consumer-side latency: receive time - event_ts for every message stamped after `since_ms`."""
+    """Consumer-side latency: receive time - event_ts for every message stamped after `since_ms`.
+
+    An aiokafka consumer on a loop of its own, with the worker's fetch-wait rule (5 ms, raised
+    while the broker answers with nothing it holds: stream/fetch_wait.py). With a fixed short wait
+    the embedded broker stops answering once the output topic holds ~20,000 batches a partition,
+    and a long step's later messages would go unread. `start()` returns once the consumer is at
+    the topic's end, before the step's first click."""
 
     def __init__(self, bootstrap: str, topic: str, since_ms: int):
         super().__init__(daemon=True)
-        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, fetch_max_wait_ms=5,
-                                      enable_auto_commit=False)
-        parts = [TopicPartition(topic, p) for p in sorted(self.consumer.partitions_for_topic(topic) or [])]
-        self.consumer.assign(parts)
-        self.consumer.seek_to_end(*parts)
-        for tp in parts:
-            self.consumer.position(tp)  # resolve now, before the step's first click
-        self.since_ms, self.lat_ms, self.stop = since_ms, [], threading.Event()
+        self.bootstrap, self.topic, self.since_ms = bootstrap, topic, since_ms
+        self.lat_ms: list[float] = []
+        self.stop, self.ready = threading.Event(), threading.Event()
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        super().start()
+        if not self.ready.wait(30.0):
+            raise RuntimeError(f"the output reader did not reach the end of {self.topic} in 30 s: {self.error!r}")
 
     def run(self) -> None:
-        while not self.stop.is_set():
-            for recs in self.consumer.poll(timeout_ms=50).values():
-                now = time.time() * 1000
-                for r in recs:
-                    ts = orjson.loads(r.value)["event_ts"]
-                    if ts >= self.since_ms:
-                        self.lat_ms.append(now - ts)
-        self.consumer.close()
+        try:
+            asyncio.run(self._read())
+        except BaseException as e:  # reported by start() if it comes before ready, else the step has fewer messages
+            self.error = e
+            raise
+
+    async def _read(self) -> None:
+        c = await faust_compat.started_consumer(5, 1000, bootstrap_servers=self.bootstrap, enable_auto_commit=False)
+        try:
+            await c.topics()  # metadata of every topic, this one's partitions included
+            parts = [aiokafka.TopicPartition(self.topic, p) for p in sorted(c.partitions_for_topic(self.topic) or [])]
+            c.assign(parts)
+            await c.seek_to_end(*parts)
+            for tp in parts:
+                await c.position(tp)  # resolve now, before the step's first click
+            self.ready.set()
+            while not self.stop.is_set():
+                for recs in (await c.getmany(timeout_ms=50)).values():
+                    now = time.time() * 1000
+                    for r in recs:
+                        ts = orjson.loads(r.value)["event_ts"]
+                        if ts >= self.since_ms:
+                            self.lat_ms.append(now - ts)
+        finally:
+            await c.stop()
 
 
 def latency_step(gen: LoadGenerator, bootstrap: str, topic_out: str, port: int, fraction: float, rate: float,
