@@ -149,8 +149,12 @@ async def started_consumer(floor_ms: int, cap_ms: int, **kwargs: Any) -> aiokafk
     the same adaptive fetch wait: for readers outside the worker (the bench's output reader)."""
     base = getattr(aiokafka.AIOKafkaConsumer, "_livemb_base", aiokafka.AIOKafkaConsumer)
     consumer = base(fetch_max_wait_ms=floor_ms, **kwargs)
-    await consumer.start()
-    adapt_fetch_wait(consumer._fetcher, FetchWait(floor_ms, cap_ms))
+    try:
+        await consumer.start()
+        adapt_fetch_wait(consumer._fetcher, FetchWait(floor_ms, cap_ms))
+    except BaseException:
+        await consumer.stop()  # a consumer that failed to start still holds its client
+        raise
     return consumer
 
 

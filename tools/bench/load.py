@@ -186,15 +186,18 @@ class OutputWatch(threading.Thread):
 
     def start(self) -> None:
         super().start()
-        if not self.ready.wait(30.0):
-            raise RuntimeError(f"the output reader did not reach the end of {self.topic} in 30 s: {self.error!r}")
+        if not self.ready.wait(30.0) or self.error is not None:
+            why = repr(self.error) if self.error is not None else "no answer in 30 s"
+            raise RuntimeError(f"the output reader did not reach the end of {self.topic}: {why}")
 
     def run(self) -> None:
         try:
             asyncio.run(self._read())
-        except BaseException as e:  # reported by start() if it comes before ready, else the step has fewer messages
+        except BaseException as e:
             self.error = e
-            raise
+            if self.ready.is_set():  # after start(): the step loses its later messages, so say it here
+                raise
+            self.ready.set()  # before: start() raises it
 
     async def _read(self) -> None:
         c = await faust_compat.started_consumer(5, 1000, bootstrap_servers=self.bootstrap, enable_auto_commit=False)
