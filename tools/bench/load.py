@@ -188,6 +188,7 @@ class OutputWatch(threading.Thread):
         super().start()
         if not self.ready.wait(30.0) or self.error is not None:
             why = repr(self.error) if self.error is not None else "no answer in 30 s"
+            self.stop.set()  # a reader still trying gives up at its next turn
             raise RuntimeError(f"the output reader did not reach the end of {self.topic}: {why}")
 
     def run(self) -> None:
