@@ -168,9 +168,10 @@ def adapt_fetch_wait(fetcher: Fetcher, wait: FetchWait, on_change: Callable[[int
             raise RuntimeError(f"aiokafka's Fetcher has no {name} (pinned for aiokafka 0.14): fetch wait not adaptable")
     inner = fetcher._proc_fetch_request
     fetcher._fetch_max_wait_ms = wait.ms
-    peak = [wait.ms]
+    peak = wait.ms  # the highest wait so far: logged once per new high
 
     async def proc_fetch_request(assignment: Any, node_id: int, request: Any) -> bool:
+        nonlocal peak
         t0 = time.monotonic()
         woke = await inner(assignment, node_id, request)
         asked = [(aiokafka.TopicPartition(topic, p), offset) for topic, parts in request.topics for p, offset, _ in parts]
@@ -181,8 +182,8 @@ def adapt_fetch_wait(fetcher: Fetcher, wait: FetchWait, on_change: Callable[[int
         now = fetcher._fetch_max_wait_ms = wait.after_fetch(1000 * (time.monotonic() - t0), got, more)
         if now != before and on_change is not None:
             on_change(now)
-        if now > peak[0]:  # a new high only: the wait goes up and down as the partition's walk nears it
-            peak[0] = now
+        if now > peak:  # a new high only: the wait goes up and down as the partition's walk nears it
+            peak = now
             log.info("fetch wait raised to %d ms (a new high): the broker returned nothing though it holds records "
                      "past the fetch offset (it stops looking when the wait is up)", now)
         return woke

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import aiokafka
 import orjson
@@ -50,10 +50,16 @@ def _fill_with_one_record_batches(bootstrap: str, topic: str, n: int, start: int
     p.close()
 
 
-async def _read_tail(cls: Callable[..., aiokafka.AIOKafkaConsumer], bootstrap: str, topic: str, offset: int, want: int, seconds: float) -> tuple[int, int]:
-    """(records a `cls` consumer read from `offset` within `seconds`, its fetch wait at the end)."""
+async def _started(cls: Callable[..., aiokafka.AIOKafkaConsumer], bootstrap: str) -> aiokafka.AIOKafkaConsumer:
     c = cls(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await c.start()
+    return c
+
+
+async def _read_tail(start: Callable[[], Awaitable[aiokafka.AIOKafkaConsumer]], topic: str, offset: int, want: int,
+                     seconds: float) -> tuple[int, int]:
+    """(records the consumer `start()` gives read from `offset` within `seconds`, its fetch wait at the end)."""
+    c = await start()
     try:
         tp = aiokafka.TopicPartition(topic, 0)
         c.assign([tp])
@@ -74,35 +80,26 @@ def test_a_consumer_keeps_reading_a_partition_too_long_for_a_10_ms_fetch(broker:
     KafkaAdminClient(bootstrap_servers=broker.bootstrap).create_topics([NewTopic(topic, 1, 1)])
     installed = aiokafka.AIOKafkaConsumer
     plain = getattr(installed, "_livemb_base", installed)  # aiokafka's own, whatever a test installed
+    ten_ms = functools.partial(plain, fetch_max_wait_ms=10)
     n = 0
     while True:  # grow the partition until a plain 10 ms fetch comes back empty
         _fill_with_one_record_batches(broker.bootstrap, topic, 10_000, n)
         n += 10_000
-        read, _ = asyncio.run(_read_tail(functools.partial(plain, fetch_max_wait_ms=10), broker.bootstrap, topic,
-                                         n - tail, tail, 2.0))
+        read, _ = asyncio.run(_read_tail(lambda: _started(ten_ms, broker.bootstrap), topic, n - tail, tail, 2.0))
         if read == 0:
             break
         if n >= 80_000:
             pytest.skip(f"this broker answered 10 ms fetches from {n} one-record batches: the defect did not show")
     try:
         faust_compat.tune_fetch_wait(10, 1000)  # what the worker installs
-        got, wait_ms = asyncio.run(_read_tail(aiokafka.AIOKafkaConsumer, broker.bootstrap, topic, n - tail, tail, 10.0))
+        got, wait_ms = asyncio.run(_read_tail(lambda: _started(aiokafka.AIOKafkaConsumer, broker.bootstrap), topic,
+                                              n - tail, tail, 10.0))
     finally:
         aiokafka.AIOKafkaConsumer = installed
     assert got == tail, f"read {got} of the last {tail} records of {n}"
     assert 10 < wait_ms <= 1000
 
-    async def read_with_started_consumer() -> int:  # the bench's output reader builds its consumer so
-        c = await faust_compat.started_consumer(5, 1000, bootstrap_servers=broker.bootstrap, enable_auto_commit=False)
-        try:
-            tp = aiokafka.TopicPartition(topic, 0)
-            c.assign([tp])
-            c.seek(tp, n - tail)
-            read, deadline = 0, time.monotonic() + 10.0
-            while read < tail and time.monotonic() < deadline:
-                read += sum(len(v) for v in (await c.getmany(tp, timeout_ms=200)).values())
-            return read
-        finally:
-            await c.stop()
-
-    assert asyncio.run(read_with_started_consumer()) == tail
+    # the bench's output reader builds its consumer with started_consumer
+    read, _ = asyncio.run(_read_tail(lambda: faust_compat.started_consumer(
+        5, 1000, bootstrap_servers=broker.bootstrap, enable_auto_commit=False), topic, n - tail, tail, 10.0))
+    assert read == tail
