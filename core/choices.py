@@ -16,8 +16,6 @@ RepeatPath = Literal["rep", "rule", "norep"]
 REPEAT_PATHS: tuple[str, ...] = get_args(RepeatPath)
 IndexKind = Literal["flat", "hnsw", "ivfpq"]
 INDEX_KINDS: tuple[str, ...] = get_args(IndexKind)
-FlatLayout = Literal["auto", "rows", "items"]  # the flat search's product layout (models/flat_product.py)
-FLAT_LAYOUTS: tuple[str, ...] = get_args(FlatLayout)
 
 LOSSES = ("hinge", "bpr", "nce", "l2", "ce")  # explore-path training losses (models/train.py)
 VALID_METRICS = ("recall@10", "mrr")  # early stopping's metric (models/early_stop.py)

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
-from livemb.core.choices import ExcludeSeen, FlatLayout, IndexKind, RepeatPath  # the choices of a setting, defined once
+from livemb.core.choices import ExcludeSeen, IndexKind, RepeatPath  # the choices of a setting, defined once
 from livemb.core.errors import ConfigError
 
 ENV_PREFIX = "LIVEMB_"
@@ -124,9 +124,6 @@ class Settings(BaseSettings):
     new_item_cap: int = Field(
         50_000, ge=1, description="new items whose evidence is kept (least recently touched evicted first)")
     index: IndexKind = Field("flat", description="faiss index of the explore path: flat (exact), hnsw or ivfpq")
-    flat_layout: FlatLayout = Field(
-        "auto", description="how the flat index's product reads the item vectors: auto (both timed at load, an "
-        "item-major copy kept only where it is faster), rows (as stored, no copy) or items (the copy)")
     index_path: str | None = Field(
         None, description="prebuilt faiss index (livemb index) loaded at start instead of building one; it must match "
         "the items and --index (unset: build at start)")

@@ -35,7 +35,6 @@ from livemb.core.items import ItemTable
 from livemb.core.progress import progress as progress_bar
 from livemb.models import newitems, repeat
 from livemb.models.base import SeqModel
-from livemb.models.flat_product import FlatProduct
 from livemb.models.newvectors import Extension
 
 log = logging.getLogger("livemb.retrieval")
@@ -230,13 +229,6 @@ class Retriever:
         # of the catalogue would only cost memory (256 MB at 1M items) and start-up time
         self.index = index if index is not None or kind == "flat" else build_index(
             vectors, kind, progress=self.n_items >= 200_000)
-        self.product = FlatProduct()  # the flat search's u @ vecs.T; `prepare` picks its layout
-
-    def prepare(self, model: SeqModel, layout: str = "auto") -> None:
-        """Pick the flat product's layout for the model's item vectors (models/flat_product.py):
-        timed on this CPU with `auto`. Without it the vectors are read as they are."""
-        if self.kind == "flat":
-            self.product.choose(model.item_vecs, layout)
 
     def flat_search(self, model: SeqModel, u: torch.Tensor, mem_item: torch.Tensor, want_logz: bool
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -264,7 +256,7 @@ class Retriever:
                 b = min(B, a + rows)
                 full = buf[: b - a]  # (C, Np); columns N1.. are padding
                 s = full[:, :N1]  # column j = item j
-                self.product(u[a:b].float(), vecs, out=s)
+                torch.mm(u[a:b].float(), vecs.float().T, out=s)
                 full[:, N1:] = neg
                 s[:, 0] = neg
                 mem = mem_item[a:b]  # (C, M), 0 = empty slot

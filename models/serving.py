@@ -16,7 +16,7 @@ import numpy as np
 import orjson
 import torch
 
-from livemb.core.choices import ExcludeSeen, FlatLayout, IndexKind, RepeatPath
+from livemb.core.choices import ExcludeSeen, IndexKind, RepeatPath
 from livemb.core.errors import ConfigError
 from livemb.core.items import ItemTable
 from livemb.models.base import EventBatch, SeqModel
@@ -65,8 +65,7 @@ class Serving:
     def load(cls, model_path: str, items_path: str, *, index: IndexKind = "flat", topk: int = 20,
              exclude_seen: ExcludeSeen | None = None, repeat_path: RepeatPath | None = None, device: str = "cpu",
              allow_new_items: bool = False,
-             index_path: str | None = None, stale_index: Literal["refuse", "rebuild"] = "refuse",
-             flat_layout: FlatLayout = "auto") -> Serving:
+             index_path: str | None = None, stale_index: Literal["refuse", "rebuild"] = "refuse") -> Serving:
         """`exclude_seen`, `repeat_path`: override the variant the checkpoint chose (None keeps it).
         `index_path`: a prebuilt index (`livemb index`) loaded instead of building one; one that
         does not match the items/kind raises IndexFileError (`stale_index="refuse"`, start-up) or
@@ -88,7 +87,6 @@ class Serving:
                     raise
                 log.warning("%s; building a %s index for items %s instead", e, index, table.fingerprint)
         retriever = Retriever(vectors, index, topk, index=prebuilt)
-        retriever.prepare(model, flat_layout)
         return cls(model, table, retriever, f"{model.name}@{model_version(model_path)}")
 
     def advance(self, state: dict[str, torch.Tensor], ev: EventBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

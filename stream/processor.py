@@ -62,11 +62,10 @@ class ModelProcessor:
         s = self.settings
         sv = Serving.load(s.model_path, s.items_path, index=s.index, topk=s.topk, exclude_seen=s.exclude_seen, repeat_path=s.repeat_path,
                           device=str(self.device), allow_new_items=True,
-                          index_path=s.index_path, stale_index=stale_index, flat_layout=s.flat_layout)
+                          index_path=s.index_path, stale_index=stale_index)
         self.codec.add_table(sv.table)
-        log.info("serving %s (%s) on %s, items %s (%d x %d), index %s%s", sv.tag, sv.model.served.name, self.device,
-                 sv.table.fingerprint, len(sv.table), sv.table.dim, s.index,
-                 f" ({sv.retriever.product.layout} layout)" if s.index == "flat" else "")
+        log.info("serving %s (%s) on %s, items %s (%d x %d), index %s", sv.tag, sv.model.served.name, self.device,
+                 sv.table.fingerprint, len(sv.table), sv.table.dim, s.index)
         return sv
 
     @property

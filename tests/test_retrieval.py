@@ -56,11 +56,9 @@ def test_block_topk_gives_torch_topk_values(B, nb, k):
     assert all(len(set(row.tolist())) == k for row in idx)
 
 
-@pytest.mark.parametrize("layout", ["rows", "items"])
-def test_flat_search_is_exact_across_user_chunks(monkeypatch, layout):
+def test_flat_search_is_exact_across_user_chunks(monkeypatch):
     """Hits outside each user's memory and the exact log Z over every item, equal to a dense
-    reference, when the users are split over several chunks of the score buffer, with either
-    layout of the product (models/flat_product.py)."""
+    reference, when the users are split over several chunks of the score buffer."""
     rng = np.random.default_rng(3)
     D, N, B, M = 8, 997, 9, 6  # N + 1 not a multiple of the block: padded columns must never win
     vecs = np.concatenate([np.zeros((1, D)), rng.normal(size=(N, D))]).astype(np.float32)
@@ -71,7 +69,6 @@ def test_flat_search_is_exact_across_user_chunks(monkeypatch, layout):
     mem[1, 1] = mem[1, 0]  # a repeated item
     monkeypatch.setattr(retrieval, "SCORE_BUFFER_FLOATS", 4 * 1024)  # 4 users per chunk
     r = Retriever(vecs, "flat", topk=10)
-    r.prepare(model, layout)
     top_s, top_i, logz = r.flat_search(model, u, mem, want_logz=True)
     dense = u @ torch.from_numpy(vecs[1:]).T  # (B, N), column j = item j + 1
     torch.testing.assert_close(logz, torch.logsumexp(dense, dim=1))
