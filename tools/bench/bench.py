@@ -73,9 +73,12 @@ def _prepare(args: BenchArgs, settings: Settings, work: Path):
     return prepare_model(work, settings, spec, data=args.data, model=args.model, items=args.items)
 
 
+PASSTHROUGH_OUT = "passthrough.out"  # the passthrough's output topic: each input click, unchanged
+
+
 def _passthrough(broker_url: str, port: int, work: Path, app_id: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "livemb.tools.bench.passthrough", "--broker", broker_url, "--web-port", str(port),
-           "--app-id", app_id, "--data-dir", str(work / app_id)]
+           "--app-id", app_id, "--data-dir", str(work / app_id), "--topic-out", PASSTHROUGH_OUT]
     logf = open(work / f"{app_id}.log", "ab")  # noqa: SIM115 - handed to the child
     return subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -152,6 +155,31 @@ def drain_rate(procs: list[tuple[subprocess.Popen, int]], n: int, label: str, br
             "broker_cpu_s_per_1k_events": bench_load.cpu_per_1k(cpu[-1] - cpu0[-1], c - c0)}
 
 
+def _floor(args: BenchArgs, settings: Settings, broker, gen: bench_load.LoadGenerator, n: int, port: int,
+           work: Path, app_id: str, mx: float, procs: list[subprocess.Popen]) -> list[dict]:
+    """The latency floor: the passthrough under the same live steps, on the broker as the worker's
+    steps left it. What the broker, Faust's batches, the publish and the reader cost a click with no
+    state and no model; the worker's latency above it is the worker's own. The passthrough's group
+    resumes after the preloaded log, so it first drains every live click sent since (a backlog, not
+    measured)."""
+    procs.append(pt := _passthrough(broker.url, port, work, app_id))
+    wait_ready(port, pt, 180)
+    progress = bench_load.GroupProgress(broker.bootstrap, app_id, settings.topic_in, settings.partitions)
+    try:
+        deadline = time.monotonic() + 300
+        while progress.total() < n + gen.sent:
+            if time.monotonic() > deadline or pt.poll() is not None:
+                raise RuntimeError(f"the passthrough did not catch up with the input ({progress.total()} of "
+                                   f"{n + gen.sent} events committed)")
+            time.sleep(0.5)
+    finally:
+        progress.close()
+    rows = [bench_load.latency_step(gen, broker.bootstrap, PASSTHROUGH_OUT, port, f, f * mx, args.step_seconds,
+                                    pid=pt.pid, ts_field="ts", label="floor") for f in args.loads]
+    stop_process(pt)
+    return rows
+
+
 def run_bench(args: BenchArgs, settings: Settings) -> int:
     signal.signal(signal.SIGTERM, interrupt)
     work = Path(args.workdir)
@@ -167,7 +195,7 @@ def run_bench(args: BenchArgs, settings: Settings) -> int:
     report["worker_flags"] = " ".join(flags)
     procs: list[subprocess.Popen] = []
     try:
-        with embedded_broker(settings, extra_topics=("passthrough.out",)) as broker:
+        with embedded_broker(settings, extra_topics=(PASSTHROUGH_OUT,)) as broker:
             n = replay(df, broker.url, settings.topic_in, progress=True)
             report["broker_pid"] = broker.pid
 
@@ -232,9 +260,10 @@ def run_bench(args: BenchArgs, settings: Settings) -> int:
                                                args.soak_load * mx, args.soak, rss_pid=w.pid, pid=w.pid)
                 report["soak"] = soak
             report["latency"] = steps
+            stop_process(w)
+            report["floor"] = _floor(args, settings, broker, gen, n, port, work, f"bench-pt-{tag}", mx, procs)
             gen.close()
             report["log"]["live_clicks"] = gen.sent
-            stop_process(w)
     finally:
         for p in procs:
             stop_process(p)

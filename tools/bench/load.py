@@ -177,9 +177,9 @@ class OutputWatch(threading.Thread):
     and a long step's later messages would go unread. `start()` returns once the consumer is at
     the topic's end, before the step's first click."""
 
-    def __init__(self, bootstrap: str, topic: str, since_ms: int):
+    def __init__(self, bootstrap: str, topic: str, since_ms: int, ts_field: str = "event_ts"):
         super().__init__(daemon=True)
-        self.bootstrap, self.topic, self.since_ms = bootstrap, topic, since_ms
+        self.bootstrap, self.topic, self.since_ms, self.ts_field = bootstrap, topic, since_ms, ts_field
         self.lat_ms: list[float] = []
         self.stop, self.ready = threading.Event(), threading.Event()
         self.error: BaseException | None = None
@@ -214,7 +214,7 @@ class OutputWatch(threading.Thread):
                 for recs in (await c.getmany(timeout_ms=50)).values():
                     now = time.time() * 1000
                     for r in recs:
-                        ts = orjson.loads(r.value)["event_ts"]
+                        ts = orjson.loads(r.value)[self.ts_field]
                         if ts >= self.since_ms:
                             self.lat_ms.append(now - ts)
         finally:
@@ -222,9 +222,11 @@ class OutputWatch(threading.Thread):
 
 
 def latency_step(gen: LoadGenerator, bootstrap: str, topic_out: str, port: int, fraction: float, rate: float,
-                 seconds: float, rss_pid: int | None = None, pid: int | None = None) -> dict:
-    """`pid`: the worker's process, for its CPU-seconds per 1,000 applied events."""
-    watch = OutputWatch(bootstrap, topic_out, int(time.time() * 1000))
+                 seconds: float, rss_pid: int | None = None, pid: int | None = None, ts_field: str = "event_ts",
+                 label: str = "load") -> dict:
+    """`pid`: the worker's process, for its CPU-seconds per 1,000 applied events. `ts_field`: the
+    output's field holding the click's time (the passthrough's output is the click itself: "ts")."""
+    watch = OutputWatch(bootstrap, topic_out, int(time.time() * 1000), ts_field)
     watch.start()
     before, steps0 = _buckets(port), step_sums(port)
     ok0, t0 = ok_count([port]), time.perf_counter()
@@ -249,7 +251,7 @@ def latency_step(gen: LoadGenerator, bootstrap: str, topic_out: str, port: int, 
            "cpu_s_per_1k_events": cpu_per_1k(cpu, done) if pid is not None else None, "cdf_ms": [round(float(x), 1) for x in np.percentile(lat, np.arange(0, 101))] if len(lat) else []}
     if rss_pid is not None:
         row["rss_mb_end"] = round(rss_bytes(rss_pid) / 2**20)
-    print(f"load {fraction:.0%} ({rate:.0f}/s for {seconds:.0f}s): applied {row['applied_per_s']}/s, "
+    print(f"{label} {fraction:.0%} ({rate:.0f}/s for {seconds:.0f}s): applied {row['applied_per_s']}/s, "
           f"event-to-publish p50 {row['p50_ms']} p95 {row['p95_ms']} p99 {row['p99_ms']} ms (consumer side), "
           f"worker p99 <= {row['worker_p99_le_ms']:.0f} ms; CPU s per 1k events {row['cpu_s_per_1k_events']}; "
           f"per batch {steps}; per user {users}", flush=True)
@@ -292,16 +294,20 @@ def markdown(r: dict) -> str:
         f"{r['two_workers'].get('cpu_s_per_1k_events', '-')} |",
         f"| 2 workers / 1 worker | {r['scale_out_ratio']:.2f} |", "",
         "| load | offered/s | applied/s | p50 ms | p95 ms | p99 ms | worker p99 <= ms | mean batch | process / publish "
-        "ms per batch | worker CPU s per 1k events |", "|---|---|---|---|---|---|---|---|---|---|",
+        "ms per batch | worker CPU s per 1k events | floor: passthrough p50 / p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     live = r["latency"] + ([r["soak"]] if "soak" in r else [])
+    floor = {f["offered_per_s"]: f for f in r.get("floor", [])}
     for s in live:
         pb = s.get("per_batch") or {}
+        fl = floor.get(s["offered_per_s"]) if s is not r.get("soak") else None
         lines.append(f"| {s['load']:.0%} | {s['offered_per_s']} | {s['applied_per_s']} | {s['p50_ms']} | "
                      f"{s['p95_ms']} | {s['p99_ms']} | {s['worker_p99_le_ms']:.0f} | {pb.get('mean_batch', '-')} | "
                      f"{pb.get('process_ms', '-')} / {pb.get('publish_ms', '-')}"
                      + (f" (shadow {pb['shadow_ms']})" if "shadow_ms" in pb else "")
-                     + f" | {s.get('cpu_s_per_1k_events', '-')} |")
+                     + f" | {s.get('cpu_s_per_1k_events', '-')} | "
+                     + (f"{fl['p50_ms']} / {fl['p99_ms']}" if fl else "-") + " |")
     lines += ["", "Live batches, ms per user (" + ", ".join(f"{k}" for k in USER_STEPS) + "):", "",
               "| load | users per batch | " + " | ".join(USER_STEPS) + " |", "|---|---|" + "---|" * len(USER_STEPS)]
     for s in live:
@@ -333,7 +339,11 @@ def plot(r: dict, path: str) -> None:
     a.legend()
     for s in steps:
         if s["cdf_ms"]:
-            b.plot(s["cdf_ms"], np.arange(101) / 100, label=f"{s['load']:.0%} load")
+            line, = b.plot(s["cdf_ms"], np.arange(101) / 100, label=f"{s['load']:.0%} load")
+            fl = next((f for f in r.get("floor", []) if f["offered_per_s"] == s["offered_per_s"] and f["cdf_ms"]), None)
+            if fl:  # the passthrough at the same rate: the broker's and Faust's share
+                b.plot(fl["cdf_ms"], np.arange(101) / 100, ls="--", color=line.get_color(), lw=1,
+                       label=f"{s['load']:.0%}: floor (passthrough)")
     b.set(xscale="log", xlabel="event-to-publish ms (consumer side)", ylabel="fraction", title="latency CDF")
     b.axvline(50, color="k", ls=":")
     b.legend()
