@@ -63,10 +63,9 @@ def test_tiny_bench_run_end_to_end(tmp_path) -> None:
     assert 0 < step["p50_ms"] <= step["p99_ms"]
     assert r["worker"]["cpu_s_per_1k_events"] > 0 and step["cpu_s_per_1k_events"] > 0  # cost per click
     assert step["per_user"]["users_per_batch"] >= 1 and step["per_user"]["model_step_ms"] > 0
-    (floor,) = r["floor"]  # the passthrough under the same step, after draining the clicks it had not seen
+    (floor,) = r["floor"]  # the passthrough under the same step, on its own input topic
     assert floor["offered_per_s"] == 30 and floor["sent"] > 0 and floor["messages"] > 0
     assert 0 < floor["p50_ms"] <= floor["p99_ms"] and floor["cpu_s_per_1k_events"] > 0
-    assert r["log"]["live_clicks"] > step["sent"] + floor["sent"]  # and the warm-up's
     assert (tmp_path / "b.png").stat().st_size > 0
 
 
