@@ -66,6 +66,8 @@ def test_tiny_bench_run_end_to_end(tmp_path) -> None:
     (floor,) = r["floor"]  # the passthrough under the same step, on its own input topic
     assert floor["offered_per_s"] == 30 and floor["sent"] > 0 and floor["messages"] > 0
     assert 0 < floor["p50_ms"] <= floor["p99_ms"] and floor["cpu_s_per_1k_events"] > 0
+    assert floor["worker_p99_le_ms"] is None and step["worker_p99_le_ms"] > 0  # the passthrough has no histogram
+    assert "NaN" not in out.read_text()  # strict JSON for any reader
     assert (tmp_path / "b.png").stat().st_size > 0
 
 
