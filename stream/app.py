@@ -111,14 +111,20 @@ def faust_config(settings: Settings) -> dict[str, Any]:
     )
 
 
+def adaptive_fetch_wait(settings: Settings, metrics: Metrics) -> None:
+    """Every Faust consumer created afterwards gets the adaptive fetch wait (stream/fetch_wait.py),
+    shown on /metrics as livemb_fetch_max_wait_seconds: the worker's and the bench's passthrough's."""
+    faust_compat.tune_fetch_wait(settings.fetch_max_wait_ms, settings.fetch_max_wait_cap_ms,
+                                 on_change=lambda ms: metrics.fetch_wait.set(ms / 1000))
+    metrics.fetch_wait.set(settings.fetch_max_wait_ms / 1000)
+
+
 def make_app(settings: Settings, processor: BatchProcessor, metrics: Metrics,
              on_fatal: Callable[[BaseException], None] | None = None, shadow: Shadow | None = None) -> faust.App:
     """`on_fatal`: called when the agent loop raises (e.g. the broker refused a batch's outputs
     for good). Faust would only mark the agent crashed and leave the process up doing nothing.
     `shadow`: a challenger stepped beside `processor` (stream/shadow.py)."""
-    faust_compat.tune_fetch_wait(settings.fetch_max_wait_ms, settings.fetch_max_wait_cap_ms,
-                                 on_change=lambda ms: metrics.fetch_wait.set(ms / 1000))
-    metrics.fetch_wait.set(settings.fetch_max_wait_ms / 1000)
+    adaptive_fetch_wait(settings, metrics)
     security = kafka_python_security(settings)
     faust_compat.install_exact_recovery(lambda: plain_consumer(settings.broker, security))
     app = faust.App(settings.app_id, **faust_config(settings))

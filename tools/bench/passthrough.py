@@ -23,7 +23,7 @@ import faust
 
 from livemb.core.settings import load_settings
 from livemb.stream import faust_compat
-from livemb.stream.app import TopicSink, faust_config
+from livemb.stream.app import TopicSink, adaptive_fetch_wait, faust_config
 from livemb.stream.batching import adaptive_batches
 from livemb.stream.heap import freeze_startup_objects
 from livemb.stream.metrics import Metrics, serve
@@ -44,9 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(s.data_dir).mkdir(parents=True, exist_ok=True)
     metrics = Metrics()
     server = serve(metrics, s.web_port, s.web_host)
-    faust_compat.tune_fetch_wait(s.fetch_max_wait_ms, s.fetch_max_wait_cap_ms,
-                                 on_change=lambda ms: metrics.fetch_wait.set(ms / 1000))  # as the worker shows it
-    metrics.fetch_wait.set(s.fetch_max_wait_ms / 1000)
+    adaptive_fetch_wait(s, metrics)  # as the worker's consumer
     app = faust.App(s.app_id, **faust_config(s))
     raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     t_in = app.topic(a.topic_in, partitions=s.partitions, **raw)
