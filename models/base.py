@@ -270,21 +270,16 @@ class SeqModel(nn.Module):
         B, T = ev.item.shape
         new_session, level = session_flags(ev.ts, ev.mask, state["last_ts"], self.cfg.session_gap_ms, self.cfg.dt_buckets)
         inp = self.inputs(ev.item, ev.etype)  # (B, T, D+E), one gather for the whole batch
+        if T > 1 and not return_all and not torch.is_grad_enabled():
+            active = _active_prefixes(ev.mask)
+            if active is not None:
+                return self._step_ragged(state, ev, inp, new_session, level, *active)
         st = dict(state)
         u_last = torch.zeros(B, self.cfg.dim, device=self.device)
         outs = []
         for t in range(T):
             m = ev.mask[:, t]
-            ns = new_session[:, t]
-            common = {
-                "session": st["session"] + ns.long(),
-                "sess_len": torch.where(ns, torch.ones_like(st["sess_len"]), st["sess_len"] + 1),
-                "last_ts": torch.maximum(st["last_ts"], ev.ts[:, t]),  # late events do not move the clock back
-                "n_events": st["n_events"] + 1,
-            }
-            model_st, u = self.cell(st, inp[:, t], ev.item[:, t], ev.etype[:, t], ns, level[:, t])
-            upd = {**model_st, **common}
-            upd.update(repeat.update_memory(st, ev.item[:, t], ev.ts[:, t], ev.etype[:, t], common["session"], st["n_events"]))
+            upd, u = self._event_update(st, inp[:, t], ev.item[:, t], ev.etype[:, t], ev.ts[:, t], new_session[:, t], level[:, t])
             if bool(m.all()):  # every user has an event at t (a live batch: one click each): no merge
                 st = {k: upd.get(k, v) for k, v in st.items()}
                 u_last = u
@@ -296,6 +291,42 @@ class SeqModel(nn.Module):
         if return_all:
             return st, torch.stack(outs, dim=1)
         return st, u_last
+
+    def _event_update(self, st: dict[str, Tensor], inp: Tensor, item: Tensor, etype: Tensor, ts: Tensor,
+                      ns: Tensor, level: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """One event for each of the B rows of `st`: the updated state fields and u (B, D)."""
+        common = {
+            "session": st["session"] + ns.long(),
+            "sess_len": torch.where(ns, torch.ones_like(st["sess_len"]), st["sess_len"] + 1),
+            "last_ts": torch.maximum(st["last_ts"], ts),  # late events do not move the clock back
+            "n_events": st["n_events"] + 1,
+        }
+        model_st, u = self.cell(st, inp, item, etype, ns, level)
+        upd = {**model_st, **common}
+        upd.update(repeat.update_memory(st, item, ts, etype, common["session"], st["n_events"]))
+        return upd, u
+
+    def _step_ragged(self, state: dict[str, Tensor], ev: EventBatch, inp: Tensor, new_session: Tensor,
+                     level: Tensor, order: Tensor, active: list[int]) -> tuple[dict[str, Tensor], Tensor]:
+        """`step` for users with different numbers of events (a backfill batch: a few users with
+        many, most with one or two). Users in order of decreasing event count, so the users with an
+        event at t are the first active[t] rows: each t steps only those rows and writes them back
+        in place, where the general loop steps every row and merges every state field by mask.
+        Each row's arithmetic is the same (every op is row-wise)."""
+        B = ev.item.shape[0]
+        st = {k: v.index_select(0, order) for k, v in state.items()}  # copies: written in place below
+        inp, item, etype, ts, ns, lv = (x.index_select(0, order) for x in (inp, ev.item, ev.etype, ev.ts, new_session, level))
+        u_last = torch.zeros(B, self.cfg.dim, device=self.device)
+        for t, n in enumerate(active):
+            sub = {k: v[:n] for k, v in st.items()}
+            upd, u = self._event_update(sub, inp[:n, t], item[:n, t], etype[:n, t], ts[:n, t], ns[:n, t], lv[:n, t])
+            for k, v in upd.items():
+                if k in st:
+                    st[k][:n] = v
+            u_last[:n] = u
+        inv = torch.empty_like(order)
+        inv[order] = torch.arange(B, device=order.device)
+        return {k: v.index_select(0, inv) for k, v in st.items()}, u_last.index_select(0, inv)
 
     def next_session_embedding(self, st: dict[str, Tensor]) -> Tensor | None:
         """Embedding to use when the next event opens a new session; None: same as the current one."""
@@ -408,6 +439,19 @@ class SeqModel(nn.Module):
 
 def _expand(mask: Tensor, like: Tensor) -> Tensor:
     return mask.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _active_prefixes(mask: Tensor) -> tuple[Tensor, list[int]] | None:
+    """For left-aligned rows (row b: its first n_b positions real): the rows in order of
+    decreasing n_b (stable) and, per position t, how many of them have an event there (one host
+    read per batch); None when some row has a gap."""
+    T = mask.shape[1]
+    lengths = mask.sum(dim=1)
+    if not bool((mask == (torch.arange(T, device=mask.device)[None, :] < lengths[:, None])).all()):
+        return None
+    order = torch.argsort(lengths, descending=True, stable=True)
+    active = (lengths[:, None] > torch.arange(T, device=mask.device)[None, :]).sum(dim=0).tolist()
+    return order, [n for n in active if n > 0]
 
 
 MODEL_REGISTRY: dict[str, type] = {}

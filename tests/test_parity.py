@@ -126,3 +126,43 @@ def test_next_session_embedding_matches_offline_starts(name):
                 checked += int(sel.sum())
             st, _ = model.step(st, ev.slice(t, t + 1))
     assert checked > B  # first sessions and later ones
+
+
+@pytest.mark.parametrize("name", list(MODEL_REGISTRY))
+def test_ragged_step_equals_the_general_loop(name, monkeypatch):
+    """A batch where users have different event counts (a backfill) steps only the users with an
+    event at t, sorted by count (`SeqModel._step_ragged`): the same states and embeddings as the
+    general loop that steps every user and merges by mask, and the offline forward's u after each
+    user's last event of the chunk."""
+    torch.manual_seed(3)
+    ev, rng = random_histories(seed=17, B=9)
+    model = tiny_model(name, rng)
+    B, T = ev.item.shape
+    st_fast, st_slow = model.init_state(B), model.init_state(B)
+    ragged_calls = []
+    real = type(model)._step_ragged
+    monkeypatch.setattr(type(model), "_step_ragged", lambda self, *a: ragged_calls.append(1) or real(self, *a))
+    with torch.no_grad():
+        offline = model(ev) if model.embeds else None
+    t, chunks, wide = 0, 0, 0
+    while t < T:
+        k = int(rng.integers(2, 7))
+        chunk = ev.slice(t, min(T, t + k))
+        assert chunk.mask.sum(1).unique().numel() > 1 or t + k >= T  # ragged chunks, users in mixed order
+        with torch.no_grad():
+            st_fast, u_fast = model.step(st_fast, chunk)
+        with torch.enable_grad():  # the general loop (the ragged path is for inference only)
+            st_slow, u_slow = model.step(st_slow, chunk)
+        for key in st_slow:
+            assert st_fast[key].dtype == st_slow[key].dtype, key
+            assert torch.allclose(st_fast[key].double(), st_slow[key].detach().double(), atol=1e-6), (name, key)
+        assert torch.allclose(u_fast, u_slow.detach(), atol=1e-6)
+        n = chunk.mask.sum(1)
+        has = n > 0
+        if offline is not None and has.any():
+            last = (t + n - 1).clamp(min=0)
+            want = offline[torch.arange(B), last]
+            assert (u_fast[has] - want[has]).abs().max() <= 1e-4
+            assert (u_fast[~has] == 0).all()
+        t, chunks, wide = t + k, chunks + 1, wide + (chunk.item.shape[1] > 1)
+    assert chunks > 3 and len(ragged_calls) == wide  # every no-grad chunk of 2+ events took the ragged path
