@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 
 from livemb.tools.bench.load import bucket_quantile, cpu_per_1k, per_batch, per_user
@@ -97,3 +98,20 @@ def test_live_batch_whole_step_in_process(tmp_path) -> None:
     assert abs(parts - one["total"]) < 1e-9
     (row,) = measure(ls, [2], reps=2)
     assert row["batch"] == 2
+
+
+def test_live_batch_with_several_clicks_per_user(tmp_path) -> None:
+    """livebatch --events-per-user: backfill-like batches, several clicks per user in time order,
+    one message per user, every click applied."""
+    from livemb.tools.bench.livebatch import MAX_EVENTS_PER_USER, LiveBatches, LiveSteps
+
+    lb = LiveBatches(tmp_path, users=40, items=300, warm_events=1, events_per_user=4.0)
+    clicks = lb.clicks([f"u{j}" for j in range(30)])
+    counts = np.unique(clicks, return_counts=True)[1]
+    assert len(counts) == 30 and counts.max() > 1 and counts.max() <= MAX_EVENTS_PER_USER
+    assert clicks[:30] == [f"u{j}" for j in range(30)]  # round-robin: every user's first click first
+    ls = LiveSteps(lb, tmp_path)
+    before = ls.step.metrics.event_count("ok")
+    ls.batch(5)
+    assert len(ls.sink.records) == 5
+    assert ls.step.metrics.event_count("ok") - before > 5

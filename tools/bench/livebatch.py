@@ -3,6 +3,7 @@
     python -m livemb.tools.bench.livebatch                      # 4,000 warm users, 50,000 items, HierTCN
     python -m livemb.tools.bench.livebatch --profile 10         # plus cProfile of batches of 10 users
     python -m livemb.tools.bench.livebatch --step               # the worker's whole batch step instead
+    python -m livemb.tools.bench.livebatch --sizes 120 --events-per-user 3.7   # backfill-like batches
 
 Random users, one click each (what `livemb bench`'s live steps send), batches of 1-30 users over
 warm states (each user stepped through a few events first). The processor's own objects are
@@ -12,6 +13,9 @@ timed by the processor), model step, candidates (faiss / flat search + the
 repeat path), messages (the output JSON), encode (tensors -> rows), and the rest of `process`
 (grouping). Figures are ms per batch and per user (median of the
 repeats); `--profile B` prints the top functions by own time for batches of B users.
+`--events-per-user MEAN` gives each user of a batch a geometric number of clicks with that mean
+(at most 16), interleaved in time, instead of one: what a backfill batch holds (the bench's
+synthetic log, read from the start: ~440 events of ~115 users per batch, 3.7 per user, up to ~13).
 
 `--step` times the worker's whole batch step (stream/batch.py, steps 1-7 and the metrics) instead:
 input records (the bench's click JSON) -> validate -> state rows read from RocksDB (rocksdict
@@ -58,6 +62,7 @@ from livemb.tools.bench.components import structured_item_vectors
 
 STEPS = ("decode", "stack", "quality", "model_step", "candidates", "messages", "encode")
 T0 = 1_700_000_000_000
+MAX_EVENTS_PER_USER = 16
 
 
 def _timed(fn: Callable, name: str, acc: dict[str, float]) -> Callable:
@@ -74,7 +79,8 @@ class LiveBatches:
     """A ModelProcessor over `users` warm users; `batch(B)` runs one live batch of B random users."""
 
     def __init__(self, work: Path, users: int = 4000, items: int = 50_000, model: str = "hiertcn",
-                 warm_events: int = 3, seed: int = 0, checkpoint: str | None = None, items_path: str | None = None):
+                 warm_events: int = 3, seed: int = 0, checkpoint: str | None = None, items_path: str | None = None,
+                 events_per_user: float = 1.0):
         if checkpoint is None or items_path is None:
             vecs, _ = structured_item_vectors(items, 64, seed=seed, n_queries=1)
             table = ItemTable(np.array([f"i{j}" for j in range(items)], dtype=object), vecs)
@@ -86,6 +92,7 @@ class LiveBatches:
         self.item_ids = list(self.proc.serving.table.ids)
         self.users = [f"u{j}" for j in range(users)]
         self.rng, self.seq, self.now = random.Random(seed), 0, T0
+        self.events_per_user, self.counts_rng = events_per_user, np.random.default_rng(seed)
         self.blobs: dict[str, bytes] = {}
         for _ in range(warm_events):  # every user warm: a few events in one open session
             for i in range(0, users, 500):
@@ -97,6 +104,14 @@ class LiveBatches:
         self.seq += 1
         self.now += 7
         return ValidEvent(user, self.rng.choice(self.item_ids), self.now, "click", f"e{self.seq}", 0, self.seq)
+
+    def clicks(self, users: list[str]) -> list[str]:
+        """The batch's clicks as their users, in time order: one each, or with `events_per_user` > 1 a
+        geometric count per user (mean events_per_user, at most MAX_EVENTS_PER_USER), round-robin."""
+        if self.events_per_user <= 1:
+            return users
+        counts = np.minimum(self.counts_rng.geometric(1 / self.events_per_user, len(users)), MAX_EVENTS_PER_USER)
+        return [u for t in range(int(counts.max())) for u, n in zip(users, counts, strict=True) if n > t]
 
     def _run(self, events: list[ValidEvent]):
         res = self.proc.process(events, {e.user_id: self.blobs.get(e.user_id) for e in events})
@@ -123,9 +138,9 @@ class LiveBatches:
         sv.recommend = eager
 
     def batch(self, B: int) -> dict[str, float]:
-        """One batch of B distinct random users, one click each: seconds per step."""
+        """One batch of B distinct random users (`clicks`): seconds per step."""
         self.acc.clear()
-        events = [self._event(u) for u in self.rng.sample(self.users, B)]
+        events = [self._event(u) for u in self.clicks(self.rng.sample(self.users, B))]
         t = time.perf_counter()
         res = self._run(events)
         total = time.perf_counter() - t
@@ -206,7 +221,7 @@ class LiveSteps:
         return out
 
     def _run(self, users: list[str]) -> tuple[float, float]:
-        """One batch step over one click of each user: its wall-clock and CPU seconds."""
+        """One batch step over one click per entry of `users`: its wall-clock and CPU seconds."""
         self.sink.records.clear()
         records = self._records(users)
         t, c = time.perf_counter(), time.thread_time()
@@ -215,7 +230,7 @@ class LiveSteps:
 
     def batch(self, B: int) -> dict[str, float]:
         self.acc.clear()
-        users = self.lb.rng.sample(self.lb.users, B)
+        users = self.lb.clicks(self.lb.rng.sample(self.lb.users, B))
         if self.idle_s:  # the worker waits between batches (acks, the next fetch): caches cool down
             time.sleep(self.idle_s)
         total, cpu = self._run(users)
@@ -275,12 +290,15 @@ def main(argv: list[str] | None = None) -> int:
                     "metrics; no broker) instead of the processor's parts")
     ap.add_argument("--idle-ms", type=float, default=0.0, help="with --step: sleep this long before each batch "
                     "(the worker's wait between batches; 0: back to back)")
+    ap.add_argument("--events-per-user", type=float, default=1.0, help="mean clicks per user in a batch "
+                    "(geometric, at most 16; 1: one click each, a live batch; ~3.7: a backfill batch)")
     ap.add_argument("--workdir", default="runs/livebatch")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    lb: LiveBatches | LiveSteps = LiveBatches(work, a.users, a.items, a.model)
+    lb: LiveBatches | LiveSteps = LiveBatches(work, a.users, a.items, a.model,
+                                                  events_per_user=a.events_per_user)
     if a.step:
         lb = LiveSteps(lb, work, idle_ms=a.idle_ms)
     rows = measure(lb, [int(x) for x in a.sizes.split(",")], a.reps)
