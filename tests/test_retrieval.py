@@ -81,6 +81,27 @@ def test_flat_search_is_exact_across_user_chunks(monkeypatch):
     assert not (top_i[:, :, None] == mem[:, None, :]).any()
 
 
+@pytest.mark.parametrize("scale", [1.0, 300.0, -300.0])
+def test_flat_log_z_is_exact_whatever_the_score_range(scale):
+    """log Z over float32 scores that exp alone would overflow (above ~88) or underflow (below
+    ~-103) is still finite and exact: the sum is shifted by each row's max."""
+    rng = np.random.default_rng(4)
+    D, N, B = 8, 500, 4
+    vecs = rng.normal(size=(N, D)).astype(np.float32)
+    vecs[:, 0] = 1.0 + np.abs(vecs[:, 0])  # every item's first coordinate > 1: u = (-c, 0, ...) scores all < -c
+    vecs = np.concatenate([np.zeros((1, D), np.float32), vecs])
+    model = MODEL_REGISTRY["gru"](ModelConfig(name="gru", dim=D, hidden=8), vecs).eval()
+    u = torch.from_numpy(rng.normal(size=(B, D)).astype(np.float32))
+    u[1] = 0.0
+    u[1, 0] = 1.0
+    u[1] *= scale  # 1: moderate; 300: max ~ +600 (overflow unshifted); -300: every score < -300 (underflow)
+    r = Retriever(vecs, "flat", topk=5)
+    _, _, logz = r.flat_search(model, u, torch.zeros(B, 3, dtype=torch.long), want_logz=True)
+    want = torch.logsumexp((u.double() @ torch.from_numpy(vecs[1:]).double().T), dim=1).float()
+    assert torch.isfinite(logz).all()
+    torch.testing.assert_close(logz, want, rtol=1e-6, atol=1e-5)
+
+
 def test_approximate_indexes_report_recall():
     rng = np.random.default_rng(1)
     vecs = np.concatenate([np.zeros((1, 16)), rng.normal(size=(2000, 16))]).astype(np.float32)
