@@ -270,8 +270,8 @@ class SeqModel(nn.Module):
         B, T = ev.item.shape
         new_session, level = session_flags(ev.ts, ev.mask, state["last_ts"], self.cfg.session_gap_ms, self.cfg.dt_buckets)
         inp = self.inputs(ev.item, ev.etype)  # (B, T, D+E), one gather for the whole batch
-        if T > 1 and not return_all and not torch.is_grad_enabled():
-            active = _active_prefixes(ev.mask)
+        if T > 1 and not return_all and not torch.is_grad_enabled():  # inference: the rows are written in place
+            active = _active_prefixes(ev.mask)  # users with different event counts: step those with an event at t
             if active is not None:
                 return self._step_ragged(state, ev, inp, new_session, level, *active)
         st = dict(state)
