@@ -128,14 +128,18 @@ def test_next_session_embedding_matches_offline_starts(name):
     assert checked > B  # first sessions and later ones
 
 
+@pytest.mark.parametrize("presorted", [False, True])
 @pytest.mark.parametrize("name", list(MODEL_REGISTRY))
-def test_ragged_step_equals_the_general_loop(name, monkeypatch):
+def test_ragged_step_equals_the_general_loop(name, presorted, monkeypatch):
     """A batch where users have different event counts (a backfill) steps only the users with an
     event at t, sorted by count (`SeqModel._step_ragged`): the same states and embeddings as the
     general loop that steps every user and merges by mask, and the offline forward's u after each
     user's last event of the chunk."""
     torch.manual_seed(3)
     ev, rng = random_histories(seed=17, B=9)
+    if presorted:  # users already in order of decreasing length: the sort leaves every chunk as it is
+        order = torch.argsort(ev.mask.sum(1), descending=True, stable=True)
+        ev = EventBatch(*(x[order] for x in (ev.item, ev.etype, ev.ts, ev.mask)))
     model = tiny_model(name, rng)
     B, T = ev.item.shape
     st_fast, st_slow = model.init_state(B), model.init_state(B)
@@ -149,8 +153,11 @@ def test_ragged_step_equals_the_general_loop(name, monkeypatch):
         k = int(rng.integers(2, 7))
         chunk = ev.slice(t, min(T, t + k))
         assert chunk.mask.sum(1).unique().numel() > 1 or t + k >= T  # ragged chunks, users in mixed order
+        given = {key: v.clone() for key, v in st_fast.items()}
         with torch.no_grad():
-            st_fast, u_fast = model.step(st_fast, chunk)
+            new_fast, u_fast = model.step(st_fast, chunk)
+        assert all(torch.equal(st_fast[key], given[key]) for key in given)  # in-place writes never reach the caller's state
+        st_fast = new_fast
         with torch.enable_grad():  # the general loop (the ragged path is for inference only)
             st_slow, u_slow = model.step(st_slow, chunk)
         for key in st_slow:
