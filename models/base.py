@@ -180,6 +180,7 @@ class SeqModel(nn.Module):
         self.register_buffer("item_vecs", vecs, persistent=False)
         self.etype_emb = nn.Embedding(len(EVENT_TYPES), cfg.etype_dim)
         self.served = repeat.Variant()  # the served repeat path and mask (checkpoints carry the chosen one)
+        self.rule = repeat.DEFAULT_RULE  # the rule's order inside the memory (checkpoints carry the chosen one)
         self.repeat_head = None
         if self.repeat_mode == "mixture":
             self.repeat_head = repeat.MixtureHead(len(EVENT_TYPES), cfg.dim, self.gate_dim())
@@ -397,9 +398,9 @@ class SeqModel(nn.Module):
             if novec is not None:  # no repeat path: nothing can rank an item without a vector
                 extra = torch.full(nv_filled.shape, -math.inf, dtype=mem.dtype, device=mem.device)
         elif mode == "rule" or self.repeat_head is None:
-            mem = explore + repeat.heuristic_bonus(state)
+            mem = explore + repeat.heuristic_bonus(state, self.rule)
             if novec is not None:
-                extra = repeat.heuristic_bonus(novec).to(mem.dtype)
+                extra = repeat.heuristic_bonus(novec, self.rule).to(mem.dtype)
         else:
             if logz is None:
                 logz = self.log_partition(self.explore_scores(u))

@@ -13,7 +13,7 @@ import torch
 
 from livemb.core.errors import DataError
 from livemb.models.base import MODEL_REGISTRY, ModelConfig, SeqModel
-from livemb.models.repeat import Variant
+from livemb.models.repeat import DEFAULT_RULE, RuleWeights, Variant
 
 FORMAT = 3  # 3: the repeat head's slot scorer reads behaviour features only; 2: repeat mixture head, compact memory
 
@@ -30,6 +30,7 @@ def save_checkpoint(path: str | Path, model: SeqModel, items_fingerprint: str, e
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "items_fingerprint": items_fingerprint,
         "served": model.served.name,  # the variant chosen from the training data (models.repeat.Variant)
+        "rule": model.rule.to_dict(),  # the rule's weights chosen from the training data (models.repeat.RuleWeights)
         "extra": extra or {},
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -81,6 +82,7 @@ def load_checkpoint(path: str | Path, item_vectors, items_fingerprint: str, allo
         raise CheckpointError(f"checkpoint {path} does not match model {cfg.name}: {e}") from e
     try:
         model.served = Variant.parse(blob.get("served", Variant().name))
+        model.rule = RuleWeights.from_dict(blob.get("rule", DEFAULT_RULE.to_dict()))
     except ValueError as e:
         raise CheckpointError(f"checkpoint {path}: {e}") from e
     model.eval()

@@ -21,6 +21,7 @@ import torch
 from livemb.models.base import EventBatch, SeqModel
 from livemb.models.evaluation import VARIANTS, variant_name, variant_ranks
 from livemb.models.metrics import RankAccumulator
+from livemb.models.repeat import DEFAULT_RULE, REPEATS, RuleWeights, Variant
 from livemb.models.replay import MemoryCache, Sequence, next_item_predictions
 
 
@@ -94,6 +95,38 @@ def paired_gain(new: np.ndarray, ref: np.ndarray, se_units: float) -> tuple[floa
     return float(d.mean()), se_units * float(d.std(ddof=1)) / math.sqrt(n)
 
 
+def rule_variants(own_mode: str) -> list[str]:
+    """The variants a model whose own repeat mode is `own_mode` ranks with the rule."""
+    return [variant_name(r, e) for r, e in VARIANTS if Variant(r).mode(own_mode) == "rule"]
+
+
+def choose_rule(vals: dict[RuleWeights, Validation], own_mode: str, metric: str, min_gain_se: float) -> RuleWeights:
+    """The rule's weights from one `Validator.by_rule` pass: those whose best rule variant ranks the
+    held-out targets best by `metric`, unless the gain over DEFAULT_RULE's on that variant and the
+    same targets is within `min_gain_se` standard errors of the paired difference: then
+    DEFAULT_RULE (a choice must beat the noise, as the served variant's must)."""
+    names = [v for v in rule_variants(own_mode) if all(v in val.metrics for val in vals.values())]
+
+    def best(w: RuleWeights) -> str:
+        return max(names, key=lambda v: vals[w].metrics[v][metric])
+
+    chosen = max(vals, key=lambda w: (vals[w].metrics[best(w)][metric], w == DEFAULT_RULE))
+    if DEFAULT_RULE in vals and chosen != DEFAULT_RULE:
+        v = best(chosen)
+        gain, need = paired_gain(vals[chosen].values(v, metric), vals[DEFAULT_RULE].values(v, metric), min_gain_se)
+        if gain <= need:
+            return DEFAULT_RULE
+    return chosen
+
+
+def rule_report(vals: dict[RuleWeights, Validation], chosen: RuleWeights, own_mode: str, metric: str) -> dict:
+    """What the history keeps of a rule choice: the chosen weights and each candidate's best rule variant."""
+    names = rule_variants(own_mode)
+    return {"chosen": chosen.to_dict(), "metric": metric,
+            "candidates": [{**w.to_dict(), "variant": (v := max(names, key=lambda n: val.metrics[n][metric])),
+                            metric: val.metrics[v][metric]} for w, val in vals.items()]}
+
+
 @dataclass
 class Validation:
     """One validation pass: every variant's metrics and its per-target ranks (the same targets,
@@ -128,34 +161,53 @@ class Validator:
         if cur:
             self.batches.append(cur)
 
-    @torch.no_grad()
     def __call__(self, model: SeqModel) -> Validation:
         """Every served variant's (models.repeat.Variant) metrics and ranks at the current weights."""
-        was_training = model.training
+        return self.by_rule(model, (model.rule,))[model.rule]
+
+    @torch.no_grad()
+    def by_rule(self, model: SeqModel, rules: tuple[RuleWeights, ...]) -> dict[RuleWeights, Validation]:
+        """One pass, every variant under each of `rules` (the repeat rule's weights): the explore
+        scores and the variants that do not use the rule are computed once. `model.rule` is left as
+        it was."""
+        rules = tuple(dict.fromkeys(rules))
+        was_training, own_rule = model.training, model.rule
         model.eval()
         names = [variant_name(r, e) for r, e in VARIANTS]
-        accs = {name: RankAccumulator() for name in names}
-        parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        with_rule = tuple(r for r in REPEATS if Variant(r).mode(model.repeat_mode) == "rule")
+        accs = {w: {name: RankAccumulator() for name in names} for w in rules}
+        parts: dict[RuleWeights, dict[str, list[np.ndarray]]] = {w: {name: [] for name in names} for w in rules}
         block = max(1, (1 << 24) // (model.n_items + 1))  # rows per (rows, N+1) score block: 64 MB
-        for b in self.batches:
-            ev = EventBatch.from_sequences(*zip(*(self.split.valid[i] for i in b), strict=True)).to(model.device)
-            pred, gate, sel, target = next_item_predictions(model, ev)
-            T = ev.item.shape[1]
-            start = torch.tensor([self.split.starts[i] for i in b], device=model.device)
-            # prediction at position t is for the event at t + 1: keep targets in the validation part
-            sel = sel & (torch.arange(1, T, device=model.device)[None, :] >= start[:, None])
-            rows = self.memory.rows(b, T)[:, :-1][sel.cpu()]
-            u, tgt = pred[sel], target[sel]
-            gs = None if gate is None else gate[sel]
-            for r0 in range(0, len(tgt), block):
-                r = slice(r0, r0 + block)
-                st = self.memory.state_at(rows[r], model.device)
-                ranks = variant_ranks(model, st, u[r], model.explore_scores(u[r]), tgt[r],
-                                      gate_state=None if gs is None else gs[r])
-                for rep, by_excl in ranks.items():
-                    for excl, rk in by_excl.items():
-                        accs[variant_name(rep, excl)].add(rk)
-                        parts[variant_name(rep, excl)].append(rk.cpu().numpy())
-        model.train(was_training)
-        return Validation({name: acc.summary(model.n_items) for name, acc in accs.items()},
-                          {name: np.concatenate(p) if p else np.zeros(0, np.int64) for name, p in parts.items()})
+        try:
+            for b in self.batches:
+                ev = EventBatch.from_sequences(*zip(*(self.split.valid[i] for i in b), strict=True)).to(model.device)
+                pred, gate, sel, target = next_item_predictions(model, ev)
+                T = ev.item.shape[1]
+                start = torch.tensor([self.split.starts[i] for i in b], device=model.device)
+                # prediction at position t is for the event at t + 1: keep targets in the validation part
+                sel = sel & (torch.arange(1, T, device=model.device)[None, :] >= start[:, None])
+                rows = self.memory.rows(b, T)[:, :-1][sel.cpu()]
+                u, tgt = pred[sel], target[sel]
+                gs = None if gate is None else gate[sel]
+                for r0 in range(0, len(tgt), block):
+                    r = slice(r0, r0 + block)
+                    st = self.memory.state_at(rows[r], model.device)
+                    base = model.explore_scores(u[r])
+                    first = None
+                    for w in rules:
+                        model.rule = w
+                        ranks = variant_ranks(model, st, u[r], base, tgt[r], reps=REPEATS if first is None else with_rule,
+                                              gate_state=None if gs is None else gs[r])
+                        if first is None:
+                            first = ranks
+                        ranks = {**first, **ranks}
+                        for rep, by_excl in ranks.items():
+                            for excl, rk in by_excl.items():
+                                accs[w][variant_name(rep, excl)].add(rk)
+                                parts[w][variant_name(rep, excl)].append(rk.cpu().numpy())
+        finally:
+            model.rule = own_rule
+            model.train(was_training)
+        return {w: Validation({name: acc.summary(model.n_items) for name, acc in accs[w].items()},
+                              {name: np.concatenate(p) if p else np.zeros(0, np.int64) for name, p in parts[w].items()})
+                for w in rules}

@@ -206,10 +206,49 @@ class MixtureHead(nn.Module):
         return rep_logp, a.masked_fill(~any_filled.squeeze(1), -math.inf)
 
 
-def heuristic_bonus(st: dict[str, Tensor], big: float = 1e3) -> Tensor:
-    """The fixed rule: recent items first, ordered by count then recency (B, M), 0 at empty slots."""
+@dataclass(frozen=True)
+class RuleWeights:
+    """The rule's order inside the memory: count * log(1 + touches) - recency * log(1 + events since
+    the last touch) + session * [last touched in the current session]. Only the ratios matter among
+    memory items; against the explore score that rides on top (a counting model's rescaled to
+    [-1, 1], a neural model's logit) the size matters too. Chosen from the data like the served
+    variant (`RULE_GRID`, models/train.choose_rule) and carried by the checkpoint."""
+
+    count: float = 10.0
+    recency: float = 1.0
+    session: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return f"count {self.count:g}, recency {self.recency:g}, session {self.session:g}"
+
+    def to_dict(self) -> dict[str, float]:
+        return {"count": self.count, "recency": self.recency, "session": self.session}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RuleWeights:
+        try:
+            w = cls(**{k: float(v) for k, v in d.items()})
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"rule weights are count, recency and session numbers, got {d!r}") from e
+        if not all(math.isfinite(x) for x in (w.count, w.recency, w.session)):
+            raise ConfigError(f"rule weights must be finite, got {d!r}")
+        return w
+
+
+DEFAULT_RULE = RuleWeights()  # "by count, then recency": what a model without a choice serves
+# The orders the held-out tail chooses among: count first (the default), count and recency
+# balanced, recency first; each without and with a bonus for the current session's items.
+RULE_GRID = tuple(RuleWeights(c, 1.0, s) for s in (0.0, 3.0) for c in (10.0, 3.0, 1.0, 0.0))
+
+
+def heuristic_bonus(st: dict[str, Tensor], w: RuleWeights, big: float = 1e3) -> Tensor:
+    """The rule: recent items first (`big` above any explore score), ordered inside the memory by
+    `w` (B, M); 0 at empty slots."""
     recency = (st["n_events"][:, None] - 1 - st["mem_seq"].long()).clamp(min=0).float()
-    bonus = big + torch.log1p(st["mem_count"].float()) * 10.0 - torch.log1p(recency)
+    bonus = big + torch.log1p(st["mem_count"].float()) * w.count - torch.log1p(recency) * w.recency
+    if w.session:
+        bonus = bonus + w.session * (st["mem_sess"].long() == st["session"][:, None]).float()
     return bonus * (st["mem_item"] > 0)
 
 

@@ -100,6 +100,7 @@ class TrainFlags:
     valid_min_gain_se: float | None
     refit: bool | None
     weight_average: float | None
+    choose_rule: bool | None
     loss: str | None
     batch_size: int | None
     lr: float | None
@@ -114,7 +115,8 @@ class TrainFlags:
         fields = {"epochs": self.epochs, "loss": self.loss, "batch_size": self.batch_size, "lr": self.lr,
                   "valid_fraction": self.valid_fraction, "patience": self.patience,
                   "valid_metric": self.valid_metric, "valid_min_gain_se": self.valid_min_gain_se,
-                  "refit": self.refit, "weight_average": self.weight_average, "seed": self.seed}
+                  "refit": self.refit, "weight_average": self.weight_average, "choose_rule": self.choose_rule,
+                  "seed": self.seed}
         return {k: v for k, v in fields.items() if v is not None}
 
     def model_overrides(self, settings: Settings) -> dict[str, Any]:

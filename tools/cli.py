@@ -86,6 +86,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-average", type=float,
                    help="decay of the moving average of the weights over optimizer steps, which validation, "
                         "refit and the checkpoint use (0: the last step's weights)")
+    p.add_argument("--choose-rule", action=argparse.BooleanOptionalAction,
+                   help="choose the repeat rule's order inside the memory (count, recency, current session) on the "
+                        "held-out tail (--no-choose-rule: by count, then recency)")
     p.add_argument("--loss", choices=list(LOSSES))
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)

@@ -260,25 +260,27 @@ def memory_split_table(report: dict, metric: str = "recall@10") -> str:
 def early_stopping_table(report: dict) -> str:
     """Per trained model: the chosen epoch and variant, the epochs run and the validation curve of
     the metric that chose them (or why early stopping was off)."""
-    rows = ["| model | chosen epoch | served | epochs run | valid targets | valid metric by epoch (chosen in bold) | refit |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| model | chosen epoch | served | rule: count / recency / session | epochs run | valid targets "
+            "| valid metric by epoch (chosen in bold) | refit |", "|---|---|---|---|---|---|---|---|"]
     for name, res in report["results"].items():
         es = res.get("early_stopping")
         if not es:
             continue
+        w = (es.get("rule") or {}).get("chosen")
+        rule = "default" if w is None else f"{w['count']:g} / {w['recency']:g} / {w['session']:g}"
         if not es.get("used") and not res.get("epoch_seconds"):  # nothing trained: only the variant was chosen
             if es.get("variant_chosen"):
-                rows.append(f"| {name} | – (counts) | {res['served_variant']} | – | {es['valid_targets']} | "
+                rows.append(f"| {name} | – (counts) | {res['served_variant']} | {rule} | – | {es['valid_targets']} | "
                             f"nothing to train: the variant was chosen on the held-out tail | – |")
             continue
         if not es.get("used"):
-            rows.append(f"| {name} | {res.get('chosen_epoch')} (fixed) | {res.get('served_variant', '–')} | "
+            rows.append(f"| {name} | {res.get('chosen_epoch')} (fixed) | {res.get('served_variant', '–')} | {rule} | "
                         f"{len(res['epoch_seconds'])} | – | off: {es['reason']} | – |")
             continue
         metric = es.get("metric", "recall@10")
         curve = ", ".join(f"**{v[metric]:.4f}**" if v["epoch"] == res["chosen_epoch"] else f"{v[metric]:.4f}"
                           for v in es["valid"])
-        rows.append(f"| {name} | {res['chosen_epoch']} | {res.get('served_variant', '–')} | {es['epochs_run']} | "
+        rows.append(f"| {name} | {res['chosen_epoch']} | {res.get('served_variant', '–')} | {rule} | {es['epochs_run']} | "
                     f"{es['valid_targets']} | {metric}: {curve} | {'yes' if es['refit'] else 'no'} |")
     return "\n".join(rows)
 
