@@ -13,7 +13,7 @@ from livemb.core.items import ItemTable
 from livemb.models.repeat import DEFAULT_RULE
 from livemb.models.train import TrainConfig
 from livemb.tools.data.synth_ecommerce import synth_ecommerce
-from livemb.tools.offline.evaluate import run_evaluation
+from livemb.tools.offline.evaluate import early_stopping_table, run_evaluation
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +62,9 @@ def test_a_rule_chosen_on_the_held_out_tail_ranks_better_than_the_default_order(
         print(name, {k: (round(a[k], 4), round(b[k], 4)) for k in ("recall@10", "mrr")})
         assert b["mrr"] > a["mrr"] + 0.005, name
         assert b["recall@10"] > a["recall@10"], name
+    # the evaluation's early-stopping table names the chosen order
+    table = early_stopping_table(chosen)
+    for name in ("pop", "sr"):
+        res = chosen["results"][name]
+        w = res["early_stopping"]["rule"]["chosen"]
+        assert f"| {name} | – (counts) | {res['served_variant']} | {w['count']:g} / {w['recency']:g} / {w['session']:g} |" in table

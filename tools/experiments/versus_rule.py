@@ -1,13 +1,15 @@
-"""The learned repeat mixture against the best fixed rule, from `livemb evaluate --json` reports.
+"""The learned repeat mixture against the best rule, from `livemb evaluate --json` reports.
 
     python -m livemb.tools.experiments.versus_rule runs/i8d/eco-all.json runs/i8d/eco-refit.json "runs/i8d/yc-pop.json=pop vectors" ...
 
 (`PATH=NOTE` adds NOTE to that report's rows; `PATH=rules-only` pools its rules, prints none of its rows.)
 
-Reports of the same log (dataset.source and size) are pooled: the best fixed rule of a log is the
-best `rule+none` of any model in any of its reports (the counting baselines' `rep` is the rule),
-per metric; each trained model's `rep+none` (exclude_seen none) is compared with it. Prints one
-Markdown table (the bar: the mixture at least as good as the best fixed rule on every log).
+Reports of the same log (dataset.source and size) are pooled: the best rule of a log is the
+best `rule+none` of any model in any of its reports (the counting baselines' `rep` is the rule;
+each report's rule has the order its model chose on the held-out tail, or the default order in
+reports made with `--no-choose-rule` or before the choice existed), per metric; each trained
+model's `rep+none` (exclude_seen none) is compared with it. Prints one Markdown table (the bar:
+the mixture at least as good as the best rule on every log).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def versus_rule_table(reports: list[dict], notes: list[str] | None = None) -> st
     logs: dict[str, list[dict]] = {}
     for r, note in zip(reports, notes or [""] * len(reports), strict=True):
         logs.setdefault(_key(r), []).append({**r, "note": note})
-    rows = ["| log | model (chosen epoch) | mixture recall@10 / MRR | same model + rule | best fixed rule recall@10 / MRR "
+    rows = ["| log | model (chosen epoch) | mixture recall@10 / MRR | same model + rule | best rule recall@10 / MRR "
             "(model) | mixture >= best rule? recall@10 / MRR |", "|---|---|---|---|---|---|"]
     for log, reps in logs.items():
         rules = [(name, res["variants"]["rule+none"]) for r in reps for name, res in r["results"].items()]
