@@ -429,8 +429,8 @@ def _fit_counting(model: SeqModel, seqs: list[Sequence], cfg: TrainConfig, histo
                                      "variants": {v: {"recall@10": x["recall@10"], "mrr": x["mrr"]}
                                                   for v, x in val.metrics.items()},
                                      "rule": rule_report(vals, model.rule, model.repeat_mode, cfg.valid_metric)}
-        log.info("%s: serves %s, rule %s (the best on the held-out tail)", model.name, model.served.name,
-                 model.rule.name)
+        log.info("%s: serves %s (the best variant on the held-out tail), rule %s (%s)", model.name,
+                 model.served.name, model.rule.name, "chosen there" if cfg.choose_rule else "--no-choose-rule")
     else:
         history["early_stopping"] = {"used": False, "reason": reason, "variant_chosen": False}
     if fit is not None:
@@ -526,7 +526,8 @@ def _choose_epoch(model: SeqModel, split, cfg: TrainConfig, history: dict, progr
     best["variant"] = served_variant(vals[model.rule], cfg)
     es["rule"] = rule_report(vals, model.rule, model.repeat_mode, cfg.valid_metric)
     es["valid_seconds"] += time.perf_counter() - t1
-    log.info("%s: rule %s, serves %s at epoch %d", model.name, model.rule.name, best["variant"], best["epoch"])
+    log.info("%s: rule %s (%s), serves %s at epoch %d", model.name, model.rule.name,
+             "chosen on the held-out tail" if cfg.choose_rule else "--no-choose-rule", best["variant"], best["epoch"])
     es["epochs_run"] = len(es["valid"])
     es["best_value"] = best["value"]
     history["chosen_epoch"] = best["epoch"]
