@@ -212,7 +212,7 @@ class RuleWeights:
     the last touch) + session * [last touched in the current session]. Only the ratios matter among
     memory items; against the explore score that rides on top (a counting model's rescaled to
     [-1, 1], a neural model's logit) the size matters too. Chosen from the data like the served
-    variant (`RULE_GRID`, models/train.choose_rule) and carried by the checkpoint."""
+    variant (`RULE_GRID`, models/early_stop.choose_rule) and carried by the checkpoint."""
 
     count: float = 10.0
     recency: float = 1.0
@@ -229,7 +229,7 @@ class RuleWeights:
     def from_dict(cls, d: dict) -> RuleWeights:
         try:
             w = cls(**{k: float(v) for k, v in d.items()})
-        except (TypeError, ValueError) as e:
+        except (AttributeError, TypeError, ValueError) as e:
             raise ConfigError(f"rule weights are count, recency and session numbers, got {d!r}") from e
         if not all(math.isfinite(x) for x in (w.count, w.recency, w.session)):
             raise ConfigError(f"rule weights must be finite, got {d!r}")

@@ -41,7 +41,7 @@ def test_the_bonus_by_hand():
 def test_the_grid_holds_the_default_and_weights_refuse_nonsense():
     assert DEFAULT_RULE in RULE_GRID and len(set(RULE_GRID)) == len(RULE_GRID)
     assert RuleWeights.from_dict(RuleWeights(3, 1, 3).to_dict()) == RuleWeights(3.0, 1.0, 3.0)
-    for bad in ({"count": "many"}, {"count": 1, "speed": 2}, {"count": float("nan")}):
+    for bad in ({"count": "many"}, {"count": 1, "speed": 2}, {"count": float("nan")}, "count 3"):
         with pytest.raises(ConfigError):
             RuleWeights.from_dict(bad)
 
