@@ -209,29 +209,29 @@ class MixtureHead(nn.Module):
 @dataclass(frozen=True)
 class RuleWeights:
     """The rule's order inside the memory: count * log(1 + touches) - recency * log(1 + events since
-    the last touch) + session * [last touched in the current session]. Only the ratios matter among
+    the last touch) + current_session * [last touched in the current session]. Only the ratios matter among
     memory items; against the explore score that rides on top (a counting model's rescaled to
     [-1, 1], a neural model's logit) the size matters too. Chosen from the data like the served
     variant (`RULE_GRID`, models/early_stop.choose_rule) and carried by the checkpoint."""
 
     count: float = 10.0
     recency: float = 1.0
-    session: float = 0.0
+    current_session: float = 0.0
 
     @property
     def name(self) -> str:
-        return f"count {self.count:g}, recency {self.recency:g}, session {self.session:g}"
+        return f"count {self.count:g}, recency {self.recency:g}, current session {self.current_session:g}"
 
     def to_dict(self) -> dict[str, float]:
-        return {"count": self.count, "recency": self.recency, "session": self.session}
+        return {"count": self.count, "recency": self.recency, "current_session": self.current_session}
 
     @classmethod
     def from_dict(cls, d: dict) -> RuleWeights:
         try:
             w = cls(**{k: float(v) for k, v in d.items()})
         except (AttributeError, TypeError, ValueError) as e:
-            raise ConfigError(f"rule weights are count, recency and session numbers, got {d!r}") from e
-        if not all(math.isfinite(x) for x in (w.count, w.recency, w.session)):
+            raise ConfigError(f"rule weights are count, recency and current_session numbers, got {d!r}") from e
+        if not all(math.isfinite(x) for x in (w.count, w.recency, w.current_session)):
             raise ConfigError(f"rule weights must be finite, got {d!r}")
         return w
 
@@ -247,8 +247,8 @@ def heuristic_bonus(st: dict[str, Tensor], w: RuleWeights, big: float = 1e3) -> 
     `w` (B, M); 0 at empty slots."""
     recency = (st["n_events"][:, None] - 1 - st["mem_seq"].long()).clamp(min=0).float()
     bonus = big + torch.log1p(st["mem_count"].float()) * w.count - torch.log1p(recency) * w.recency
-    if w.session:
-        bonus = bonus + w.session * (st["mem_sess"].long() == st["session"][:, None]).float()
+    if w.current_session:
+        bonus = bonus + w.current_session * (st["mem_sess"].long() == st["session"][:, None]).float()
     return bonus * (st["mem_item"] > 0)
 
 

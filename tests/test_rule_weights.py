@@ -30,7 +30,7 @@ def test_the_bonus_by_hand():
     # slot 0: 3 touches, last 5 events ago, an earlier session; slot 1: 1 touch, the latest event,
     # this session; slot 2: empty
     st = _memory([3, 1, 0], [4, 9, -1], [2, 3, -1], n_events=10, session=3)
-    got = heuristic_bonus(st, RuleWeights(count=3.0, recency=1.0, session=3.0))
+    got = heuristic_bonus(st, RuleWeights(count=3.0, recency=1.0, current_session=3.0))
     want = [1e3 + 3 * math.log(4) - math.log(6), 1e3 + 3 * math.log(2) - 0 + 3, 0.0]
     assert got[0].tolist() == pytest.approx(want, rel=1e-6)
     # the default order: count first (slot 0 above slot 1); the chosen one here: slot 1 first
