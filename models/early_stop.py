@@ -13,7 +13,9 @@ a user's very first event (nothing to predict it from).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -100,30 +102,37 @@ def rule_variants(own_mode: str) -> list[str]:
     return [variant_name(r, e) for r, e in VARIANTS if Variant(r).mode(own_mode) == "rule"]
 
 
+def best_beyond_noise(scores: dict, values: Callable[[Any], np.ndarray], default, min_gain_se: float):
+    """The key of `scores` with the best score, unless its gain over `default` on the same targets
+    (`values(key)`: per-target contributions, `per_target`) is within `min_gain_se` standard errors
+    of the paired difference (`paired_gain`): then `default`, which also wins ties. Chooses the
+    served variant, the rule's weights and so what a checkpoint serves: a noise-level difference
+    never switches it."""
+    best = max(scores, key=lambda k: (scores[k], k == default))
+    if best == default or default not in scores:
+        return best
+    gain, need = paired_gain(values(best), values(default), min_gain_se)
+    return best if gain > need else default
+
+
+def _best_rule_variant(val: Validation, names: list[str], metric: str) -> str:
+    return max(names, key=lambda v: val.metrics[v][metric])
+
+
 def choose_rule(vals: dict[RuleWeights, Validation], own_mode: str, metric: str, min_gain_se: float) -> RuleWeights:
-    """The rule's weights from one `Validator.by_rule` pass: those whose best rule variant ranks the
-    held-out targets best by `metric`, unless the gain over DEFAULT_RULE's on that variant and the
-    same targets is within `min_gain_se` standard errors of the paired difference: then
-    DEFAULT_RULE (a choice must beat the noise, as the served variant's must)."""
+    """The rule's weights from one `Validator.by_rule` pass: each candidate is worth its best rule
+    variant on the held-out targets (`best_beyond_noise` against DEFAULT_RULE's)."""
     names = [v for v in rule_variants(own_mode) if all(v in val.metrics for val in vals.values())]
-
-    def best(w: RuleWeights) -> str:
-        return max(names, key=lambda v: vals[w].metrics[v][metric])
-
-    chosen = max(vals, key=lambda w: (vals[w].metrics[best(w)][metric], w == DEFAULT_RULE))
-    if DEFAULT_RULE in vals and chosen != DEFAULT_RULE:
-        v = best(chosen)
-        gain, need = paired_gain(vals[chosen].values(v, metric), vals[DEFAULT_RULE].values(v, metric), min_gain_se)
-        if gain <= need:
-            return DEFAULT_RULE
-    return chosen
+    best = {w: _best_rule_variant(val, names, metric) for w, val in vals.items()}
+    return best_beyond_noise({w: vals[w].metrics[best[w]][metric] for w in vals},
+                             lambda w: vals[w].values(best[w], metric), DEFAULT_RULE, min_gain_se)
 
 
 def rule_report(vals: dict[RuleWeights, Validation], chosen: RuleWeights, own_mode: str, metric: str) -> dict:
     """What the history keeps of a rule choice: the chosen weights and each candidate's best rule variant."""
     names = rule_variants(own_mode)
     return {"chosen": chosen.to_dict(), "metric": metric,
-            "candidates": [{**w.to_dict(), "variant": (v := max(names, key=lambda n: val.metrics[n][metric])),
+            "candidates": [{**w.to_dict(), "variant": (v := _best_rule_variant(val, names, metric)),
                             metric: val.metrics[v][metric]} for w, val in vals.items()]}
 
 

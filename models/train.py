@@ -30,7 +30,15 @@ from livemb.core.errors import ConfigError, DataError
 from livemb.core.progress import progress as progress_bar
 from livemb.models import repeat
 from livemb.models.base import EventBatch, SeqModel, event_type_index
-from livemb.models.early_stop import Validation, Validator, choose_rule, paired_gain, rule_report, split_validation
+from livemb.models.early_stop import (
+    Validation,
+    Validator,
+    best_beyond_noise,
+    choose_rule,
+    paired_gain,
+    rule_report,
+    split_validation,
+)
 from livemb.models.evaluation import DEFAULT_VARIANT
 from livemb.models.grouping import group_by_user
 from livemb.models.logits import explore_logz
@@ -445,11 +453,9 @@ def rule_grid(cfg: TrainConfig) -> tuple[repeat.RuleWeights, ...]:
 def served_variant(val: Validation, cfg: TrainConfig) -> str:
     """The variant to serve from a validation pass: the best by cfg.valid_metric, unless its gain
     over the default (the model's own repeat path, nothing masked) on the same targets is within
-    `valid_min_gain_se` standard errors (`early_stop.paired_gain`): then the default."""
-    best = max(val.metrics, key=lambda v: (val.metrics[v][cfg.valid_metric], v == DEFAULT_VARIANT))
-    gain, need = paired_gain(val.values(best, cfg.valid_metric), val.values(DEFAULT_VARIANT, cfg.valid_metric),
-                             cfg.valid_min_gain_se)
-    return best if gain > need else DEFAULT_VARIANT
+    `valid_min_gain_se` standard errors (`early_stop.best_beyond_noise`): then the default."""
+    return best_beyond_noise({v: m[cfg.valid_metric] for v, m in val.metrics.items()},
+                             lambda v: val.values(v, cfg.valid_metric), DEFAULT_VARIANT, cfg.valid_min_gain_se)
 
 
 def patience(best_epoch: int, cfg: TrainConfig) -> int:
