@@ -44,6 +44,7 @@ from livemb.models.grouping import group_by_user
 from livemb.models.logits import explore_logz
 from livemb.models.repeat import Variant
 from livemb.models.replay import MemoryCache, Sequence, first_seen_ms, next_item_predictions
+from livemb.models.slot_fit import prefit_slot_scorer
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,17 @@ class TrainConfig:
     # default (by count, then recency). On taobao-dev the counting rules went from recall@10
     # 0.3644-0.3805 to 0.3832-0.4052 (docs/RESULTS.md): a baseline with a tuned rule is the fair one.
     choose_rule: bool = True
+    # the mixture's slot scorer is first fitted alone (models/slot_fit.py): listwise cross-entropy
+    # over the memory's slots, `slot_prefit_steps` Adam steps of `slot_prefit_batch` targets at
+    # `slot_prefit_lr`; 0 = off (the slot scorer learns only inside the mixture's NLL)
+    slot_prefit_steps: int = 500
+    slot_prefit_lr: float = 1e-2
+    slot_prefit_batch: int = 512
+
+    def __post_init__(self):
+        if self.slot_prefit_steps < 0 or self.slot_prefit_batch < 1 or not self.slot_prefit_lr > 0:
+            raise ConfigError("the slot scorer's pre-fit needs steps >= 0 (0: off), a batch >= 1 and a learning rate "
+                              f"> 0, got {self.slot_prefit_steps}, {self.slot_prefit_batch}, {self.slot_prefit_lr}")
 
 
 
@@ -297,6 +309,9 @@ def _run_epochs(model: SeqModel, chunks: list[Sequence], cfg: TrainConfig, epoch
     memory = MemoryCache(model, chunks) if model.repeat_mode == "mixture" else None
     first_seen = first_seen_ms(chunks, model.n_items).to(model.device) if memory and cfg.gate_on_known else None
     history["memory_seconds"] = history.get("memory_seconds", 0.0) + time.perf_counter() - t_mem  # one-off replay
+    if memory is not None and model.repeat_head is not None and cfg.slot_prefit_steps > 0:
+        history["slot_prefit"] = prefit_slot_scorer(model.repeat_head, memory, chunks, cfg.slot_prefit_steps,
+                                                    cfg.slot_prefit_lr, cfg.slot_prefit_batch, cfg.seed, model.device)
     params = [p for p in model.parameters() if p.requires_grad]
     averaged = WeightAverage(params, cfg.weight_average) if cfg.weight_average > 0 else None
     model.train()

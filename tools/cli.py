@@ -89,6 +89,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--choose-rule", action=argparse.BooleanOptionalAction,
                    help="choose the repeat rule's order inside the memory (count, recency, current session) on the "
                         "held-out tail (--no-choose-rule: by count, then recency)")
+    p.add_argument("--slot-prefit-steps", type=int,
+                   help="steps of the mixture's slot scorer fitted alone on the user's own items before the "
+                        "epochs (0: off)")
     p.add_argument("--loss", choices=list(LOSSES))
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
