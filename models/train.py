@@ -31,11 +31,12 @@ from livemb.core.progress import progress as progress_bar
 from livemb.models import repeat
 from livemb.models.base import EventBatch, SeqModel, event_type_index
 from livemb.models.early_stop import (
+    EMBEDDING_VARIANT,
+    EpochJudge,
     Validation,
     Validator,
     best_beyond_noise,
     choose_rule,
-    paired_gain,
     rule_report,
     split_validation,
 )
@@ -511,29 +512,28 @@ def _choose_epoch(model: SeqModel, split, cfg: TrainConfig, history: dict, progr
           "valid_targets": split.targets, "valid_targets_total": split.targets_total, "refit": cfg.refit,
           "min_gain_se": cfg.valid_min_gain_se,
           "valid": [], "valid_seconds": 0.0, "setup_seconds": time.perf_counter() - t0}
-    best = {"value": -math.inf, "epoch": 0, "weights": None, "variant": DEFAULT_VARIANT, "values": None}
+    best = {"value": -math.inf, "epoch": 0, "weights": None, "variant": DEFAULT_VARIANT}
+    judge = EpochJudge(cfg.valid_min_gain_se)
 
     def on_epoch(epoch: int) -> bool:
         t1 = time.perf_counter()
         val = validator(model)
         es["valid_seconds"] += time.perf_counter() - t1
-        # an epoch is worth the variant a checkpoint of it would serve (`served_variant`)
+        # an epoch is worth the variant a checkpoint of it would serve (`served_variant`), and the
+        # embedding it would publish (`EpochJudge`)
         variant = served_variant(val, cfg)
         m = val.metrics[variant]
-        values = val.values(variant, cfg.valid_metric)
-        gain, need = (math.inf, 0.0) if best["values"] is None else paired_gain(values, best["values"],
-                                                                                 cfg.valid_min_gain_se)
-        improved = gain > need  # strictly better by more than the noise: a tie keeps the earlier epoch
+        embedding = val.values(EMBEDDING_VARIANT, cfg.valid_metric) if EMBEDDING_VARIANT in val.metrics else None
+        verdict = judge(val.values(variant, cfg.valid_metric), embedding)
         es["valid"].append({"epoch": epoch, "recall@10": m["recall@10"], "mrr": m["mrr"], "variant": variant,
-                            "gain": gain if math.isfinite(gain) else None, "min_gain": need,
+                            "gain": verdict.gain, "min_gain": verdict.min_gain, "chosen_by": verdict.by,
                             "variants": {v: {"recall@10": x["recall@10"], "mrr": x["mrr"]}
                                          for v, x in val.metrics.items()}})
-        if improved:
-            best.update(value=m[cfg.valid_metric], epoch=epoch, variant=variant, values=values,
+        if verdict.chosen:
+            best.update(value=m[cfg.valid_metric], epoch=epoch, variant=variant,
                         weights={k: v.detach().clone() for k, v in model.state_dict().items()})
-        note = " (best)" if improved else f" (gain {gain:+.4f} over the best, needs > {need:.4f})"
-        log.info("%s epoch %d valid recall@10 %.4f mrr %.4f as %s%s", model.name, epoch, m["recall@10"], m["mrr"],
-                 variant, note)
+        log.info("%s epoch %d valid recall@10 %.4f mrr %.4f as %s (%s)", model.name, epoch, m["recall@10"], m["mrr"],
+                 variant, verdict.note)
         return epoch - best["epoch"] >= patience(best["epoch"], cfg)
 
     fit_chunks = make_chunks(split.fit, cfg.max_len)

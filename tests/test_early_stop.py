@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from livemb.core.items import ItemTable
-from livemb.models.early_stop import Validator, paired_gain, per_target, split_validation
+from livemb.models.early_stop import EpochJudge, Validator, paired_gain, per_target, split_validation
 from livemb.models.evaluation import build_model, evaluate_model
 from livemb.models.train import TrainConfig, WeightAverage, sequences_from_frame, train_model
 from livemb.tools.data.item_embeddings import build_item_vectors, vectors_before
@@ -20,6 +20,18 @@ from livemb.tools.data.synth_ecommerce import synth_ecommerce
 # weight_average = 0: the averaged weights smooth that curve into a monotone one (tested below)
 CFG = TrainConfig(epochs=6, patience=6, lr=6e-2, valid_fraction=0.2, valid_min_targets=50, refit=False,
                   valid_min_gain_se=0.0, weight_average=0.0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread, as the worker runs (stream/processor.py): MKL's sums depend on the thread
+    count, and these tests compare two paths' rankings exactly (a near-tie can flip) and read the
+    shape of one validation curve. Without it they passed inside the whole suite (an earlier test
+    leaves torch at one thread) and failed alone."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +82,33 @@ def test_paired_gain_is_the_mean_difference_and_its_standard_error():
     assert per_target(np.array([1, 10, 11]), "recall@10").tolist() == [1.0, 1.0, 0.0]
 
 
+def test_epoch_judge_keeps_training_the_embedding_while_the_served_ranking_holds():
+    """Hand-made per-target values (4 targets, 1 SE of the paired difference)."""
+    judge = EpochJudge(1.0)
+    served0, emb0 = np.array([0.5, 0.5, 1.0, 0.0]), np.array([0.0, 0.1, 0.2, 0.0])
+    assert judge(served0, emb0).by == "served"  # the first epoch
+    # served: differences +0.5, 0, 0, 0 -> gain 0.125, need 0.25 / 2 = 0.125: not beyond the noise;
+    # embedding: +0.5 on every target -> gain 0.5, need 0 (no spread): chosen by the embedding
+    v = judge(np.array([1.0, 0.5, 1.0, 0.0]), emb0 + 0.5)
+    assert (v.chosen, v.by) == (True, "embedding") and v.gain == pytest.approx(0.125) and v.min_gain == pytest.approx(0.125)
+    assert judge.served_ref is served0  # the served reference moves only on a served gain
+    # served worse beyond the noise (every target -0.1): the embedding's gain does not count
+    v = judge(served0 - 0.1, emb0 + 1.0)
+    assert (v.chosen, v.by) == (False, None)
+    # served slightly worse, within the noise (gain -0.025, need 0.025): the embedding's gain does not
+    # count either, else a run of such epochs could drift the served ranking down
+    v = judge(served0 + np.array([-0.1, 0.0, 0.0, 0.0]), emb0 + 1.0)
+    assert (v.chosen, v.by) == (False, None) and -v.min_gain <= v.gain < 0
+    # served held (a -0.05 / +0.05 wash), the embedding not better than the chosen epoch's: not chosen
+    v = judge(served0 + np.array([-0.05, 0.05, -0.05, 0.05]), emb0 + 0.5)
+    assert (v.chosen, v.by) == (False, None)
+    # a served gain beyond the noise moves both references
+    better = served0 + np.array([0.5, 0.4, 0.5, 0.6])
+    assert judge(better, emb0).by == "served" and judge.served_ref is better and judge.embedding_ref is emb0
+    # without an embedding ranking (a model that has none) only the served clause applies
+    assert judge(better + 0.01 * np.array([1, -1, 1, -1]), None).chosen is False
+
+
 def test_a_gain_within_the_standard_error_is_not_an_improvement(data):
     """With the default rule (1 SE of the paired difference) the chosen epoch is the last one whose
     gain over the best so far exceeded what the noise allows; later epochs count as no gain."""
@@ -81,12 +120,19 @@ def test_a_gain_within_the_standard_error_is_not_an_improvement(data):
     es = hist["early_stopping"]
     chosen = 0
     for v in es["valid"]:
-        if v["gain"] is None or v["gain"] > v["min_gain"]:
+        if v["chosen_by"] == "served":  # better beyond the noise
+            assert v["gain"] is None or v["gain"] > v["min_gain"]
+        elif v["chosen_by"] == "embedding":  # held within the noise, the embedding better (EpochJudge)
+            assert 0 <= v["gain"] <= v["min_gain"]
+        else:
+            assert v["gain"] <= v["min_gain"]
+        if v["chosen_by"] is not None:
             chosen = v["epoch"]
     assert hist["chosen_epoch"] == chosen and es["min_gain_se"] == 1.0
     assert all(v["min_gain"] > 0 for v in es["valid"][1:])
     argmax = int(np.argmax([v[cfg.valid_metric] for v in es["valid"]])) + 1
-    assert chosen < argmax  # on this curve the rule matters: a later epoch is higher, within the noise
+    by_served = max(v["epoch"] for v in es["valid"] if v["chosen_by"] == "served")
+    assert by_served < argmax  # on this curve the rule matters: a later epoch is higher, within the noise
 
 
 def test_kept_weights_are_the_chosen_epochs(data, stopped):

@@ -1,6 +1,8 @@
 """The slot scorer's pre-fit (models/slot_fit.py): its targets are exactly the events whose next
 item is in the memory, and fitting them teaches the scorer a behaviour planted in the data."""
 
+import math
+
 import numpy as np
 import torch
 
@@ -8,7 +10,7 @@ from livemb.models import repeat
 from livemb.models.base import EVENT_TYPES, ModelConfig
 from livemb.models.hiertcn import HierTCN
 from livemb.models.replay import MemoryCache
-from livemb.models.slot_fit import in_memory_targets, prefit_slot_scorer
+from livemb.models.slot_fit import MAX_PASSES, in_memory_targets, prefit_slot_scorer
 from livemb.models.train import make_chunks
 
 
@@ -66,6 +68,10 @@ def test_prefit_learns_a_planted_return_pattern():
     after = top1_is_recency_1()
     assert out["loss_last"] < out["loss_first"]
     assert before < 0.5 < 0.95 < after, (before, after)
+    assert out["steps"] == 150
+    # a small log gets at most MAX_PASSES passes over its targets, whatever the steps asked for
+    capped = prefit_slot_scorer(head, memory, chunks, steps=10**6, lr=1e-3, batch=256, seed=0, device=torch.device("cpu"))
+    assert capped["steps"] == math.ceil(MAX_PASSES * len(rows) / 256) < 10**6
 
 
 def test_prefit_with_no_in_memory_target_is_a_no_op():
