@@ -4,7 +4,8 @@
 
 Trains each model on the whole train period (the evaluation's temporal split) for --epochs with
 the same seeds as `livemb evaluate --valid-fraction 0`, and after each epoch runs the evaluation
-protocol on the test period (`rep+none`, exclude_seen none). Epoch k's figures are what a refit for
+protocol on the test period (`rep+none`, exclude_seen none, and the explore path alone,
+`norep+none`: the published embedding's own ranking). Epoch k's figures are what a refit for
 k epochs gives, so the curve shows whether the epoch chosen on the held-out train tail is near
 the test's best. It reads the test period, so it is for checking the method, never for choosing.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from livemb.models.early_stop import EMBEDDING_VARIANT
 from livemb.models.evaluation import build_model, evaluate_model
 from livemb.models.train import TrainConfig, _run_epochs, make_chunks, sequences_from_frame
 from livemb.tools.args import add_log_args
@@ -50,10 +52,13 @@ def main(argv: list[str] | None = None) -> dict:
         curve = []
 
         def on_epoch(epoch: int, model=model, curve=curve, name=name) -> bool:
-            m = evaluate_model(model, train, test, progress=False)["rep+none"]
+            res = evaluate_model(model, train, test, progress=False)
+            m, e = res["rep+none"], res[EMBEDDING_VARIANT]
             model.train()
-            curve.append({"epoch": epoch, "recall@10": m["recall@10"], "mrr": m["mrr"]})
-            logging.info("%s epoch %d test recall@10 %.4f mrr %.4f", name, epoch, m["recall@10"], m["mrr"])
+            curve.append({"epoch": epoch, "recall@10": m["recall@10"], "mrr": m["mrr"],
+                          "embedding_recall@10": e["recall@10"], "embedding_mrr": e["mrr"]})
+            logging.info("%s epoch %d test recall@10 %.4f mrr %.4f; the embedding alone (%s) %.4f / %.4f", name, epoch,
+                         m["recall@10"], m["mrr"], EMBEDDING_VARIANT, e["recall@10"], e["mrr"])
             return False
 
         hist = {"epoch_seconds": [], "loss": [], "targets": 0}
