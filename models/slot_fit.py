@@ -6,8 +6,8 @@ replayed memory alone: for every training event whose next item is already in th
 softmax over the memory's slots with the target's slot as the label (listwise cross-entropy).
 Inside the mixture's NLL it gets the same signal, but only as many optimizer steps as the
 sequence model takes: 14 an epoch on taobao-dev, ~140 by the chosen epoch, where the same MLP
-fitted alone still gains up to ~500 steps (docs/MODELS.md "The slot scorer's pre-fit"). The
-pre-fit costs ~1-2 s and the joint training goes on from it.
+fitted alone still gains up to ~500 steps (docs/MODELS.md, "The slot scorer is fitted alone
+first"). The pre-fit costs ~1-4 s and the joint training goes on from it.
 """
 
 from __future__ import annotations
