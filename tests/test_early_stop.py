@@ -18,8 +18,10 @@ from livemb.tools.data.synth_ecommerce import synth_ecommerce
 # a high lr so that the validation curve is not monotone (epoch 5 of 6 is the best here)
 # valid_min_gain_se = 0: any gain counts, so the choice is the argmax (the SE rule has its own test)
 # weight_average = 0: the averaged weights smooth that curve into a monotone one (tested below)
+# slot_prefit_steps = 0: these tests read the shape of one curve; the pre-fit (tests/test_slot_fit.py)
+# moves it, and with it epoch 6 of 6 was the best, which leaves the restore below nothing to prove
 CFG = TrainConfig(epochs=6, patience=6, lr=6e-2, valid_fraction=0.2, valid_min_targets=50, refit=False,
-                  valid_min_gain_se=0.0, weight_average=0.0)
+                  valid_min_gain_se=0.0, weight_average=0.0, slot_prefit_steps=0)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -48,7 +50,8 @@ def _weights(model):
 def _fixed(vectors, seqs, epochs, name="gru"):
     torch.manual_seed(0)
     model = build_model(name, vectors)
-    train_model(model, seqs, TrainConfig(epochs=epochs, lr=CFG.lr, valid_fraction=0.0, weight_average=0.0),
+    train_model(model, seqs, TrainConfig(epochs=epochs, lr=CFG.lr, valid_fraction=0.0, weight_average=0.0,
+                                         slot_prefit_steps=CFG.slot_prefit_steps),
                 progress=False)
     return model
 
@@ -180,8 +183,12 @@ def test_validation_metric_is_the_evaluations(data, name):
     assert set(got) == {v for v in ref if "+" in v}  # every served variant
     for v, m in got.items():
         assert m["events_scored"] == ref[v]["events_scored"] == split.targets
-        for k in ("recall@1", "recall@10", "mrr"):
+        for k in ("recall@1", "recall@10"):
             assert m[k] == pytest.approx(ref[v][k], abs=1e-9), (v, k)
+        # the two paths agree to float rounding (parity: 1e-6), which can flip a near-tie deep in the
+        # list: one target's rank 800 -> 801 moves the MRR by ~4e-9 here; a rank in the top 30 moves it
+        # by more than 1e-6
+        assert m["mrr"] == pytest.approx(ref[v]["mrr"], abs=1e-6), v
 
 
 def test_too_small_a_train_period_falls_back_to_fixed_epochs(data, caplog):
