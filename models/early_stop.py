@@ -103,11 +103,15 @@ EMBEDDING_VARIANT = variant_name("norep", "none")
 
 @dataclass(frozen=True)
 class Verdict:
-    chosen: bool  # this epoch is the new chosen one
     by: str | None  # "served" (its served ranking is better), "embedding" (held, and its embedding better), None
     gain: float | None  # served: the mean per-target gain over the best served ranking (None at the first epoch)
     min_gain: float  # ... and what it had to exceed
     note: str  # for the log
+
+    @property
+    def chosen(self) -> bool:
+        """This epoch is the new chosen one."""
+        return self.by is not None
 
 
 @dataclass
@@ -131,20 +135,20 @@ class EpochJudge:
     def __call__(self, served: np.ndarray, embedding: np.ndarray | None) -> Verdict:
         if self.served_ref is None:
             self.served_ref, self.embedding_ref = served, embedding
-            return Verdict(True, "served", None, 0.0, "best")
+            return Verdict("served", None, 0.0, "best")
         gain, need = paired_gain(served, self.served_ref, self.min_gain_se)
         if gain > need:
             self.served_ref, self.embedding_ref = served, embedding
-            return Verdict(True, "served", gain, need, "best")
+            return Verdict("served", gain, need, "best")
         note = f"gain {gain:+.4f} over the best, needs > {need:.4f}"
         if embedding is None or self.embedding_ref is None or gain < 0:
-            return Verdict(False, None, gain, need, note)
+            return Verdict(None, gain, need, note)
         e_gain, e_need = paired_gain(embedding, self.embedding_ref, self.min_gain_se)
         if e_gain > e_need:
             self.embedding_ref = embedding
-            return Verdict(True, "embedding", gain, need,
+            return Verdict("embedding", gain, need,
                            f"chosen: {note}, and the embedding alone gained {e_gain:+.4f} (> {e_need:.4f})")
-        return Verdict(False, None, gain, need, f"{note}; the embedding alone {e_gain:+.4f}, needs > {e_need:.4f}")
+        return Verdict(None, gain, need, f"{note}; the embedding alone {e_gain:+.4f}, needs > {e_need:.4f}")
 
 
 def rule_variants(own_mode: str) -> list[str]:

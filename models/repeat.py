@@ -189,11 +189,16 @@ class MixtureHead(nn.Module):
         self.slot_out = nn.Linear(hidden, 1)
         self.gate = nn.Sequential(nn.Linear(dim + state_dim + hidden + 1, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
+    def slot_logits(self, feats: Tensor, filled: Tensor) -> tuple[Tensor, Tensor]:
+        """feats (B, M, F), filled (B, M) -> (slot hidden (B, M, hid), repeat logit per slot (B, M), -inf at
+        empty slots). Shared by `forward` and the slot scorer's pre-fit (models/slot_fit.py)."""
+        z = self.slot(feats)
+        return z, self.slot_out(z).squeeze(-1).masked_fill(~filled, -math.inf)
+
     def forward(self, feats: Tensor, filled: Tensor, u: Tensor, gate_state: Tensor | None) -> tuple[Tensor, Tensor]:
         """feats (B, M, F), filled (B, M), u (B, D), gate_state (B, G) or None
         -> (repeat log-probs over slots (B, M), -inf at empty slots; gate logit (B,))."""
-        z = self.slot(feats)  # (B, M, hid)
-        logits = self.slot_out(z).squeeze(-1).masked_fill(~filled, -math.inf)
+        z, logits = self.slot_logits(feats, filled)
         any_filled = filled.any(dim=1, keepdim=True)
         rep_logp = torch.where(any_filled, torch.log_softmax(logits.masked_fill(~any_filled, 0.0), dim=1), logits)
         # (B, hid), ReLU outputs are >= 0; max().values: its backward routes by index (amax's

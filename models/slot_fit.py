@@ -59,20 +59,19 @@ def prefit_slot_scorer(head: repeat.MixtureHead, memory: MemoryCache, chunks: li
     params = list(head.slot.parameters()) + list(head.slot_out.parameters())
     opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
-    first = last = math.nan
+    first = math.nan
     for step in range(steps):
         pick = torch.randint(len(rows), (min(batch, len(rows)),), generator=gen)
         st = repeat.trim_empty_slots(memory.state_at(rows[pick], device))
-        filled = st["mem_item"] > 0  # (b, M')
         feats = repeat.memory_features(st, len(EVENT_TYPES))  # (b, M', F)
-        logits = head.slot_out(head.slot(feats)).squeeze(-1).masked_fill(~filled, -math.inf)
+        _, logits = head.slot_logits(feats, st["mem_item"] > 0)  # (b, M')
         loss = F.cross_entropy(logits, slots[pick].to(device))
         opt.zero_grad()
         loss.backward()
         opt.step()
-        last = loss.item()
         if step == 0:
-            first = last
+            first = loss.item()  # one device sync at each end, none per step
+    last = loss.item()
     out = {"targets": float(len(rows)), "steps": float(steps), "loss_first": first, "loss_last": last,
            "seconds": time.perf_counter() - t0}
     log.info("slot scorer pre-fit: %d in-memory targets, %d steps, loss %.4f -> %.4f (%.1fs)",
