@@ -523,8 +523,7 @@ def _choose_epoch(model: SeqModel, split, cfg: TrainConfig, history: dict, progr
         # embedding it would publish (`EpochJudge`)
         variant = served_variant(val, cfg)
         m = val.metrics[variant]
-        embedding = val.values(EMBEDDING_VARIANT, cfg.valid_metric) if EMBEDDING_VARIANT in val.metrics else None
-        verdict = judge(val.values(variant, cfg.valid_metric), embedding)
+        verdict = judge(val.values(variant, cfg.valid_metric), val.values(EMBEDDING_VARIANT, cfg.valid_metric))
         es["valid"].append({"epoch": epoch, "recall@10": m["recall@10"], "mrr": m["mrr"], "variant": variant,
                             "gain": verdict.gain, "min_gain": verdict.min_gain, "chosen_by": verdict.by,
                             "variants": {v: {"recall@10": x["recall@10"], "mrr": x["mrr"]}
