@@ -181,6 +181,9 @@ class SeqModel(nn.Module):
         self.etype_emb = nn.Embedding(len(EVENT_TYPES), cfg.etype_dim)
         self.served = repeat.Variant()  # the served repeat path and mask (checkpoints carry the chosen one)
         self.rule = repeat.DEFAULT_RULE  # the rule's order inside the memory (checkpoints carry the chosen one)
+        # added to the mixture gate's logit when scoring in eval mode (training learns the raw gate):
+        # chosen on the held-out tail (TrainConfig.calibrate_gate), checkpoints carry it
+        self.gate_shift = 0.0
         self.repeat_head = None
         if self.repeat_mode == "mixture":
             self.repeat_head = repeat.MixtureHead(len(EVENT_TYPES), cfg.dim, self.gate_dim())
@@ -411,6 +414,8 @@ class SeqModel(nn.Module):
                 all_filled = torch.cat([filled, nv_filled], dim=1)
             gs = self.gate_state(state) if gate_state is None else gate_state
             rep_logp, a = self.repeat_head(feats, all_filled, u, gs)
+            if self.gate_shift and not self.training:  # the gate's calibration on unseen data (docs/MODELS.md)
+                a = a + self.gate_shift
             shift = F.logsigmoid(-a) - logz  # log(1 - g) - log Z
             rep = F.logsigmoid(a)[:, None] + rep_logp
             mem = torch.logaddexp(explore + shift[:, None], rep[:, :M])

@@ -7,6 +7,7 @@ live swap of item vectors with the same dimension.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ def save_checkpoint(path: str | Path, model: SeqModel, items_fingerprint: str, e
         "items_fingerprint": items_fingerprint,
         "served": model.served.name,  # the variant chosen from the training data (models.repeat.Variant)
         "rule": model.rule.to_dict(),  # the rule's weights chosen from the training data (models.repeat.RuleWeights)
+        "gate_shift": float(model.gate_shift),  # the mixture gate's shift chosen from the training data (SeqModel.gate_shift)
         "extra": extra or {},
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -85,6 +87,10 @@ def load_checkpoint(path: str | Path, item_vectors, items_fingerprint: str, allo
         model.rule = RuleWeights.from_dict(blob.get("rule", DEFAULT_RULE.to_dict()))
     except ValueError as e:
         raise CheckpointError(f"checkpoint {path}: {e}") from e
+    shift = blob.get("gate_shift", 0.0)  # a checkpoint without it serves the gate as trained
+    if not isinstance(shift, (int, float)) or isinstance(shift, bool) or not math.isfinite(shift):
+        raise CheckpointError(f"checkpoint {path}: gate_shift must be a finite number, got {shift!r}")
+    model.gate_shift = float(shift)
     model.eval()
     return model
 

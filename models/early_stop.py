@@ -119,16 +119,20 @@ class EpochJudge:
     """Which epoch early stopping keeps. An epoch becomes the chosen one when
     - its served ranking beats the best served ranking so far by more than the noise
       (`paired_gain`, `min_gain_se` standard errors), or
-    - its served ranking is no worse than that best (a gain >= 0, within the noise), and its embedding
-      alone (`EMBEDDING_VARIANT`) beats the chosen epoch's by more than the noise.
+    - its served ranking is no worse than that best (a gain >= 0, within the noise; with
+      `allow_loss_se` > 0 a loss of up to that many standard errors), and its embedding alone
+      (`EMBEDDING_VARIANT`) beats the chosen epoch's by more than the noise.
     The second clause keeps training the published embedding while the served ranking holds: a
     served ranking led by the user's own items can be flat from the first epochs on while the
     explore path is still far from trained (taobao-dev: docs/MODELS.md "Early stopping"). The
     served reference moves only on a served gain beyond the noise, and an epoch below it never
     counts, so the served ranking cannot drift down. (Allowing a loss within the noise let it: on
-    taobao-dev the choice went from epoch 7 to 11 and the test's recall@10 fell by 0.008.)"""
+    taobao-dev the choice went from epoch 7 to 11 and the test's recall@10 fell by 0.008. With the
+    mixture gate calibrated on the held-out tail at every epoch, `TrainConfig.calibrate_gate`, the
+    served ranking holds over the late epochs, and the loss within the noise is allowed.)"""
 
     min_gain_se: float
+    allow_loss_se: float = 0.0  # the embedding clause: a served loss of up to this many standard errors
     served_ref: np.ndarray | None = None  # per-target values of the best served ranking
     embedding_ref: np.ndarray | None = None  # the chosen epoch's embedding-alone values
 
@@ -141,7 +145,8 @@ class EpochJudge:
             self.served_ref, self.embedding_ref = served, embedding
             return Verdict("served", gain, need, "best")
         note = f"gain {gain:+.4f} over the best, needs > {need:.4f}"
-        if embedding is None or self.embedding_ref is None or gain < 0:
+        floor = -self.allow_loss_se * paired_gain(served, self.served_ref, 1.0)[1] if self.allow_loss_se else 0.0
+        if embedding is None or self.embedding_ref is None or gain < floor:
             return Verdict(None, gain, need, note)
         e_gain, e_need = paired_gain(embedding, self.embedding_ref, self.min_gain_se)
         if e_gain > e_need:
@@ -227,6 +232,18 @@ class Validator:
     def __call__(self, model: SeqModel) -> Validation:
         """Every served variant's (models.repeat.Variant) metrics and ranks at the current weights."""
         return self.by_rule(model, (model.rule,))[model.rule]
+
+    def by_gate_shift(self, model: SeqModel, shifts: tuple[float, ...]) -> dict[float, Validation]:
+        """One pass per gate shift (`SeqModel.gate_shift`); `model.gate_shift` is left as it was."""
+        own = model.gate_shift
+        try:
+            out = {}
+            for s in dict.fromkeys(shifts):
+                model.gate_shift = s
+                out[s] = self(model)
+            return out
+        finally:
+            model.gate_shift = own
 
     @torch.no_grad()
     def by_rule(self, model: SeqModel, rules: tuple[RuleWeights, ...]) -> dict[RuleWeights, Validation]:

@@ -241,6 +241,10 @@ class RuleWeights:
         return w
 
 
+# The gate's serving-time shift (`SeqModel.gate_shift`, added to the gate's logit): the candidates the
+# held-out tail chooses among when `TrainConfig.calibrate_gate` is on (0 = the gate as trained).
+GATE_SHIFT_GRID = (0.0, 1.0, 2.0, 4.0)
+
 DEFAULT_RULE = RuleWeights()  # "by count, then recency": what a model without a choice serves
 # The orders the held-out tail chooses among: count first (the default), count and recency
 # balanced, recency first; each without and with a bonus for the current session's items.

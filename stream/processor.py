@@ -64,8 +64,8 @@ class ModelProcessor:
                           device=str(self.device), allow_new_items=True,
                           index_path=s.index_path, stale_index=stale_index)
         self.codec.add_table(sv.table)
-        log.info("serving %s (%s; rule %s) on %s, items %s (%d x %d), index %s", sv.tag, sv.model.served.name,
-                 sv.model.rule.name, self.device,
+        log.info("serving %s (%s; rule %s; gate shift %g) on %s, items %s (%d x %d), index %s", sv.tag,
+                 sv.model.served.name, sv.model.rule.name, sv.model.gate_shift, self.device,
                  sv.table.fingerprint, len(sv.table), sv.table.dim, s.index)
         return sv
 

@@ -101,6 +101,7 @@ class TrainFlags:
     refit: bool | None
     weight_average: float | None
     choose_rule: bool | None
+    calibrate_gate: bool | None
     slot_prefit_steps: int | None
     loss: str | None
     batch_size: int | None
@@ -117,7 +118,7 @@ class TrainFlags:
                   "valid_fraction": self.valid_fraction, "patience": self.patience,
                   "valid_metric": self.valid_metric, "valid_min_gain_se": self.valid_min_gain_se,
                   "refit": self.refit, "weight_average": self.weight_average, "choose_rule": self.choose_rule,
-                  "slot_prefit_steps": self.slot_prefit_steps, "seed": self.seed}
+                  "calibrate_gate": self.calibrate_gate, "slot_prefit_steps": self.slot_prefit_steps, "seed": self.seed}
         return {k: v for k, v in fields.items() if v is not None}
 
     def model_overrides(self, settings: Settings) -> dict[str, Any]:

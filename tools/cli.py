@@ -89,6 +89,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--choose-rule", action=argparse.BooleanOptionalAction,
                    help="choose the repeat rule's order inside the memory (count, recency, current session) on the "
                         "held-out tail (--no-choose-rule: by count, then recency)")
+    p.add_argument("--calibrate-gate", action=argparse.BooleanOptionalAction,
+                   help="choose a shift of the mixture gate on the held-out tail after every epoch and judge the "
+                        "epoch with it (off by default)")
     p.add_argument("--slot-prefit-steps", type=int,
                    help="steps of the mixture's slot scorer fitted alone on the user's own items before the "
                         "epochs (0: off)")

@@ -60,7 +60,8 @@ def train_checkpoint(model_name: str, df: pd.DataFrame, table: ItemTable, out: s
     hist = train_model(model, seqs, cfg, progress=progress, vectors_before=before)
     save_checkpoint(out, model, table.fingerprint, extra={"history": hist})
     per_epoch = np.mean(hist["epoch_seconds"]) if hist["epoch_seconds"] else 0.0
-    print(f"saved {out} ({model.name}, serves {model.served.name}, device {device}, {hist.get('chosen_epoch')} epochs, "
+    gate = f" with the gate shifted by {model.gate_shift:+g}" if model.gate_shift else ""
+    print(f"saved {out} ({model.name}, serves {model.served.name}{gate}, device {device}, {hist.get('chosen_epoch')} epochs, "
           f"{per_epoch:.2f} s/epoch, final loss {hist['loss'][-1] if hist['loss'] else float('nan'):.4f})")
     return hist
 

@@ -280,7 +280,8 @@ def early_stopping_table(report: dict) -> str:
         metric = es.get("metric", "recall@10")
         curve = ", ".join(f"**{v[metric]:.4f}**" if v["epoch"] == res["chosen_epoch"] else f"{v[metric]:.4f}"
                           for v in es["valid"])
-        rows.append(f"| {name} | {res['chosen_epoch']} | {res.get('served_variant', '–')} | {rule} | {es['epochs_run']} | "
+        gate = f" (gate {es['gate_shift']:+g})" if es.get("gate_shift") else ""
+        rows.append(f"| {name} | {res['chosen_epoch']} | {res.get('served_variant', '–')}{gate} | {rule} | {es['epochs_run']} | "
                     f"{es['valid_targets']} | {metric}: {curve} | {'yes' if es['refit'] else 'no'} |")
     return "\n".join(rows)
 
