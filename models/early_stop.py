@@ -234,29 +234,37 @@ class Validator:
         return self.by_rule(model, (model.rule,))[model.rule]
 
     def by_gate_shift(self, model: SeqModel, shifts: tuple[float, ...]) -> dict[float, Validation]:
-        """One pass per gate shift (`SeqModel.gate_shift`); `model.gate_shift` is left as it was."""
-        own = model.gate_shift
-        try:
-            out = {}
-            for s in dict.fromkeys(shifts):
-                model.gate_shift = s
-                out[s] = self(model)
-            return out
-        finally:
-            model.gate_shift = own
+        """One pass, every variant under each gate shift (`SeqModel.gate_shift`); `model.gate_shift`
+        is left as it was."""
+        vals = self._by_setting(model, tuple((model.rule, s) for s in shifts))
+        return {s: v for (_, s), v in vals.items()}
+
+    def by_rule(self, model: SeqModel, rules: tuple[RuleWeights, ...]) -> dict[RuleWeights, Validation]:
+        """One pass, every variant under each of `rules` (the repeat rule's weights); `model.rule` is
+        left as it was."""
+        vals = self._by_setting(model, tuple((w, model.gate_shift) for w in rules))
+        return {w: v for (w, _), v in vals.items()}
 
     @torch.no_grad()
-    def by_rule(self, model: SeqModel, rules: tuple[RuleWeights, ...]) -> dict[RuleWeights, Validation]:
-        """One pass, every variant under each of `rules` (the repeat rule's weights): the explore
-        scores and the variants that do not use the rule are computed once. `model.rule` is left as
-        it was."""
-        rules = tuple(dict.fromkeys(rules))
-        was_training, own_rule = model.training, model.rule
+    def _by_setting(self, model: SeqModel, settings: tuple[tuple[RuleWeights, float], ...]
+                    ) -> dict[tuple[RuleWeights, float], Validation]:
+        """One pass for several (rule, gate shift) settings: the forward, the explore scores and
+        the variants a setting does not change against the first are computed once."""
+        settings = tuple(dict.fromkeys(settings))
+        was_training, own = model.training, (model.rule, model.gate_shift)
         model.eval()
         names = [variant_name(r, e) for r, e in VARIANTS]
-        with_rule = tuple(r for r in REPEATS if Variant(r).mode(model.repeat_mode) == "rule")
-        accs = {w: {name: RankAccumulator() for name in names} for w in rules}
-        parts: dict[RuleWeights, dict[str, list[np.ndarray]]] = {w: {name: [] for name in names} for w in rules}
+        with_rule = {r for r in REPEATS if Variant(r).mode(model.repeat_mode) == "rule"}
+        with_gate = {r for r in REPEATS if Variant(r).mode(model.repeat_mode) == "mixture"}
+
+        def changed(key: tuple[RuleWeights, float]) -> tuple[str, ...]:
+            """The repeat paths whose ranks `key` changes against the first setting."""
+            rule, shift = key
+            out = (with_rule if rule != settings[0][0] else set()) | (with_gate if shift != settings[0][1] else set())
+            return tuple(r for r in REPEATS if r in out)
+
+        accs = {k: {name: RankAccumulator() for name in names} for k in settings}
+        parts: dict[tuple, dict[str, list[np.ndarray]]] = {k: {name: [] for name in names} for k in settings}
         block = max(1, (1 << 24) // (model.n_items + 1))  # rows per (rows, N+1) score block: 64 MB
         try:
             for b in self.batches:
@@ -274,20 +282,20 @@ class Validator:
                     st = self.memory.state_at(rows[r], model.device)
                     base = model.explore_scores(u[r])
                     first = None
-                    for w in rules:
-                        model.rule = w
-                        ranks = variant_ranks(model, st, u[r], base, tgt[r], reps=REPEATS if first is None else with_rule,
+                    for key in settings:
+                        model.rule, model.gate_shift = key
+                        ranks = variant_ranks(model, st, u[r], base, tgt[r], reps=REPEATS if first is None else changed(key),
                                               gate_state=None if gs is None else gs[r])
                         if first is None:
                             first = ranks
                         ranks = {**first, **ranks}
                         for rep, by_excl in ranks.items():
                             for excl, rk in by_excl.items():
-                                accs[w][variant_name(rep, excl)].add(rk)
-                                parts[w][variant_name(rep, excl)].append(rk.cpu().numpy())
+                                accs[key][variant_name(rep, excl)].add(rk)
+                                parts[key][variant_name(rep, excl)].append(rk.cpu().numpy())
         finally:
-            model.rule = own_rule
+            model.rule, model.gate_shift = own
             model.train(was_training)
-        return {w: Validation({name: acc.summary(model.n_items) for name, acc in accs[w].items()},
-                              {name: np.concatenate(p) if p else np.zeros(0, np.int64) for name, p in parts[w].items()})
-                for w in rules}
+        return {k: Validation({name: acc.summary(model.n_items) for name, acc in accs[k].items()},
+                              {name: np.concatenate(p) if p else np.zeros(0, np.int64) for name, p in parts[k].items()})
+                for k in settings}
