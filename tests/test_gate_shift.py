@@ -114,18 +114,19 @@ def test_training_with_calibrate_gate_records_and_keeps_the_chosen_shift(shop):
     table, seqs = shop
     torch.manual_seed(0)
     model = build_model("gru", table.padded_vectors())
-    hist = train_model(model, seqs, TrainConfig(epochs=3, batch_size=32, seed=0, calibrate_gate=True,
+    assert TrainConfig().calibrate_gate  # on by default
+    hist = train_model(model, seqs, TrainConfig(epochs=3, batch_size=32, seed=0,
                                                 valid_fraction=0.2, valid_min_targets=50), progress=False)
     es = hist["early_stopping"]
     assert es["used"] and es["gate_shift"] in GATE_SHIFT_GRID
     assert all(e["gate_shift"] in GATE_SHIFT_GRID for e in es["valid"])
     assert model.gate_shift == es["gate_shift"]
     assert es["gate_shift"] == next(e["gate_shift"] for e in es["valid"] if e["epoch"] == hist["chosen_epoch"])
-    # off (the default): no shift anywhere
+    # off: no shift anywhere
     torch.manual_seed(0)
     plain = build_model("gru", table.padded_vectors())
     hist = train_model(plain, seqs, TrainConfig(epochs=3, batch_size=32, seed=0, valid_fraction=0.2,
-                                                valid_min_targets=50), progress=False)
+                                                valid_min_targets=50, calibrate_gate=False), progress=False)
     assert plain.gate_shift == 0.0 and all(e["gate_shift"] == 0.0 for e in hist["early_stopping"]["valid"])
 
 

@@ -91,7 +91,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                         "held-out tail (--no-choose-rule: by count, then recency)")
     p.add_argument("--calibrate-gate", action=argparse.BooleanOptionalAction,
                    help="choose a shift of the mixture gate on the held-out tail after every epoch and judge the "
-                        "epoch with it (off by default)")
+                        "epoch with it (--no-calibrate-gate: the gate as trained, and an epoch must not lose on the served ranking)")
     p.add_argument("--slot-prefit-steps", type=int,
                    help="steps of the mixture's slot scorer fitted alone on the user's own items before the "
                         "epochs (0: off)")
