@@ -1,11 +1,13 @@
 """Test metrics after every epoch of a fixed-epoch run (a diagnostic for early stopping).
 
-    python -m livemb.tools.experiments.epoch_curve --data LOG [--items ITEMS] --models gru,hiertcn --epochs 8 --json OUT
+    python -m livemb.tools.experiments.epoch_curve --data LOG [--items ITEMS] --models gru,hiertcn --epochs 8 \
+        [--gate-shifts 0,2] --json OUT
 
 Trains each model on the whole train period (the evaluation's temporal split) for --epochs with
 the same seeds as `livemb evaluate --valid-fraction 0`, and after each epoch runs the evaluation
 protocol on the test period (`rep+none`, exclude_seen none, and the explore path alone,
-`norep+none`: the published embedding's own ranking). Epoch k's figures are what a refit for
+`norep+none`: the published embedding's own ranking); `rep+none` once per mixture gate shift of
+--gate-shifts (SeqModel.gate_shift; the first one is the curve's headline). Epoch k's figures are what a refit for
 k epochs gives, so the curve shows whether the epoch chosen on the held-out train tail is near
 the test's best. It reads the test period, so it is for checking the method, never for choosing.
 """
@@ -36,8 +38,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--weight-average", type=float, default=TrainConfig.weight_average)
+    ap.add_argument("--gate-shifts", default="0", help="comma-separated shifts of the mixture gate to score the "
+                    "served ranking under after each epoch (the checkpoint's gate_shift)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    shifts = [float(x) for x in args.gate_shifts.split(",")]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     df = load_log(args.data, args.columns, args.ts_unit)
     table = items_for(df, args.items, 64, train_only=True)
@@ -52,13 +57,20 @@ def main(argv: list[str] | None = None) -> dict:
         curve = []
 
         def on_epoch(epoch: int, model=model, curve=curve, name=name) -> bool:
-            res = evaluate_model(model, train, test, progress=False)
-            m, e = res["rep+none"], res[EMBEDDING_VARIANT]
+            served = {}
+            for shift in shifts:
+                model.gate_shift = shift
+                res = evaluate_model(model, train, test, progress=False)
+                served[shift] = {"recall@10": res["rep+none"]["recall@10"], "mrr": res["rep+none"]["mrr"]}
+            model.gate_shift = 0.0
             model.train()
+            m, e = served[shifts[0]], res[EMBEDDING_VARIANT]  # the explore path alone: the same under any shift
             curve.append({"epoch": epoch, "recall@10": m["recall@10"], "mrr": m["mrr"],
-                          "embedding_recall@10": e["recall@10"], "embedding_mrr": e["mrr"]})
-            logging.info("%s epoch %d test recall@10 %.4f mrr %.4f; the embedding alone (%s) %.4f / %.4f", name, epoch,
-                         m["recall@10"], m["mrr"], EMBEDDING_VARIANT, e["recall@10"], e["mrr"])
+                          "embedding_recall@10": e["recall@10"], "embedding_mrr": e["mrr"],
+                          "by_gate_shift": {str(k): v for k, v in served.items()}})
+            logging.info("%s epoch %d test recall@10 / mrr %s; the embedding alone (%s) %.4f / %.4f", name, epoch,
+                         ", ".join(f"{v['recall@10']:.4f} / {v['mrr']:.4f} (shift {k:g})" for k, v in served.items()),
+                         EMBEDDING_VARIANT, e["recall@10"], e["mrr"])
             return False
 
         hist = {"epoch_seconds": [], "loss": [], "targets": 0}
