@@ -117,8 +117,8 @@ class TrainConfig:
     # data warrants, and the late epochs that train the published embedding cost the served ranking
     # (taobao-dev, 10 fixed epochs: test recall@10 0.4179 as trained, 0.4298 with the shift +2).
     # On taobao-dev it made the embedding alone the same for three seeds (docs/MODELS.md).
-    # False = the gate as trained and the strict clause (fewer epochs: on a 1M-event log HierTCN
-    # trains ~3.5x faster, at a published embedding that is worse).
+    # False = the gate as trained and the strict clause: fewer epochs (the six neural models on the
+    # 1M-event log: 24 epochs without it, 51 with it, docs/RESULTS.md) and a weaker embedding.
     calibrate_gate: bool = True
     # the mixture's slot scorer is first fitted alone (models/slot_fit.py): listwise cross-entropy
     # over the memory's slots, `slot_prefit_steps` Adam steps of `slot_prefit_batch` targets at
