@@ -12,7 +12,7 @@ from livemb.models.early_stop import EpochJudge, Validation, Validator, split_va
 from livemb.models.evaluation import build_model, warm_up
 from livemb.models.repeat import GATE_SHIFT_GRID
 from livemb.models.serving import Serving
-from livemb.models.train import TrainConfig, gate_shift_choice, sequences_from_frame, train_model
+from livemb.models.train import TrainConfig, gate_shift_choice, gate_shifts, sequences_from_frame, train_model
 from livemb.tools.data.synth_ecommerce import synth_ecommerce
 
 
@@ -114,7 +114,9 @@ def test_training_with_calibrate_gate_records_and_keeps_the_chosen_shift(shop):
     table, seqs = shop
     torch.manual_seed(0)
     model = build_model("gru", table.padded_vectors())
-    assert TrainConfig().calibrate_gate  # on by default
+    # on by default: a model with a learned gate is judged under every shift of the grid
+    assert gate_shifts(model, TrainConfig()) == GATE_SHIFT_GRID
+    assert gate_shifts(model, TrainConfig(calibrate_gate=False)) == (0.0,)
     hist = train_model(model, seqs, TrainConfig(epochs=3, batch_size=32, seed=0,
                                                 valid_fraction=0.2, valid_min_targets=50), progress=False)
     es = hist["early_stopping"]
