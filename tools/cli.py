@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import livemb.core
+from livemb.core.allocator import hold_freed_memory
 from livemb.core.choices import (
     EXCLUDE_SEEN,
     INDEX_KINDS,
@@ -395,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         settings = settings_for(args)  # an invalid LIVEMB_* value or flag: ConfigError, one line
+        hold_freed_memory(settings.malloc_hold_mb)  # before the command allocates its first large tensor
         return command.handler()(args, settings)
     except EXPECTED as e:  # one line, the exit code core/errors.py gives it; anything else is a bug: traceback
         print(f"livemb {ns.cmd}: error: {e}", file=sys.stderr)
