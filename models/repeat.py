@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from livemb.core.choices import EXCLUDE_SEEN, REPEAT_PATHS
 from livemb.core.errors import ConfigError
+from livemb.models.slot_mlp import slot_scores
 
 REPEATS = REPEAT_PATHS  # served repeat paths: the model's own, the fixed rule, none
 EXCLUDES = EXCLUDE_SEEN  # exclude_seen: which memory items a ranking removes
@@ -190,20 +191,18 @@ class MixtureHead(nn.Module):
         self.gate = nn.Sequential(nn.Linear(dim + state_dim + hidden + 1, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
     def slot_logits(self, feats: Tensor, filled: Tensor) -> tuple[Tensor, Tensor]:
-        """feats (B, M, F), filled (B, M) -> (slot hidden (B, M, hid), repeat logit per slot (B, M), -inf at
-        empty slots). Shared by `forward` and the slot scorer's pre-fit (models/slot_fit.py)."""
-        z = self.slot(feats)
-        return z, self.slot_out(z).squeeze(-1).masked_fill(~filled, -math.inf)
+        """feats (B, M, F), filled (B, M) -> (repeat logit per slot (B, M), -inf at empty slots; the slot
+        hidden units max-pooled over the filled slots (B, hid)), fused (models/slot_mlp.py). Shared by
+        `forward` and the slot scorer's pre-fit (models/slot_fit.py)."""
+        lin = self.slot[0]
+        return slot_scores(feats, filled, lin.weight, lin.bias, self.slot_out.weight, self.slot_out.bias)
 
     def forward(self, feats: Tensor, filled: Tensor, u: Tensor, gate_state: Tensor | None) -> tuple[Tensor, Tensor]:
         """feats (B, M, F), filled (B, M), u (B, D), gate_state (B, G) or None
         -> (repeat log-probs over slots (B, M), -inf at empty slots; gate logit (B,))."""
-        z, logits = self.slot_logits(feats, filled)
+        logits, pooled = self.slot_logits(feats, filled)
         any_filled = filled.any(dim=1, keepdim=True)
         rep_logp = torch.where(any_filled, torch.log_softmax(logits.masked_fill(~any_filled, 0.0), dim=1), logits)
-        # (B, hid), ReLU outputs are >= 0; max().values: its backward routes by index (amax's
-        # spreads over ties, and the zeros of empty slots tie: 18 % of a training step, measured)
-        pooled = z.masked_fill(~filled[..., None], 0.0).max(dim=1).values
         parts = [u, pooled, torch.log1p(filled.sum(1, keepdim=True).float())]
         if gate_state is not None:
             parts.insert(1, gate_state)

@@ -64,7 +64,7 @@ def prefit_slot_scorer(head: repeat.MixtureHead, memory: MemoryCache, chunks: li
         pick = torch.randint(len(rows), (min(batch, len(rows)),), generator=gen)
         st = repeat.trim_empty_slots(memory.state_at(rows[pick], device))
         feats = repeat.memory_features(st, len(EVENT_TYPES))  # (b, M', F)
-        _, logits = head.slot_logits(feats, st["mem_item"] > 0)  # (b, M')
+        logits, _ = head.slot_logits(feats, st["mem_item"] > 0)  # (b, M')
         loss = F.cross_entropy(logits, slots[pick].to(device))
         opt.zero_grad()
         loss.backward()

@@ -58,7 +58,7 @@ def test_prefit_learns_a_planted_return_pattern():
     def top1_is_recency_1() -> float:
         st = memory.state_at(rows, torch.device("cpu"))
         with torch.no_grad():
-            _, logits = head.slot_logits(repeat.memory_features(st, len(EVENT_TYPES)), st["mem_item"] > 0)
+            logits, _ = head.slot_logits(repeat.memory_features(st, len(EVENT_TYPES)), st["mem_item"] > 0)
         recency = st["n_events"][:, None] - 1 - st["mem_seq"].long()
         return (recency.gather(1, logits.argmax(1, keepdim=True)) == 1).float().mean().item()
 
