@@ -27,6 +27,7 @@ from livemb.models.train import TrainConfig, _run_epochs, make_chunks, sequences
 from livemb.tools.args import add_log_args
 from livemb.tools.data.eventlog import load_log, temporal_split
 from livemb.tools.data.item_embeddings import items_for
+from livemb.tools.experiments import process_setup
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "served ranking under after each epoch (the checkpoint's gate_shift)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    process_setup()
     shifts = [float(x) for x in args.gate_shifts.split(",")]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     df = load_log(args.data, args.columns, args.ts_unit)

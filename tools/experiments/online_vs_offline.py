@@ -38,6 +38,7 @@ from livemb.stream.processor import ModelProcessor
 from livemb.stream.quality import KS
 from livemb.tools.data.eventlog import load_log, temporal_split
 from livemb.tools.data.item_embeddings import DEFAULT_KIND, items_for, vectors_before
+from livemb.tools.experiments import process_setup
 
 WARM_BATCH = 2048  # events per warm-up batch: the state after a user's events does not depend on it
 
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dim", type=int, default=64, help="item-vector size (as livemb evaluate's --dim)")
     a = p.parse_args(argv)
+    process_setup()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     df = load_log(a.data, a.columns, a.ts_unit)
     train_df, test_df = temporal_split(df, a.test_frac)

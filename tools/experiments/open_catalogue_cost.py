@@ -27,6 +27,7 @@ from livemb.models.checkpoint import save_checkpoint
 from livemb.models.evaluation import build_model
 from livemb.stream.processor import ModelProcessor
 from livemb.tools.data.eventlog import load_log, temporal_split
+from livemb.tools.experiments import process_setup
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--rounds", type=int, default=3, help="passes over the test part per setting")
     a = p.parse_args(argv)
+    process_setup()
     torch.set_num_threads(1)
     df = load_log(a.data, a.columns, a.ts_unit)
     train, test = temporal_split(df, 0.2)

@@ -23,6 +23,7 @@ from livemb.models.train import TrainConfig, sequences_from_frame, train_model
 from livemb.tools.args import add_log_args
 from livemb.tools.data.eventlog import load_log, temporal_split
 from livemb.tools.data.item_embeddings import items_for
+from livemb.tools.experiments import process_setup
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     ap.add_argument("--profile", help="write a cProfile of the LAST model's training to this file (and print the top)")
     args = ap.parse_args(argv)
+    process_setup()
     if args.threads:
         torch.set_num_threads(args.threads)
     df = load_log(args.data, args.columns, args.ts_unit)
