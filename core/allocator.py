@@ -6,8 +6,9 @@ trims the heap's free top above 128 KiB. A training step allocates and frees ten
 tensors of 10-60 MB (the sampled log Z's (n, 2048), the slot MLP's (n, M, hidden)), so every one
 of them came back as fresh pages: a page fault per 4 KiB and the kernel zeroing them, several times
 the arithmetic's own cost. With both thresholds at 1 GiB the heap keeps and reuses that memory:
-one training step of `gru` on the 1M-event synthetic log fell from 117 to 66 ms (2-core AMD EPYC,
-docs/BENCHMARKS.md). The price is a resident size that stays near its peak after a large step.
+one training step of `gru` on the 1M-event synthetic log fell from 117 to 66 ms (2-core AMD
+EPYC, docs/MODELS.md "Memory traffic of a training step"). The price is a resident size that
+stays near its peak after a large step (docs/RUNBOOK.md).
 
 Settings.malloc_hold_mb sets the limit (0: glibc's defaults). Elsewhere than glibc (musl, macOS)
 this does nothing.

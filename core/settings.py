@@ -133,7 +133,7 @@ class Settings(BaseSettings):
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads")
     malloc_hold_mb: int = Field(
         1024, ge=0, description="freed memory (MiB) the process keeps for reuse instead of returning it to the OS "
-        "(glibc's mmap and trim thresholds, core/allocator.py: training steps ~1.8x faster); 0: glibc's defaults")
+        "(glibc's mmap and trim thresholds, core/allocator.py: a training step ~1.8x faster); 0: glibc's defaults")
     idle_sweep_s: float = Field(
         5.0, ge=0, description="seconds between idle-session sweeps (sessions idle past session_gap_s in event "
         "time get a next-session message); 0 turns the sweep off"
