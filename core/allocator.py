@@ -40,7 +40,7 @@ def hold_freed_memory(limit_mb: int) -> bool:
         log.debug("malloc tuning skipped: %s", e)
         return False
     value = ctypes.c_int(min(limit_mb << 20, 2**31 - 1))  # mallopt takes an int
-    ok = [libc.mallopt(param, value) == 1 for param in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD)] == [True, True]
+    ok = all([libc.mallopt(param, value) == 1 for param in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD)])  # a list: both are set
     if not ok:
         log.warning("glibc refused malloc thresholds of %d MiB; keeping its defaults", limit_mb)
     return ok
