@@ -80,6 +80,14 @@ class TrainConfig:
     valid_fraction: float = 0.1
     patience: int = 2
     patience_ratio: float = 0.5  # ... or this fraction of the best epoch's count when more (`patience`)
+    # ... and never before this many optimizer steps: on a small log an epoch is a handful of steps
+    # (taobao-dev: 14), and the held-out curve of the first few is the weight average warming up
+    # and the gate settling, not a trend. There HierTCN --seed 2 stopped at epoch 4 on a dip
+    # (served MRR 0.2527 -> 0.2506 over epochs 1-4) with its embedding alone at test recall@10
+    # 0.038; run on, its curve rose from epoch 6 and peaked at 17 (embedding 0.199, served MRR
+    # 0.2532 -> 0.2562, docs/RESULTS.md "Seeds"). Binds only where an epoch is a few steps: never
+    # on the 1M-event log or YooChoose (>= 300 steps an epoch). 0 = patience alone.
+    min_steps: int = 300
     valid_metric: str = "mrr"  # per-target 1/rank: a finer signal than a top-10 hit on a small held-out tail
     valid_max_targets: int = 5000  # a seeded random subset of the held-out users, whole users
     valid_min_targets: int = 200
@@ -129,6 +137,8 @@ class TrainConfig:
     slot_prefit_batch: int = 512
 
     def __post_init__(self):
+        if self.min_steps < 0:
+            raise ConfigError(f"min_steps must be >= 0 (0: patience alone), got {self.min_steps}")
         if self.slot_prefit_steps < 0 or self.slot_prefit_batch < 1 or not self.slot_prefit_lr > 0:
             raise ConfigError("the slot scorer's pre-fit needs steps >= 0 (0: off), a batch >= 1 and a learning rate "
                               f"> 0, got {self.slot_prefit_steps}, {self.slot_prefit_batch}, {self.slot_prefit_lr}")
@@ -329,7 +339,7 @@ def _run_epochs(model: SeqModel, chunks: list[Sequence], cfg: TrainConfig, epoch
     model.train()
     for epoch in range(epochs):
         t0 = time.perf_counter()
-        total, count = 0.0, 0
+        total, count, steps = 0.0, 0, 0
         batches = bucketed_batches(chunks, cfg.batch_size, rng)
         bar = progress_bar(batches, desc=f"{model.name}{tag} epoch {epoch + 1}/{epochs}", disable=not progress,
                            leave=False)
@@ -349,11 +359,13 @@ def _run_epochs(model: SeqModel, chunks: list[Sequence], cfg: TrainConfig, epoch
             opt.step()
             if averaged is not None:
                 averaged.update()
+            steps += 1
             total += loss.item() * n
             count += n
             bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
         dt = time.perf_counter() - t0
         history["epoch_seconds"].append(dt)
+        history.setdefault("epoch_steps", []).append(steps)
         history["loss"].append(total / max(count, 1))
         history["targets"] = count
         log.info("%s%s epoch %d/%d loss %.4f (%.1fs, %d targets, %.0f targets/s)", model.name, tag, epoch + 1, epochs,
@@ -505,6 +517,12 @@ def patience(best_epoch: int, cfg: TrainConfig) -> int:
     return max(cfg.patience, math.ceil(cfg.patience_ratio * best_epoch))
 
 
+def should_stop(epoch: int, best_epoch: int, steps: int, cfg: TrainConfig) -> bool:
+    """After `epoch` epochs (`steps` optimizer steps in all), the best so far at `best_epoch`: stop
+    when `patience` epochs brought nothing better and at least cfg.min_steps steps have run."""
+    return epoch - best_epoch >= patience(best_epoch, cfg) and steps >= cfg.min_steps
+
+
 def _early_stopped(model: SeqModel, chunks: list[Sequence], split, cfg: TrainConfig, history: dict,
                    progress: bool, vectors_before: VectorsBefore | None) -> None:
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -516,6 +534,7 @@ def _early_stopped(model: SeqModel, chunks: list[Sequence], split, cfg: TrainCon
     if cfg.refit:
         model.load_state_dict(init)
         history["fit_epoch_seconds"] = history["epoch_seconds"]
+        history["fit_epoch_steps"] = history.pop("epoch_steps", [])
         history["epoch_seconds"] = []
         _run_epochs(model, chunks, cfg, history["chosen_epoch"], history, tag=" refit", progress=progress)
         log.info("%s: refit on the whole train period for the chosen %d epochs", model.name, history["chosen_epoch"])
@@ -531,9 +550,10 @@ def _choose_epoch(model: SeqModel, split, cfg: TrainConfig, history: dict, progr
     best_weights and early_stopping in `history`."""
     validator = Validator(model, split)
     log.info("%s: early stopping on %d validation targets (%d in the last %.0f%% of the train period), %s, "
-             "patience %d, at most %d epochs", model.name, split.targets, split.targets_total, 100 * cfg.valid_fraction,
-             cfg.valid_metric, cfg.patience, cfg.epochs)
+             "patience %d, at least %d optimizer steps, at most %d epochs", model.name, split.targets,
+             split.targets_total, 100 * cfg.valid_fraction, cfg.valid_metric, cfg.patience, cfg.min_steps, cfg.epochs)
     es = {"used": True, "metric": cfg.valid_metric, "valid_fraction": cfg.valid_fraction, "patience": cfg.patience,
+          "min_steps": cfg.min_steps,
           "valid_targets": split.targets, "valid_targets_total": split.targets_total, "refit": cfg.refit,
           "min_gain_se": cfg.valid_min_gain_se,
           "valid": [], "valid_seconds": 0.0, "setup_seconds": time.perf_counter() - t0}
@@ -563,7 +583,7 @@ def _choose_epoch(model: SeqModel, split, cfg: TrainConfig, history: dict, progr
                         weights={k: v.detach().clone() for k, v in model.state_dict().items()})
         log.info("%s epoch %d valid recall@10 %.4f mrr %.4f as %s%s (%s)", model.name, epoch, m["recall@10"], m["mrr"],
                  variant, f", gate shift {shift:g}" if len(shifts) > 1 else "", verdict.note)
-        return epoch - best["epoch"] >= patience(best["epoch"], cfg)
+        return should_stop(epoch, best["epoch"], sum(history["epoch_steps"]), cfg)
 
     fit_chunks = make_chunks(split.fit, cfg.max_len)
     _run_epochs(model, fit_chunks, cfg, cfg.epochs, history, on_epoch, progress=progress)

@@ -22,8 +22,10 @@ from livemb.tools.data.synth_ecommerce import synth_ecommerce
 # moves it, and with it epoch 6 of 6 was the best, which leaves the restore below nothing to prove
 # the gate as trained (no shift, the strict clause): these tests pin the epoch rule itself on a known
 # curve; the gate's calibration has its own (tests/test_gate_shift.py)
+# min_steps = 0: patience alone (the minimum has its own test)
 CFG = TrainConfig(epochs=6, patience=6, lr=6e-2, valid_fraction=0.2, valid_min_targets=50, refit=False,
-                  valid_min_gain_se=0.0, weight_average=0.0, slot_prefit_steps=0, calibrate_gate=False)
+                  valid_min_gain_se=0.0, weight_average=0.0, slot_prefit_steps=0, calibrate_gate=False,
+                  min_steps=0)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -167,6 +169,29 @@ def test_patience_stops_and_refit_retrains_from_the_start(data):
     assert values[-1] <= max(values[:-1])
     ref = _fixed(vectors, seqs, hist["chosen_epoch"])  # refit = a fixed run of the chosen count on everything
     assert all(torch.equal(model.state_dict()[k], v) for k, v in ref.state_dict().items())
+
+
+def test_no_stop_before_min_steps(data):
+    """Patience 1 stops a run right after its best epoch; with min_steps beyond that run's steps the
+    same run goes on until the steps are reached, and its first epochs are the same epochs."""
+    vectors, seqs = data
+    cfg = TrainConfig(**{**CFG.__dict__, "epochs": 12, "patience": 1, "patience_ratio": 0.0})
+    torch.manual_seed(0)
+    short = train_model(build_model("gru", vectors), seqs, cfg, progress=False)
+    ran = short["early_stopping"]["epochs_run"]
+    assert ran < cfg.epochs and len(short["epoch_steps"]) == ran
+    per_epoch = short["epoch_steps"][0]
+    assert per_epoch > 0 and all(n == per_epoch for n in short["epoch_steps"])
+    need = per_epoch * ran + 1  # one step more than the short run took: at least one more epoch
+    torch.manual_seed(0)
+    longer = train_model(build_model("gru", vectors), seqs, TrainConfig(**{**cfg.__dict__, "min_steps": need}),
+                         progress=False)
+    es = longer["early_stopping"]
+    assert es["min_steps"] == need and es["epochs_run"] >= min(cfg.epochs, -(-need // per_epoch)) > ran
+    if es["epochs_run"] < cfg.epochs:  # it stopped: both conditions held at its last epoch
+        assert sum(longer["epoch_steps"]) >= need and es["epochs_run"] - longer["chosen_epoch"] >= cfg.patience
+    # the same seed, the same epochs: the short run's curve is the start of the longer one
+    assert [v["mrr"] for v in es["valid"][:ran]] == [v["mrr"] for v in short["early_stopping"]["valid"]]
 
 
 @pytest.mark.parametrize("name", ["gru", "hiertcn"])

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from livemb.core.errors import ConfigError
 from livemb.core.items import ItemTable
 from livemb.models.checkpoint import load_checkpoint, save_checkpoint
 from livemb.models.early_stop import Validation, split_validation
@@ -13,7 +14,7 @@ from livemb.models.evaluation import build_model
 from livemb.models.metrics import over_all_events
 from livemb.models.repeat import Variant
 from livemb.models.serving import Serving
-from livemb.models.train import TrainConfig, patience, sequences_from_frame, served_variant, train_model
+from livemb.models.train import TrainConfig, patience, sequences_from_frame, served_variant, should_stop, train_model
 from livemb.tools.data.synth_ecommerce import synth_ecommerce
 
 CFG = TrainConfig(epochs=4, valid_fraction=0.2, valid_min_targets=50, refit=False)
@@ -156,6 +157,18 @@ def test_patience_grows_with_the_best_epoch():
     cfg = TrainConfig(patience=2, patience_ratio=0.5)
     assert [patience(e, cfg) for e in (0, 1, 4, 5, 6, 9)] == [2, 2, 2, 3, 3, 5]
     assert patience(9, TrainConfig(patience=2, patience_ratio=0.0)) == 2
+
+
+def test_no_stop_before_min_steps_however_long_the_patience_ran_out():
+    cfg = TrainConfig(patience=2, patience_ratio=0.5, min_steps=300)
+    assert not should_stop(4, 2, 4 * 14, cfg)  # patience spent, 56 steps: go on
+    assert not should_stop(21, 20, 21 * 14, cfg)  # 294 steps, and the best is recent
+    assert should_stop(22, 2, 22 * 14, cfg)  # 308 steps, 20 epochs without a better one
+    assert should_stop(3, 1, 3 * 400, cfg)  # a large log: patience alone decides
+    assert not should_stop(3, 2, 3 * 400, cfg)
+    assert should_stop(4, 2, 56, TrainConfig(patience=2, min_steps=0))
+    with pytest.raises(ConfigError):
+        TrainConfig(min_steps=-1)
 
 
 def test_all_events_metrics_count_unknown_items_as_misses():

@@ -96,6 +96,7 @@ class TrainFlags:
     epochs: int | None
     valid_fraction: float | None
     patience: int | None
+    min_steps: int | None
     valid_metric: str | None
     valid_min_gain_se: float | None
     refit: bool | None
@@ -116,6 +117,7 @@ class TrainFlags:
         """The models.train.TrainConfig fields the command line set (the rest keep their defaults)."""
         fields = {"epochs": self.epochs, "loss": self.loss, "batch_size": self.batch_size, "lr": self.lr,
                   "valid_fraction": self.valid_fraction, "patience": self.patience,
+                  "min_steps": self.min_steps,
                   "valid_metric": self.valid_metric, "valid_min_gain_se": self.valid_min_gain_se,
                   "refit": self.refit, "weight_average": self.weight_average, "choose_rule": self.choose_rule,
                   "calibrate_gate": self.calibrate_gate, "slot_prefit_steps": self.slot_prefit_steps, "seed": self.seed}

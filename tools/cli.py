@@ -77,6 +77,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                         "a fixed --epochs)")
     p.add_argument("--patience", type=int,
                    help="early stopping: epochs without improvement (or half the best epoch's count, when more)")
+    p.add_argument("--min-steps", type=int,
+                   help="early stopping: never stop before this many optimizer steps (0: patience alone)")
     p.add_argument("--valid-metric", choices=list(VALID_METRICS))
     p.add_argument("--valid-min-gain-se", type=float,
                    help="early stopping: an epoch is better only by more than this many standard errors of the "
