@@ -1,20 +1,23 @@
 """HGRU (Quadrana et al. 2017, HRNN [23] in the HierTCN slides; HGRU in seed 003).
 
 Hidden-state surgery: a session-level GRU reads the final in-session hidden state when a session
-ends, and initialises the next session's in-session GRU as g0 = tanh(W s + b). Offline this forces
-a loop over sessions (the session GRU needs the previous session's last hidden state); each step
-runs the in-session GRU packed over the users that have that session, so no step runs on padding
-(a (B, S, L) grid padded every session to the longest one: 3x the flat GRU's epoch on e-commerce logs).
+ends, and initialises the next session's in-session GRU as g0 = tanh(W s + b). Offline the
+session GRU needs the previous session's last hidden state, so the forward is one loop over time
+steps with both recurrences batched over the users (the streaming `cell`, over (B, T) at once):
+T steps per batch, where a loop over session indexes ran each index's in-session GRU packed and
+took the sum over indexes of the longest session (the 1M-event log: 331 steps a batch against a
+padded length of 79, docs/MODELS.md "Training speed"). The in-session GRU's input projection
+runs once for all steps.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from livemb.models.base import SeqModel, SeqOut, register
-from livemb.models.layers import session_layout, session_runs
+from livemb.models.layers import session_layout
 
 
 @register
@@ -43,26 +46,40 @@ class HGRU(SeqModel):
 
     def forward_seq(self, inp, item, new_session, level, mask):
         B, T, _ = inp.shape
-        sess, _, S, _ = session_layout(new_session, mask)
-        idx, keep, lengths, owner = session_runs(sess, mask, S)
-        k_of, user_of = owner % S, torch.div(owner, S, rounding_mode="floor")
-        flat_inp = inp.reshape(B * T, -1)
+        sess, _, _, _ = session_layout(new_session, mask)
+        # a run starts where the session index changes (and at t = 0): the layout's sessions exactly
+        start = torch.ones_like(mask)
+        start[:, 1:] = sess[:, 1:] != sess[:, :-1]
+        start = (start & mask)[..., None]  # (B, T, 1)
+        close = start.clone()
+        close[:, 0] = False  # nothing to absorb before a chunk's first session (streaming: session < 0)
+        inner = self.inner
+        # every step's input projection in one product; unbind, not xi[:, t]: the backward of T
+        # selects zero-fills a (B, T, 3C) gradient per step, of one unbind a single stack
+        xi = F.linear(inp, inner.weight_ih_l0, inner.bias_ih_l0).unbind(1)  # T x (B, 3C)
+        starts, closes = start.unbind(1), close.unbind(1)
+        sg = self.session_gru
         s = inp.new_zeros(B, self.cfg.hidden)
-        conds, outs, where = [], [], []
-        for k in range(S):
+        g = inp.new_zeros(B, self.cfg.channels)
+        outs, conds = [], []
+        for t in range(T):
+            # a session ends: the session GRU absorbs its last in-session state; the next one starts from s
+            s_closed = torch.gru_cell(g, s, sg.weight_ih_l0, sg.weight_hh_l0, sg.bias_ih_l0, sg.bias_hh_l0)
+            s = torch.where(closes[t], s_closed, s)
+            g = torch.where(starts[t], torch.tanh(self.init_inner(s)), g)
+            g = _gru_step(xi[t], g, inner.weight_hh_l0, inner.bias_hh_l0)
+            outs.append(g)
             conds.append(s)
-            # only the users that have a k-th session, packed: no step runs on padding
-            runs = (k_of == k).nonzero().squeeze(1)
-            rows, n_k = user_of[runs], lengths[runs]
-            L_k = int(n_k.max())
-            x_k = flat_inp[idx[runs, :L_k]]  # (R, L_k, in); padding repeats event 0 and is skipped
-            g0 = torch.tanh(self.init_inner(s[rows]))
-            packed = pack_padded_sequence(x_k, n_k.cpu(), batch_first=True, enforce_sorted=False)
-            o, last = self.inner(packed, g0[None].contiguous())  # last: hidden after each session's last event
-            real = keep[runs, :L_k]
-            outs.append(pad_packed_sequence(o, batch_first=True)[0][real])
-            where.append(idx[runs, :L_k][real])
-            s = s.index_copy(0, rows, self.session_gru(last[0][:, None], s[rows][None].contiguous())[1][0])
-        g = inp.new_zeros(B * T, self.cfg.channels).index_copy(0, torch.cat(where), torch.cat(outs)).view(B, T, -1)
-        gate = torch.stack(conds, 1)[torch.arange(B, device=inp.device)[:, None], sess]  # (B, T, H)
-        return SeqOut(self.out(g), gate=gate)
+        g_all = torch.stack(outs, 1) * mask[..., None]  # (B, T, C); padding 0, as the streaming state never steps it
+        return SeqOut(self.out(g_all), gate=torch.stack(conds, 1))  # gate: s at each event's session start
+
+
+def _gru_step(xi: Tensor, h: Tensor, w_hh: Tensor, b_hh: Tensor) -> Tensor:
+    """One GRU step from a precomputed input projection xi = W_ih x + b_ih (B, 3C); torch's gate
+    order (reset, update, new), the formula of nn.GRU."""
+    xr, xz, xn = xi.chunk(3, dim=1)
+    hr, hz, hn = F.linear(h, w_hh, b_hh).chunk(3, dim=1)
+    r = torch.sigmoid(xr + hr)
+    z = torch.sigmoid(xz + hz)
+    n = torch.tanh(xn + r * hn)
+    return n + z * (h - n)  # (1 - z) n + z h
