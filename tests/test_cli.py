@@ -59,6 +59,13 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
     assert main(["evaluate", "--data", str(log), "--items", str(items)]) == 2
     assert "not a readable .npz" in capsys.readouterr().err
     assert main(["evaluate", "--data", str(log), "--models", "nope"]) != 0
+    # a bad training flag: one line, before anything is read or written
+    capsys.readouterr()
+    assert main(["train", "--data", str(log), "--model", "gru", "--out", str(tmp_path / "m.pt"), "--min-steps", "-1"]) == 2
+    assert "min_steps must be >= 0" in capsys.readouterr().err
+    assert not list(tmp_path.glob("m.*"))  # no item vectors saved, no checkpoint
+    assert main(["evaluate", "--data", str(tmp_path / "absent.csv"), "--min-steps", "-1"]) == 2
+    assert "min_steps" in capsys.readouterr().err  # the flag is checked before the log is read
 
 
 def test_demo_prepares_log_items_and_model(tmp_path):

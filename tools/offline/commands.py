@@ -67,11 +67,12 @@ def train_checkpoint(model_name: str, df: pd.DataFrame, table: ItemTable, out: s
 
 
 def run_train(a: TrainArgs, settings: Settings) -> int:
+    cfg = TrainConfig(**a.train.config_fields())  # a bad flag fails here, before any file is written
     df = load_log(a.data, a.log_format.columns, a.log_format.ts_unit)
     table = items_for(df, a.items, a.train.dim, train_only=False, kind=a.train.item_vectors)
     if not a.items:
         table.save(Path(a.out).with_suffix(".items.npz"))
-    train_checkpoint(a.model, df, table, a.out, TrainConfig(**a.train.config_fields()),
+    train_checkpoint(a.model, df, table, a.out, cfg,
                      device=settings.resolved_device(), overrides=a.train.model_overrides(settings),
                      item_vectors_kind=None if a.items else a.train.item_vectors)
     return 0
@@ -83,6 +84,7 @@ def run_evaluate(a: EvaluateArgs, settings: Settings) -> int:
 
 
 def evaluate(a: EvaluateArgs, settings: Settings) -> dict:
+    cfg = TrainConfig(**a.train.config_fields())  # a bad flag fails before the log is read
     df = load_log(a.data, a.log_format.columns, a.log_format.ts_unit)
     if a.max_users:
         keep = df["user_id"].drop_duplicates().iloc[: a.max_users]
@@ -92,7 +94,7 @@ def evaluate(a: EvaluateArgs, settings: Settings) -> dict:
     unknown = [n for n in names if n not in MODEL_REGISTRY]
     if unknown:
         raise SystemExit(f"unknown model(s) {unknown}; registered: {', '.join(MODEL_REGISTRY)}")
-    report = run_evaluation(df, table, names, TrainConfig(**a.train.config_fields()), test_frac=a.test_frac,
+    report = run_evaluation(df, table, names, cfg, test_frac=a.test_frac,
                             device=settings.resolved_device(), model_overrides=a.train.model_overrides(settings),
                             drop_event_types=a.drop_event_types, repeat_path=settings.repeat_path,
                             exclude_seen=settings.exclude_seen,
