@@ -162,7 +162,7 @@ def test_patience_grows_with_the_best_epoch():
 def test_no_stop_before_min_steps_however_long_the_patience_ran_out():
     cfg = TrainConfig(patience=2, patience_ratio=0.5, min_steps=300)
     assert not should_stop(4, 2, 4 * 14, cfg)  # patience spent, 56 steps: go on
-    assert not should_stop(21, 20, 21 * 14, cfg)  # 294 steps, and the best is recent
+    assert not should_stop(21, 2, 21 * 14, cfg)  # patience long spent, but 294 steps < 300
     assert should_stop(22, 2, 22 * 14, cfg)  # 308 steps, 20 epochs without a better one
     assert should_stop(3, 1, 3 * 400, cfg)  # a large log: patience alone decides
     assert not should_stop(3, 2, 3 * 400, cfg)
