@@ -1,4 +1,6 @@
-"""The item table (SPEC section 4): `items.npz` with `ids` (N) and `vectors` (float32 N x D).
+"""The item table (SPEC section 4): `items.npz` with `ids` (N) and `vectors` (float32 N x D), and
+optionally `categories` (N strings, "" = none): a fixed item attribute the repeat path's slot scorer
+reads when the table has it (docs/MODELS.md "Item categories").
 
 Index convention used everywhere (models, state, retrieval): item index 0 means "unknown item",
 known items are 1..N in table order, so `padded_vectors()[lookup(ids)]` is always valid.
@@ -71,6 +73,7 @@ class ItemTable:
 
     ids: np.ndarray
     vectors: np.ndarray
+    categories: np.ndarray | None = None  # (N,) str, "" = no category; None: the table has none
 
     def __post_init__(self) -> None:
         ids, vectors = _validate(self.ids, self.vectors)
@@ -78,6 +81,13 @@ class ItemTable:
         vectors.flags.writeable = False
         object.__setattr__(self, "ids", ids)
         object.__setattr__(self, "vectors", vectors)
+        if self.categories is not None:
+            cats = np.asarray(self.categories)
+            if cats.shape != ids.shape:
+                raise DataError(f"categories must be one per item ({len(ids)}), got shape {cats.shape}")
+            cats = _ids_to_str(cats)
+            cats.flags.writeable = False
+            object.__setattr__(self, "categories", cats)
 
     @classmethod
     def load(cls, path: str | Path) -> ItemTable:
@@ -96,6 +106,7 @@ class ItemTable:
                         f"missing key(s) {missing}; the file has {z.files} (expected 'ids' and 'vectors')"
                     )
                 ids, vectors = z["ids"], z["vectors"]
+                categories = z["categories"] if "categories" in z.files else None
         except ValueError as e:
             if "allow_pickle" in str(e):
                 e = ValueError("ids are stored as an object array; save them as a numpy str array")
@@ -103,7 +114,7 @@ class ItemTable:
         except (OSError, EOFError) as e:
             raise DataError(f"{path}: not a readable .npz file ({e})") from None
         try:
-            return cls(ids, vectors)
+            return cls(ids, vectors, categories)
         except ValueError as e:
             raise DataError(f"{path}: {e}") from None
 
@@ -113,7 +124,8 @@ class ItemTable:
         if path.suffix != ".npz":
             path = path.with_name(path.name + ".npz")
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, ids=self.ids, vectors=self.vectors)
+        extra = {} if self.categories is None else {"categories": self.categories}
+        np.savez(path, ids=self.ids, vectors=self.vectors, **extra)
         return path
 
     def __len__(self) -> int:
@@ -125,12 +137,26 @@ class ItemTable:
 
     @cached_property
     def fingerprint(self) -> str:
-        """Content hash (ids and vectors) used as `items_version`."""
+        """Content hash (ids, vectors and categories when present) used as `items_version`."""
         h = hashlib.sha256()
         h.update("\n".join(self.ids.tolist()).encode("utf-8"))
         h.update(b"\0")
         h.update(self.vectors.tobytes())
+        if self.categories is not None:  # a table without them keeps the hash it always had
+            h.update(b"\0categories\0")
+            h.update("\n".join(self.categories.tolist()).encode("utf-8"))
         return h.hexdigest()[:16]
+
+    def category_codes(self) -> np.ndarray | None:
+        """(N+1,) int64: each item's category as a code 1..C (sorted category names), 0 for row 0
+        and items without one; None when the table has no categories."""
+        if self.categories is None:
+            return None
+        names, codes = np.unique(self.categories, return_inverse=True)
+        codes = codes.astype(np.int64) + 1
+        if names[0] == "":  # sorted first: the empty name is "no category"
+            codes = np.where(codes == 1, 0, codes - 1)
+        return np.concatenate([[0], codes]).astype(np.int64)
 
     def padded_vectors(self) -> np.ndarray:
         """(N+1) x D float32 with row 0 all zeros for the unknown item (a fresh, writable copy)."""

@@ -67,6 +67,9 @@ class ModelConfig:
     agg: str = "items"  # session aggregate: "items" (mean item vector) or "outputs"
     # -- hrnn -----------------------------------------------------------------------------
     dt_buckets: int = 16  # log2 time-delta levels
+    # -- item categories: the slot scorer reads "same category as the latest item" (set when the item
+    # table has categories; a checkpoint from before the field reads none) ------------------
+    item_categories: bool = False
     version: str = "2"
 
     def to_dict(self) -> dict:
@@ -178,6 +181,8 @@ class SeqModel(nn.Module):
             raise ValueError(f"item vectors must be (N+1, {cfg.dim}), got {tuple(vecs.shape)}")
         # fixed inputs, not parameters; not saved in checkpoints (they carry a fingerprint instead)
         self.register_buffer("item_vecs", vecs, persistent=False)
+        # (N+1,) category code per item (0 = none), fixed inputs like the vectors (set_item_categories)
+        self.register_buffer("item_cats", torch.zeros(vecs.shape[0], dtype=torch.long), persistent=False)
         self.etype_emb = nn.Embedding(len(EVENT_TYPES), cfg.etype_dim)
         self.served = repeat.Variant()  # the served repeat path and mask (checkpoints carry the chosen one)
         self.rule = repeat.DEFAULT_RULE  # the rule's order inside the memory (checkpoints carry the chosen one)
@@ -186,7 +191,27 @@ class SeqModel(nn.Module):
         self.gate_shift = 0.0
         self.repeat_head = None
         if self.repeat_mode == "mixture":
-            self.repeat_head = repeat.MixtureHead(len(EVENT_TYPES), cfg.dim, self.gate_dim())
+            self.repeat_head = repeat.MixtureHead(len(EVENT_TYPES), cfg.dim, self.gate_dim(),
+                                                  categories=cfg.item_categories)
+
+    def set_item_categories(self, codes: np.ndarray | None) -> None:
+        """The item table's category codes (ItemTable.category_codes: (N+1,), 0 = none). A model
+        configured to read categories refuses a table without them (it would serve a feature it
+        never sees); one that does not read them ignores them."""
+        if not self.cfg.item_categories:
+            return
+        if codes is None:
+            raise ValueError("this model reads item categories, but the item table has none "
+                             "(pass the items.npz it was trained with)")
+        codes = torch.as_tensor(np.asarray(codes, dtype=np.int64), device=self.item_cats.device)
+        if codes.shape != self.item_cats.shape:
+            raise ValueError(f"item categories must be one per item row {tuple(self.item_cats.shape)}, "
+                             f"got {tuple(codes.shape)}")
+        self.item_cats = codes
+
+    def slot_categories(self, mem_item: Tensor) -> Tensor | None:
+        """(B, M) category codes of the memory's items for the slot scorer; None when the model reads none."""
+        return self.item_cats[mem_item.long()] if self.cfg.item_categories else None
 
     @property
     def repeat_mode(self) -> str:
@@ -407,10 +432,11 @@ class SeqModel(nn.Module):
         else:
             if logz is None:
                 logz = self.log_partition(self.explore_scores(u))
-            feats = repeat.memory_features(state, len(EVENT_TYPES))
+            feats = repeat.memory_features(state, len(EVENT_TYPES), self.slot_categories(mem_item))
             all_filled = filled
-            if novec is not None:
-                feats = torch.cat([feats, repeat.memory_features(novec, len(EVENT_TYPES))], dim=1)
+            if novec is not None:  # new items have no category (code 0)
+                pool_cats = None if not self.cfg.item_categories else torch.zeros_like(novec["mem_item"], dtype=torch.long)
+                feats = torch.cat([feats, repeat.memory_features(novec, len(EVENT_TYPES), pool_cats)], dim=1)
                 all_filled = torch.cat([filled, nv_filled], dim=1)
             gs = self.gate_state(state) if gate_state is None else gate_state
             rep_logp, a = self.repeat_head(feats, all_filled, u, gs)

@@ -57,8 +57,10 @@ def read_checkpoint(path: str | Path) -> dict:
     return blob
 
 
-def load_checkpoint(path: str | Path, item_vectors, items_fingerprint: str, allow_new_items: bool = False) -> SeqModel:
-    """Rebuild the model from its own config; refuse an item table it was not trained with."""
+def load_checkpoint(path: str | Path, item_vectors, items_fingerprint: str, allow_new_items: bool = False,
+                    categories=None) -> SeqModel:
+    """Rebuild the model from its own config; refuse an item table it was not trained with.
+    `categories`: the table's category codes (ItemTable.category_codes), for a model that reads them."""
     blob = read_checkpoint(path)
     if blob["items_fingerprint"] != items_fingerprint and not allow_new_items:
         raise CheckpointError(
@@ -78,6 +80,10 @@ def load_checkpoint(path: str | Path, item_vectors, items_fingerprint: str, allo
             f"{shape} (N+1 rows with the unknown item): pass the items file it was trained with{hint}"
         )
     model = MODEL_REGISTRY[cfg.name](cfg, item_vectors)
+    try:
+        model.set_item_categories(categories)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path}: {e}") from None
     try:
         model.load_state_dict(blob["state_dict"])
     except RuntimeError as e:

@@ -331,8 +331,12 @@ def _extension_scores(timeline: Timeline, snap: np.ndarray, u: Tensor) -> Tensor
     return out
 
 
-def build_model(name: str, vectors: np.ndarray, **cfg_overrides) -> SeqModel:
+def build_model(name: str, vectors: np.ndarray, categories: np.ndarray | None = None, **cfg_overrides) -> SeqModel:
+    """A fresh model over `vectors` (N+1, D); `categories` (N+1,) codes (ItemTable.category_codes):
+    the model reads them (ModelConfig.item_categories) when given."""
     if name not in MODEL_REGISTRY:
         raise ConfigError(f"unknown model {name!r}; registered: {', '.join(MODEL_REGISTRY)}")
-    cfg = ModelConfig(name=name, dim=vectors.shape[1], **cfg_overrides)
-    return MODEL_REGISTRY[name](cfg, vectors)
+    cfg = ModelConfig(name=name, dim=vectors.shape[1], item_categories=categories is not None, **cfg_overrides)
+    model = MODEL_REGISTRY[name](cfg, vectors)
+    model.set_item_categories(categories)
+    return model

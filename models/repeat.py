@@ -140,14 +140,17 @@ def trim_empty_slots(st: dict[str, Tensor]) -> dict[str, Tensor]:
     return {key: (v[:, :k] if key in MEMORY_FIELDS else v) for key, v in st.items()}
 
 
-def n_features(n_types: int) -> int:
-    return 7 + 2 * n_types
+def n_features(n_types: int, categories: bool = False) -> int:
+    return 7 + 2 * n_types + int(categories)
 
 
-def memory_features(st: dict[str, Tensor], n_types: int) -> Tensor:
-    """(B, M, 7 + 2 n_types) features of each slot, relative to the user's latest event.
+def memory_features(st: dict[str, Tensor], n_types: int, categories: Tensor | None = None) -> Tensor:
+    """(B, M, 7 + 2 n_types [+ 1]) features of each slot, relative to the user's latest event.
 
-    st needs the memory fields plus n_events, last_ts (ms), session (B,)."""
+    st needs the memory fields plus n_events, last_ts (ms), session (B,). `categories` (B, M): the
+    slots' item category codes (0 = none), for a model that reads them: one more feature, 1 where
+    the slot's item shares its category with the latest event's item (shoppers go back to the item
+    they compared with the one in front of them; docs/MODELS.md "Item categories")."""
     filled = (st["mem_item"] > 0).float()
     recency = (st["n_events"][:, None] - 1 - st["mem_seq"].long()).clamp(min=0).float()
     gap_s = (to_seconds(st["last_ts"])[:, None].long() - st["mem_ts"].long()).clamp(min=0).float()
@@ -165,10 +168,20 @@ def memory_features(st: dict[str, Tensor], n_types: int) -> Tensor:
             filled[..., None],
             F.one_hot(st["mem_etype"].long(), n_types).float(),
             seen,
+            *([] if categories is None else [same_category_as_latest(recency == 0, categories, filled)[..., None]]),
         ],
         dim=-1,
     )
     return f * filled[..., None]
+
+
+def same_category_as_latest(latest: Tensor, categories: Tensor, filled: Tensor) -> Tensor:
+    """(B, M) 1.0 where a slot's category (codes (B, M), 0 = none) equals the category of the
+    latest event's item, the slot marked `latest` (B, M) (touched by the user's latest event; none
+    when that event's item is not in the memory: an unknown or new item, whose category the worker
+    cannot know); 0 elsewhere and at empty slots."""
+    latest_cat = (categories * (latest & (filled > 0))).sum(dim=1, keepdim=True)  # (B, 1); 0 = unknown
+    return ((categories == latest_cat) & (latest_cat > 0) & (filled > 0)).float()
 
 
 class MixtureHead(nn.Module):
@@ -184,9 +197,9 @@ class MixtureHead(nn.Module):
     The explore score still enters each memory item's mixture probability, (1 - g) P_explore.
     """
 
-    def __init__(self, n_types: int, dim: int, state_dim: int, hidden: int = 32):
+    def __init__(self, n_types: int, dim: int, state_dim: int, hidden: int = 32, categories: bool = False):
         super().__init__()
-        self.slot = nn.Sequential(nn.Linear(n_features(n_types), hidden), nn.ReLU())
+        self.slot = nn.Sequential(nn.Linear(n_features(n_types, categories), hidden), nn.ReLU())
         self.slot_out = nn.Linear(hidden, 1)
         self.gate = nn.Sequential(nn.Linear(dim + state_dim + hidden + 1, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 

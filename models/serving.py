@@ -71,7 +71,8 @@ class Serving:
         does not match the items/kind raises IndexFileError (`stale_index="refuse"`, start-up) or
         is replaced by an index built here with a warning (`"rebuild"`, a hot swap of the items)."""
         table = ItemTable.load(items_path)
-        model = load_checkpoint(model_path, table.padded_vectors(), table.fingerprint, allow_new_items=allow_new_items)
+        model = load_checkpoint(model_path, table.padded_vectors(), table.fingerprint, allow_new_items=allow_new_items,
+                                categories=table.category_codes())
         if not model.embeds:
             raise ConfigError(f"model {model.name} has no user embedding; only embedding models can be served")
         model.to(device).eval()

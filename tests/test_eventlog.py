@@ -89,6 +89,10 @@ def test_integer_ids_and_optional_columns(tmp_path: Path) -> None:
     assert df["ts"].tolist() == [1500, 2500]
     assert df["event_type"].tolist() == ["click", "click"]
     assert df["event_id"].tolist() == ["", ""]
+    assert "category" not in df.columns  # only a log with one gets the column
+    pd.DataFrame({"u": [1, 2, 3], "i": [10, 20, 30], "t": [1, 2, 3], "cat_id": [5.0, None, 7.0]}).to_parquet(path)
+    cats = read_log(path, {"user": "u", "item": "i", "ts": "t", "category": "cat_id"})
+    assert cats["category"].tolist() == ["5", "", "7"]  # integral floats as integers, a missing value ""
     jl = tmp_path / "ints.jsonl"
     jl.write_text('{"user_id": 5, "item_id": 77, "ts": 10}\n{"user_id": "x", "item_id": 78, "ts": 20}\n')
     assert read_log(jl)["user_id"].tolist() == ["5", "x"]

@@ -101,6 +101,21 @@ def test_min_count_and_window() -> None:
     assert sorted(table.ids) == ["a", "b", "c", "d", "e"]  # f and z are seen once
 
 
+def test_categories_go_into_the_table_latest_value_per_item() -> None:
+    df = pd.DataFrame(
+        {
+            "user_id": ["u"] * 6 + ["v"] * 6,
+            "item_id": list("abcdef") + list("abcdez"),
+            "ts": list(range(12)),
+            "category": ["x", "x", "y", "", "y", "y"] + ["x", "w", "y", "", "y", "y"],
+        }
+    )
+    table = build_item_vectors(df, dim=2, window=2)
+    got = dict(zip(table.ids.tolist(), table.categories.tolist(), strict=True))
+    assert got == {"a": "x", "b": "w", "c": "y", "d": "", "e": "y", "f": "y", "z": "y"}  # b: its latest
+    assert build_item_vectors(df.drop(columns="category"), dim=2, window=2).categories is None
+
+
 def test_too_few_co_occurring_items_or_a_missing_column_are_refused() -> None:
     tiny = pd.DataFrame({"user_id": ["u", "u", "u"], "item_id": ["a", "b", "c"], "ts": [1, 2, 3]})
     with pytest.raises(DataError, match=r"only 3 items have co-occurrences.*smaller --dim"):

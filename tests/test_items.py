@@ -128,3 +128,22 @@ def test_lookup_of_a_few_ids_equals_the_vectorised_lookup() -> None:
         np.testing.assert_array_equal(t.lookup(many[j:j + 7]), want[j:j + 7])
     assert t.lookup(np.array([["item3", "x"], ["item0", "item4"]])).tolist() == [[4, 0], [1, 5]]
     assert t.lookup(np.array([], dtype=str)).tolist() == []
+
+
+def test_categories_round_trip_codes_and_fingerprint(tmp_path: Path) -> None:
+    t = _table()
+    cats = np.array(["shoes", "", "bags", "shoes", "bags"])
+    c = ItemTable(t.ids, t.vectors, cats)
+    u = ItemTable.load(c.save(tmp_path / "items.npz"))
+    np.testing.assert_array_equal(u.categories, cats)
+    assert u.fingerprint == c.fingerprint
+    # a table without categories keeps its hash; categories (and each one of them) change it
+    assert ItemTable.load(t.save(tmp_path / "plain.npz")).categories is None
+    assert c.fingerprint != t.fingerprint
+    assert ItemTable(t.ids, t.vectors, np.array(["shoes", "", "bags", "bags", "bags"])).fingerprint != c.fingerprint
+    # codes by sorted name (bags 1, shoes 2), 0 for row 0 and the item without one
+    assert c.category_codes().tolist() == [0, 2, 0, 1, 2, 1]
+    assert ItemTable(t.ids, t.vectors, np.array([7, 7, 3, 3, 9])).category_codes().tolist() == [0, 2, 2, 1, 1, 3]
+    assert t.category_codes() is None
+    with pytest.raises(DataError, match="one per item"):
+        ItemTable(t.ids, t.vectors, cats[:3])

@@ -211,7 +211,8 @@ def _model(checkpoint: str | None, items: str | None, dim: int, hidden: int, n_i
         if not items:
             raise ConfigError("bench_model: a checkpoint needs its items file")
         table = ItemTable.load(items)
-        return load_checkpoint(checkpoint, table.padded_vectors(), table.fingerprint).eval()
+        return load_checkpoint(checkpoint, table.padded_vectors(), table.fingerprint,
+                               categories=table.category_codes()).eval()
     torch.manual_seed(seed)
     x, _ = structured_item_vectors(n_items, dim, seed, 1)
     return build_model("hiertcn", np.concatenate([np.zeros((1, dim), np.float32), x]), hidden=hidden).eval()

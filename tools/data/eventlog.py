@@ -3,7 +3,8 @@
 Every offline command (synth, item-embeddings, train, evaluate, embed, replay) reads logs through
 `read_log`, so a dataset's layout is mapped once (`--columns`, `--ts-unit`) and everything after it
 sees the same columns: `user_id` (str), `item_id` (str), `ts` (int64 epoch ms), `event_type` (str),
-`event_id` (str, '' when absent).
+`event_id` (str, '' when absent), and `category` (str, '' when missing) only when the log maps or
+has one: an item attribute that goes into the item table, not into the events a worker reads.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ CANONICAL = {
     "ts": "ts",
     "event_type": "event_type",
     "event_id": "event_id",
+    "category": "category",  # an item attribute (docs/MODELS.md "Item categories"); events never carry it live
 }
 REQUIRED = ("user", "item", "ts")
+OPTIONAL = ("event_type", "event_id", "category")
 # Aliases accepted by parse_columns, so `user_id=...` works as well as `user=...`.
 _KEY_ALIASES = {"user_id": "user", "item_id": "item", "time": "ts", "timestamp": "ts"}
 _SEP_CANDIDATES = ("\t", ",", ";", "|")
@@ -176,10 +179,10 @@ def read_log(
 
     # Optional columns are read when mapped explicitly (then they must exist) or present by default name.
     wanted = {k: columns.get(k, CANONICAL[k]) for k in REQUIRED}
-    optional = {k: columns[k] for k in ("event_type", "event_id") if k in columns}
+    optional = {k: columns[k] for k in OPTIONAL if k in columns}
     try:
         available, reader = _open_source(path, kind, gz, sep)
-        for k in ("event_type", "event_id"):
+        for k in OPTIONAL:
             if k not in optional and CANONICAL[k] in available:
                 optional[k] = CANONICAL[k]
         _check_columns(path, {**wanted, **optional}, available)
@@ -223,6 +226,8 @@ def read_log(
         }
     )
     out["event_type"] = out["event_type"].mask(out["event_type"] == "", "click")
+    if "category" in src:  # only when the log has one: "" for a missing value
+        out["category"] = _ids_to_str(src["category"].dropna()).reindex(raw.index).fillna("").to_numpy()
     out = out.sort_values("ts", kind="stable", ignore_index=True)
     log.info("%s: %d events, %d users, %d items", path, n, out["user_id"].nunique(), out["item_id"].nunique())
     return out

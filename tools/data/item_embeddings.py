@@ -199,7 +199,20 @@ def build_item_vectors(
         r = np.log1p(recent.reindex(np.asarray(item_ids)[present][ok]).fillna(0).to_numpy(np.float64))
         vec = np.concatenate([vec, ((r - r.mean()) / max(r.std(), 1e-9))[:, None]], axis=1)
     log.info("item-embeddings: %d vectors of dim %d", len(ids), dim)
-    return ItemTable(ids, vec.astype(np.float32))
+    return ItemTable(ids, vec.astype(np.float32), item_categories(train_df, ids))
+
+
+def item_categories(df: pd.DataFrame, ids: np.ndarray) -> np.ndarray | None:
+    """Each of `ids`' category in the log's `category` column (its latest non-empty value; "" for
+    none), or None when the log has no such column."""
+    if "category" not in df.columns:
+        return None
+    known = df.loc[df["category"] != "", ["item_id", "category"]]
+    latest = known.groupby("item_id", sort=False)["category"].last()  # df is time-sorted
+    cats = latest.reindex(pd.Index(ids, dtype=object)).fillna("").to_numpy(dtype=str)
+    log.info("item-embeddings: %d of %d items with a category (%d categories)", int((cats != "").sum()), len(cats),
+             len(set(cats.tolist()) - {""}))
+    return cats
 
 
 def items_for(df: pd.DataFrame, items_path: str | None, dim: int, train_only: bool = True,

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     out: dict = {"source": args.data, "epochs": args.epochs, "seed": args.seed, "models": {}}
     for name in args.models.split(","):
         torch.manual_seed(cfg.seed)  # the same initial weights as `livemb evaluate` (tools/evaluate.run_evaluation)
-        model = build_model(name, table.padded_vectors())
+        model = build_model(name, table.padded_vectors(), table.category_codes())
         curve = []
 
         def on_epoch(epoch: int, model=model, curve=curve, name=name) -> bool:

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     table = items_for(df, None, a.dim, train_only=True, kind=DEFAULT_KIND)
     train, test = sequences_from_frame(train_df, table), sequences_from_frame(test_df, table)
     torch.manual_seed(a.seed)
-    model = build_model(a.model, table.padded_vectors())
+    model = build_model(a.model, table.padded_vectors(), table.category_codes())
     train_model(model, list(train.values()), TrainConfig(seed=a.seed), progress=True,
                 vectors_before=vectors_before(train_df, table, DEFAULT_KIND))
     off = evaluate_model(model, train, test, progress=True,

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {}
     names = args.models.split(",")
     for k, name in enumerate(names):
-        model = build_model(name, table.padded_vectors(), repeat=args.repeat)
+        model = build_model(name, table.padded_vectors(), table.category_codes(), repeat=args.repeat)
         prof = cProfile.Profile() if args.profile and k == len(names) - 1 else None
         t0 = time.perf_counter()
         if prof:

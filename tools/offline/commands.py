@@ -53,7 +53,7 @@ def train_checkpoint(model_name: str, df: pd.DataFrame, table: ItemTable, out: s
     `table` was built from `df` with this kind (early stopping then chooses on vectors rebuilt
     without its held-out tail)."""
     torch.manual_seed(cfg.seed)  # initial weights from --seed, as `livemb evaluate` does
-    model = build_model(model_name, table.padded_vectors(), **overrides)
+    model = build_model(model_name, table.padded_vectors(), table.category_codes(), **overrides)
     model.to(device)
     seqs = list(sequences_from_frame(df, table).values())
     before = vectors_before(df, table, item_vectors_kind) if item_vectors_kind else None
@@ -106,6 +106,8 @@ def evaluate(a: EvaluateArgs, settings: Settings) -> dict:
     report["dataset"]["source"] = str(a.data)
     report["dataset"]["items_source"] = (str(a.items) if a.items
                                          else f"built from the train part ({a.train.item_vectors})")
+    codes = table.category_codes()  # what the neural models' slot scorer reads (docs/MODELS.md)
+    report["dataset"]["item_categories"] = 0 if codes is None else int(codes.max())
     write_outputs(report, a.json, a.plot)
     print(markdown_table(report))
     print()

@@ -65,7 +65,7 @@ def run_evaluation(df, table, models: list[str], train_cfg: TrainConfig, test_fr
     results = {}
     for name in models:
         torch.manual_seed(train_cfg.seed)  # the initial weights depend on the seed only, not on the models before
-        model = build_model(name, vectors, **(model_overrides or {})).to(device)
+        model = build_model(name, vectors, table.category_codes(), **(model_overrides or {})).to(device)
         t0 = time.perf_counter()
         hist = train_model(model, list(train.values()), train_cfg, progress=progress, vectors_before=before)
         train_seconds = time.perf_counter() - t0
