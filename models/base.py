@@ -426,7 +426,7 @@ class SeqModel(nn.Module):
             if novec is not None:  # no repeat path: nothing can rank an item without a vector
                 extra = torch.full(nv_filled.shape, -math.inf, dtype=mem.dtype, device=mem.device)
         elif mode == "rule" or self.repeat_head is None:
-            mem = explore + repeat.heuristic_bonus(state, self.rule)
+            mem = explore + repeat.heuristic_bonus(state, self.rule, self.slot_categories(mem_item))
             if novec is not None:
                 extra = repeat.heuristic_bonus(novec, self.rule).to(mem.dtype)
         else:

@@ -226,29 +226,35 @@ class MixtureHead(nn.Module):
 @dataclass(frozen=True)
 class RuleWeights:
     """The rule's order inside the memory: count * log(1 + touches) - recency * log(1 + events since
-    the last touch) + current_session * [last touched in the current session]. Only the ratios matter among
-    memory items; against the explore score that rides on top (a counting model's rescaled to
-    [-1, 1], a neural model's logit) the size matters too. Chosen from the data like the served
-    variant (`RULE_GRID`, models/early_stop.choose_rule) and carried by the checkpoint."""
+    the last touch) + current_session * [last touched in the current session] + category * [same
+    category as the latest event's item] (the last only for a model that reads item categories).
+    Only the ratios matter among memory items; against the explore score that rides on top (a
+    counting model's rescaled to [-1, 1], a neural model's logit) the size matters too. Chosen from
+    the data like the served variant (`rule_grid`, models/early_stop.choose_rule) and carried by
+    the checkpoint."""
 
     count: float = 10.0
     recency: float = 1.0
     current_session: float = 0.0
+    category: float = 0.0
 
     @property
     def name(self) -> str:
-        return f"count {self.count:g}, recency {self.recency:g}, current session {self.current_session:g}"
+        cat = f", category {self.category:g}" if self.category else ""
+        return f"count {self.count:g}, recency {self.recency:g}, current session {self.current_session:g}{cat}"
 
     def to_dict(self) -> dict[str, float]:
-        return {"count": self.count, "recency": self.recency, "current_session": self.current_session}
+        return {"count": self.count, "recency": self.recency, "current_session": self.current_session,
+                "category": self.category}
 
     @classmethod
     def from_dict(cls, d: dict) -> RuleWeights:
+        """A dict from a checkpoint; one written before the category term reads category 0."""
         try:
             w = cls(**{k: float(v) for k, v in d.items()})
         except (AttributeError, TypeError, ValueError) as e:
-            raise ConfigError(f"rule weights are count, recency and current_session numbers, got {d!r}") from e
-        if not all(math.isfinite(x) for x in (w.count, w.recency, w.current_session)):
+            raise ConfigError(f"rule weights are count, recency, current_session and category numbers, got {d!r}") from e
+        if not all(math.isfinite(x) for x in (w.count, w.recency, w.current_session, w.category)):
             raise ConfigError(f"rule weights must be finite, got {d!r}")
         return w
 
@@ -261,16 +267,22 @@ DEFAULT_RULE = RuleWeights()  # "by count, then recency": what a model without a
 # The orders the held-out tail chooses among: count first (the default), count and recency
 # balanced, recency first; each without and with a bonus for the current session's items.
 RULE_GRID = tuple(RuleWeights(c, 1.0, s) for s in (0.0, 3.0) for c in (10.0, 3.0, 1.0, 0.0))
+# ... and, for a model that reads item categories, each of those with a bonus for the latest item's category
+RULE_GRID_CATEGORIES = RULE_GRID + tuple(RuleWeights(w.count, w.recency, w.current_session, 3.0) for w in RULE_GRID)
 
 
-def heuristic_bonus(st: dict[str, Tensor], w: RuleWeights, big: float = 1e3) -> Tensor:
+def heuristic_bonus(st: dict[str, Tensor], w: RuleWeights, categories: Tensor | None = None, big: float = 1e3) -> Tensor:
     """The rule: recent items first (`big` above any explore score), ordered inside the memory by
-    `w` (B, M); 0 at empty slots."""
+    `w` (B, M); 0 at empty slots. `categories` (B, M): the slots' category codes, for the category
+    term (None: no term, whatever `w.category`)."""
     recency = (st["n_events"][:, None] - 1 - st["mem_seq"].long()).clamp(min=0).float()
     bonus = big + torch.log1p(st["mem_count"].float()) * w.count - torch.log1p(recency) * w.recency
     if w.current_session:
         bonus = bonus + w.current_session * (st["mem_sess"].long() == st["session"][:, None]).float()
-    return bonus * (st["mem_item"] > 0)
+    filled = st["mem_item"] > 0
+    if w.category and categories is not None:
+        bonus = bonus + w.category * same_category_as_latest(recency == 0, categories, filled)
+    return bonus * filled
 
 
 def add_to_scores(scores: Tensor, mem_item: Tensor, bonus: Tensor) -> Tensor:

@@ -467,7 +467,7 @@ def _fit_counting(model: SeqModel, seqs: list[Sequence], cfg: TrainConfig, histo
         with _item_vectors(model, vectors_before(split.cut_ms) if vectors_before else None):
             if fit is not None:
                 fit(split.fit)
-            vals = Validator(model, split).by_rule(model, rule_grid(cfg))
+            vals = Validator(model, split).by_rule(model, rule_grid(cfg, model))
         model.rule = choose_rule(vals, model.repeat_mode, cfg.valid_metric, cfg.valid_min_gain_se)
         val = vals[model.rule]
         history["served_variant"] = served_variant(val, cfg)
@@ -485,9 +485,12 @@ def _fit_counting(model: SeqModel, seqs: list[Sequence], cfg: TrainConfig, histo
         fit(seqs)
 
 
-def rule_grid(cfg: TrainConfig) -> tuple[repeat.RuleWeights, ...]:
-    """The rule weights the held-out tail chooses among."""
-    return repeat.RULE_GRID if cfg.choose_rule else (repeat.DEFAULT_RULE,)
+def rule_grid(cfg: TrainConfig, model: SeqModel) -> tuple[repeat.RuleWeights, ...]:
+    """The rule weights the held-out tail chooses among (with a category term for a model that
+    reads item categories)."""
+    if not cfg.choose_rule:
+        return (repeat.DEFAULT_RULE,)
+    return repeat.RULE_GRID_CATEGORIES if model.cfg.item_categories else repeat.RULE_GRID
 
 
 def served_variant(val: Validation, cfg: TrainConfig) -> str:
@@ -593,7 +596,7 @@ def _choose_epoch(model: SeqModel, split, cfg: TrainConfig, history: dict, progr
     t1 = time.perf_counter()
     model.load_state_dict(best["weights"])
     model.gate_shift = best["gate_shift"]  # kept through the refit (training ignores it) into the checkpoint
-    vals = validator.by_rule(model, rule_grid(cfg))
+    vals = validator.by_rule(model, rule_grid(cfg, model))
     model.rule = choose_rule(vals, model.repeat_mode, cfg.valid_metric, cfg.valid_min_gain_se)
     best["variant"] = served_variant(vals[model.rule], cfg)
     es["rule"] = rule_report(vals, model.rule, model.repeat_mode, cfg.valid_metric)

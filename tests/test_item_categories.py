@@ -60,9 +60,18 @@ def test_a_model_reads_categories_only_when_given_them():
         model.set_item_categories(None)
 
 
-def test_live_candidates_equal_the_full_ranking_with_categories():
+@pytest.mark.parametrize("name", ["hiertcn", "mv"])
+def test_live_candidates_equal_the_full_ranking_with_categories(name):
+    """the learned mixture (hiertcn) and the rule with its category term (mv): live == offline"""
     codes = np.r_[0, np.arange(1, 41) % 3 + 1]
-    model, vecs, st, u = _model(codes, "hiertcn")
+    model, vecs, st, u = _model(codes, name)
+    if name == "mv":
+        model.rule = repeat.RuleWeights(count=0.0, recency=1.0, current_session=0.0, category=3.0)
+        with torch.no_grad():
+            plain = model.scores(st, u)[0].clone()
+            model.set_item_categories(np.zeros_like(codes))  # every category unknown: no term
+            assert not torch.equal(plain, model.scores(st, u)[0])
+            model.set_item_categories(codes)
     items, scores = Retriever(vecs, "flat", 5, "none").candidates(model, st, u)
     with torch.no_grad():
         full = model.scores(st, u)[0]

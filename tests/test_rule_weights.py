@@ -13,7 +13,7 @@ from livemb.core.items import ItemTable
 from livemb.models.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from livemb.models.early_stop import Validation, Validator, choose_rule, split_validation
 from livemb.models.evaluation import build_model, warm_up
-from livemb.models.repeat import DEFAULT_RULE, RULE_GRID, RuleWeights, Variant, heuristic_bonus
+from livemb.models.repeat import DEFAULT_RULE, RULE_GRID, RULE_GRID_CATEGORIES, RuleWeights, Variant, heuristic_bonus
 from livemb.models.serving import Serving
 from livemb.models.train import sequences_from_frame
 from livemb.tools.data.synth_ecommerce import synth_ecommerce
@@ -38,9 +38,24 @@ def test_the_bonus_by_hand():
     assert default[0, 0] > default[0, 1] and got[0, 1] > got[0, 0]
 
 
+def test_the_category_term_by_hand():
+    # slot 1 is the latest event's item (category 7); slot 0 shares it, slot 2 does not
+    st = _memory([3, 1, 2], [4, 9, 6], [2, 3, 3], n_events=10, session=3)
+    cats = torch.tensor([[7, 7, 5]])
+    w = RuleWeights(count=3.0, recency=1.0, current_session=0.0, category=3.0)
+    got = heuristic_bonus(st, w, cats) - heuristic_bonus(st, RuleWeights(3.0, 1.0, 0.0))
+    assert got[0].tolist() == pytest.approx([3.0, 3.0, 0.0])
+    # no categories (a model that reads none): no term, whatever the weight
+    assert torch.equal(heuristic_bonus(st, w), heuristic_bonus(st, RuleWeights(3.0, 1.0, 0.0)))
+
+
 def test_the_grid_holds_the_default_and_weights_refuse_nonsense():
     assert DEFAULT_RULE in RULE_GRID and len(set(RULE_GRID)) == len(RULE_GRID)
+    assert set(RULE_GRID) < set(RULE_GRID_CATEGORIES) and len(set(RULE_GRID_CATEGORIES)) == 2 * len(RULE_GRID)
     assert RuleWeights.from_dict(RuleWeights(3, 1, 3).to_dict()) == RuleWeights(3.0, 1.0, 3.0)
+    assert RuleWeights.from_dict(RuleWeights(3, 1, 3, 3).to_dict()).category == 3.0
+    # a checkpoint written before the category term
+    assert RuleWeights.from_dict({"count": 3, "recency": 1, "current_session": 3}) == RuleWeights(3.0, 1.0, 3.0)
     for bad in ({"count": "many"}, {"count": 1, "speed": 2}, {"count": float("nan")}, "count 3"):
         with pytest.raises(ConfigError):
             RuleWeights.from_dict(bad)

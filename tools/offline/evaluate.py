@@ -260,14 +260,15 @@ def memory_split_table(report: dict, metric: str = "recall@10") -> str:
 def early_stopping_table(report: dict) -> str:
     """Per trained model: the chosen epoch and variant, the epochs run and the validation curve of
     the metric that chose them (or why early stopping was off)."""
-    rows = ["| model | chosen epoch | served | rule: count / recency / current session | epochs run | valid targets "
+    rows = ["| model | chosen epoch | served | rule: count / recency / current session / category | epochs run | valid targets "
             "| valid metric by epoch (chosen in bold) | refit |", "|---|---|---|---|---|---|---|---|"]
     for name, res in report["results"].items():
         es = res.get("early_stopping")
         if not es:
             continue
         w = (es.get("rule") or {}).get("chosen")
-        rule = "default" if w is None else f"{w['count']:g} / {w['recency']:g} / {w['current_session']:g}"
+        rule = "default" if w is None else \
+            f"{w['count']:g} / {w['recency']:g} / {w['current_session']:g} / {w.get('category', 0.0):g}"
         if not es.get("used") and not res.get("epoch_seconds"):  # nothing trained: only the variant was chosen
             if es.get("variant_chosen"):
                 rows.append(f"| {name} | – (counts) | {res['served_variant']} | {rule} | – | {es['valid_targets']} | "
