@@ -67,4 +67,5 @@ def test_a_rule_chosen_on_the_held_out_tail_ranks_better_than_the_default_order(
     for name in ("pop", "sr"):
         res = chosen["results"][name]
         w = res["early_stopping"]["rule"]["chosen"]
-        assert f"| {name} | – (counts) | {res['served_variant']} | {w['count']:g} / {w['recency']:g} / {w['current_session']:g} |" in table
+        assert f"| {name} | – (counts) | {res['served_variant']} | {w['count']:g} / {w['recency']:g} / " \
+               f"{w['current_session']:g} / {w['category']:g} |" in table
