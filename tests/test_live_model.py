@@ -1,8 +1,9 @@
 """The real worker (`livemb worker`, HierTCN) on the embedded broker against the offline path.
 
 Replays a synthetic log, SIGKILLs the worker mid-stream, restarts it on the same data dir, and
-asserts that every user's last published embedding equals `livemb embed` on the same log and
-checkpoint (1e-4): an event lost or applied twice would change the recurrent state."""
+asserts that every user's last published embedding and candidates equal `livemb embed` on the same
+log and checkpoint (1e-4): an event lost or applied twice would change the recurrent state. The
+item table has categories, so the candidates go through the repeat path's category feature."""
 
 from __future__ import annotations
 
@@ -59,14 +60,15 @@ class LastMessages:
         return self.last
 
 
-def small_hiertcn(tmp_path, seed: int):
+def small_hiertcn(tmp_path, seed: int, categories: bool = False):
     """A synthetic log, its item table (saved), a 1-epoch HierTCN and its checkpoint: what a worker test serves.
-    The weights depend on `seed` alone, not on the tests that ran before in the process."""
+    The weights depend on `seed` alone, not on the tests that ran before in the process.
+    `categories`: the table gives every item one of 7 categories, and the model reads them."""
     torch.manual_seed(seed)
     df, ids, vecs = synth_log(users=200, items=300, days=3, seed=seed, dim=16)
-    table = ItemTable(ids, vecs)
+    table = ItemTable(ids, vecs, np.array([f"c{i % 7}" for i in range(len(ids))]) if categories else None)
     items = table.save(tmp_path / "items.npz")
-    model = build_model("hiertcn", table.padded_vectors(), hidden=32, channels=16)
+    model = build_model("hiertcn", table.padded_vectors(), table.category_codes(), hidden=32, channels=16)
     train_model(model, list(sequences_from_frame(df, table).values()), TrainConfig(epochs=1), progress=False)
     ckpt = tmp_path / "m.pt"
     save_checkpoint(ckpt, model, table.fingerprint)
@@ -75,7 +77,8 @@ def small_hiertcn(tmp_path, seed: int):
 
 @pytest.mark.integration
 def test_live_worker_equals_offline_embed_across_sigkill(broker, tmp_path):
-    df, _, table, items, model, ckpt = small_hiertcn(tmp_path, seed=11)
+    df, _, table, items, model, ckpt = small_hiertcn(tmp_path, seed=11, categories=True)
+    assert model.cfg.item_categories  # the candidates below go through the category feature
     broker.create_topics(["interactions", "recommendations"], partitions=PARTITIONS)
     broker.create_topics(["interactions.dlq"], partitions=1)
     last_ts = df.groupby("user_id")["ts"].max().to_dict()
@@ -110,4 +113,10 @@ def test_live_worker_equals_offline_embed_across_sigkill(broker, tmp_path):
     assert worst <= 1e-4, f"live vs offline max abs diff {worst}"
     assert all(live[u]["session_id"] == offline[u]["session_id"] for u in offline)
     assert all(len(live[u]["candidates"]) == 10 for u in offline)
+    # the same candidates, in the same order, with the same scores (the repeat path included)
+    assert all([c["item_id"] for c in live[u]["candidates"]] == [c["item_id"] for c in offline[u]["candidates"]]
+               for u in offline)
+    worst_score = max(abs(a["score"] - b["score"]) for u in offline
+                      for a, b in zip(live[u]["candidates"], offline[u]["candidates"], strict=True))
+    assert worst_score <= 1e-4, f"live vs offline candidate scores max abs diff {worst_score}"
     assert out.checked >= len(offline) and all(live[u]["dim"] == table.dim for u in offline)
