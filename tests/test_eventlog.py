@@ -93,6 +93,10 @@ def test_integer_ids_and_optional_columns(tmp_path: Path) -> None:
     pd.DataFrame({"u": [1, 2, 3], "i": [10, 20, 30], "t": [1, 2, 3], "cat_id": [5.0, None, 7.0]}).to_parquet(path)
     cats = read_log(path, {"user": "u", "item": "i", "ts": "t", "category": "cat_id"})
     assert cats["category"].tolist() == ["5", "", "7"]  # integral floats as integers, a missing value ""
+    # unmapped, a column named category or category_id (taobao's) is read; `category=` reads none
+    pd.DataFrame({"u": [1, 2], "i": [10, 20], "t": [1, 2], "category_id": [5, 7]}).to_parquet(path)
+    assert read_log(path, {"user": "u", "item": "i", "ts": "t"})["category"].tolist() == ["5", "7"]
+    assert "category" not in read_log(path, parse_columns("user=u,item=i,ts=t,category=")).columns
     jl = tmp_path / "ints.jsonl"
     jl.write_text('{"user_id": 5, "item_id": 77, "ts": 10}\n{"user_id": "x", "item_id": 78, "ts": 20}\n')
     assert read_log(jl)["user_id"].tolist() == ["5", "x"]

@@ -3,8 +3,9 @@
 Every offline command (synth, item-embeddings, train, evaluate, embed, replay) reads logs through
 `read_log`, so a dataset's layout is mapped once (`--columns`, `--ts-unit`) and everything after it
 sees the same columns: `user_id` (str), `item_id` (str), `ts` (int64 epoch ms), `event_type` (str),
-`event_id` (str, '' when absent), and `category` (str, '' when missing) only when the log maps or
-has one: an item attribute that goes into the item table, not into the events a worker reads.
+`event_id` (str, '' when absent), and `category` (str, '' when missing) only when the log maps one
+or has a column named `category` or `category_id` (`--columns ...,category=` reads none): an item
+attribute that goes into the item table, not into the events a worker reads.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ CANONICAL = {
 }
 REQUIRED = ("user", "item", "ts")
 OPTIONAL = ("event_type", "event_id", "category")
+# Column names an optional field is read from when --columns does not map it (the first present);
+# `category=` (empty) in --columns reads none. taobao-dev names it category_id.
+DEFAULT_NAMES = {"event_type": ("event_type",), "event_id": ("event_id",), "category": ("category", "category_id")}
 # Aliases accepted by parse_columns, so `user_id=...` works as well as `user=...`.
 _KEY_ALIASES = {"user_id": "user", "item_id": "item", "time": "ts", "timestamp": "ts"}
 _SEP_CANDIDATES = ("\t", ",", ";", "|")
@@ -44,7 +48,7 @@ def parse_columns(spec: str) -> dict[str, str]:
         key, eq, src = part.partition("=")
         key, src = key.strip(), src.strip()
         key = _KEY_ALIASES.get(key, key)
-        if not eq or not src:
+        if not eq or (not src and key != "category"):  # category= : read no category column
             raise ConfigError(f"--columns: expected NAME=SOURCE, got {part!r}")
         if key not in CANONICAL:
             raise ConfigError(f"--columns: unknown name {key!r} (known: {', '.join(CANONICAL)})")
@@ -179,12 +183,14 @@ def read_log(
 
     # Optional columns are read when mapped explicitly (then they must exist) or present by default name.
     wanted = {k: columns.get(k, CANONICAL[k]) for k in REQUIRED}
-    optional = {k: columns[k] for k in OPTIONAL if k in columns}
+    optional = {k: columns[k] for k in OPTIONAL if columns.get(k)}
     try:
         available, reader = _open_source(path, kind, gz, sep)
         for k in OPTIONAL:
-            if k not in optional and CANONICAL[k] in available:
-                optional[k] = CANONICAL[k]
+            if k not in columns:
+                found = [name for name in DEFAULT_NAMES[k] if name in available]
+                if found:
+                    optional[k] = found[0]
         _check_columns(path, {**wanted, **optional}, available)
         raw = reader(list(dict.fromkeys({**wanted, **optional}.values())))
     except DataError:
