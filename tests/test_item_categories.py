@@ -94,7 +94,7 @@ def test_checkpoint_carries_the_choice_and_refuses_a_table_without_categories(tm
     assert not load_checkpoint(tmp_path / "p.pt", vecs, "fp", categories=codes).cfg.item_categories
 
 
-def test_train_on_a_log_with_categories_then_serve_it(tmp_path):
+def test_train_on_a_log_with_categories_then_serve_it(tmp_path, capsys):
     log, ckpt = tmp_path / "log.csv", tmp_path / "m.pt"
     assert main(["synth", "--users", "30", "--items", "60", "--days", "4", "--out", str(log)]) == 0
     df = pd.read_csv(log)
@@ -102,6 +102,7 @@ def test_train_on_a_log_with_categories_then_serve_it(tmp_path):
     df.to_csv(log, index=False)
     assert main(["train", "--data", str(log), "--columns", "user=user_id,item=item_id,ts=ts,category=cat",
                  "--model", "gru", "--out", str(ckpt), "--epochs", "1", "--dim", "8"]) == 0
+    assert "reads 5 item categories" in capsys.readouterr().out
     items = ckpt.with_suffix(".items.npz")
     table = ItemTable.load(items)
     assert table.categories is not None and set(table.categories.tolist()) <= {f"c{k}" for k in range(5)}

@@ -61,6 +61,9 @@ def train_checkpoint(model_name: str, df: pd.DataFrame, table: ItemTable, out: s
     save_checkpoint(out, model, table.fingerprint, extra={"history": hist})
     per_epoch = np.mean(hist["epoch_seconds"]) if hist["epoch_seconds"] else 0.0
     gate = f" with the gate shifted by {model.gate_shift:+g}" if model.gate_shift else ""
+    cats = table.category_codes()
+    if cats is not None:  # the repeat path reads them (docs/MODELS.md "Item categories")
+        gate += f", reads {int(cats.max())} item categories"
     print(f"saved {out} ({model.name}, serves {model.served.name}{gate}, device {device}, {hist.get('chosen_epoch')} epochs, "
           f"{per_epoch:.2f} s/epoch, final loss {hist['loss'][-1] if hist['loss'] else float('nan'):.4f})")
     return hist
