@@ -85,7 +85,10 @@ class ItemTable:
             cats = np.asarray(self.categories)
             if cats.shape != ids.shape:
                 raise DataError(f"categories must be one per item ({len(ids)}), got shape {cats.shape}")
-            cats = _ids_to_str(cats)
+            try:
+                cats = _ids_to_str(cats)
+            except DataError as e:  # its message names item ids
+                raise DataError(f"categories: {str(e).replace('item ids', 'categories')}") from None
             cats.flags.writeable = False
             object.__setattr__(self, "categories", cats)
 

@@ -147,3 +147,5 @@ def test_categories_round_trip_codes_and_fingerprint(tmp_path: Path) -> None:
     assert t.category_codes() is None
     with pytest.raises(DataError, match="one per item"):
         ItemTable(t.ids, t.vectors, cats[:3])
+    with pytest.raises(DataError, match="categories are non-integer floats"):
+        ItemTable(t.ids, t.vectors, np.array([1.0, np.nan, 2.0, 3.0, 4.0]))
