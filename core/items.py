@@ -112,7 +112,7 @@ class ItemTable:
                 categories = z["categories"] if "categories" in z.files else None
         except ValueError as e:
             if "allow_pickle" in str(e):
-                e = ValueError("ids are stored as an object array; save them as a numpy str array")
+                e = ValueError("ids or categories are stored as an object array; save them as numpy str arrays")
             raise DataError(f"{path}: {e}") from None
         except (OSError, EOFError) as e:
             raise DataError(f"{path}: not a readable .npz file ({e})") from None

@@ -77,6 +77,10 @@ def test_load_other_errors(tmp_path: Path) -> None:
     path = _npz(tmp_path, ids=np.array(["a", 1], dtype=object), vectors=np.ones((2, 2), np.float32))
     with pytest.raises(DataError, match="object array"):
         ItemTable.load(path)
+    path = _npz(tmp_path, ids=np.array(["a", "b"]), vectors=np.ones((2, 2), np.float32),
+                categories=np.array(["x", 1], dtype=object))
+    with pytest.raises(DataError, match="categories are stored as an object array"):
+        ItemTable.load(path)
     junk = tmp_path / "junk.npz"
     junk.write_bytes(b"not a zip")
     with pytest.raises(DataError, match="junk.npz"):
