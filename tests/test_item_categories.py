@@ -50,7 +50,7 @@ def test_a_model_reads_categories_only_when_given_them():
         .item_categories is False  # a checkpoint from before the field reads none
     with torch.no_grad():
         before = model.memory_scores(st, u)[1]
-        # item 9 (the latest) moves to item 7's category: only the memory's scores move
+        # item 9 (the latest) moves to item 7's category: the memory's scores move
         moved = codes.copy()
         moved[9] = codes[7]
         model.set_item_categories(moved)
