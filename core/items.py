@@ -21,7 +21,7 @@ from livemb.core.errors import DataError
 _FEW_IDS = 64  # up to this many ids per lookup: one hash probe each (get_loc) instead of get_indexer
 
 
-def _ids_to_str(ids: np.ndarray) -> np.ndarray:
+def _ids_to_str(ids: np.ndarray, what: str = "item ids") -> np.ndarray:
     """Ids as a numpy str array; integer ids (or integral floats) become their decimal string."""
     ids = np.asarray(ids)
     if ids.dtype.kind == "S":
@@ -30,10 +30,10 @@ def _ids_to_str(ids: np.ndarray) -> np.ndarray:
         return ids.astype(str)
     if ids.dtype.kind == "f":
         if not np.all(np.isfinite(ids)) or not np.all(ids == np.round(ids)):
-            raise DataError("item ids are non-integer floats; store them as strings or integers")
+            raise DataError(f"{what} are non-integer floats; store them as strings or integers")
         return ids.astype(np.int64).astype(str)
     if ids.dtype.kind == "b":
-        raise DataError("item ids are booleans; store them as strings or integers")
+        raise DataError(f"{what} are booleans; store them as strings or integers")
     return ids.astype(str)
 
 
@@ -85,10 +85,7 @@ class ItemTable:
             cats = np.asarray(self.categories)
             if cats.shape != ids.shape:
                 raise DataError(f"categories must be one per item ({len(ids)}), got shape {cats.shape}")
-            try:
-                cats = _ids_to_str(cats)
-            except DataError as e:  # its message names item ids
-                raise DataError(f"categories: {str(e).replace('item ids', 'categories')}") from None
+            cats = _ids_to_str(cats, "categories")
             cats.flags.writeable = False
             object.__setattr__(self, "categories", cats)
 
@@ -151,15 +148,21 @@ class ItemTable:
         return h.hexdigest()[:16]
 
     def category_codes(self) -> np.ndarray | None:
-        """(N+1,) int64: each item's category as a code 1..C (sorted category names), 0 for row 0
-        and items without one; None when the table has no categories."""
+        """(N+1,) int64, read-only: each item's category as a code 1..C (sorted category names), 0
+        for row 0 and items without one; None when the table has no categories."""
+        return self._category_codes
+
+    @cached_property
+    def _category_codes(self) -> np.ndarray | None:  # computed once per table (every model built on it asks)
         if self.categories is None:
             return None
         names, codes = np.unique(self.categories, return_inverse=True)
         codes = codes.astype(np.int64) + 1
         if names[0] == "":  # sorted first: the empty name is "no category"
             codes = np.where(codes == 1, 0, codes - 1)
-        return np.concatenate([[0], codes]).astype(np.int64)
+        out = np.concatenate([[0], codes]).astype(np.int64)
+        out.flags.writeable = False
+        return out
 
     def padded_vectors(self) -> np.ndarray:
         """(N+1) x D float32 with row 0 all zeros for the unknown item (a fresh, writable copy)."""

@@ -203,7 +203,7 @@ class SeqModel(nn.Module):
         if codes is None:
             raise ValueError("this model reads item categories, but the item table has none "
                              "(pass the items.npz it was trained with)")
-        codes = torch.as_tensor(np.asarray(codes, dtype=np.int64), device=self.item_cats.device)
+        codes = torch.tensor(np.asarray(codes, dtype=np.int64), device=self.item_cats.device)  # a copy: tables are read-only
         if codes.shape != self.item_cats.shape:
             raise ValueError(f"item categories must be one per item row {tuple(self.item_cats.shape)}, "
                              f"got {tuple(codes.shape)}")

@@ -53,7 +53,8 @@ def train_checkpoint(model_name: str, df: pd.DataFrame, table: ItemTable, out: s
     `table` was built from `df` with this kind (early stopping then chooses on vectors rebuilt
     without its held-out tail)."""
     torch.manual_seed(cfg.seed)  # initial weights from --seed, as `livemb evaluate` does
-    model = build_model(model_name, table.padded_vectors(), table.category_codes(), **overrides)
+    codes = table.category_codes()
+    model = build_model(model_name, table.padded_vectors(), codes, **overrides)
     model.to(device)
     seqs = list(sequences_from_frame(df, table).values())
     before = vectors_before(df, table, item_vectors_kind) if item_vectors_kind else None
@@ -61,10 +62,9 @@ def train_checkpoint(model_name: str, df: pd.DataFrame, table: ItemTable, out: s
     save_checkpoint(out, model, table.fingerprint, extra={"history": hist})
     per_epoch = np.mean(hist["epoch_seconds"]) if hist["epoch_seconds"] else 0.0
     gate = f" with the gate shifted by {model.gate_shift:+g}" if model.gate_shift else ""
-    cats = table.category_codes()
-    if cats is not None:  # the repeat path reads them (docs/MODELS.md "Item categories")
-        gate += f", reads {int(cats.max())} item categories"
-    print(f"saved {out} ({model.name}, serves {model.served.name}{gate}, device {device}, {hist.get('chosen_epoch')} epochs, "
+    # the repeat path reads them (docs/MODELS.md "Item categories")
+    cats = "" if codes is None else f", reads {int(codes.max())} item categories"
+    print(f"saved {out} ({model.name}, serves {model.served.name}{gate}{cats}, device {device}, {hist.get('chosen_epoch')} epochs, "
           f"{per_epoch:.2f} s/epoch, final loss {hist['loss'][-1] if hist['loss'] else float('nan'):.4f})")
     return hist
 
