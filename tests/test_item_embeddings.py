@@ -116,6 +116,59 @@ def test_categories_go_into_the_table_latest_value_per_item() -> None:
     assert build_item_vectors(df.drop(columns="category"), dim=2, window=2).categories is None
 
 
+def _with_random_categories(train: pd.DataFrame, n_cats: int = 10) -> pd.DataFrame:
+    """A category per item drawn at random: unrelated to who clicks what, so only the category
+    nodes can bring one category's items together."""
+    items = np.sort(train["item_id"].unique())
+    cat = dict(zip(items, np.random.default_rng(3).integers(0, n_cats, len(items)).astype(str), strict=True))
+    return train.assign(category=train["item_id"].map(cat))
+
+
+def _same_category_cosine(table) -> tuple[float, float]:
+    """Mean <x_a, x_b> over pairs of distinct items of one category, and over all pairs (the
+    co-occurrence coordinates: the default kind's last one is popularity)."""
+    vectors = table.vectors[:, :-1]
+    gram = vectors @ vectors.T
+    same = table.categories[:, None] == table.categories[None, :]
+    np.fill_diagonal(same, False)
+    off = ~np.eye(len(table), dtype=bool)
+    return float(gram[same].mean()), float(gram[off].mean())
+
+
+def test_category_nodes_pull_one_categorys_items_together(split) -> None:
+    train = _with_random_categories(split[0])
+    plain = build_item_vectors(train, dim=16, category_weight=0)
+    with_nodes = build_item_vectors(train, dim=16)  # the default weight
+    # Weight 0 is the table of a log without categories (the vectors exactly; the table keeps categories).
+    np.testing.assert_array_equal(plain.vectors, build_item_vectors(train.drop(columns="category"), dim=16).vectors)
+    np.testing.assert_array_equal(plain.ids, with_nodes.ids)  # category nodes are not items
+    same0, all0 = _same_category_cosine(plain)
+    same1, all1 = _same_category_cosine(with_nodes)
+    assert same0 - all0 < 0.01  # random categories: no closer than any pair (measured -0.001)
+    assert same1 - all1 > 0.02  # measured 0.033 (weight 30: 0.115); this log's co-occurrence is dense
+    # Co-occurrence still shapes the vectors.
+    co, rand = _consecutive_vs_random(train, with_nodes)
+    assert co > rand + 0.2
+    # The directed kind adds no nodes: the same vectors as without categories.
+    np.testing.assert_array_equal(build_item_vectors(train, dim=16, kind="directed").vectors,
+                                  build_item_vectors(train, dim=16, kind="directed", category_weight=0).vectors)
+
+
+def test_an_item_with_no_co_occurrence_gets_its_categorys_direction(split) -> None:
+    train = _with_random_categories(split[0])
+    a_cat = train["category"].iloc[0]
+    lonely = pd.DataFrame({"user_id": ["lonely-user"], "item_id": ["lonely-item"], "ts": [train["ts"].max()],
+                           "category": [a_cat]})
+    df = pd.concat([train, lonely], ignore_index=True)
+    assert "lonely-item" not in build_item_vectors(df, dim=16, category_weight=0).ids  # no co-occurrence
+    table = build_item_vectors(df, dim=16)
+    x = table.padded_vectors()[table.lookup(np.array(["lonely-item"]))[0]]
+    others = table.ids != "lonely-item"
+    sims = table.vectors[others, :-1] @ x[:-1]  # the co-occurrence part (the last coordinate is popularity)
+    same = table.categories[others] == a_cat
+    assert sims[same].mean() > sims[~same].mean() + 0.15  # measured 0.26 against 0.01
+
+
 def test_too_few_co_occurring_items_or_a_missing_column_are_refused() -> None:
     tiny = pd.DataFrame({"user_id": ["u", "u", "u"], "item_id": ["a", "b", "c"], "ts": [1, 2, 3]})
     with pytest.raises(DataError, match=r"only 3 items have co-occurrences.*smaller --dim"):

@@ -20,6 +20,12 @@ Three kinds:
   models can learn, while sr/sknn read it from exact counts. Measured on YooChoose-100k at 64-d it
   lost to "symmetric" (docs/RESULTS.md), hence not the default: each half gets only dim/2.
 
+Item categories (a log's optional `category` column): one node per category joins the symmetric
+kinds' graph, linked to each of its items (CATEGORY_NODE_WEIGHT x the item's events), and is dropped
+after the SVD. Items of one category then share a direction, so the explore score <u, x_i> can reach
+same-category items it has rarely seen together with the user's. The directed kind has no such
+nodes. The table also stores each item's category for the repeat path (`item_categories`).
+
 Only the given frame is used; evaluation passes its train part so no test information leaks.
 Without scipy the sparse products are plain numpy (np.bincount per column), which is enough for
 catalogues of a few hundred thousand items.
@@ -46,6 +52,25 @@ POWER_ITERS = 4
 KINDS = ITEM_VECTOR_KINDS
 RECENT_FRACTION = 0.1  # symmetric+pop+recent: "recent" = the last 10 % of the given frame's time range
 DEFAULT_KIND = KINDS[0]
+# A log with item categories adds one node per category to the co-occurrence graph, linked to each
+# of its items with this weight x the item's count (the symmetric kinds). Measured on taobao-dev
+# (docs/RESULTS.md): weights 1 / 10 / 30 all beat none; 10 is the middle of that range.
+CATEGORY_NODE_WEIGHT = 10.0
+
+
+def _with_category_nodes(a: np.ndarray, b: np.ndarray, c: np.ndarray, item_codes: np.ndarray,
+                         categories: np.ndarray, n_items: int, weight: float) -> tuple:
+    """The pairs (a, b, counts c) plus an edge from each item to its category's node (numbered from
+    n_items on) with `weight` x the item's events in that category, and the new node count. Items of
+    one category then share a direction: a rare item, with few co-occurrences, mostly its category's."""
+    has = categories != ""
+    if not has.any():
+        return a, b, c, n_items
+    cat_codes, cat_names = pd.factorize(categories[has])
+    n_cats = len(cat_names)
+    keys, counts = np.unique(item_codes[has].astype(np.int64) * n_cats + cat_codes, return_counts=True)
+    return (np.r_[a, keys // n_cats], np.r_[b, n_items + keys % n_cats], np.r_[c, weight * counts.astype(np.float64)],
+            n_items + n_cats)
 
 
 def _cooccurrence_pairs(
@@ -119,9 +144,11 @@ def _randomized_svd(matmul, rmatmul, n: int, k: int, rng: np.random.Generator):
 
 def build_item_vectors(
     train_df: pd.DataFrame, dim: int = 64, window: int = 5, seed: int = 0, min_count: int = 1,
-    kind: str = DEFAULT_KIND,
+    kind: str = DEFAULT_KIND, category_weight: float = CATEGORY_NODE_WEIGHT,
 ) -> ItemTable:
-    """PPMI-SVD item vectors from the interactions in `train_df` (user_id, item_id, ts)."""
+    """PPMI-SVD item vectors from the interactions in `train_df` (user_id, item_id, ts, and the
+    optional category: category nodes join the graph unless `category_weight` is 0 or the kind is
+    directed)."""
     if kind not in KINDS:
         raise ConfigError(f"build_item_vectors: kind must be one of {KINDS}, got {kind!r}")
     missing = [c for c in ("user_id", "item_id", "ts") if c not in train_df.columns]
@@ -140,7 +167,7 @@ def build_item_vectors(
     # Rare items are dropped before windowing (as word2vec's min_count), closing the gap they leave.
     counts = train_df["item_id"].value_counts()
     keep = train_df["item_id"].map(counts).to_numpy() >= min_count
-    df = train_df.loc[keep, ["user_id", "item_id", "ts"]]
+    df = train_df.loc[keep, [col for col in ("user_id", "item_id", "ts", "category") if col in train_df.columns]]
     item_codes, item_ids = pd.factorize(df["item_id"], sort=True)
     user_codes, _ = pd.factorize(df["user_id"], sort=False)
     order = np.lexsort((np.arange(len(df)), df["ts"].to_numpy(), user_codes))  # by user, then time
@@ -153,28 +180,36 @@ def build_item_vectors(
     a, b, c = _cooccurrence_pairs(users, items, window, ordered=directed)
     if len(a) == 0:
         raise DataError("build_item_vectors: no two distinct items co-occur within any user's window")
+    n_nodes = len(item_ids)
+    if category_weight > 0 and not directed and "category" in df.columns:
+        a, b, c, n_nodes = _with_category_nodes(a, b, c, item_codes, df["category"].to_numpy(dtype=str),
+                                                len(item_ids), category_weight)
     # PPMI (the symmetric kind lists both triangles); items left with no entry carry no signal.
+    # Item nodes come first (0..n_items-1), category nodes after; only item rows are kept below.
     if directed:
-        rows, cols, vals = _ppmi(a, b, c, len(item_ids))
+        rows, cols, vals = _ppmi(a, b, c, n_nodes)
     else:
-        rows, cols, vals = _ppmi(np.r_[a, b], np.r_[b, a], np.r_[c, c], len(item_ids))
-    present = np.zeros(len(item_ids), dtype=bool)
-    present[rows] = True
-    present[cols] = True
-    n = int(present.sum())
+        rows, cols, vals = _ppmi(np.r_[a, b], np.r_[b, a], np.r_[c, c], n_nodes)
+    present_nodes = np.zeros(n_nodes, dtype=bool)
+    present_nodes[rows] = True
+    present_nodes[cols] = True
+    present = present_nodes[: len(item_ids)]
+    n = int(present_nodes.sum())
     if n <= dim:
         raise DataError(
-            f"build_item_vectors: only {n} items have co-occurrences, not more than dim={dim}; "
+            f"build_item_vectors: only {n} items{' and categories' if n_nodes > len(item_ids) else ''} have "
+            f"co-occurrences, not more than dim={dim}; "
             f"use a smaller --dim (below {n})"
         )
-    remap = np.cumsum(present) - 1
+    remap = np.cumsum(present_nodes) - 1
     rows, cols = remap[rows], remap[cols]
-    log.info("item-embeddings: %d of %d items with co-occurrences, %d PPMI entries, dim=%d (%s)",
-             n, len(item_ids), len(vals), dim, kind)
+    log.info("item-embeddings: %d of %d items with co-occurrences, %d category nodes, %d PPMI entries, dim=%d (%s)",
+             int(present.sum()), len(item_ids), n - int(present.sum()), len(vals), dim, kind)
 
     rng = np.random.default_rng(seed)
     k = dim // 2 if directed else dim - n_pop
     u, s, v = _randomized_svd(*_matmul_factory(rows, cols, vals, n), n, k, rng)
+    u, v = u[: int(present.sum())], v[: int(present.sum())]  # drop the category nodes' rows
     # Deterministic signs: the largest-magnitude entry of each column of U is positive (V follows).
     signs = np.sign(u[np.abs(u).argmax(axis=0), np.arange(u.shape[1])])
     vec = u * signs * np.sqrt(s)
