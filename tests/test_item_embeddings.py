@@ -13,6 +13,7 @@ from livemb.tools.data.item_embeddings import build_item_vectors
 from livemb.tools.data.synth import synth_log
 
 YOOCHOOSE = Path("/work/shared/data/yoochoose-100k/yoochoose-clicks-100k_train_full.txt")
+TAOBAO = Path("/work/shared/data/taobao-dev/UserBehavior_dev.csv")
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +188,26 @@ def test_yoochoose_sample() -> None:
     assert len(table) > 0.9 * df["item_id"].nunique()
     co, rand = _consecutive_vs_random(df, table)
     assert co > rand + 0.2
+
+
+@pytest.mark.skipif(not TAOBAO.exists(), reason="taobao-dev not present")
+def test_taobao_categories_give_their_items_a_direction() -> None:
+    """Real shopping clicks: 78 % of the train part's items are seen once, so co-occurrence alone
+    barely ties one category's items together; the category nodes do (measured: mean cosine of two
+    items of one category 0.05 without, 0.55 with; of two categories 0.006 and 0.011)."""
+    df = read_log(TAOBAO, parse_columns("user=user_id,item=item_id,ts=timestamp,event_type=behavior"), ts_unit="s")
+    train, _ = temporal_split(df)
+    gaps = []
+    for weight in (0.0, ie.CATEGORY_NODE_WEIGHT):
+        table = build_item_vectors(train, dim=64, category_weight=weight)
+        vectors, cats = table.vectors[:, :-1], table.categories  # the last coordinate is popularity
+        a, b = np.random.default_rng(0).integers(0, len(table), size=(2, 100_000))
+        a, b = a[a != b], b[a != b]
+        cos = (vectors[a] * vectors[b]).sum(1)
+        same = cats[a] == cats[b]
+        gaps.append(cos[same].mean() - cos[~same].mean())
+    assert gaps[0] < 0.1, gaps
+    assert gaps[1] > 0.3, gaps
 
 
 def test_popularity_coordinate(split) -> None:
