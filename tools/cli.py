@@ -114,7 +114,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 def _item_kind_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--item-vectors", choices=list(ITEM_VECTOR_KINDS), default=ITEM_VECTOR_KINDS[0],
-                   help="PPMI-SVD kind when vectors are built from the log (docs/MODELS.md)")
+                   help="PPMI-SVD kind when vectors are built from the log; a log's item categories join the "
+                        "symmetric kinds as graph nodes (docs/MODELS.md \"Item vectors\")")
 
 
 def _broker_arg(p: argparse.ArgumentParser) -> None:
