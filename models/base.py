@@ -213,6 +213,11 @@ class SeqModel(nn.Module):
         """(B, M) category codes of the memory's items for the slot scorer; None when the model reads none."""
         return self.item_cats[mem_item.long()] if self.cfg.item_categories else None
 
+    def rule_bonus(self, state: dict[str, Tensor]) -> Tensor:
+        """(B, M) the rule's bonus of the memory's items: `self.rule`, with its category term when
+        the model reads categories (a pool of new items has none: repeat.heuristic_bonus alone)."""
+        return repeat.heuristic_bonus(state, self.rule, self.slot_categories(state["mem_item"]))
+
     @property
     def repeat_mode(self) -> str:
         """The configured repeat path; models that learn nothing use the fixed rule for "mixture"."""
@@ -426,7 +431,7 @@ class SeqModel(nn.Module):
             if novec is not None:  # no repeat path: nothing can rank an item without a vector
                 extra = torch.full(nv_filled.shape, -math.inf, dtype=mem.dtype, device=mem.device)
         elif mode == "rule" or self.repeat_head is None:
-            mem = explore + repeat.heuristic_bonus(state, self.rule, self.slot_categories(mem_item))
+            mem = explore + self.rule_bonus(state)
             if novec is not None:
                 extra = repeat.heuristic_bonus(novec, self.rule).to(mem.dtype)
         else:

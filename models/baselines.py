@@ -146,7 +146,7 @@ class _CountingBaseline(SeqModel):
         else:  # the repeat_mode="none" scores, already computed
             s = explore
         if (self.repeat_mode if repeat_mode is None else repeat_mode) != "none":
-            s = repeat.add_to_scores(s, state["mem_item"], repeat.heuristic_bonus(state, self.rule, self.slot_categories(state["mem_item"])))
+            s = repeat.add_to_scores(s, state["mem_item"], self.rule_bonus(state))
         return s
 
     @staticmethod
@@ -355,7 +355,7 @@ class MaxItem(_CountingBaseline):
         s = _rescale(running.masked_fill(torch.isneginf(running), 0.0))
         s[:, 0] = -math.inf
         if (self.repeat_mode if repeat_mode is None else repeat_mode) != "none":
-            s = repeat.add_to_scores(s, state["mem_item"], repeat.heuristic_bonus(state, self.rule, self.slot_categories(state["mem_item"])))
+            s = repeat.add_to_scores(s, state["mem_item"], self.rule_bonus(state))
         return s
 
 

@@ -89,7 +89,7 @@ def repeat_parts(model: SeqModel, st: dict[str, Tensor], u: Tensor, base: Tensor
         return model.memory_scores(st, u, "mixture", model.log_partition(base), gate_state, explore_all=base, novec=pool)
     mem = base.gather(1, mem_item)
     if mode == "rule":
-        mem = mem + repeat.heuristic_bonus(st, model.rule, model.slot_categories(mem_item)).to(mem.dtype)
+        mem = mem + model.rule_bonus(st).to(mem.dtype)
     mem = mem.masked_fill(mem_item <= 0, -math.inf)
     if pool is not None:  # the pool's items: the rule's bonus alone (no vector); no repeat path, no score
         extra = repeat.heuristic_bonus(pool, model.rule).to(mem.dtype) if mode == "rule" else torch.zeros_like(pool["mem_count"], dtype=mem.dtype)

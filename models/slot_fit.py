@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ def in_memory_targets(memory: MemoryCache, chunks: list[Sequence]) -> tuple[Tens
 
 def prefit_slot_scorer(head: repeat.MixtureHead, memory: MemoryCache, chunks: list[Sequence], steps: int,
                        lr: float, batch: int, seed: int, device: torch.device,
-                       item_cats: torch.Tensor | None = None) -> dict[str, float]:
+                       slot_categories: Callable[[Tensor], Tensor | None] | None = None) -> dict[str, float]:
     """`steps` Adam steps (at most MAX_PASSES passes over the targets) of listwise cross-entropy on
     the slot scorer's parameters (in place).
     Returns what the log and the training history record."""
@@ -64,7 +65,7 @@ def prefit_slot_scorer(head: repeat.MixtureHead, memory: MemoryCache, chunks: li
     for step in range(steps):
         pick = torch.randint(len(rows), (min(batch, len(rows)),), generator=gen)
         st = repeat.trim_empty_slots(memory.state_at(rows[pick], device))
-        cats = None if item_cats is None else item_cats[st["mem_item"].long()]  # (b, M') codes
+        cats = None if slot_categories is None else slot_categories(st["mem_item"])  # (b, M') codes (SeqModel.slot_categories)
         feats = repeat.memory_features(st, len(EVENT_TYPES), cats)  # (b, M', F)
         logits, _ = head.slot_logits(feats, st["mem_item"] > 0)  # (b, M')
         loss = F.cross_entropy(logits, slots[pick].to(device))
