@@ -70,6 +70,9 @@ class ModelConfig:
     # -- item categories: the slot scorer reads "same category as the latest item" (set when the item
     # table has categories; a checkpoint from before the field reads none) ------------------
     item_categories: bool = False
+    # ... and the slot's category context among the user's other memory items (repeat.category_context;
+    # set with item_categories; a checkpoint from before the field reads False and keeps its features)
+    category_context: bool = False
     version: str = "2"
 
     def to_dict(self) -> dict:
@@ -192,7 +195,7 @@ class SeqModel(nn.Module):
         self.repeat_head = None
         if self.repeat_mode == "mixture":
             self.repeat_head = repeat.MixtureHead(len(EVENT_TYPES), cfg.dim, self.gate_dim(),
-                                                  categories=cfg.item_categories)
+                                                  categories=cfg.item_categories, context=cfg.category_context)
 
     def set_item_categories(self, codes: np.ndarray | None) -> None:
         """The item table's category codes (ItemTable.category_codes: (N+1,), 0 = none). A model
@@ -212,6 +215,14 @@ class SeqModel(nn.Module):
     def slot_categories(self, mem_item: Tensor) -> Tensor | None:
         """(B, M) category codes of the memory's items for the slot scorer; None when the model reads none."""
         return self.item_cats[mem_item.long()] if self.cfg.item_categories else None
+
+    def slot_features(self, state: dict[str, Tensor], pool: bool = False) -> Tensor:
+        """(B, M, F) the slot scorer's features of the memory in `state` (repeat.memory_features with
+        this model's categories). `pool`: `state` is the open catalogue's pool of new items, which
+        have no category (code 0) but the same feature columns."""
+        cats = self.slot_categories(state["mem_item"]) if not pool else \
+            torch.zeros_like(state["mem_item"], dtype=torch.long) if self.cfg.item_categories else None  # keys, not items
+        return repeat.memory_features(state, len(EVENT_TYPES), cats, self.cfg.category_context)
 
     def rule_bonus(self, state: dict[str, Tensor]) -> Tensor:
         """(B, M) the rule's bonus of the memory's items: `self.rule`, with its category term when
@@ -437,11 +448,10 @@ class SeqModel(nn.Module):
         else:
             if logz is None:
                 logz = self.log_partition(self.explore_scores(u))
-            feats = repeat.memory_features(state, len(EVENT_TYPES), self.slot_categories(mem_item))
+            feats = self.slot_features(state)
             all_filled = filled
-            if novec is not None:  # new items have no category (code 0)
-                pool_cats = None if not self.cfg.item_categories else torch.zeros_like(novec["mem_item"], dtype=torch.long)
-                feats = torch.cat([feats, repeat.memory_features(novec, len(EVENT_TYPES), pool_cats)], dim=1)
+            if novec is not None:
+                feats = torch.cat([feats, self.slot_features(novec, pool=True)], dim=1)
                 all_filled = torch.cat([filled, nv_filled], dim=1)
             gs = self.gate_state(state) if gate_state is None else gate_state
             rep_logp, a = self.repeat_head(feats, all_filled, u, gs)

@@ -336,7 +336,9 @@ def build_model(name: str, vectors: np.ndarray, categories: np.ndarray | None = 
     the model reads them (ModelConfig.item_categories) when given."""
     if name not in MODEL_REGISTRY:
         raise ConfigError(f"unknown model {name!r}; registered: {', '.join(MODEL_REGISTRY)}")
-    cfg = ModelConfig(name=name, dim=vectors.shape[1], item_categories=categories is not None, **cfg_overrides)
+    has = categories is not None
+    cfg = ModelConfig(**{"name": name, "dim": vectors.shape[1], "item_categories": has, "category_context": has,
+                         **cfg_overrides})
     model = MODEL_REGISTRY[name](cfg, vectors)
     model.set_item_categories(categories)
     return model

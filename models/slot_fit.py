@@ -47,9 +47,10 @@ def in_memory_targets(memory: MemoryCache, chunks: list[Sequence]) -> tuple[Tens
 
 def prefit_slot_scorer(head: repeat.MixtureHead, memory: MemoryCache, chunks: list[Sequence], steps: int,
                        lr: float, batch: int, seed: int, device: torch.device,
-                       slot_categories: Callable[[Tensor], Tensor | None] | None = None) -> dict[str, float]:
+                       slot_features: Callable[[dict[str, Tensor]], Tensor] | None = None) -> dict[str, float]:
     """`steps` Adam steps (at most MAX_PASSES passes over the targets) of listwise cross-entropy on
-    the slot scorer's parameters (in place).
+    the slot scorer's parameters (in place). `slot_features`: the model's (SeqModel.slot_features);
+    None: the behaviour features without categories.
     Returns what the log and the training history record."""
     rows, slots = in_memory_targets(memory, chunks)
     # at most MAX_PASSES passes over the targets: a small log gets a few steps (taobao-dev's 6,180
@@ -65,8 +66,7 @@ def prefit_slot_scorer(head: repeat.MixtureHead, memory: MemoryCache, chunks: li
     for step in range(steps):
         pick = torch.randint(len(rows), (min(batch, len(rows)),), generator=gen)
         st = repeat.trim_empty_slots(memory.state_at(rows[pick], device))
-        cats = None if slot_categories is None else slot_categories(st["mem_item"])  # (b, M') codes (SeqModel.slot_categories)
-        feats = repeat.memory_features(st, len(EVENT_TYPES), cats)  # (b, M', F)
+        feats = repeat.memory_features(st, len(EVENT_TYPES)) if slot_features is None else slot_features(st)  # (b, M', F)
         logits, _ = head.slot_logits(feats, st["mem_item"] > 0)  # (b, M')
         loss = F.cross_entropy(logits, slots[pick].to(device))
         opt.zero_grad()

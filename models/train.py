@@ -334,7 +334,7 @@ def _run_epochs(model: SeqModel, chunks: list[Sequence], cfg: TrainConfig, epoch
     if memory is not None and model.repeat_head is not None and cfg.slot_prefit_steps > 0:
         history["slot_prefit"] = prefit_slot_scorer(model.repeat_head, memory, chunks, cfg.slot_prefit_steps,
                                                     cfg.slot_prefit_lr, cfg.slot_prefit_batch, cfg.seed, model.device,
-                                                    slot_categories=model.slot_categories)
+                                                    slot_features=model.slot_features)
     params = [p for p in model.parameters() if p.requires_grad]
     averaged = WeightAverage(params, cfg.weight_average) if cfg.weight_average > 0 else None
     model.train()

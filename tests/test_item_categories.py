@@ -27,6 +27,56 @@ def test_same_category_as_latest_by_hand():
     assert got.tolist() == [[0, 1, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
 
 
+def test_category_context_by_hand():
+    # one user, 5 slots: categories 1, 1, 2, 1 and an empty slot (category 1 on an empty slot counts
+    # for nothing); slots 0 and 3 touched in the current session
+    cats = torch.tensor([[1, 1, 2, 1, 1]])
+    rec = torch.tensor([[0.0, 4.0, 2.0, 7.0, 1.0]])
+    current = torch.tensor([[True, False, False, True, True]])
+    filled = torch.tensor([[True, True, True, True, False]])
+    got = repeat.category_context(cats, rec, current, filled)
+    log = np.log1p
+    # per slot: log1p(# others in its category), log1p(# of them in the current session),
+    # log1p(recency of the latest of them) (0 when none), any
+    want = [[log(2), log(1), log(4), 1],  # slot 0: others 1 and 3; 3 is current; nearest 4
+            [log(2), log(2), log(0), 1],  # slot 1: others 0 and 3, both current; nearest 0
+            [0, 0, 0, 0],  # slot 2: alone in category 2
+            [log(2), log(1), log(0), 1],  # slot 3: others 0 (current) and 1; nearest 0
+            [0, 0, 0, 0]]  # the empty slot
+    np.testing.assert_allclose(got[0].numpy(), np.array(want, np.float32), atol=1e-6)
+    # a slot without a category (code 0) has no context and gives none
+    none = repeat.category_context(torch.tensor([[0, 0, 1]]), torch.tensor([[0.0, 1.0, 2.0]]),
+                                   torch.tensor([[True, True, True]]), torch.tensor([[True, True, True]]))
+    assert none.abs().sum() == 0
+    empty = torch.zeros(0, 4, dtype=torch.long)  # no rows: nothing to compare
+    assert repeat.category_context(empty, empty.float(), empty.bool(), empty.bool()).shape == (0, 4, repeat.CONTEXT_FEATURES)
+
+
+def _pairwise_context(cats, rec, current, filled):
+    """The definition, slot by slot (the reference for the sorted implementation)."""
+    out = np.zeros((*cats.shape, repeat.CONTEXT_FEATURES), np.float32)
+    for b, m in np.ndindex(*cats.shape):
+        if not (filled[b, m] and cats[b, m] > 0):
+            continue
+        others = [j for j in range(cats.shape[1]) if j != m and filled[b, j] and cats[b, j] == cats[b, m]]
+        if others:
+            out[b, m] = [np.log1p(len(others)), np.log1p(sum(bool(current[b, j]) for j in others)),
+                         np.log1p(min(rec[b, j] for j in others)), 1]
+    return out
+
+
+def test_category_context_equals_its_definition_on_random_memories():
+    g = torch.Generator().manual_seed(0)
+    for B, M, n_cats in [(64, 16, 3), (32, 64, 12), (8, 5, 1)]:
+        cats = torch.randint(0, n_cats + 1, (B, M), generator=g)
+        rec = torch.stack([torch.randperm(3 * M, generator=g)[:M] for _ in range(B)]).float()  # distinct, as event clocks are
+        current = torch.rand(B, M, generator=g) < 0.4
+        filled = torch.rand(B, M, generator=g) < 0.8
+        got = repeat.category_context(cats, rec, current, filled).numpy()
+        np.testing.assert_allclose(got, _pairwise_context(cats.numpy(), rec.numpy(), current.numpy(), filled.numpy()),
+                                   atol=1e-6)
+
+
 def _model(categories: np.ndarray | None, name: str = "gru"):
     rng = np.random.default_rng(0)
     D, N = 8, 40
@@ -44,10 +94,14 @@ def test_a_model_reads_categories_only_when_given_them():
     model, _, st, u = _model(codes)
     plain, _, _, _ = _model(None)
     n = repeat.n_features(len(EVENT_TYPES))
-    assert model.cfg.item_categories and model.repeat_head.slot[0].in_features == n + 1
+    assert model.cfg.item_categories and model.cfg.category_context
+    assert model.repeat_head.slot[0].in_features == n + 1 + repeat.CONTEXT_FEATURES
     assert not plain.cfg.item_categories and plain.repeat_head.slot[0].in_features == n
     assert ModelConfig.from_dict({k: v for k, v in model.cfg.to_dict().items() if k != "item_categories"}) \
         .item_categories is False  # a checkpoint from before the field reads none
+    older = ModelConfig.from_dict({k: v for k, v in model.cfg.to_dict().items() if k != "category_context"})
+    assert older.item_categories and not older.category_context  # one from before the context: its features
+    assert repeat.MixtureHead(len(EVENT_TYPES), 8, 8, categories=True).slot[0].in_features == n + 1
     with torch.no_grad():
         before = model.memory_scores(st, u)[1]
         # item 9 (the latest) moves to item 7's category: the memory's scores move
@@ -112,3 +166,23 @@ def test_train_on_a_log_with_categories_then_serve_it(tmp_path, capsys):
     out = tmp_path / "users.jsonl"
     assert main(["embed", "--data", str(log), "--items", str(items), "--model", str(ckpt), "--out", str(out)]) == 0
     assert len(out.read_bytes().splitlines()) == 30
+
+
+def test_new_items_in_the_pool_score_without_a_category():
+    """The open catalogue's pool holds new-item keys (hashes, not item rows): a model that reads
+    categories scores them with no category (and no context) instead of looking their key up."""
+    from livemb.models import newitems
+
+    codes = np.r_[0, np.arange(1, 41) % 3 + 1]
+    model, _, _, _ = _model(codes, "hiertcn")
+    key = torch.tensor([[newitems.keys_of(["a-new-item"])[0][0]]])
+    assert key.item() >= len(codes)  # far outside the item rows
+    ev = EventBatch(torch.zeros(1, 1, dtype=torch.int64), torch.zeros(1, 1, dtype=torch.int64),
+                    torch.tensor([[50_000]]), torch.ones(1, 1, dtype=torch.bool))
+    state = newitems.with_pool(model.init_state(1))
+    pool = newitems.update_pool(model, state, ev, key)
+    state, u = model.step(state, ev)
+    state.update(pool)
+    with torch.no_grad():
+        _, mem = model.memory_scores(state, u, novec=newitems.as_memory(state))
+    assert torch.isfinite(mem[0, -newitems.NEW_SLOTS:]).sum() == 1  # the new item, scored
