@@ -70,7 +70,7 @@ class ModelConfig:
     # -- item categories: the slot scorer reads "same category as the latest item" (set when the item
     # table has categories; a checkpoint from before the field reads none) ------------------
     item_categories: bool = False
-    # ... and the slot's category context among the user's other memory items (repeat.category_context;
+    # ... and the slot's category among the user's other memory items (repeat.category_counts;
     # set with item_categories; a checkpoint from before the field reads False and keeps its features)
     category_context: bool = False
     version: str = "2"
@@ -223,6 +223,13 @@ class SeqModel(nn.Module):
         cats = self.slot_categories(state["mem_item"]) if not pool else \
             torch.zeros_like(state["mem_item"], dtype=torch.long) if self.cfg.item_categories else None  # keys, not items
         return repeat.memory_features(state, len(EVENT_TYPES), cats, self.cfg.category_context)
+
+    def slot_category_counts(self, state: dict[str, Tensor]) -> Tensor | None:
+        """(B, M, 3) repeat.category_counts of the memory in `state` for a model that reads the
+        category context, else None: what a replay (models/replay.MemoryCache) computes once."""
+        if not (self.cfg.item_categories and self.cfg.category_context):
+            return None
+        return repeat.slot_category_counts(state, self.slot_categories(state["mem_item"]))
 
     def rule_bonus(self, state: dict[str, Tensor]) -> Tensor:
         """(B, M) the rule's bonus of the memory's items: `self.rule`, with its category term when

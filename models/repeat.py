@@ -137,13 +137,14 @@ def trim_empty_slots(st: dict[str, Tensor]) -> dict[str, Tensor]:
     the tail empty)."""
     cols = (st["mem_item"] > 0).any(dim=0).nonzero()
     k = int(cols.max()) + 1 if len(cols) else 1
-    return {key: (v[:, :k] if key in MEMORY_FIELDS else v) for key, v in st.items()}
+    return {key: (v[:, :k] if key in MEMORY_FIELDS or key == CONTEXT_FIELD else v) for key, v in st.items()}
 
 
-# the category context of a slot (`category_context`): how many of the user's other memory items
+# the category context of a slot (`category_counts`, `context_features`): how many of the user's other memory items
 # share its category, how many of those were touched in the current session, how long ago the
 # latest of them was touched, and whether there is any
 CONTEXT_FEATURES = 4
+CONTEXT_FIELD = "mem_cat_counts"  # (B, M, 3) int32 `category_counts`, where a replay computed them once
 
 
 def n_features(n_types: int, categories: bool = False, context: bool = False) -> int:
@@ -159,7 +160,7 @@ def memory_features(st: dict[str, Tensor], n_types: int, categories: Tensor | No
     slots' item category codes (0 = none), for a model that reads them: one more feature, 1 where
     the slot's item shares its category with the latest event's item (shoppers go back to the item
     they compared with the one in front of them; docs/MODELS.md "Item categories"), and with
-    `context` the CONTEXT_FEATURES of `category_context` (which category the user keeps coming back
+    `context` the CONTEXT_FEATURES of `context_features` (which category the user keeps coming back
     to, not only the latest one)."""
     filled = (st["mem_item"] > 0).float()
     recency = (st["n_events"][:, None] - 1 - st["mem_seq"].long()).clamp(min=0).float()
@@ -179,8 +180,8 @@ def memory_features(st: dict[str, Tensor], n_types: int, categories: Tensor | No
             F.one_hot(st["mem_etype"].long(), n_types).float(),
             seen,
             *([] if categories is None else [same_category_as_latest(recency == 0, categories, filled)[..., None]]),
-            *([] if categories is None or not context else
-              [category_context(categories, recency, st["mem_sess"].long() == st["session"][:, None], filled > 0)]),
+            *([] if categories is None or not context else  # replayed training memories carry them
+              [context_features(st[CONTEXT_FIELD] if CONTEXT_FIELD in st else slot_category_counts(st, categories))]),
         ],
         dim=-1,
     )
@@ -196,17 +197,18 @@ def same_category_as_latest(latest: Tensor, categories: Tensor, filled: Tensor) 
     return ((categories == latest_cat) & (latest_cat > 0) & (filled > 0)).float()
 
 
-def category_context(categories: Tensor, recency: Tensor, current: Tensor, filled: Tensor) -> Tensor:
-    """(B, M, CONTEXT_FEATURES) of each slot from the OTHER filled slots of its category (codes
-    (B, M), 0 = none): log(1 + how many), log(1 + how many touched in the current session, `current`
-    (B, M)), log(1 + events since the latest of them, `recency` (B, M)) and 1 if there is any (the
-    recency feature reads 0 when there is none); all 0 for a slot without a category.
+def category_counts(categories: Tensor, recency: Tensor, current: Tensor, filled: Tensor) -> Tensor:
+    """(B, M, 3) int32 of each slot from the OTHER filled slots of its category (codes (B, M),
+    0 = none): how many, how many of them were touched in the current session (`current` (B, M)),
+    and the events since the latest of them (`recency` (B, M); 0 when there is none); all 0 for a
+    slot without a category. `context_features` turns them into the slot scorer's features.
 
     One sort per row by (category, recency), then each category is a run of the sorted row: O(B M
-    log M), not the (B, M, M) pairwise comparison (26M pairs a training batch: ~12x slower)."""
+    log M), not the (B, M, M) pairwise comparison (26M pairs a training batch: ~12x slower). Data
+    only, so training computes it once per replayed event (models/replay.MemoryCache)."""
     B, M = categories.shape
     if categories.numel() == 0:
-        return torch.zeros(B, M, CONTEXT_FEATURES, dtype=recency.dtype, device=recency.device)
+        return torch.zeros(B, M, 3, dtype=torch.int32, device=categories.device)
     valid = filled & (categories > 0)
     rec = recency.long().clamp(0, _REC_CAP - 1)
     # a slot outside every category gets a group of its own, above every real category
@@ -222,14 +224,26 @@ def category_context(categories: Tensor, recency: Tensor, current: Tensor, fille
     rec_sorted = key & (_REC_CAP - 1)
     first = torch.zeros_like(run).scatter_add_(1, run, rec_sorted * starts).gather(1, run)  # the run's latest touch
     second = torch.cat([rec_sorted[:, 1:], rec_sorted[:, -1:]], dim=1)  # the next position's
-    nearest = torch.where(starts, second, first)  # the latest OTHER: the run's second for its first, else its first
+    others = size - 1
+    nearest = torch.where(starts, second, first) * (others > 0)  # the latest OTHER: the run's second for its first
     # back to slot order: one inverse permutation, then gathers
     inv = torch.empty_like(order).scatter_(1, order, torch.arange(M, device=order.device).expand(B, M))
-    others = (size - 1).gather(1, inv)
-    anyone = others > 0
-    feats = torch.stack([torch.log1p(others.float()), torch.log1p(in_session.gather(1, inv).float()),
-                         torch.log1p(nearest.gather(1, inv).float()) * anyone, anyone.float()], dim=-1)
-    return feats * valid[..., None].to(feats.dtype)
+    out = torch.stack([others, in_session, nearest], dim=-1).gather(1, inv[..., None].expand(B, M, 3))
+    return (out * valid[..., None]).to(torch.int32)
+
+
+def context_features(counts: Tensor) -> Tensor:
+    """(B, M, CONTEXT_FEATURES) from `category_counts` (B, M, 3): log(1 + others), log(1 + others
+    in the current session), log(1 + events since the latest other) and whether there is any."""
+    c = counts.float()
+    return torch.cat([torch.log1p(c), (counts[..., :1] > 0).float()], dim=-1)
+
+
+def slot_category_counts(st: dict[str, Tensor], categories: Tensor) -> Tensor:
+    """`category_counts` of the memory in `st` (memory fields + n_events, session), codes (B, M)."""
+    recency = (st["n_events"][:, None] - 1 - st["mem_seq"].long()).clamp(min=0)
+    current = st["mem_sess"].long() == st["session"][:, None]
+    return category_counts(categories, recency, current, st["mem_item"] > 0)
 
 
 _REC_BITS = 24

@@ -24,7 +24,9 @@ class MemoryCache:
     The memory depends on the data only (not on parameters), so it is computed by the streaming
     update (repeat.update_memory, hence exactly the features serving computes) for all chunks at
     once before the first epoch, in groups of similar length, and each batch gathers its rows.
-    Storage: one (E, M) tensor per memory field in its compact dtype (24 bytes a slot), E = events.
+    Storage: one (E, M) tensor per memory field in its compact dtype (24 bytes a slot), E = events;
+    for a model that reads the category context, its slot counts too (repeat.category_counts,
+    12 bytes a slot: data only, and its sort was a quarter of a training step when computed per batch).
     """
 
     def __init__(self, model: SeqModel, chunks: list[Sequence], group: int = 4096):
@@ -54,6 +56,13 @@ class MemoryCache:
                 rows = flat[m, t]
                 for k in mem:
                     self.fields[k][rows] = mem[k][m]
+        self.counts = None  # (E, M, 3) int32 repeat.category_counts, for a model that reads them
+        if model.cfg.item_categories and model.cfg.category_context:
+            counts = torch.zeros((E, M, 3), dtype=torch.int32)
+            for r0 in range(0, E, group):
+                rows = torch.arange(r0, min(r0 + group, E))
+                counts[rows] = model.slot_category_counts(self.state_at(rows, model.device)).cpu()
+            self.counts = counts
 
     def rows(self, chunk_ids: list[int], T: int) -> Tensor:
         """(B, T) flat row index of each (chunk, position); positions past a chunk's end are junk, mask them."""
@@ -64,6 +73,8 @@ class MemoryCache:
         """The memory state (n, M) and its clocks (n,) after the events at flat `rows` (n,)."""
         out = {k: v[rows].to(device) for k, v in self.fields.items()}
         out.update({k: v[rows].to(device) for k, v in self.common.items()})
+        if self.counts is not None:
+            out[repeat.CONTEXT_FIELD] = self.counts[rows].to(device)
         return out
 
 

@@ -34,7 +34,7 @@ def test_category_context_by_hand():
     rec = torch.tensor([[0.0, 4.0, 2.0, 7.0, 1.0]])
     current = torch.tensor([[True, False, False, True, True]])
     filled = torch.tensor([[True, True, True, True, False]])
-    got = repeat.category_context(cats, rec, current, filled)
+    got = repeat.context_features(repeat.category_counts(cats, rec, current, filled))
     log = np.log1p
     # per slot: log1p(# others in its category), log1p(# of them in the current session),
     # log1p(recency of the latest of them) (0 when none), any
@@ -45,11 +45,11 @@ def test_category_context_by_hand():
             [0, 0, 0, 0]]  # the empty slot
     np.testing.assert_allclose(got[0].numpy(), np.array(want, np.float32), atol=1e-6)
     # a slot without a category (code 0) has no context and gives none
-    none = repeat.category_context(torch.tensor([[0, 0, 1]]), torch.tensor([[0.0, 1.0, 2.0]]),
+    none = repeat.category_counts(torch.tensor([[0, 0, 1]]), torch.tensor([[0.0, 1.0, 2.0]]),
                                    torch.tensor([[True, True, True]]), torch.tensor([[True, True, True]]))
     assert none.abs().sum() == 0
     empty = torch.zeros(0, 4, dtype=torch.long)  # no rows: nothing to compare
-    assert repeat.category_context(empty, empty.float(), empty.bool(), empty.bool()).shape == (0, 4, repeat.CONTEXT_FEATURES)
+    assert repeat.category_counts(empty, empty, empty.bool(), empty.bool()).shape == (0, 4, 3)
 
 
 def _pairwise_context(cats, rec, current, filled):
@@ -72,7 +72,7 @@ def test_category_context_equals_its_definition_on_random_memories():
         rec = torch.stack([torch.randperm(3 * M, generator=g)[:M] for _ in range(B)]).float()  # distinct, as event clocks are
         current = torch.rand(B, M, generator=g) < 0.4
         filled = torch.rand(B, M, generator=g) < 0.8
-        got = repeat.category_context(cats, rec, current, filled).numpy()
+        got = repeat.context_features(repeat.category_counts(cats, rec, current, filled)).numpy()
         np.testing.assert_allclose(got, _pairwise_context(cats.numpy(), rec.numpy(), current.numpy(), filled.numpy()),
                                    atol=1e-6)
 
@@ -186,3 +186,28 @@ def test_new_items_in_the_pool_score_without_a_category():
     with torch.no_grad():
         _, mem = model.memory_scores(state, u, novec=newitems.as_memory(state))
     assert torch.isfinite(mem[0, -newitems.NEW_SLOTS:]).sum() == 1  # the new item, scored
+
+
+def test_a_replay_carries_the_category_counts_and_training_reads_them_unchanged():
+    """MemoryCache computes the slot counts once; the training loss is the same as computed per batch."""
+    from livemb.models.replay import MemoryCache
+    from livemb.models.train import mixture_loss
+
+    codes = np.r_[0, np.arange(1, 41) % 4 + 1]
+    model, _, _, _ = _model(codes, "hiertcn")
+    rng = np.random.default_rng(1)
+    chunks = [(rng.integers(1, 41, n), rng.integers(0, 3, n), np.cumsum(rng.integers(1, 4000_000, n)))
+              for n in (30, 7, 55, 1)]
+    memory = MemoryCache(model, chunks)
+    rows = torch.arange(len(memory.common["n_events"]))
+    st = memory.state_at(rows, torch.device("cpu"))
+    assert repeat.CONTEXT_FIELD in st and st[repeat.CONTEXT_FIELD].abs().sum() > 0
+    assert torch.equal(st[repeat.CONTEXT_FIELD], model.slot_category_counts({k: v for k, v in st.items()
+                                                                              if k != repeat.CONTEXT_FIELD}))
+    ev = EventBatch.from_sequences(*zip(*chunks, strict=True))
+    loss, n = mixture_loss(model, ev, memory, memory.rows(list(range(len(chunks))), ev.item.shape[1]))
+    memory.counts = None  # the same features, computed per batch
+    again, _ = mixture_loss(model, ev, memory, memory.rows(list(range(len(chunks))), ev.item.shape[1]))
+    assert n > 0 and torch.equal(loss, again)
+    plain = MemoryCache(_model(None, "hiertcn")[0], chunks)
+    assert plain.counts is None and repeat.CONTEXT_FIELD not in plain.state_at(rows[:3], torch.device("cpu"))
