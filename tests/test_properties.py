@@ -18,7 +18,8 @@ from livemb.stream.validate import MAX_USER_ID_CHARS, Invalid, validate
 
 SETTINGS = Settings()
 NOW = 1_764_000_000_000
-PROPS = settings(max_examples=2_500, deadline=None, derandomize=True,
+# 1,000 documents a property (~10 s each on 2 cores); the raw-bytes property below takes 5,000
+PROPS = settings(max_examples=1_000, deadline=None, derandomize=True,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 # JSON-ish values, hostile on purpose: huge and negative ints, NaN/inf, control characters, nesting.
