@@ -220,8 +220,10 @@ class SeqModel(nn.Module):
         """(B, M, F) the slot scorer's features of the memory in `state` (repeat.memory_features with
         this model's categories). `pool`: `state` is the open catalogue's pool of new items, which
         have no category (code 0) but the same feature columns."""
-        cats = self.slot_categories(state["mem_item"]) if not pool else \
-            torch.zeros_like(state["mem_item"], dtype=torch.long) if self.cfg.item_categories else None  # keys, not items
+        if pool:  # the pool holds new-item keys, not item rows: nothing to look up
+            cats = torch.zeros_like(state["mem_item"], dtype=torch.long) if self.cfg.item_categories else None
+        else:
+            cats = self.slot_categories(state["mem_item"])
         return repeat.memory_features(state, len(EVENT_TYPES), cats, self.cfg.category_context)
 
     def slot_category_counts(self, state: dict[str, Tensor]) -> Tensor | None:
