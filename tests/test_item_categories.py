@@ -196,7 +196,7 @@ def test_a_replay_carries_the_category_counts_and_training_reads_them_unchanged(
     codes = np.r_[0, np.arange(1, 41) % 4 + 1]
     model, _, _, _ = _model(codes, "hiertcn")
     rng = np.random.default_rng(1)
-    chunks = [(rng.integers(1, 41, n), rng.integers(0, 3, n), np.cumsum(rng.integers(1, 4000_000, n)))
+    chunks = [(rng.integers(1, 41, n), rng.integers(0, 3, n), np.cumsum(rng.integers(1, 4_000_000, n)))
               for n in (30, 7, 55, 1)]
     memory = MemoryCache(model, chunks)
     rows = torch.arange(len(memory.common["n_events"]))
