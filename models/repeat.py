@@ -140,6 +140,12 @@ def trim_empty_slots(st: dict[str, Tensor]) -> dict[str, Tensor]:
     return {key: (v[:, :k] if key in MEMORY_FIELDS or key == CONTEXT_FIELD else v) for key, v in st.items()}
 
 
+def events_since(st: dict[str, Tensor]) -> Tensor:
+    """(B, M) int64 events since each slot's last touch (0 = the user's latest event), from the
+    memory's event clock and the user's event count: the recency every slot score reads."""
+    return (st["n_events"][:, None] - 1 - st["mem_seq"].long()).clamp(min=0)
+
+
 # the category context of a slot (`category_counts`, `context_features`): how many of the user's other memory items
 # share its category, how many of those were touched in the current session, how long ago the
 # latest of them was touched, and whether there is any
@@ -163,7 +169,7 @@ def memory_features(st: dict[str, Tensor], n_types: int, categories: Tensor | No
     `context` the CONTEXT_FEATURES of `context_features` (which category the user keeps coming back
     to, not only the latest one)."""
     filled = (st["mem_item"] > 0).float()
-    recency = (st["n_events"][:, None] - 1 - st["mem_seq"].long()).clamp(min=0).float()
+    recency = events_since(st).float()
     gap_s = (to_seconds(st["last_ts"])[:, None].long() - st["mem_ts"].long()).clamp(min=0).float()
     sess_ago = (st["session"][:, None] - st["mem_sess"].long()).clamp(min=0).float()
     bits = torch.arange(n_types, device=filled.device)
@@ -181,7 +187,8 @@ def memory_features(st: dict[str, Tensor], n_types: int, categories: Tensor | No
             seen,
             *([] if categories is None else [same_category_as_latest(recency == 0, categories, filled)[..., None]]),
             *([] if categories is None or not context else  # replayed training memories carry them
-              [context_features(st[CONTEXT_FIELD] if CONTEXT_FIELD in st else slot_category_counts(st, categories))]),
+              [context_features(st[CONTEXT_FIELD] if CONTEXT_FIELD in st else
+                                category_counts(categories, recency, _in_current_session(st), filled > 0))]),
         ],
         dim=-1,
     )
@@ -241,9 +248,12 @@ def context_features(counts: Tensor) -> Tensor:
 
 def slot_category_counts(st: dict[str, Tensor], categories: Tensor) -> Tensor:
     """`category_counts` of the memory in `st` (memory fields + n_events, session), codes (B, M)."""
-    recency = (st["n_events"][:, None] - 1 - st["mem_seq"].long()).clamp(min=0)
-    current = st["mem_sess"].long() == st["session"][:, None]
-    return category_counts(categories, recency, current, st["mem_item"] > 0)
+    return category_counts(categories, events_since(st), _in_current_session(st), st["mem_item"] > 0)
+
+
+def _in_current_session(st: dict[str, Tensor]) -> Tensor:
+    """(B, M) bool: the slot was last touched in the user's current session."""
+    return st["mem_sess"].long() == st["session"][:, None]
 
 
 _REC_BITS = 24
@@ -342,10 +352,10 @@ def heuristic_bonus(st: dict[str, Tensor], w: RuleWeights, categories: Tensor | 
     """The rule: recent items first (`big` above any explore score), ordered inside the memory by
     `w` (B, M); 0 at empty slots. `categories` (B, M): the slots' category codes, for the category
     term (None: no term, whatever `w.category`)."""
-    recency = (st["n_events"][:, None] - 1 - st["mem_seq"].long()).clamp(min=0).float()
+    recency = events_since(st).float()
     bonus = big + torch.log1p(st["mem_count"].float()) * w.count - torch.log1p(recency) * w.recency
     if w.current_session:
-        bonus = bonus + w.current_session * (st["mem_sess"].long() == st["session"][:, None]).float()
+        bonus = bonus + w.current_session * _in_current_session(st).float()
     filled = st["mem_item"] > 0
     if w.category and categories is not None:
         bonus = bonus + w.category * same_category_as_latest(recency == 0, categories, filled)
@@ -363,7 +373,7 @@ def excluded_slots(st: dict[str, Tensor], mode: str) -> Tensor | None:
         return None
     keep = st["mem_item"] > 0
     if mode == "session":
-        keep &= st["mem_sess"].long() == st["session"][:, None]
+        keep &= _in_current_session(st)
     elif mode != "history":
         raise ValueError(f"exclude_seen must be none, session or history, got {mode!r}")
     return keep

@@ -195,6 +195,7 @@ def build_item_vectors(
     present_nodes[rows] = True
     present_nodes[cols] = True
     present = present_nodes[: len(item_ids)]
+    n_present = int(present.sum())  # items with an entry; the nodes after them are categories
     n = int(present_nodes.sum())
     if n <= dim:
         raise DataError(
@@ -206,12 +207,12 @@ def build_item_vectors(
     rows, cols = remap[rows], remap[cols]
     log.info("item-embeddings: %d of %d items with co-occurrences (or a category node), %d category nodes, "
              "%d PPMI entries, dim=%d (%s)",
-             int(present.sum()), len(item_ids), n - int(present.sum()), len(vals), dim, kind)
+             n_present, len(item_ids), n - n_present, len(vals), dim, kind)
 
     rng = np.random.default_rng(seed)
     k = dim // 2 if directed else dim - n_pop
     u, s, v = _randomized_svd(*_matmul_factory(rows, cols, vals, n), n, k, rng)
-    u, v = u[: int(present.sum())], v[: int(present.sum())]  # drop the category nodes' rows
+    u, v = u[:n_present], v[:n_present]  # drop the category nodes' rows
     # Deterministic signs: the largest-magnitude entry of each column of U is positive (V follows).
     signs = np.sign(u[np.abs(u).argmax(axis=0), np.arange(u.shape[1])])
     vec = u * signs * np.sqrt(s)
